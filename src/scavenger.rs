@@ -1,0 +1,1 @@
+//! (page level: to be written)

@@ -1,0 +1,1 @@
+//! (object level: to be written)

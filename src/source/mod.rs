@@ -1,0 +1,63 @@
+//! The page source: the contract between goheap and whatever provides memory.
+//!
+//! See `lib.rs` for an overview of the allocator.
+//!
+//! Shaped like Go's `sys*` layer (`mem_linux.go`): address space is *reserved* in large ranges, parts of it
+//! are *committed* (made readable and writable, backed by physical memory) as the heap grows, and free pages
+//! are *decommitted* by the scavenger (the physical memory goes back, the range stays reserved). Failure is an
+//! ordinary outcome: the heap turns it into a null allocation and stays consistent.
+//!
+//! Implementations: [`mmap::MmapSource`] (feature `std`) and [`bounded::BoundedSource`] (a fixed budget over
+//! a host buffer or mmap, able to fail at chosen points, for tests). A kernel implements it over its frame
+//! allocator and page-table mapper (see the demo kernel).
+
+// NOTE(skeleton): the submodules below are filled in by the page-level work.
+
+use core::ptr::NonNull;
+
+/// Alignment and size granularity of every range passed across this trait: goheap's page, 8 KiB.
+pub const SOURCE_GRANULE: usize = crate::PAGE_SIZE;
+
+/// What goheap needs from the layer below it.
+///
+/// All addresses and sizes are multiples of [`SOURCE_GRANULE`] (8 KiB).
+///
+/// # Safety
+///
+/// An implementation promises that:
+/// - a range returned by `reserve` is exclusively goheap's: nothing else maps, uses or hands it out until the
+///   source itself is dropped;
+/// - after `commit` returns `true`, the whole range is readable and writable from every CPU/thread and stays
+///   so until goheap decommits it; if [`PageSource::commit_zeroes`] returns `true`, it reads as zero;
+/// - `decommit` never makes memory outside the given range inaccessible;
+/// - it never allocates from the heap it feeds (it may be called with goheap's locks held, from inside
+///   `alloc`), and it is safe to call from several CPUs/threads at once (`Sync`).
+pub unsafe trait PageSource: Sync {
+    /// Reserves `nbytes` of address space aligned to `align` (a power of two, at least [`SOURCE_GRANULE`]).
+    /// The memory is not yet usable. `None` when the address space is exhausted.
+    fn reserve(&self, nbytes: usize, align: usize) -> Option<NonNull<u8>>;
+
+    /// Makes `[addr, addr + nbytes)` usable. Returns `false` (and leaves the range as it was) when the source
+    /// has no memory left.
+    ///
+    /// # Safety
+    /// The range lies within a range returned by `reserve` and is not currently committed.
+    unsafe fn commit(&self, addr: NonNull<u8>, nbytes: usize) -> bool;
+
+    /// Gives the physical memory behind `[addr, addr + nbytes)` back; the range stays reserved and must be
+    /// committed again before use. Its contents are lost.
+    ///
+    /// # Safety
+    /// The range lies within a range returned by `reserve`, is committed, and nothing uses it any more.
+    unsafe fn decommit(&self, addr: NonNull<u8>, nbytes: usize);
+
+    /// Capability query: does freshly committed memory read as zero? (mmap and a kernel that zeroes frames:
+    /// yes.) When `true`, `alloc_zeroed` skips clearing memory that was never handed out since commit.
+    fn commit_zeroes(&self) -> bool {
+        false
+    }
+}
+
+pub mod bounded;
+#[cfg(feature = "std")]
+pub mod mmap;
