@@ -1,1 +1,0 @@
-//! (object level: to be written)
