@@ -1,1 +1,455 @@
-//! (page level: to be written)
+//! The scavenger (Go's `mgcscavenge.go`, design 30333): gives free committed pages back to the source.
+//!
+//! See `lib.rs` for an overview of the allocator.
+//!
+//! # Role
+//! Free pages stay committed after a free (so the next allocation is cheap). The scavenger decommits them
+//! when the heap retains more than it needs:
+//! - **Retained goal** (Go's `gcPercentGoal`, adapted): there is no GC cycle and no heap goal here, so the
+//!   heap tracks its own recent peak in-use size: `peak = max(inuse peaks over the last PEAK_WINDOW_EPOCHS
+//!   epochs)`, an epoch being [`CALLS_PER_EPOCH`] calls of [`Heap::scavenge`], and
+//!   `gc_goal = peak * (100 + RETAINED_HEADROOM_PERCENT) / 100` (10% headroom, as Go's retainExtraPercent).
+//! - **Memory limit** (GOMEMLIMIT, spec section 7):
+//!   `limit_goal = limit * (100 - LIMIT_HEADROOM_PERCENT) / 100 - nonheap_committed` (span descriptors and
+//!   metadata count against the limit). The goal is
+//!   `min(gc_goal, limit_goal)`; when the limit goal is the binding one the cycle is *aggressive*
+//!   (every non-dense chunk, then dense ones too), otherwise *lazy* (dense chunks skipped).
+//! - **Soft limit**: allocation never fails because of the limit. After an allocation that leaves the total
+//!   above the limit, the allocating CPU releases free committed pages down to `limit_goal` (Go's
+//!   allocation-triggered scavenging) if there are any; if live data alone exceeds the limit, allocation
+//!   proceeds while the source has memory.
+//! - **Chunk choice**: chunks are scanned from the highest address down (allocation is lowest-address first,
+//!   so high pages are the least likely to be reused), in passes: mostly free chunks first (at most
+//!   [`SCAV_MOSTLY_FREE_PAGES`] pages allocated), then chunks that are not dense (fewer than
+//!   [`SCAV_CHUNK_HI_OCC_PAGES`] allocated, Go's `scavChunkHiOccFrac` = 96.875%), then — only when aggressive or
+//!   forced — any chunk. Within a chunk, free runs are released from the top down.
+//! - [`Heap::release_all`] is Go's `debug.FreeOSMemory`: every free committed page not held by a page cache.
+//!
+//! The crate spawns no threads: a kernel calls [`Heap::scavenge`] from a timer or idle path, a host from a
+//! thread it owns; [`spawn_scavenger`] (feature `std`) is such a thread. Each *cycle* (a run of steps that
+//! released memory, ended by a step that finds nothing more to do) logs one scavtrace-like line through
+//! `log::info!`, e.g. `scav: released 1.2 MiB in 3 steps, retained 4.0 MiB (goal 4.4 MiB) of 8.1 MiB
+//! committed, limit 64 MiB (mode aggressive)`.
+//!
+//! # Invariants
+//! - A page is decommitted only while free in the page allocator and not scavenged; it is then marked
+//!   scavenged in the same critical section, so `committed_npages = grown - scav - cache_scav` holds.
+//! - `window[..]` are inuse peaks (pages) of past epochs; `calls < CALLS_PER_EPOCH`.
+//!
+//! # Locking
+//! [`ScavState`] lives in `HeapInner`, under the heap lock. The background step and `release_all` call the
+//! source's `decommit` *without* the heap lock, as Go does: under the lock a run is picked and allocated in
+//! the page allocator (`scav_inflight_npages` counts such runs), the lock is dropped for the decommit, and
+//! the run is freed as scavenged under the lock again. Scavenging on the allocation path (memory limit
+//! exceeded, or a commit failed) runs with the heap lock already held and decommits under it. The log line
+//! is emitted with no lock held.
+
+use core::fmt;
+use core::ptr::NonNull;
+use core::sync::atomic::Ordering;
+
+use crate::heap::{Heap, HeapInner};
+use crate::pagealloc::{PALLOC_CHUNK_PAGES, PALLOC_CHUNK_WORDS};
+use crate::source::PageSource;
+use crate::PAGE_SIZE;
+
+/// Headroom of the retained goal over the recent in-use peak, in percent (Go's `retainExtraPercent`).
+pub const RETAINED_HEADROOM_PERCENT: usize = 10;
+/// The memory-limit goal is this far below the limit, in percent (Go's `reduceExtraPercent` = 5).
+pub const LIMIT_HEADROOM_PERCENT: usize = 5;
+/// Epochs in the peak window.
+pub const PEAK_WINDOW_EPOCHS: usize = 4;
+/// Calls of [`Heap::scavenge`] per epoch (with a 10 ms period: 0.64 s epochs, a 2.56 s window).
+pub const CALLS_PER_EPOCH: usize = 64;
+/// A chunk with at least this many allocated pages is dense: `512 * 31 / 32` = 496 (Go's 96.875%).
+pub const SCAV_CHUNK_HI_OCC_PAGES: usize = PALLOC_CHUNK_PAGES * 31 / 32;
+/// A chunk with at most this many allocated pages is mostly free: `512 / 4` = 128.
+pub const SCAV_MOSTLY_FREE_PAGES: usize = PALLOC_CHUNK_PAGES / 4;
+/// Bytes `release_all` releases per heap-lock hold: 16 MiB.
+pub const RELEASE_ALL_STEP_BYTES: usize = 16 << 20;
+
+/// How hard a scavenge looks for pages.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ScavMode {
+    /// Below the memory limit: retained goal from the recent peak; dense chunks skipped.
+    Lazy,
+    /// Near or over the memory limit: down to the limit goal; dense chunks too.
+    Aggressive,
+    /// `release_all`, allocation over the limit, or making room for a failed commit: every free page.
+    Forced,
+}
+
+impl ScavMode {
+    fn name(self) -> &'static str {
+        match self {
+            ScavMode::Lazy => "lazy",
+            ScavMode::Aggressive => "aggressive",
+            ScavMode::Forced => "forced",
+        }
+    }
+}
+
+/// Scavenger bookkeeping (guarded by the heap lock).
+pub struct ScavState {
+    /// Calls in the current epoch.
+    calls: usize,
+    /// In-use peaks (pages) of past epochs, a ring.
+    window: [usize; PEAK_WINDOW_EPOCHS],
+    wpos: usize,
+    /// Current cycle: steps that released something, bytes released, mode of the last step.
+    cycle_steps: usize,
+    cycle_released_bytes: usize,
+    cycle_mode: ScavMode,
+}
+
+impl ScavState {
+    /// Fresh state.
+    pub const fn new() -> Self {
+        Self {
+            calls: 0,
+            window: [0; PEAK_WINDOW_EPOCHS],
+            wpos: 0,
+            cycle_steps: 0,
+            cycle_released_bytes: 0,
+            cycle_mode: ScavMode::Lazy,
+        }
+    }
+}
+
+impl Default for ScavState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The retained-heap goal and mode for a recent in-use peak, a memory limit (`usize::MAX` = none), the
+/// committed memory outside the heap pages (descriptors, metadata) and the heap's committed bytes.
+pub fn retained_goal(peak_inuse_bytes: usize, limit: usize, nonheap_bytes: usize, committed_bytes: usize) -> (usize, ScavMode) {
+    let gc_goal = peak_inuse_bytes.saturating_add(peak_inuse_bytes / 100 * RETAINED_HEADROOM_PERCENT);
+    if limit == usize::MAX {
+        return (gc_goal, ScavMode::Lazy);
+    }
+    let limit_goal = (limit - limit / 100 * LIMIT_HEADROOM_PERCENT).saturating_sub(nonheap_bytes);
+    if limit_goal < gc_goal && committed_bytes > limit_goal {
+        (limit_goal, ScavMode::Aggressive)
+    } else {
+        (gc_goal.min(limit_goal), ScavMode::Lazy)
+    }
+}
+
+/// Byte counts printed as `512 B`, `12.0 KiB`, `1.2 MiB`, `3.0 GiB`, `none` for `usize::MAX`.
+pub struct Bytes(pub usize);
+
+impl fmt::Display for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        if b == usize::MAX {
+            return f.write_str("none");
+        }
+        let units = [("GiB", 30), ("MiB", 20), ("KiB", 10)];
+        for (name, shift) in units {
+            if b >= 1 << shift {
+                let whole = b >> shift;
+                let tenth = ((b & ((1 << shift) - 1)) * 10) >> shift;
+                return write!(f, "{whole}.{tenth} {name}");
+            }
+        }
+        write!(f, "{b} B")
+    }
+}
+
+impl<S: PageSource> Heap<S> {
+    /// One background scavenger step: releases at most `budget_bytes` (rounded up to pages) of free
+    /// committed pages if the heap retains more than its goal (see the module docs). Returns bytes released.
+    /// Logs one line when a cycle ends.
+    pub fn scavenge(&self, budget_bytes: usize) -> usize {
+        let mut g = self.inner.lock();
+        if g.state != crate::heap::InitState::Ready {
+            return 0;
+        }
+        let inner = &mut *g;
+        // Epoch bookkeeping for the peak window.
+        let inuse = self.inuse_npages.load(Ordering::Relaxed);
+        inner.scav.calls += 1;
+        if inner.scav.calls >= CALLS_PER_EPOCH {
+            inner.scav.calls = 0;
+            let wpos = inner.scav.wpos;
+            inner.scav.window[wpos] = self.epoch_peak_npages.swap(inuse, Ordering::Relaxed);
+            inner.scav.wpos = (wpos + 1) % PEAK_WINDOW_EPOCHS;
+        }
+        let window_peak = inner.scav.window.iter().copied().max().unwrap_or(0);
+        self.window_peak_npages.store(window_peak, Ordering::Relaxed);
+        let peak = window_peak.max(self.epoch_peak_npages.load(Ordering::Relaxed)).max(inuse) * PAGE_SIZE;
+        let committed = self.committed_npages.load(Ordering::Relaxed) * PAGE_SIZE;
+        let nonheap = self.span_sys_bytes.load(Ordering::Relaxed) + self.meta_committed_bytes.load(Ordering::Relaxed);
+        let limit = self.memory_limit.load(Ordering::Relaxed);
+        let (goal, mode) = retained_goal(peak, limit, nonheap, committed);
+        self.retained_goal_bytes.store(goal, Ordering::Relaxed);
+        drop(g);
+        let released = if committed > goal && budget_bytes > 0 {
+            self.scavenge_unlocked(budget_bytes.min(committed - goal), mode)
+        } else {
+            0
+        };
+        let mut g = self.inner.lock();
+        let st = &mut g.scav;
+        if released != 0 {
+            st.cycle_steps += 1;
+            st.cycle_released_bytes += released;
+            st.cycle_mode = mode;
+        } else if st.cycle_steps != 0 {
+            // Nothing more to do: the cycle ends.
+            let (steps, bytes, mode) = (st.cycle_steps, st.cycle_released_bytes, st.cycle_mode);
+            st.cycle_steps = 0;
+            st.cycle_released_bytes = 0;
+            drop(g);
+            self.log_cycle(bytes, steps, goal, mode);
+        }
+        released
+    }
+
+    /// Releases every free committed page not held by a page cache (Go's `debug.FreeOSMemory`; flush the
+    /// page caches first to include theirs). Returns bytes released; logs one line.
+    pub fn release_all(&self) -> usize {
+        let mut total = 0;
+        let mut steps = 0;
+        loop {
+            let r = self.scavenge_unlocked(RELEASE_ALL_STEP_BYTES, ScavMode::Forced);
+            if r == 0 {
+                break;
+            }
+            total += r;
+            steps += 1;
+        }
+        self.log_cycle(total, steps, 0, ScavMode::Forced);
+        total
+    }
+
+    /// Sets the soft memory limit in bytes (GOMEMLIMIT semantics, see the module docs); `usize::MAX` = none.
+    pub fn set_memory_limit(&self, nbytes: usize) {
+        self.memory_limit.store(nbytes, Ordering::Relaxed);
+    }
+
+    /// The soft memory limit (`usize::MAX` = none).
+    pub fn memory_limit(&self) -> usize {
+        self.memory_limit.load(Ordering::Relaxed)
+    }
+
+    fn log_cycle(&self, released: usize, steps: usize, goal: usize, mode: ScavMode) {
+        self.scav_cycles.fetch_add(1, Ordering::Relaxed);
+        let retained = self.committed_npages.load(Ordering::Relaxed) * PAGE_SIZE;
+        log::info!(
+            "scav: released {} in {} steps, retained {} (goal {}) of {} committed, limit {} (mode {})",
+            Bytes(released),
+            steps,
+            Bytes(retained),
+            Bytes(goal),
+            Bytes(self.total_committed_bytes()),
+            Bytes(self.memory_limit.load(Ordering::Relaxed)),
+            mode.name()
+        );
+    }
+
+    /// Allocation-triggered scavenging (Go's, when the memory limit is exceeded): called after every
+    /// successful allocation; cheap (a few atomic loads) unless the total is over the limit. Logs nothing.
+    #[inline]
+    pub(crate) fn after_alloc(&self) {
+        let limit = self.memory_limit.load(Ordering::Relaxed);
+        if limit == usize::MAX {
+            return;
+        }
+        let total = self.total_committed_bytes();
+        if total <= limit {
+            return;
+        }
+        self.scavenge_for_limit(limit, total);
+    }
+
+    #[cold]
+    fn scavenge_for_limit(&self, limit: usize, total: usize) {
+        // Free committed pages the heap can release (page caches' committed pages are not reachable).
+        let committed = self.committed_npages.load(Ordering::Relaxed);
+        let busy = self.inuse_npages.load(Ordering::Relaxed)
+            + self.cached_npages.load(Ordering::Relaxed).saturating_sub(self.cache_scav_npages.load(Ordering::Relaxed));
+        if committed <= busy {
+            return; // live data alone is over the limit: soft limit, carry on
+        }
+        let target = limit - limit / 100 * LIMIT_HEADROOM_PERCENT;
+        let want = total.saturating_sub(target).min((committed - busy) * PAGE_SIZE);
+        let mut g = self.inner.lock();
+        let r = self.scavenge_locked(&mut g, want, ScavMode::Forced);
+        drop(g);
+        // No log line here: this runs inside an allocation, and a logger that allocates would re-enter it.
+        self.scav_alloc_bytes.fetch_add(r, Ordering::Relaxed);
+    }
+
+    /// Releases up to `want_bytes` (rounded up to pages) of free committed pages, choosing chunks as the
+    /// module docs say for `mode`, with the heap lock held throughout (the allocation path uses this: it
+    /// holds the lock already). Returns bytes released.
+    pub(crate) fn scavenge_locked(&self, inner: &mut HeapInner, want_bytes: usize, mode: ScavMode) -> usize {
+        let want = want_bytes.div_ceil(PAGE_SIZE);
+        let mut cur = ScavCursor::new(mode, inner.pa.grown_chunks());
+        let mut released = 0;
+        while released < want {
+            let Some((idx, n)) = cur.next_run(inner, want - released) else { break };
+            let addr = inner.arena_base + idx * PAGE_SIZE;
+            // SAFETY: the pages are grown, free in the page allocator (nobody uses them) and committed; the
+            // heap lock keeps them free until they are marked scavenged below.
+            unsafe { self.source.decommit(NonNull::new_unchecked(addr as *mut u8), n * PAGE_SIZE) };
+            inner.pa.set_scav(idx, n, true);
+            self.committed_npages.fetch_sub(n, Ordering::Relaxed);
+            released += n;
+        }
+        let bytes = released * PAGE_SIZE;
+        self.scav_released_bytes.fetch_add(bytes, Ordering::Relaxed);
+        bytes
+    }
+
+    /// As [`Heap::scavenge_locked`], but the source's `decommit` runs without the heap lock (Go's way): each
+    /// run is first allocated in the page allocator (so nobody else takes it), the lock dropped, the run
+    /// decommitted, and the run freed as scavenged under the lock again. Used by the background step and
+    /// `release_all`. Returns bytes released.
+    pub(crate) fn scavenge_unlocked(&self, want_bytes: usize, mode: ScavMode) -> usize {
+        let want = want_bytes.div_ceil(PAGE_SIZE);
+        let mut released = 0;
+        let mut pending: Option<(usize, usize)> = None;
+        let mut cur = None;
+        loop {
+            let mut g = self.inner.lock();
+            let inner = &mut *g;
+            if inner.state != crate::heap::InitState::Ready {
+                return 0;
+            }
+            if let Some((idx, n)) = pending.take() {
+                inner.pa.free_range(idx, n);
+                inner.pa.set_scav(idx, n, true);
+                self.committed_npages.fetch_sub(n, Ordering::Relaxed);
+                self.scav_inflight_npages.fetch_sub(n, Ordering::Relaxed);
+                released += n;
+            }
+            if released >= want {
+                break;
+            }
+            let cur = cur.get_or_insert_with(|| ScavCursor::new(mode, inner.pa.grown_chunks()));
+            let Some((idx, n)) = cur.next_run(inner, want - released) else { break };
+            inner.pa.alloc_range(idx, n);
+            self.scav_inflight_npages.fetch_add(n, Ordering::Relaxed);
+            let addr = inner.arena_base + idx * PAGE_SIZE;
+            drop(g);
+            // SAFETY: the run is grown and committed, and allocated to the scavenger above, so nothing else
+            // uses or allocates it until it is freed (as scavenged) on the next iteration.
+            unsafe { self.source.decommit(NonNull::new_unchecked(addr as *mut u8), n * PAGE_SIZE) };
+            pending = Some((idx, n));
+        }
+        let bytes = released * PAGE_SIZE;
+        self.scav_released_bytes.fetch_add(bytes, Ordering::Relaxed);
+        bytes
+    }
+}
+
+/// Where a scavenge is in its passes over the chunks (see the module docs: passes by density, chunks from
+/// the highest down).
+struct ScavCursor {
+    /// Per pass, the most allocated pages a chunk may have to be visited.
+    passes: &'static [usize],
+    pass: usize,
+    /// Chunks below `ci` remain to be visited in this pass.
+    ci: usize,
+    grown_chunks: usize,
+}
+
+impl ScavCursor {
+    fn new(mode: ScavMode, grown_chunks: usize) -> Self {
+        let passes: &'static [usize] = match mode {
+            ScavMode::Lazy => &[SCAV_MOSTLY_FREE_PAGES, SCAV_CHUNK_HI_OCC_PAGES - 1],
+            ScavMode::Aggressive | ScavMode::Forced => {
+                &[SCAV_MOSTLY_FREE_PAGES, SCAV_CHUNK_HI_OCC_PAGES - 1, PALLOC_CHUNK_PAGES]
+            }
+        };
+        Self { passes, pass: 0, ci: grown_chunks, grown_chunks }
+    }
+
+    /// The next run of free committed pages to release, at most `max_npages` long: the highest such run
+    /// of the current chunk (the top part of it if it is longer).
+    fn next_run(&mut self, inner: &HeapInner, max_npages: usize) -> Option<(usize, usize)> {
+        while self.pass < self.passes.len() {
+            let max_alloc = self.passes[self.pass];
+            while self.ci > 0 {
+                let ci = self.ci - 1;
+                let c = inner.pa.chunk(ci);
+                let nalloc: usize = c.alloc.iter().map(|w| w.count_ones() as usize).sum();
+                let mut cand = [0u64; PALLOC_CHUNK_WORDS];
+                let mut any = 0;
+                for ((cw, a), sc) in cand.iter_mut().zip(&c.alloc).zip(&c.scav) {
+                    *cw = !a & !sc;
+                    any |= *cw;
+                }
+                if nalloc > max_alloc || any == 0 {
+                    self.ci -= 1;
+                    continue;
+                }
+                let is_set = |i: usize| cand[i / 64] & (1 << (i % 64)) != 0;
+                // Highest candidate page: the top set bit of the highest non-zero word.
+                let w = (0..PALLOC_CHUNK_WORDS).rev().find(|&w| cand[w] != 0)?;
+                let top = w * 64 + 63 - cand[w].leading_zeros() as usize;
+                let mut lo = top;
+                while lo > 0 && top - lo + 1 < max_npages && is_set(lo - 1) {
+                    lo -= 1;
+                }
+                // The chunk stays current: it may hold more runs.
+                return Some((ci * PALLOC_CHUNK_PAGES + lo, top - lo + 1));
+            }
+            self.pass += 1;
+            self.ci = self.grown_chunks;
+        }
+        None
+    }
+}
+
+/// Runs [`Heap::scavenge`] every `period` on a thread of its own until `stop` becomes `true` (feature
+/// `std`; a kernel calls `scavenge` from its timer or idle path instead). Spawning the thread allocates
+/// through the process's global allocator.
+#[cfg(feature = "std")]
+pub fn spawn_scavenger<S: PageSource + 'static>(
+    heap: &'static Heap<S>,
+    period: std::time::Duration,
+    budget_bytes: usize,
+    stop: &'static core::sync::atomic::AtomicBool,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("goheap-scavenger".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                heap.scavenge(budget_bytes);
+                std::thread::sleep(period);
+            }
+        })
+        .expect("spawn_scavenger: cannot spawn the thread")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::format;
+
+    #[test]
+    fn goals() {
+        let mib = 1 << 20;
+        // No limit: peak + 10%.
+        assert_eq!(retained_goal(100 * mib, usize::MAX, 0, 500 * mib), (110 * mib, ScavMode::Lazy));
+        // Limit far above: the peak goal binds, lazy.
+        assert_eq!(retained_goal(100 * mib, 1000 * mib, 2 * mib, 500 * mib), (110 * mib, ScavMode::Lazy));
+        // Limit below the peak goal and committed above the limit goal: aggressive, limit - 5% - nonheap.
+        let (g, m) = retained_goal(100 * mib, 100 * mib, 2 * mib, 101 * mib);
+        assert_eq!(m, ScavMode::Aggressive);
+        assert_eq!(g, 100 * mib - 100 * mib / 100 * 5 - 2 * mib);
+    }
+
+    #[test]
+    fn bytes_display() {
+        assert_eq!(format!("{}", Bytes(512)), "512 B");
+        assert_eq!(format!("{}", Bytes(1536)), "1.5 KiB");
+        assert_eq!(format!("{}", Bytes(5 << 20 | 1 << 19)), "5.5 MiB");
+        assert_eq!(format!("{}", Bytes(usize::MAX)), "none");
+    }
+}

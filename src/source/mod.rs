@@ -11,8 +11,6 @@
 //! a host buffer or mmap, able to fail at chosen points, for tests). A kernel implements it over its frame
 //! allocator and page-table mapper (see the demo kernel).
 
-// NOTE(skeleton): the submodules below are filled in by the page-level work.
-
 use core::ptr::NonNull;
 
 /// Alignment and size granularity of every range passed across this trait: goheap's page, 8 KiB.
@@ -21,6 +19,29 @@ pub const SOURCE_GRANULE: usize = crate::PAGE_SIZE;
 /// What goheap needs from the layer below it.
 ///
 /// All addresses and sizes are multiples of [`SOURCE_GRANULE`] (8 KiB).
+///
+/// How goheap uses it (what an implementation may rely on):
+/// - **Reservations are few and permanent.** The heap reserves its arena once (one range of up to
+///   `max_heap_bytes`, aligned to the page allocator's 4 MiB chunk), one range for the page allocator's
+///   metadata and page map, and 64 KiB blocks for span descriptors. It never gives a reservation back: there
+///   is no `release`; reservations live as long as the source.
+/// - **Commit/decommit granularity is the page.** `commit` and `decommit` get any page-granular subrange of a
+///   reservation: a decommit may cover part of an earlier commit or several of them, and a commit may cover
+///   several earlier decommits. goheap never commits a page that is committed, nor decommits one that is not
+///   (the bounded test source checks this).
+/// - **Concurrency.** `commit` and `decommit` may be called on disjoint ranges from several CPUs at once,
+///   with or without the heap lock held (the page-cache path commits outside the lock; the background
+///   scavenger decommits outside it).
+/// - **Context.** In a kernel, calls may come with interrupts off (the per-CPU page cache path) and with
+///   goheap's spin locks held: an implementation must not sleep or take locks an interrupt handler that
+///   allocates could hold.
+/// - **Ownership.** The source owns what it reserved; the heap (which holds the source by value) uses the
+///   ranges for its own lifetime. Dropping the heap drops the source, which may then reclaim them (the
+///   bounded source unmaps its region), so no allocation may outlive its heap.
+/// - **Zeroing.** goheap relies on zeroed memory only when [`PageSource::commit_zeroes`] says so; otherwise
+///   it clears metadata itself and marks spans `needzero`.
+/// - **Failure.** `reserve` returning `None` or `commit` returning `false` makes the allocation that needed
+///   it return null; the heap stays consistent and later calls may succeed.
 ///
 /// # Safety
 ///
