@@ -1,1 +1,376 @@
-//! (object level: to be written)
+//! Central lists (Go's `mcentral.go`): per size class, the spans no CPU caches.
+//!
+//! See `lib.rs` for an overview of the allocator.
+//!
+//! A CPU cache that has used up its span for a class hands it back here ([`Central::uncache_span`]) and
+//! takes another ([`Central::cache_span`]); a CPU whose stock of freed objects overflows returns a batch
+//! here ([`Central::flush`]). Each class has its own lock, so refills of different classes never contend.
+//!
+//! # Adapted from Go
+//!
+//! Go's central lists hold swept and unswept spans in two generations, because a GC cycle marks all
+//! spans stale at once and sweeping is what discovers the frees. goheap frees explicitly, so a free is
+//! folded back as soon as it reaches a span nobody caches (under this lock, [`Span::free_uncached`]), and
+//! only a span that some CPU caches collects *deferred* frees (`free_bits`, folded by that CPU when it
+//! runs out, or by [`Central::uncache_span`]). There is thus one generation and two lists:
+//!
+//! - `partial`: uncached spans with `nalloc < nelems` (including empty ones, `nalloc == 0`);
+//! - `full`: uncached spans with `nalloc == nelems`.
+//!
+//! Empty spans are not handed back to the page heap the moment they empty (an alloc/free pattern around
+//! one object would otherwise take the heap lock every time); the background sweep ([`Central::sweep`])
+//! returns all but [`KEEP_EMPTY_SPANS`] of them.
+//!
+//! # Invariants (all under `lock`)
+//! - every span on a list has `cached_by == NOT_CACHED`, `freeindex == 0` (materialised) and
+//!   `list == Partial` iff `nalloc < nelems`, `list == Full` iff `nalloc == nelems`;
+//! - `nempty = #{ s in partial : s.nalloc == 0 }` is not tracked exactly; the sweep counts as it walks;
+//! - a span with `cached_by == i` is on no list and its object-level fields belong to CPU cache `i`, except
+//!   `free_bits`, which a flusher holding this lock may set.
+//!
+//! Lock order: a Central lock may be held while taking the heap lock (to return empty spans), never the
+//! other way round; no two Central locks are held at once.
+
+use crate::heap::Heap;
+use crate::pagecache::PageCache;
+use crate::source::PageSource;
+use crate::span::{Span, SpanList, NOT_CACHED};
+use core::ptr::{self, NonNull};
+use spin::Mutex;
+
+/// Empty spans a class keeps when the background sweep returns the rest to the page heap.
+pub const KEEP_EMPTY_SPANS: usize = 1;
+
+/// The shape of the spans of one class.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClassShape {
+    /// Object size in bytes.
+    pub elemsize: u32,
+    /// Span length in pages.
+    pub npages: u8,
+    /// Objects per span.
+    pub nelems: u16,
+    /// Division magic (see [`crate::sizeclass::obj_index`]).
+    pub divmagic: u32,
+}
+
+/// A doubly linked list of spans through `Span::next`/`prev`.
+struct SpanQueue {
+    head: *mut Span,
+    len: usize,
+}
+
+impl SpanQueue {
+    const fn new() -> Self {
+        SpanQueue { head: ptr::null_mut(), len: 0 }
+    }
+
+    /// # Safety
+    /// `s` is a live span on no list; the caller holds the lock guarding this queue.
+    unsafe fn push(&mut self, s: *mut Span) {
+        // SAFETY: per the contract, the links of `s` and of the head belong to this queue.
+        unsafe {
+            (*s).prev = ptr::null_mut();
+            (*s).next = self.head;
+            if !self.head.is_null() {
+                (*self.head).prev = s;
+            }
+        }
+        self.head = s;
+        self.len += 1;
+    }
+
+    /// # Safety
+    /// `s` is on this queue; the caller holds the lock guarding it.
+    unsafe fn remove(&mut self, s: *mut Span) {
+        // SAFETY: per the contract, `s` and its neighbours are on this queue.
+        unsafe {
+            let (prev, next) = ((*s).prev, (*s).next);
+            if prev.is_null() {
+                self.head = next;
+            } else {
+                (*prev).next = next;
+            }
+            if !next.is_null() {
+                (*next).prev = prev;
+            }
+            (*s).next = ptr::null_mut();
+            (*s).prev = ptr::null_mut();
+        }
+        self.len -= 1;
+    }
+
+    /// # Safety
+    /// The caller holds the lock guarding this queue.
+    unsafe fn pop(&mut self) -> Option<*mut Span> {
+        let s = self.head;
+        if s.is_null() {
+            return None;
+        }
+        // SAFETY: `s` is the head of this queue.
+        unsafe { self.remove(s) };
+        Some(s)
+    }
+}
+
+struct Lists {
+    partial: SpanQueue,
+    full: SpanQueue,
+}
+
+// SAFETY: the raw span pointers are only dereferenced under the Central lock that owns the lists.
+unsafe impl Send for Lists {}
+
+/// The central list of one size class (Go's `mcentral`).
+pub struct Central {
+    shape: ClassShape,
+    class: u8,
+    lock: Mutex<Lists>,
+}
+
+/// What went wrong with an object handed to [`Central::flush`] (only possible for invalid frees).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlushError {
+    /// The address is in no live span of this heap.
+    NotInHeap(usize),
+    /// The span holds another class.
+    WrongClass { addr: usize, span_class: u8 },
+    /// The address is inside an object, not at its start.
+    Interior(usize),
+    /// The object was not allocated.
+    NotAllocated(usize),
+}
+
+/// Outcome of a flush.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flushed {
+    /// Objects freed into spans some CPU caches (`cached_by != NOT_CACHED`), including the flusher's own.
+    pub ndeferred: usize,
+    /// Of those, objects in spans cached by a CPU other than the flusher's.
+    pub nremote: usize,
+}
+
+impl Central {
+    /// The central list of class `class` with spans of `shape`.
+    pub const fn new(class: u8, shape: ClassShape) -> Self {
+        Central { shape, class, lock: Mutex::new(Lists { partial: SpanQueue::new(), full: SpanQueue::new() }) }
+    }
+
+    /// The shape of this class's spans.
+    pub fn shape(&self) -> ClassShape {
+        self.shape
+    }
+
+    /// Gives CPU `cpu` a span with at least one free object, taking it off the partial list or, failing
+    /// that, from the page heap. `None` when the page heap is out of memory.
+    pub fn cache_span<S: PageSource>(
+        &self,
+        heap: &Heap<S>,
+        pcache: Option<&mut PageCache>,
+        cpu: u16,
+    ) -> Option<NonNull<Span>> {
+        {
+            let mut lists = self.lock.lock();
+            // SAFETY: we hold the lock that guards the lists and the object fields of uncached spans.
+            if let Some(s) = unsafe { lists.partial.pop() } {
+                // SAFETY: `s` came off our list, so it is live, uncached and ours until `cached_by` is set.
+                unsafe {
+                    debug_assert!((*s).nalloc < (*s).nelems && (*s).freeindex == 0);
+                    (*s).list = SpanList::None as u8;
+                    (*s).cached_by = cpu;
+                    return Some(NonNull::new_unchecked(s));
+                }
+            }
+        }
+        // Grow without holding the class lock (Go's mcentral.grow): the heap may commit pages.
+        let s = self.grow(heap, pcache)?;
+        // SAFETY: the span is fresh and not yet visible to anyone else.
+        unsafe { (*s.as_ptr()).cached_by = cpu };
+        Some(s)
+    }
+
+    /// Allocates and shapes a new span for this class.
+    fn grow<S: PageSource>(&self, heap: &Heap<S>, pcache: Option<&mut PageCache>) -> Option<NonNull<Span>> {
+        let s = heap.alloc_span(pcache, self.shape.npages as usize, self.class)?;
+        // SAFETY: `s` is fresh from the heap: page-level fields set, nobody else holds it.
+        unsafe {
+            Span::init_objects(s.as_ptr(), self.shape.elemsize, self.shape.nelems, self.shape.divmagic);
+            if self.class as usize == crate::cpucache::TINY_CLASS {
+                crate::cpucache::init_tiny_counts(s.as_ptr());
+            }
+        }
+        Some(s)
+    }
+
+    /// Takes back span `s` from CPU cache `cpu`: folds its deferred frees and files it as partial or full.
+    ///
+    /// # Safety
+    /// `s` is a span of this class that CPU cache `cpu` caches, and the caller is that cache's owner and
+    /// stops using `s` now.
+    pub unsafe fn uncache_span(&self, s: NonNull<Span>) {
+        let s = s.as_ptr();
+        let mut lists = self.lock.lock();
+        // SAFETY: under the lock no flusher can add deferred frees; the caller gives up the span, so the
+        // object fields become the lock's.
+        unsafe {
+            debug_assert_ne!((*s).cached_by, NOT_CACHED);
+            Span::sweep(s);
+            (*s).cached_by = NOT_CACHED;
+            self.file(&mut lists, s);
+        }
+    }
+
+    /// Puts uncached span `s` on the list its fill level calls for.
+    ///
+    /// # Safety
+    /// The lock is held (`lists` is its guard's data), `s` is uncached, materialised and on no list.
+    unsafe fn file(&self, lists: &mut Lists, s: *mut Span) {
+        // SAFETY: per the contract.
+        unsafe {
+            if (*s).nalloc == (*s).nelems {
+                (*s).list = SpanList::Full as u8;
+                lists.full.push(s);
+            } else {
+                (*s).list = SpanList::Partial as u8;
+                lists.partial.push(s);
+            }
+        }
+    }
+
+    /// Returns `n` freed objects, linked through their first word from `head`, to their spans. Objects in
+    /// spans no CPU caches are folded back at once; the others are deferred to their caching CPU.
+    /// `cpu` is the flusher's cache index (`NOT_CACHED` for the shared cache).
+    ///
+    /// On an invalid object, stops and returns the error; objects before it were freed, the rest (from the
+    /// bad one on) were not touched.
+    ///
+    /// # Safety
+    /// Every object on the list was allocated from this class of this heap's allocator and is no longer used.
+    /// The list is well formed (`n` entries).
+    pub unsafe fn flush<S: PageSource>(
+        &self,
+        heap: &Heap<S>,
+        mut head: *mut u8,
+        n: usize,
+        cpu: u16,
+    ) -> Result<Flushed, FlushError> {
+        let mut out = Flushed::default();
+        let mut lists = self.lock.lock();
+        for _ in 0..n {
+            let obj = head;
+            // SAFETY: the list links run through the objects' first words, which the caller handed us.
+            head = unsafe { *(obj as *mut *mut u8) };
+            let addr = obj as usize;
+            let s = heap.span_of(addr).ok_or(FlushError::NotInHeap(addr))?.as_ptr();
+            // SAFETY: `span_of` returned a live span; class and shape are immutable while it is in use.
+            unsafe {
+                if (*s).class != self.class {
+                    return Err(FlushError::WrongClass { addr, span_class: (*s).class });
+                }
+                let (idx, exact) = Span::object_index(s, addr);
+                if !exact {
+                    return Err(FlushError::Interior(addr));
+                }
+                let owner = (*s).cached_by;
+                if owner != NOT_CACHED {
+                    if !Span::defer_free(s, idx) {
+                        return Err(FlushError::NotAllocated(addr));
+                    }
+                    out.ndeferred += 1;
+                    if owner != cpu {
+                        out.nremote += 1;
+                    }
+                    continue;
+                }
+                let was_full = (*s).nalloc == (*s).nelems;
+                if !Span::free_uncached(s, idx) {
+                    return Err(FlushError::NotAllocated(addr));
+                }
+                if was_full {
+                    lists.full.remove(s);
+                    (*s).list = SpanList::Partial as u8;
+                    lists.partial.push(s);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The background sweep: returns empty spans beyond [`KEEP_EMPTY_SPANS`] to the page heap, at most
+    /// `max_spans` of them. Returns the number of pages released.
+    pub fn sweep<S: PageSource>(&self, heap: &Heap<S>, mut pcache: Option<&mut PageCache>, max_spans: usize) -> usize {
+        // Unlink the victims under the lock, free them to the heap after it (the heap lock is never taken
+        // while a Central lock is held on this path, though the order would allow it).
+        let mut victims: *mut Span = ptr::null_mut();
+        let mut nvictims = 0;
+        {
+            let mut lists = self.lock.lock();
+            let mut kept = 0;
+            let mut s = lists.partial.head;
+            while !s.is_null() && nvictims < max_spans {
+                // SAFETY: we hold the lock; `s` is on our partial list.
+                unsafe {
+                    let next = (*s).next;
+                    if (*s).nalloc == 0 {
+                        if kept < KEEP_EMPTY_SPANS {
+                            kept += 1;
+                        } else {
+                            lists.partial.remove(s);
+                            (*s).list = SpanList::None as u8;
+                            (*s).next = victims;
+                            victims = s;
+                            nvictims += 1;
+                        }
+                    }
+                    s = next;
+                }
+            }
+        }
+        let mut npages = 0;
+        while !victims.is_null() {
+            let s = victims;
+            // SAFETY: the span is empty and off every list: nothing references its memory any more.
+            unsafe {
+                victims = (*s).next;
+                npages += (*s).npages;
+                heap.free_span(pcache.as_deref_mut(), NonNull::new_unchecked(s));
+            }
+        }
+        npages
+    }
+
+    /// Counts of spans on the lists: (partial, full).
+    pub fn span_counts(&self) -> (usize, usize) {
+        let lists = self.lock.lock();
+        (lists.partial.len, lists.full.len)
+    }
+
+    /// Whole-list consistency walk (feature `validate`): every span filed by its fill level, uncached,
+    /// materialised, of this class, and its `nalloc` equal to the popcount of its bitmap.
+    #[cfg(feature = "validate")]
+    pub fn validate(&self) {
+        let lists = self.lock.lock();
+        for (q, want) in [(&lists.partial, SpanList::Partial), (&lists.full, SpanList::Full)] {
+            let mut n = 0;
+            let mut s = q.head;
+            while !s.is_null() {
+                // SAFETY: we hold the lock; `s` is on one of our lists.
+                unsafe {
+                    assert_eq!((*s).class, self.class, "span {:p} on the wrong class list", s);
+                    assert_eq!((*s).list, want as u8, "span {:p} filed as {} but on {:?}", s, (*s).list, want);
+                    assert_eq!((*s).cached_by, NOT_CACHED, "span {:p} on a list while cached", s);
+                    assert_eq!((*s).freeindex, 0, "span {:p} on a list not materialised", s);
+                    let words = crate::span::words_for((*s).nelems as usize);
+                    let used: u32 = (&(*s).alloc_bits)[..words].iter().map(|w| w.count_ones()).sum();
+                    let tail = (words * 64 - (*s).nelems as usize) as u32;
+                    assert_eq!(used - tail, (*s).nalloc as u32, "span {:p}: nalloc disagrees with bitmap", s);
+                    let full = (*s).nalloc == (*s).nelems;
+                    assert_eq!(full, want == SpanList::Full, "span {:p} on the wrong list", s);
+                    s = (*s).next;
+                }
+                n += 1;
+            }
+            assert_eq!(n, q.len, "list length out of step");
+        }
+    }
+}

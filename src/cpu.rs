@@ -1,1 +1,172 @@
-//! (object level: to be written)
+//! CPU-index providers: which per-CPU cache the current code may use, and the guard that makes it exclusive.
+//!
+//! See `lib.rs` for an overview of the allocator.
+//!
+//! Go attaches its `mcache` to the P that runs the goroutine, and a P is held by one M at a time, so the
+//! cache needs no lock. goheap has no scheduler to lean on; a [`CpuProvider`] supplies the same guarantee:
+//! [`CpuProvider::enter`] names a dense cache index and returns a guard, and while that guard lives nothing
+//! else on any CPU or thread may use the same index. The fast path then touches its cache with plain loads
+//! and stores: no lock, no atomic read-modify-write.
+//!
+//! - In a kernel, the index comes from the APIC ID (through a table the kernel fills when it starts each
+//!   CPU) and the guard keeps interrupts off, so an interrupt handler that allocates cannot re-enter the
+//!   cache it interrupted (the Asterinas pattern: per-CPU operations take a token proving interrupts are off).
+//! - On a host ([`ThreadSlots`], feature `std`), user code cannot disable preemption and a thread may migrate
+//!   between CPUs at any instruction, so a per-CPU index would not be exclusive. goheap instead gives each
+//!   thread a *slot* of its own (claimed once with a compare-and-swap, released when the thread exits): a
+//!   thread that migrates keeps its slot, so migration mid-operation is harmless. Threads beyond
+//!   [`MAX_CPUS`] slots, and re-entrant calls, get `None` and use the shared, locked cache.
+//!
+//! Exclusivity invariant: for every index `i`, at most one live guard returned by `enter` has index `i`.
+
+/// Number of per-CPU cache slots in every allocator (`MAX_CPUS = 1 << 6`).
+pub const MAX_CPUS: usize = 1 << 6;
+
+/// Supplies the current CPU's cache index and keeps it exclusive.
+///
+/// # Safety
+///
+/// Implementations must uphold the exclusivity invariant: while a guard returned by `enter` with index `i`
+/// is alive, no other call to `enter` (on any CPU or thread, including a re-entrant call from an interrupt
+/// or signal handler on the same CPU) returns index `i`. The index must be `< MAX_CPUS`. Dropping the guard
+/// ends the exclusive section and must make the section's writes visible to the next holder of the index
+/// (an interrupt-off section on one CPU, or a Release/Acquire hand-over between threads, does this).
+pub unsafe trait CpuProvider: Sync {
+    /// Proof of exclusive use of one cache index; dropping it ends the section.
+    type Guard;
+
+    /// The current CPU's cache index and its guard, or `None` when no exclusive cache can be had now
+    /// (not yet set up, re-entered, out of slots); the caller then uses the shared locked cache.
+    fn enter(&self) -> Option<(usize, Self::Guard)>;
+}
+
+/// A provider with no per-CPU caches: every operation goes through the shared, locked cache. For early boot,
+/// single-threaded tools and tests of the locked path.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoCpuCache;
+
+// SAFETY: `enter` never returns an index, so the exclusivity invariant holds trivially.
+unsafe impl CpuProvider for NoCpuCache {
+    type Guard = ();
+    #[inline]
+    fn enter(&self) -> Option<(usize, ())> {
+        None
+    }
+}
+
+#[cfg(feature = "std")]
+pub use thread_slots::ThreadSlots;
+
+#[cfg(feature = "std")]
+mod thread_slots {
+    use super::{CpuProvider, MAX_CPUS};
+    use core::cell::Cell;
+    use core::sync::atomic::{AtomicBool, Ordering};
+
+    /// Slot ownership, shared by every `ThreadSlots` in the process: `OWNED[i]` is true while a live thread
+    /// holds slot `i`. Set with compare-and-swap (Acquire) on claim, cleared (Release) on thread exit.
+    static OWNED: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+
+    /// Per-thread state, encoded in one word so the fast path is one TLS load and one store:
+    /// `UNCLAIMED` (never tried), `NONE_LEFT` (all slots were taken: use the shared cache),
+    /// `DEAD` (thread is exiting: use the shared cache), else `slot | BUSY?`.
+    const UNCLAIMED: usize = usize::MAX;
+    const NONE_LEFT: usize = usize::MAX - 1;
+    const DEAD: usize = usize::MAX - 2;
+    /// Set while the thread is inside an exclusive section, so a re-entrant call (a logger that allocates,
+    /// a TLS destructor registration) gets `None` instead of a second guard for the same slot.
+    const BUSY: usize = 1 << 16;
+
+    std::thread_local! {
+        // Const-initialised and without `Drop`: reading it never allocates or registers a destructor.
+        static STATE: Cell<usize> = const { Cell::new(UNCLAIMED) };
+        // Touched once, when a slot is claimed, only to get a destructor that releases the slot.
+        static RELEASER: Releaser = const { Releaser };
+    }
+
+    struct Releaser;
+    impl Drop for Releaser {
+        fn drop(&mut self) {
+            let _ = STATE.try_with(|s| {
+                let v = s.get();
+                s.set(DEAD);
+                if v < BUSY {
+                    // Objects and spans cached in the slot stay there for the next thread that claims it.
+                    OWNED[v].store(false, Ordering::Release);
+                }
+            });
+        }
+    }
+
+    /// Host provider: one cache slot per thread (see the module docs for why not per CPU).
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct ThreadSlots;
+
+    impl ThreadSlots {
+        /// A provider; all instances share the process-wide slot table.
+        pub const fn new() -> Self {
+            ThreadSlots
+        }
+
+        #[cold]
+        fn claim(state: &Cell<usize>) -> Option<usize> {
+            // Mark busy while claiming: registering the releaser's destructor may allocate.
+            state.set(NONE_LEFT);
+            for (i, owned) in OWNED.iter().enumerate() {
+                if !owned.load(Ordering::Relaxed)
+                    && owned
+                        .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    if RELEASER.try_with(|_| ()).is_err() {
+                        // TLS is being torn down: give the slot back at once.
+                        owned.store(false, Ordering::Release);
+                        state.set(DEAD);
+                        return None;
+                    }
+                    state.set(i);
+                    return Some(i);
+                }
+            }
+            None
+        }
+    }
+
+    /// Clears the thread's busy mark when the exclusive section ends.
+    pub struct SlotGuard {
+        slot: usize,
+    }
+
+    impl Drop for SlotGuard {
+        #[inline]
+        fn drop(&mut self) {
+            let _ = STATE.try_with(|s| s.set(self.slot));
+        }
+    }
+
+    // SAFETY: a slot index is returned only to the thread that owns it (claimed by CAS on `OWNED`, released
+    // only by the owning thread's exit after its state became `DEAD`), and only while that thread's BUSY
+    // mark is clear; the guard sets the mark, so a re-entrant call on the same thread gets `None`. A slot
+    // passes between threads through the Release store in `Releaser::drop` and the Acquire CAS in `claim`.
+    unsafe impl CpuProvider for ThreadSlots {
+        type Guard = SlotGuard;
+
+        #[inline]
+        fn enter(&self) -> Option<(usize, SlotGuard)> {
+            STATE
+                .try_with(|s| {
+                    let mut v = s.get();
+                    if v >= BUSY {
+                        if v != UNCLAIMED {
+                            return None;
+                        }
+                        v = Self::claim(s)?;
+                    }
+                    s.set(v | BUSY);
+                    Some((v, SlotGuard { slot: v }))
+                })
+                .ok()
+                .flatten()
+        }
+    }
+}

@@ -1,1 +1,453 @@
-//! (object level: to be written)
+//! Per-CPU caches (Go's `mcache.go`): the fast path of every small allocation and free.
+//!
+//! See `lib.rs` for an overview of the allocator.
+//!
+//! A [`CpuCache`] belongs to one CPU cache index; whoever holds the [`crate::cpu::CpuProvider`] guard for
+//! that index (or the lock of the shared cache) owns it entirely, so nothing here takes a lock or performs an
+//! atomic read-modify-write on the fast path. For each allocation class it holds:
+//!
+//! - a **span** (Go's `mcache.alloc[spc]`), allocated from with Go's `nextFreeFast`: count the trailing
+//!   zeros of the span's `alloc_cache` and advance `freeindex`;
+//! - a **stock** of freed objects (tcmalloc's per-CPU free lists), a LIFO list threaded through the objects.
+//!
+//! # Adapted from Go
+//!
+//! Go never frees explicitly: the GC's sweep rebuilds a span's bitmap. goheap's `dealloc` pushes the object
+//! on the freeing CPU's stock, whichever CPU's span it came from; the next allocation of that class on that
+//! CPU pops it (warm in the data cache). A stock is bounded: past `stock_max(class)` objects, half of it is
+//! flushed to the class's [`Central`], which folds each object into its span (at once if no CPU caches the
+//! span, else as a deferred free for the caching CPU, see `central.rs`). So a free on another CPU than the
+//! allocating one never touches that CPU's cache nor takes its lock.
+//!
+//! The **tiny path** (Go's `mcache.tiny`): requests under [`TINY_SIZE`] bytes with alignment at most 8
+//! are packed into 16-byte blocks. Go can recycle a block when the GC finds all its objects dead; with
+//! explicit frees, goheap keeps a count per block, next to the blocks at the end of each tiny span:
+//!
+//! - the allocating CPU counts objects handed out from its current block in `tiny_nobjs` (plain field);
+//! - a free of a tiny object decrements the block's count atomically (any CPU);
+//! - when the CPU moves to a new block it *retires* the old one by adding `tiny_nobjs` to its count.
+//!
+//! The count starts at 0 and frees only decrement, so before retirement it is `<= 0`; after retirement it
+//! is `handed out - freed`, and the operation that brings it to exactly 0 after retirement frees the block.
+//! Tiny allocation needs no atomic operation; a tiny free needs one (objects of one block may be freed on
+//! different CPUs at once), which is the price of packing.
+//!
+//! # Invariants (owner = the holder of this cache's guard)
+//! - `stock` list length `== nstock <= stock_max(class)`; every object on it is allocated in its span's
+//!   bitmap (`alloc_bits`/`freeindex`) and free for the user;
+//! - `span` is null or a span of `class` with `cached_by == index`; its object fields are the owner's;
+//! - `tiny != 0` ⇒ `tiny` is a block of a tiny span, `tiny_offset <= 16`, `tiny_nobjs >= 1`.
+
+use crate::central::{Central, ClassShape, Flushed};
+use crate::heap::Heap;
+use crate::pagecache::PageCache;
+use crate::sizeclass::{self, NUM_SIZE_CLASSES};
+use crate::source::PageSource;
+use crate::span::Span;
+use crate::stats::Counter;
+use crate::PAGE_SIZE;
+use core::ptr::{self, NonNull};
+use core::sync::atomic::{AtomicI8, Ordering};
+
+/// Requests smaller than this (and aligned to at most 8) take the tiny path: Go's `maxTinySize`.
+pub const TINY_SIZE: usize = 16;
+/// Allocation class of tiny blocks: one past the size classes.
+pub const TINY_CLASS: usize = NUM_SIZE_CLASSES;
+/// Allocation classes: the size classes (class 0 unused) plus the tiny class.
+pub const NUM_ALLOC_CLASSES: usize = NUM_SIZE_CLASSES + 1;
+/// Tiny blocks per span: a one-page span holds `n` 16-byte blocks and their `n` one-byte counts,
+/// `n = PAGE_SIZE / (TINY_SIZE + 1)` = 481.
+pub const TINY_BLOCKS_PER_SPAN: usize = PAGE_SIZE / (TINY_SIZE + 1);
+/// Offset of the count array in a tiny span: `TINY_BLOCKS_PER_SPAN * TINY_SIZE`.
+const TINY_COUNTS_OFFSET: usize = TINY_BLOCKS_PER_SPAN * TINY_SIZE;
+
+/// Bytes a class's stock may hold before half of it is flushed (with a floor and a cap in objects).
+const STOCK_BYTES: usize = 32 << 10;
+const STOCK_MIN_OBJS: usize = 4;
+const STOCK_MAX_OBJS: usize = 256;
+
+/// The shape of allocation class `c` (a size class, or the tiny class).
+pub const fn class_shape(c: usize) -> ClassShape {
+    if c == TINY_CLASS {
+        ClassShape {
+            elemsize: TINY_SIZE as u32,
+            npages: 1,
+            nelems: TINY_BLOCKS_PER_SPAN as u16,
+            divmagic: (u32::MAX / TINY_SIZE as u32).wrapping_add(1),
+        }
+    } else {
+        let sc = sizeclass::CLASSES_CONST[c];
+        ClassShape { elemsize: sc.size, npages: sc.npages, nelems: sc.nelems, divmagic: sc.divmagic }
+    }
+}
+
+/// Stock bound of class `c`: `clamp(STOCK_BYTES / size, STOCK_MIN_OBJS, STOCK_MAX_OBJS)`.
+pub const fn stock_max(c: usize) -> u32 {
+    let size = class_shape(c).elemsize as usize;
+    if size == 0 {
+        return 0;
+    }
+    let n = STOCK_BYTES / size;
+    let n = if n < STOCK_MIN_OBJS { STOCK_MIN_OBJS } else { n };
+    (if n > STOCK_MAX_OBJS { STOCK_MAX_OBJS } else { n }) as u32
+}
+
+const STOCK_MAX: [u32; NUM_ALLOC_CLASSES] = {
+    let mut t = [0; NUM_ALLOC_CLASSES];
+    let mut c = 1;
+    while c < NUM_ALLOC_CLASSES {
+        t[c] = stock_max(c);
+        c += 1;
+    }
+    t
+};
+
+/// Zeroes the block counts of a fresh tiny span.
+///
+/// # Safety
+/// `s` is a fresh span of the tiny class that nobody else uses yet.
+pub(crate) unsafe fn init_tiny_counts(s: *mut Span) {
+    // SAFETY: the span's page is committed and ours; the counts lie inside it.
+    unsafe {
+        if (*s).needzero {
+            ptr::write_bytes(((*s).base + TINY_COUNTS_OFFSET) as *mut u8, 0, TINY_BLOCKS_PER_SPAN);
+        }
+    }
+}
+
+/// The count of the tiny block holding `addr`.
+///
+/// # Safety
+/// `addr` lies in a block of a live tiny span (tiny spans are one page, so the page is the span).
+#[inline]
+unsafe fn tiny_count(addr: usize) -> &'static AtomicI8 {
+    let page = addr & !(PAGE_SIZE - 1);
+    let block = (addr - page) / TINY_SIZE;
+    // SAFETY: the count byte lies in the same live span, and is only accessed atomically.
+    unsafe { &*((page + TINY_COUNTS_OFFSET + block) as *const AtomicI8) }
+}
+
+/// One class's part of a CPU cache.
+struct ClassCache {
+    /// The span allocated from, or null. Owner only.
+    span: *mut Span,
+    /// Freed objects, linked through their first word. Owner only.
+    stock: *mut u8,
+    nstock: u32,
+}
+
+/// Per-CPU counters, written by the owner with plain (non-RMW) relaxed stores and merged by readers.
+pub struct CpuStats {
+    /// Objects handed out, per allocation class (tiny class: blocks).
+    pub nmalloc: [Counter; NUM_ALLOC_CLASSES],
+    /// Objects freed, per allocation class (tiny class: blocks).
+    pub nfree: [Counter; NUM_ALLOC_CLASSES],
+    /// Tiny objects handed out / freed.
+    pub tiny_nmalloc: Counter,
+    pub tiny_nfree: Counter,
+    /// Large objects and their bytes.
+    pub large_nmalloc: Counter,
+    pub large_nfree: Counter,
+    pub large_bytes_alloc: Counter,
+    pub large_bytes_free: Counter,
+    /// Objects flushed by this CPU into spans cached by another CPU (cross-CPU frees).
+    pub remote_frees: Counter,
+    /// Spans taken from / returned to the central lists.
+    pub refills: Counter,
+    /// Set once the cache has been used.
+    pub used: Counter,
+}
+
+impl CpuStats {
+    const fn new() -> Self {
+        CpuStats {
+            nmalloc: [const { Counter::new() }; NUM_ALLOC_CLASSES],
+            nfree: [const { Counter::new() }; NUM_ALLOC_CLASSES],
+            tiny_nmalloc: Counter::new(),
+            tiny_nfree: Counter::new(),
+            large_nmalloc: Counter::new(),
+            large_nfree: Counter::new(),
+            large_bytes_alloc: Counter::new(),
+            large_bytes_free: Counter::new(),
+            remote_frees: Counter::new(),
+            refills: Counter::new(),
+            used: Counter::new(),
+        }
+    }
+}
+
+/// A per-CPU cache (Go's `mcache`).
+pub struct CpuCache {
+    classes: [ClassCache; NUM_ALLOC_CLASSES],
+    /// Current tiny block (0 if none), next free offset in it, objects handed out from it.
+    tiny: usize,
+    tiny_offset: usize,
+    tiny_nobjs: i8,
+    /// Go's per-P page cache: small span allocations skip the heap lock.
+    pub(crate) pcache: PageCache,
+    /// Counters, readable from any CPU.
+    pub stats: CpuStats,
+}
+
+// SAFETY: a CpuCache is only used by the holder of its index's guard (or its lock); the raw pointers it holds
+// point into the heap, which is shared and `Sync`.
+unsafe impl Send for CpuCache {}
+
+/// The tier above the cache: what a refill or flush needs.
+pub(crate) struct Tiers<'a, S: PageSource> {
+    pub heap: &'a Heap<S>,
+    pub centrals: &'a [Central; NUM_ALLOC_CLASSES],
+    /// Where bad frees found while flushing are reported (`None`: the process-wide hook).
+    pub report_hook: Option<crate::check::ReportHook>,
+}
+
+impl Default for CpuCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CpuCache {
+    /// An empty cache.
+    pub const fn new() -> Self {
+        CpuCache {
+            classes: [const { ClassCache { span: ptr::null_mut(), stock: ptr::null_mut(), nstock: 0 } };
+                NUM_ALLOC_CLASSES],
+            tiny: 0,
+            tiny_offset: 0,
+            tiny_nobjs: 0,
+            pcache: PageCache::new(),
+            stats: CpuStats::new(),
+        }
+    }
+
+    /// Allocates an object of class `c` (`1 <= c < NUM_ALLOC_CLASSES`). Null when out of memory.
+    /// With `ZERO`, the object is zeroed (skipping objects known to be fresh from zeroed pages).
+    #[inline(always)]
+    pub(crate) fn alloc<S: PageSource, const ZERO: bool>(&mut self, t: &Tiers<'_, S>, c: usize, me: u16) -> *mut u8 {
+        let cc = &mut self.classes[c];
+        let obj = cc.stock;
+        if !obj.is_null() {
+            // SAFETY: stock objects are free, at least 8 bytes, and hold the next link in their first word.
+            cc.stock = unsafe { *(obj as *mut *mut u8) };
+            cc.nstock -= 1;
+            self.stats.nmalloc[c].bump();
+            if ZERO {
+                // SAFETY: the object is ours and `elemsize` bytes long.
+                unsafe { ptr::write_bytes(obj, 0, class_shape(c).elemsize as usize) };
+            }
+            return obj;
+        }
+        let s = cc.span;
+        if !s.is_null() {
+            // SAFETY: we own the cached span's object fields.
+            if let Some(idx) = unsafe { Span::next_free_fast(s) } {
+                self.stats.nmalloc[c].bump();
+                // SAFETY: as above; `idx < nelems`.
+                return unsafe { Self::object::<ZERO>(s, idx) };
+            }
+        }
+        self.alloc_slow::<S, ZERO>(t, c, me)
+    }
+
+    /// The address of object `idx` of owned span `s`, zeroed if asked and not known fresh.
+    ///
+    /// # Safety
+    /// The caller owns `s`'s object fields and just allocated object `idx`.
+    #[inline(always)]
+    unsafe fn object<const ZERO: bool>(s: *mut Span, idx: usize) -> *mut u8 {
+        // SAFETY: per the contract; shape fields are immutable while in use.
+        unsafe {
+            let size = (*s).elemsize as usize;
+            let p = ((*s).base + idx * size) as *mut u8;
+            if ZERO && ((*s).needzero || idx < (*s).fresh_from as usize) {
+                ptr::write_bytes(p, 0, size);
+            }
+            p
+        }
+    }
+
+    #[inline(never)]
+    fn alloc_slow<S: PageSource, const ZERO: bool>(&mut self, t: &Tiers<'_, S>, c: usize, me: u16) -> *mut u8 {
+        self.stats.used.set(1);
+        let s = self.classes[c].span;
+        if !s.is_null() {
+            // SAFETY: we own the cached span's object fields.
+            unsafe {
+                if let Some(idx) = Span::next_free(s) {
+                    self.stats.nmalloc[c].bump();
+                    return Self::object::<ZERO>(s, idx);
+                }
+                // Full: fold frees other CPUs deferred to us (the sweep of a cached span), else give it back.
+                if Span::has_deferred_frees(s) && Span::sweep(s) > 0 {
+                    let idx = Span::next_free(s).expect("swept span has a free object");
+                    self.stats.nmalloc[c].bump();
+                    return Self::object::<ZERO>(s, idx);
+                }
+                t.centrals[c].uncache_span(NonNull::new_unchecked(s));
+            }
+            self.classes[c].span = ptr::null_mut();
+        }
+        let Some(s) = t.centrals[c].cache_span(t.heap, Some(&mut self.pcache), me) else {
+            return ptr::null_mut();
+        };
+        self.stats.refills.bump();
+        let s = s.as_ptr();
+        self.classes[c].span = s;
+        // SAFETY: `cache_span` made us the owner of `s`, which has a free object.
+        unsafe {
+            let idx = Span::next_free(s).expect("cached span has a free object");
+            self.stats.nmalloc[c].bump();
+            Self::object::<ZERO>(s, idx)
+        }
+    }
+
+    /// Frees object `p` of class `c` onto this CPU's stock, flushing half the stock to the central list
+    /// when it overflows.
+    ///
+    /// # Safety
+    /// `p` was allocated from class `c` of the allocator `t` belongs to and is not used any more.
+    #[inline(always)]
+    pub(crate) unsafe fn free<S: PageSource>(
+        &mut self,
+        t: &Tiers<'_, S>,
+        c: usize,
+        p: *mut u8,
+        me: u16,
+    ) {
+        let cc = &mut self.classes[c];
+        // SAFETY: the object is free and at least 8 bytes: it can hold the link.
+        unsafe { *(p as *mut *mut u8) = cc.stock };
+        cc.stock = p;
+        cc.nstock += 1;
+        let nstock = cc.nstock;
+        self.stats.nfree[c].bump();
+        if nstock > STOCK_MAX[c] {
+            self.flush_stock(t, c, (nstock / 2).max(1) as usize, me);
+        }
+    }
+
+    /// Flushes the `n` most recently freed objects of class `c` to the central list. An invalid object
+    /// among them (a bad free the `checks` feature was not there to catch) is reported, never returned.
+    #[inline(never)]
+    fn flush_stock<S: PageSource>(&mut self, t: &Tiers<'_, S>, c: usize, n: usize, me: u16) {
+        let cc = &mut self.classes[c];
+        let n = n.min(cc.nstock as usize);
+        if n == 0 {
+            return;
+        }
+        let head = cc.stock;
+        let mut last = head;
+        for _ in 1..n {
+            // SAFETY: the stock list has `nstock >= n` well-formed entries.
+            last = unsafe { *(last as *mut *mut u8) };
+        }
+        // SAFETY: as above.
+        cc.stock = unsafe { *(last as *mut *mut u8) };
+        cc.nstock -= n as u32;
+        // SAFETY: the objects were freed to us as class `c` objects of this allocator.
+        let r = unsafe { t.centrals[c].flush(t.heap, head, n, me) };
+        match r {
+            Ok(Flushed { nremote, .. }) => self.stats.remote_frees.add(nremote as u64),
+            Err(e) => {
+                // The rest of the flushed list is dropped on the floor: it may be corrupt.
+                crate::check::report_flush_error(t.heap, t.report_hook, e)
+            }
+        }
+    }
+
+    /// Allocates `size` bytes aligned to `align` (`size < TINY_SIZE`, `align <= 8`) from the current tiny
+    /// block, starting a new block when it does not fit.
+    #[inline(always)]
+    pub(crate) fn alloc_tiny<S: PageSource>(&mut self, t: &Tiers<'_, S>, size: usize, align: usize, me: u16) -> *mut u8 {
+        let off = (self.tiny_offset + align - 1) & !(align - 1);
+        if self.tiny != 0 && off + size <= TINY_SIZE {
+            self.tiny_offset = off + size;
+            self.tiny_nobjs += 1;
+            self.stats.tiny_nmalloc.bump();
+            return (self.tiny + off) as *mut u8;
+        }
+        self.alloc_tiny_block(t, size, me)
+    }
+
+    #[inline(never)]
+    fn alloc_tiny_block<S: PageSource>(&mut self, t: &Tiers<'_, S>, size: usize, me: u16) -> *mut u8 {
+        let block = self.alloc::<S, false>(t, TINY_CLASS, me);
+        if block.is_null() {
+            return block;
+        }
+        self.retire_tiny(t, me);
+        self.tiny = block as usize;
+        self.tiny_offset = size;
+        self.tiny_nobjs = 1;
+        self.stats.tiny_nmalloc.bump();
+        block
+    }
+
+    /// Retires the current tiny block: adds the objects handed out to its count, and frees the block if all
+    /// of them were freed already.
+    fn retire_tiny<S: PageSource>(&mut self, t: &Tiers<'_, S>, me: u16) {
+        if self.tiny == 0 {
+            return;
+        }
+        let block = self.tiny;
+        let n = self.tiny_nobjs;
+        self.tiny = 0;
+        self.tiny_offset = 0;
+        self.tiny_nobjs = 0;
+        // SAFETY: `block` is a live tiny block.
+        let count = unsafe { tiny_count(block) };
+        if count.fetch_add(n, Ordering::AcqRel) + n == 0 {
+            // SAFETY: every object of the block was freed; the block is a tiny-class object.
+            unsafe { self.free(t, TINY_CLASS, block as *mut u8, me) };
+        }
+    }
+
+    /// Frees a tiny object; frees its block when it was the last live object of a retired block.
+    ///
+    /// # Safety
+    /// `p` was allocated by the tiny path of the allocator `t` belongs to and is not used any more.
+    #[inline]
+    pub(crate) unsafe fn free_tiny<S: PageSource>(&mut self, t: &Tiers<'_, S>, p: *mut u8, me: u16) {
+        self.stats.tiny_nfree.bump();
+        // SAFETY: `p` is in a live tiny block.
+        let count = unsafe { tiny_count(p as usize) };
+        if count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let block = (p as usize) & !(TINY_SIZE - 1);
+            // SAFETY: the block was retired and all its objects are now free.
+            unsafe { self.free(t, TINY_CLASS, block as *mut u8, me) };
+        }
+    }
+
+    /// Gives everything cached back: flushes every stock, retires the tiny block and returns every span to
+    /// the central lists, and flushes the page cache to the heap. The cache stays usable.
+    pub(crate) fn flush_all<S: PageSource>(&mut self, t: &Tiers<'_, S>, me: u16) {
+        self.retire_tiny(t, me);
+        for c in 1..NUM_ALLOC_CLASSES {
+            let n = self.classes[c].nstock as usize;
+            self.flush_stock(t, c, n, me);
+            let s = self.classes[c].span;
+            if !s.is_null() {
+                self.classes[c].span = ptr::null_mut();
+                // SAFETY: we cache `s` and stop using it now.
+                unsafe { t.centrals[c].uncache_span(NonNull::new_unchecked(s)) };
+            }
+        }
+        t.heap.flush_page_cache(&mut self.pcache);
+    }
+
+    /// Folds the deferred frees of every span this cache holds (the per-CPU part of the background sweep).
+    /// Returns the objects folded.
+    pub(crate) fn sweep_cached(&mut self) -> usize {
+        let mut n = 0;
+        for cc in self.classes.iter() {
+            let s = cc.span;
+            // SAFETY: we own the cached spans' object fields.
+            if !s.is_null() && unsafe { Span::has_deferred_frees(s) } {
+                // SAFETY: as above.
+                n += unsafe { Span::sweep(s) };
+            }
+        }
+        n
+    }
+}

@@ -1,6 +1,90 @@
 //! goheap: Go's runtime allocator for kernels and bare metal.
 //!
-//! (overview: to be written)
+//! goheap brings the design of Go's memory allocator (`runtime/malloc.go` and friends, itself descended from
+//! TCMalloc) to `no_std` Rust: size classes, per-CPU caches, per-class central lists and a page heap with a
+//! radix-tree page allocator and a scavenger, all generic over a [`PageSource`](source::PageSource) that
+//! provides memory (a kernel's frame allocator and page tables, or `mmap` on a host).
+//!
+//! # Overview
+//!
+//! This overview plays the part of the long comment that opens Go's `malloc.go`. Each tier's module starts
+//! with "See `lib.rs` for an overview of the allocator" and then states its own invariants and locks.
+//!
+//! ## Glossary
+//!
+//! | term | Go's name | module | what it is |
+//! |---|---|---|---|
+//! | page | page | this file | 8 KiB ([`PAGE_SIZE`]), the heap's unit of memory |
+//! | span | `mspan` | [`span`] | a run of pages holding objects of one size class, or one large object |
+//! | size class | size class | [`sizeclass`] | one of 67 object sizes from 8 B to 32 KiB, with its span length |
+//! | CPU cache | `mcache` | [`cpucache`] | per-CPU spans and stocks of freed objects; the lock-free fast path |
+//! | central list | `mcentral` | [`central`] | per-class spans no CPU caches, under a per-class lock |
+//! | page heap | `mheap` | [`heap`] | spans, the page-to-span map, large objects, growth |
+//! | page allocator | `pageAlloc` | [`pagealloc`] | radix tree of bitmaps and summaries over the heap's pages |
+//! | page cache | `pageCache` | [`pagecache`] | per-CPU 64-page block for small spans without the heap lock |
+//! | scavenger | `mgcscavenge` | [`scavenger`] | gives free pages back to the page source; the memory limit |
+//! | page source | `sys*` (`mem_*.go`) | [`source`] | reserve, commit and decommit memory |
+//! | CPU provider | the P | [`cpu`] | which CPU cache the caller may use, and the guard that makes it exclusive |
+//!
+//! ## The allocation path ([`Malloc::alloc`], Go's `mallocgc`)
+//!
+//! 1. Route by size and alignment (one function decides for alloc, free and realloc):
+//!    tiny (`size < 16`, `align <= 8`), small (`size <= 32 KiB`, some class aligned enough) or large.
+//! 2. Enter the CPU cache: the [`CpuProvider`](cpu::CpuProvider) returns this CPU's cache index and a guard
+//!    (interrupts off in a kernel; a per-thread slot on a host). No lock, no atomic read-modify-write.
+//! 3. Small: pop the class's stock of freed objects; if empty, take the next free object of the cached span
+//!    from its `alloc_cache` (count trailing zeros, advance `freeindex`: Go's `nextFreeFast`).
+//! 4. If the span is used up: fold the frees other CPUs deferred to it (a local sweep); failing that, give
+//!    the span to its central list and take one with free objects, under the class's lock (Go's `refill`).
+//! 5. If the central list has none: the page heap allocates a span, from the CPU's page cache when small
+//!    (no heap lock), else from the radix-tree page allocator under the heap lock, growing the heap by
+//!    committing pages from the page source when needed.
+//! 6. Tiny: bump an offset in the CPU's current 16-byte block; take a new block (a small allocation of the
+//!    tiny class) when the request does not fit.
+//! 7. Large: a span of whole pages straight from the page heap, any alignment.
+//!
+//! If the page source has no memory, every step unwinds without changing state and `alloc` returns null.
+//!
+//! ## The free path ([`Malloc::dealloc`]; Go has none, its GC frees)
+//!
+//! 1. Route by the layout, as for allocation.
+//! 2. Small: push the object on this CPU's stock for its class (no lock, no atomic). When the stock
+//!    exceeds its bound, flush half of it to the central list: under the class lock, each object is folded
+//!    into its span's bitmap at once if no CPU caches the span, else recorded in the span's atomic
+//!    `free_bits` for the caching CPU to fold (so no free ever takes another CPU's lock).
+//! 3. Tiny: decrement the block's count (atomically: objects of a block may be freed on several CPUs); the
+//!    free that brings a retired block's count to zero frees the block as a small object.
+//! 4. Large: look up the span in the page map and return its pages to the page heap.
+//!
+//! ## Background work (the sweeper and scavenger goroutines of Go)
+//!
+//! The crate starts no threads. [`Malloc::background`] is called from a kernel's timer or idle path or a host
+//! thread: it folds deferred frees into the calling CPU's spans, returns empty spans from the central lists
+//! to the page heap (Go's sweeper), and runs one budgeted step of the scavenger, which decommits free pages
+//! down to a retained target steered by the recent peak and the soft memory limit (GOMEMLIMIT).
+//!
+//! ## What was adapted from Go, and why
+//!
+//! - **Explicit frees.** Go frees only by sweeping after a GC marks; goheap's `dealloc` is explicit, so the
+//!   sweep became "fold deferred frees" and "return empty spans" (`central.rs`), and tcmalloc-style per-CPU
+//!   stocks make a free as cheap as an allocation (`cpucache.rs`).
+//! - **Tiny blocks** are reused when a per-block count says all their objects were freed, not when the GC
+//!   finds the block dead (`cpucache.rs`).
+//! - **Allocate-black and assists** have no counterpart: there is no collector to pace.
+//! - **Per-CPU, not per-P**: the CPU provider supplies the exclusivity Go gets from its scheduler (`cpu.rs`).
+//! - **The scavenger's goal** comes from the heap's own recent peak instead of the GC's heap goal.
+//!
+//! ## Concurrency and zeroing guarantees (spec section 3)
+//!
+//! Allocation is safe from any CPU or thread without outside locking; the allocator's metadata is guarded as
+//! each module states. `alloc_zeroed` returns zeroed memory, skipping the clear only for memory known to be
+//! zero (fresh from a source whose committed memory reads as zero and never handed out since). Pointers are
+//! at least 8-byte aligned for every request of 8 bytes or more.
+//!
+//! ## Bad input
+//!
+//! The allocator never allocates from itself and never panics on out-of-memory. Bad frees are reported with
+//! the address, span and class (see [`check`]); with the `checks` feature every free is verified at once.
 #![no_std]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
@@ -29,3 +113,9 @@ pub mod central;
 pub mod check;
 pub mod stats;
 pub mod malloc;
+#[cfg(feature = "std")]
+pub mod hosted;
+
+pub use malloc::Malloc;
+#[cfg(feature = "std")]
+pub use hosted::Hosted;

@@ -1,1 +1,696 @@
-//! (object level: to be written)
+//! The allocator (Go's `malloc.go`, `mallocgc`): routes each request to the tiny, small or large path.
+//!
+//! See `lib.rs` for an overview of the allocator.
+//!
+//! [`Malloc`] owns every tier: the page heap, one [`Central`] per allocation class, one [`CpuCache`] per
+//! CPU index plus a shared cache behind a lock, and the [`CpuProvider`] that says which cache the caller may
+//! use. It implements [`GlobalAlloc`] and allocator-api2's `Allocator`.
+//!
+//! # Routing (the same function decides for `alloc`, `dealloc` and `realloc`)
+//! - `size < 16 && align <= 8`: tiny path (packed into 16-byte blocks);
+//! - `size <= 32 KiB` and some class's size is a multiple of `align` (`align <= 8 KiB`): small path, class
+//!   `class_for(size, align)`;
+//! - otherwise: large path, whole pages from the page heap, any alignment.
+//!
+//! # Guards and locks
+//! - `caches[i]`: only while holding the provider's guard for index `i` (interrupts off in a kernel);
+//! - `shared`: its spin lock (used when the provider gives no index: early boot, out of slots, re-entry);
+//! - `centrals[c]`: its own lock (see `central.rs`); the heap: the heap lock (see `heap.rs`).
+//!
+//! Lock order: shared cache → central(c) → heap. A CPU guard is held across all of them.
+
+use crate::central::{Central, ClassShape};
+use crate::check::{self, Reason};
+use crate::cpu::{CpuProvider, MAX_CPUS};
+use crate::cpucache::{class_shape, CpuCache, Tiers, NUM_ALLOC_CLASSES, TINY_CLASS, TINY_SIZE};
+use crate::heap::Heap;
+use crate::sizeclass::{self, NUM_SIZE_CLASSES};
+use crate::source::PageSource;
+use crate::span::Span;
+use crate::stats::{BySize, MemStats, Sample};
+use crate::{MAX_SMALL_SIZE, PAGE_SIZE};
+use core::alloc::{GlobalAlloc, Layout};
+use core::cell::UnsafeCell;
+use core::mem::MaybeUninit;
+use core::ptr::{self, NonNull};
+use core::sync::atomic::Ordering;
+
+/// Cache index of the shared cache (marks the spans it caches).
+const SHARED_INDEX: u16 = MAX_CPUS as u16;
+
+/// Where a request goes: [`LARGE`], [`TINY_CLASS`], or a size class.
+type Route = usize;
+/// Route of large requests.
+const LARGE: Route = 0;
+
+/// The route of a request of `size` bytes aligned to `align`.
+#[inline(always)]
+fn route(size: usize, align: usize) -> Route {
+    if size <= MAX_SMALL_SIZE {
+        if size < TINY_SIZE && align <= 8 {
+            return TINY_CLASS;
+        }
+        if let Some(c) = sizeclass::class_for(size, align) {
+            return c;
+        }
+    }
+    LARGE
+}
+
+/// Pages for a large object of `nbytes`.
+#[inline]
+fn npages_for(nbytes: usize) -> usize {
+    nbytes.div_ceil(PAGE_SIZE).max(1)
+}
+
+struct CacheSlot(UnsafeCell<CpuCache>);
+
+/// What keeps an entered cache exclusive.
+enum Held<'a, G> {
+    /// The provider's guard for a per-CPU cache.
+    Cpu(#[allow(dead_code)] G),
+    /// The lock of the shared cache.
+    Shared(#[allow(dead_code)] spin::MutexGuard<'a, ()>),
+}
+
+/// An entered cache: exclusive to the holder until dropped.
+struct Entered<'a, G> {
+    cache: &'a mut CpuCache,
+    me: u16,
+    _held: Held<'a, G>,
+}
+
+// SAFETY: slot `i` is only accessed by the holder of the provider's guard for index `i` (exclusive by the
+// `CpuProvider` contract); readers of its counters only touch atomics.
+unsafe impl Sync for CacheSlot {}
+
+/// What one call of [`Malloc::background`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackgroundReport {
+    /// Deferred frees folded into the calling CPU's cached spans.
+    pub nfolded: usize,
+    /// Pages of empty spans returned from the central lists to the page heap.
+    pub npages_swept: usize,
+    /// Bytes the scavenger gave back to the page source.
+    pub nbytes_released: usize,
+}
+
+/// Per-CPU figures for reports (see [`Malloc::cpu_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuSummary {
+    /// Objects allocated through this cache (small, tiny objects and large).
+    pub mallocs: u64,
+    /// Objects freed through this cache.
+    pub frees: u64,
+    /// Objects this CPU freed into spans cached by another CPU.
+    pub remote_frees: u64,
+    /// Spans taken from the central lists.
+    pub refills: u64,
+}
+
+/// goheap's allocator over page source `S`, with per-CPU caches chosen by `P`.
+pub struct Malloc<S: PageSource, P: CpuProvider> {
+    heap: Heap<S>,
+    centrals: [Central; NUM_ALLOC_CLASSES],
+    caches: [CacheSlot; MAX_CPUS],
+    /// The shared cache, used under `shared_lock` by callers the provider gives no index.
+    shared: CacheSlot,
+    shared_lock: spin::Mutex<()>,
+    provider: P,
+    /// Where bad frees are reported (`None`: the process-wide hook of `check.rs`).
+    report_hook: Option<check::ReportHook>,
+}
+
+const fn centrals() -> [Central; NUM_ALLOC_CLASSES] {
+    let mut arr: [MaybeUninit<Central>; NUM_ALLOC_CLASSES] = [const { MaybeUninit::uninit() }; NUM_ALLOC_CLASSES];
+    let mut c = 0;
+    while c < NUM_ALLOC_CLASSES {
+        let shape = if c == 0 { ClassShape { elemsize: 0, npages: 0, nelems: 0, divmagic: 0 } } else { class_shape(c) };
+        arr[c] = MaybeUninit::new(Central::new(c as u8, shape));
+        c += 1;
+    }
+    // SAFETY: every element was initialised by the loop; MaybeUninit<T> has T's layout.
+    unsafe { core::mem::transmute::<[MaybeUninit<Central>; NUM_ALLOC_CLASSES], [Central; NUM_ALLOC_CLASSES]>(arr) }
+}
+
+impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
+    /// An allocator over `source`; nothing is reserved until the first allocation. Usable in a `static`.
+    pub const fn new(source: S, provider: P) -> Self {
+        Self::from_heap(Heap::new(source), provider)
+    }
+
+    /// As [`Malloc::new`], with the heap's reserved range bounded to `max_heap_bytes` (a kernel's heap window).
+    pub const fn with_max_bytes(source: S, provider: P, max_heap_bytes: usize) -> Self {
+        Self::from_heap(Heap::with_max_bytes(source, max_heap_bytes), provider)
+    }
+
+    const fn from_heap(heap: Heap<S>, provider: P) -> Self {
+        Malloc {
+            heap,
+            centrals: centrals(),
+            caches: [const { CacheSlot(UnsafeCell::new(CpuCache::new())) }; MAX_CPUS],
+            shared: CacheSlot(UnsafeCell::new(CpuCache::new())),
+            shared_lock: spin::Mutex::new(()),
+            provider,
+            report_hook: None,
+        }
+    }
+
+    /// This allocator reports bad frees to `hook` instead of the process-wide hook (a `#[global_allocator]`
+    /// must not unwind, so it wants a hook that aborts).
+    pub const fn with_report_hook(mut self, hook: check::ReportHook) -> Self {
+        self.report_hook = Some(hook);
+        self
+    }
+
+    #[cold]
+    fn report(&self, addr: usize, reason: Reason) -> ! {
+        check::report_with(&self.heap, self.report_hook, addr, reason)
+    }
+
+    /// The page heap (for its statistics, the scavenger and the memory limit).
+    pub fn heap(&self) -> &Heap<S> {
+        &self.heap
+    }
+
+    /// The CPU provider.
+    pub fn provider(&self) -> &P {
+        &self.provider
+    }
+
+    #[inline(always)]
+    fn tiers(&self) -> Tiers<'_, S> {
+        Tiers { heap: &self.heap, centrals: &self.centrals, report_hook: self.report_hook }
+    }
+
+    /// Enters the caller's cache: its CPU's under the provider's guard, else the shared one under its lock.
+    /// The cache is the caller's until the returned [`Entered`] drops.
+    #[inline(always)]
+    fn enter(&self) -> Entered<'_, P::Guard> {
+        match self.provider.enter() {
+            Some((i, guard)) => {
+                debug_assert!(i < MAX_CPUS);
+                // SAFETY: the guard makes index `i` exclusive to us until it drops (CpuProvider contract),
+                // and `Entered` keeps the guard alive as long as the reference; `i < MAX_CPUS` by the same
+                // contract.
+                let cache = unsafe { &mut *self.caches.get_unchecked(i).0.get() };
+                Entered { cache, me: i as u16, _held: Held::Cpu(guard) }
+            }
+            None => self.enter_shared(),
+        }
+    }
+
+    #[cold]
+    fn enter_shared(&self) -> Entered<'_, P::Guard> {
+        let lock = self.shared_lock.lock();
+        // SAFETY: the shared cache is only used under `shared_lock`, which `Entered` holds as long as the
+        // reference lives.
+        let cache = unsafe { &mut *self.shared.0.get() };
+        Entered { cache, me: SHARED_INDEX, _held: Held::Shared(lock) }
+    }
+
+    /// Runs `f` on the caller's cache (for the paths where a closure costs nothing).
+    #[inline]
+    fn with_cache<R>(&self, f: impl FnOnce(&mut CpuCache, &Tiers<'_, S>, u16) -> R) -> R {
+        let e = self.enter();
+        f(e.cache, &self.tiers(), e.me)
+    }
+
+    /// Allocates memory for `layout`; null when out of memory. `layout.size()` may be 0 (then 1 byte is used).
+    #[inline]
+    pub fn alloc(&self, layout: Layout) -> *mut u8 {
+        self.alloc_impl::<false>(layout)
+    }
+
+    /// As [`Malloc::alloc`], with the memory zeroed (skipping memory known to be zero already).
+    #[inline]
+    pub fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        self.alloc_impl::<true>(layout)
+    }
+
+    #[inline(always)]
+    fn alloc_impl<const ZERO: bool>(&self, layout: Layout) -> *mut u8 {
+        let (size, align) = (layout.size(), layout.align());
+        let r = route(size, align);
+        if r == LARGE {
+            return self.alloc_large(size, align, ZERO);
+        }
+        let e = self.enter();
+        let t = self.tiers();
+        let p = if r == TINY_CLASS {
+            let p = e.cache.alloc_tiny(&t, size.max(1), align, e.me);
+            if ZERO && !p.is_null() {
+                // SAFETY: `p` is a fresh allocation of `size` bytes.
+                unsafe { ptr::write_bytes(p, 0, size) };
+            }
+            p
+        } else {
+            e.cache.alloc::<S, ZERO>(&t, r, e.me)
+        };
+        drop(e);
+        #[cfg(feature = "checks")]
+        if !p.is_null() && r != TINY_CLASS {
+            mark_live(&self.heap, p);
+        }
+        p
+    }
+
+    #[cold]
+    fn alloc_large(&self, size: usize, align: usize, zero: bool) -> *mut u8 {
+        let npages = npages_for(size);
+        self.with_cache(|c, t, _| {
+            let s = if align <= PAGE_SIZE {
+                t.heap.alloc_span(Some(&mut c.pcache), npages, 0)
+            } else {
+                t.heap.alloc_span_aligned(npages, align)
+            };
+            let Some(s) = s else { return ptr::null_mut() };
+            let s = s.as_ptr();
+            // SAFETY: a fresh large span is ours alone.
+            unsafe {
+                Span::init_large(s);
+                c.stats.large_nmalloc.bump();
+                c.stats.large_bytes_alloc.add((npages * PAGE_SIZE) as u64);
+                let p = (*s).base as *mut u8;
+                if zero && (*s).needzero {
+                    ptr::write_bytes(p, 0, size);
+                }
+                p
+            }
+        })
+    }
+
+    /// Frees `ptr`, allocated by this allocator with `layout`.
+    ///
+    /// Bad input (a pointer this allocator did not hand out, a second free, an interior or misaligned
+    /// pointer, a layout of another class) is reported through [`check::report`] when detected; see
+    /// `check.rs` for what is detected with and without the `checks` feature.
+    ///
+    /// # Safety
+    /// `ptr` was returned by this allocator for `layout` and is not used after this call.
+    #[inline]
+    pub unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        let (size, align) = (layout.size(), layout.align());
+        let r = route(size, align);
+        if r == LARGE {
+            // SAFETY: forwarded contract.
+            return unsafe { self.free_large(ptr, layout) };
+        }
+        #[cfg(feature = "checks")]
+        self.check_small_free(ptr, layout, r);
+        let e = self.enter();
+        let t = self.tiers();
+        if r == TINY_CLASS {
+            // SAFETY: forwarded contract: a tiny-path object.
+            unsafe { e.cache.free_tiny(&t, ptr, e.me) }
+        } else {
+            // SAFETY: forwarded contract: an object of class `r`.
+            unsafe { e.cache.free(&t, r, ptr, e.me) }
+        }
+    }
+
+    /// With `checks`: validates a small or tiny free before it touches any state.
+    #[cfg(feature = "checks")]
+    fn check_small_free(&self, ptr: *mut u8, layout: Layout, r: Route) {
+        let addr = ptr as usize;
+        let bad = |reason| -> ! { self.report(addr, reason) };
+        if addr % layout.align() != 0 {
+            bad(Reason::Misaligned { align: layout.align() });
+        }
+        let Some(s) = self.heap.span_of(addr) else { bad(Reason::NotInHeap) };
+        let s = s.as_ptr();
+        // SAFETY: live span; shape fields immutable while in use; `live_bits` are atomics.
+        unsafe {
+            if (*s).class as usize != r {
+                bad(Reason::LayoutMismatch { size: layout.size(), align: layout.align() });
+            }
+            if r == TINY_CLASS {
+                return; // tiny objects share blocks: only the block's count knows them (see cpucache.rs)
+            }
+            let (idx, exact) = Span::object_index(s, addr);
+            if !exact {
+                bad(Reason::Interior);
+            }
+            let bit = 1u64 << (idx % 64);
+            if (*s).live_bits[idx / 64].fetch_and(!bit, Ordering::AcqRel) & bit == 0 {
+                bad(Reason::DoubleFree);
+            }
+        }
+    }
+
+    /// Frees a large object.
+    ///
+    /// # Safety
+    /// As for [`Malloc::dealloc`].
+    unsafe fn free_large(&self, ptr: *mut u8, layout: Layout) {
+        let addr = ptr as usize;
+        let s = match self.heap.span_of(addr) {
+            Some(s) => s,
+            None => self.report(addr, Reason::NotInHeap),
+        };
+        // SAFETY: live span; its shape fields are immutable while in use.
+        let (base, class, npages) = unsafe { ((*s.as_ptr()).base, (*s.as_ptr()).class, (*s.as_ptr()).npages) };
+        if class != 0 {
+            self.report(addr, Reason::LayoutMismatch { size: layout.size(), align: layout.align() });
+        }
+        if base != addr {
+            self.report(addr, Reason::Interior);
+        }
+        self.with_cache(|c, t, _| {
+            c.stats.large_nfree.bump();
+            c.stats.large_bytes_free.add((npages * PAGE_SIZE) as u64);
+            // SAFETY: the caller gives the object up; the span holds nothing else.
+            unsafe { t.heap.free_span(Some(&mut c.pcache), s) };
+        });
+    }
+
+    /// Resizes the allocation at `ptr` (Go has no realloc; this is Rust's contract): in place when the new
+    /// size maps to the same class, or for a large object when the heap can grow or shrink its span in place;
+    /// otherwise allocate, copy, free. Null (and the old allocation intact) when out of memory.
+    ///
+    /// # Safety
+    /// `ptr` was returned by this allocator for `layout`; `new_size` rounded up to `layout.align()` does not
+    /// overflow `isize`.
+    pub unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let align = layout.align();
+        let (old_r, new_r) = (route(layout.size(), align), route(new_size, align));
+        if old_r == new_r && old_r != TINY_CLASS && old_r != LARGE {
+            return ptr;
+        }
+        if old_r == LARGE && new_r == LARGE {
+            let Some(s) = self.heap.span_of(ptr as usize) else {
+                self.report(ptr as usize, Reason::NotInHeap)
+            };
+            // SAFETY: live span.
+            let old_npages = unsafe { (*s.as_ptr()).npages };
+            let new_npages = npages_for(new_size);
+            if old_npages == new_npages {
+                return ptr;
+            }
+            // SAFETY: the span is this large object's; the caller owns it.
+            if unsafe { self.heap.resize_span_in_place(s, new_npages) } {
+                self.with_cache(|c, _, _| {
+                    c.stats.large_bytes_free.add((old_npages * PAGE_SIZE) as u64);
+                    c.stats.large_bytes_alloc.add((new_npages * PAGE_SIZE) as u64);
+                });
+                return ptr;
+            }
+        }
+        // SAFETY: the caller guarantees the size/alignment pair is a valid layout.
+        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, align) };
+        let new = self.alloc(new_layout);
+        if !new.is_null() {
+            // SAFETY: both blocks are valid for the smaller size and do not overlap.
+            unsafe {
+                ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+                self.dealloc(ptr, layout);
+            }
+        }
+        new
+    }
+
+    /// Bytes actually usable at an allocation of `layout` (its class size, or its pages).
+    pub fn usable_size(&self, layout: Layout) -> usize {
+        match route(layout.size(), layout.align()) {
+            LARGE => npages_for(layout.size()) * PAGE_SIZE,
+            TINY_CLASS => layout.size(),
+            c => sizeclass::CLASSES[c].size as usize,
+        }
+    }
+
+    /// One step of background work, for a kernel's timer or idle loop or a host thread: folds deferred frees
+    /// into the calling CPU's cached spans, returns up to `max_spans` empty spans per class from the central
+    /// lists to the page heap, and lets the scavenger give back up to `scavenge_budget_bytes`.
+    pub fn background(&self, max_spans: usize, scavenge_budget_bytes: usize) -> BackgroundReport {
+        let mut rep = BackgroundReport::default();
+        self.with_cache(|c, t, _| {
+            rep.nfolded = c.sweep_cached();
+            for central in t.centrals.iter().skip(1) {
+                rep.npages_swept += central.sweep(t.heap, Some(&mut c.pcache), max_spans);
+            }
+        });
+        rep.nbytes_released = self.heap.scavenge(scavenge_budget_bytes);
+        rep
+    }
+
+    /// Gives everything the calling CPU's cache holds back to the central lists and the page heap. A kernel
+    /// calls it on every CPU before [`Malloc::release_all`] (other CPUs' caches are theirs alone).
+    pub fn flush_cpu_cache(&self) {
+        self.with_cache(|c, t, me| c.flush_all(t, me));
+    }
+
+    /// Go's `debug.FreeOSMemory`: flushes the calling CPU's cache (and the shared one), returns every empty
+    /// span to the page heap and every free page to the page source. Returns the bytes released.
+    pub fn release_all(&self) -> usize {
+        self.flush_cpu_cache();
+        {
+            let _lock = self.shared_lock.lock();
+            // SAFETY: the shared cache is only used under `shared_lock`, which we hold.
+            let shared = unsafe { &mut *self.shared.0.get() };
+            shared.flush_all(&self.tiers(), SHARED_INDEX);
+        }
+        for central in self.centrals.iter().skip(1) {
+            central.sweep(&self.heap, None, usize::MAX);
+        }
+        self.heap.release_all()
+    }
+
+    /// Sets the soft memory limit (GOMEMLIMIT); `usize::MAX` removes it. See `scavenger.rs`.
+    pub fn set_memory_limit(&self, nbytes: usize) {
+        self.heap.set_memory_limit(nbytes)
+    }
+
+    /// Per-CPU figures of cache index `index` (`MAX_CPUS` for the shared cache).
+    pub fn cpu_stats(&self, index: usize) -> CpuSummary {
+        let stats = self.stats_of(index);
+        let mut s = CpuSummary::default();
+        for c in 1..NUM_ALLOC_CLASSES {
+            if c != TINY_CLASS {
+                s.mallocs += stats.nmalloc[c].get();
+                s.frees += stats.nfree[c].get();
+            }
+        }
+        s.mallocs += stats.tiny_nmalloc.get() + stats.large_nmalloc.get();
+        s.frees += stats.tiny_nfree.get() + stats.large_nfree.get();
+        s.remote_frees = stats.remote_frees.get();
+        s.refills = stats.refills.get();
+        s
+    }
+
+    /// The counters of cache `index` (`MAX_CPUS`: the shared cache).
+    fn stats_of(&self, index: usize) -> &crate::cpucache::CpuStats {
+        let slot = if index == MAX_CPUS { &self.shared } else { &self.caches[index] };
+        // SAFETY: only the `stats` field is read, and only through its atomic counters; the owner writes them
+        // with atomic stores, so concurrent reads are not data races.
+        unsafe { &(*slot.0.get()).stats }
+    }
+
+    /// A [`MemStats`] snapshot, read without stopping other CPUs (see `stats.rs` for its consistency).
+    pub fn mem_stats(&self) -> MemStats {
+        let mut m = MemStats::default();
+        let mut nmalloc = [0u64; NUM_ALLOC_CLASSES];
+        let mut nfree = [0u64; NUM_ALLOC_CLASSES];
+        let mut large_bytes_alloc = 0u64;
+        let mut large_bytes_free = 0u64;
+        let mut used_caches = 0u64;
+        for st in (0..=MAX_CPUS).map(|i| self.stats_of(i)) {
+            for c in 1..NUM_ALLOC_CLASSES {
+                nmalloc[c] += st.nmalloc[c].get();
+                nfree[c] += st.nfree[c].get();
+            }
+            m.tiny_allocs += st.tiny_nmalloc.get();
+            m.frees += st.tiny_nfree.get();
+            m.large_allocs += st.large_nmalloc.get();
+            m.large_frees += st.large_nfree.get();
+            large_bytes_alloc += st.large_bytes_alloc.get();
+            large_bytes_free += st.large_bytes_free.get();
+            m.remote_frees += st.remote_frees.get();
+            used_caches += st.used.get();
+        }
+        for c in 1..NUM_ALLOC_CLASSES {
+            let size = class_shape(c).elemsize as u64;
+            m.total_alloc += nmalloc[c] * size;
+            m.heap_alloc += nmalloc[c].saturating_sub(nfree[c]) * size;
+            if c < NUM_SIZE_CLASSES {
+                m.mallocs += nmalloc[c];
+                m.frees += nfree[c];
+                m.by_size[c] = BySize { size: size as u32, mallocs: nmalloc[c], frees: nfree[c] };
+            }
+        }
+        m.mallocs += m.tiny_allocs + m.large_allocs;
+        m.frees += m.large_frees;
+        m.total_alloc += large_bytes_alloc;
+        m.heap_alloc += large_bytes_alloc.saturating_sub(large_bytes_free);
+        m.alloc = m.heap_alloc;
+        m.heap_objects = m.mallocs.saturating_sub(m.frees);
+
+        let h = self.heap.stats();
+        m.heap_inuse = h.inuse_bytes as u64;
+        m.heap_idle = (h.free_bytes + h.released_bytes) as u64;
+        m.heap_released = h.released_bytes as u64;
+        m.heap_sys = m.heap_inuse + m.heap_idle;
+        m.mspan_inuse = h.span_inuse_bytes as u64;
+        m.mspan_sys = h.span_sys_bytes as u64;
+        let cache_bytes = core::mem::size_of::<CpuCache>() as u64;
+        m.mcache_sys = cache_bytes * (MAX_CPUS as u64 + 1);
+        m.mcache_inuse = cache_bytes * used_caches;
+        m.other_sys = h.metadata_bytes as u64;
+        m.sys = m.heap_sys - m.heap_released + m.mspan_sys + m.mcache_sys + m.other_sys;
+        m.memory_limit = self.heap.memory_limit() as u64;
+        m
+    }
+
+    /// Fills `samples` by name, as Go's `metrics.Read` (see [`crate::stats::ALL_METRICS`]); unknown names get
+    /// `None`.
+    pub fn read_metrics(&self, samples: &mut [Sample]) {
+        let m = self.mem_stats();
+        let h = self.heap.stats();
+        for s in samples.iter_mut() {
+            s.value = Some(match s.name {
+                "/memory/classes/total:bytes" => m.sys,
+                "/memory/classes/heap/objects:bytes" => m.heap_alloc,
+                "/memory/classes/heap/unused:bytes" => m.heap_inuse.saturating_sub(m.heap_alloc),
+                "/memory/classes/heap/free:bytes" => m.heap_idle - m.heap_released,
+                "/memory/classes/heap/released:bytes" => m.heap_released,
+                "/memory/classes/metadata/mspan/inuse:bytes" => m.mspan_inuse,
+                "/memory/classes/metadata/mspan/free:bytes" => m.mspan_sys - m.mspan_inuse,
+                "/memory/classes/metadata/mcache/inuse:bytes" => m.mcache_inuse,
+                "/memory/classes/metadata/mcache/free:bytes" => m.mcache_sys - m.mcache_inuse,
+                "/memory/classes/metadata/other:bytes" => m.other_sys,
+                "/gc/heap/allocs:bytes" => m.total_alloc,
+                "/gc/heap/allocs:objects" => m.mallocs,
+                "/gc/heap/frees:bytes" => m.total_alloc - m.heap_alloc,
+                "/gc/heap/frees:objects" => m.frees,
+                "/gc/heap/objects:objects" => m.heap_objects,
+                "/gc/heap/tiny/allocs:objects" => m.tiny_allocs,
+                "/gc/gomemlimit:bytes" => m.memory_limit,
+                "/gc/scavenge/released:bytes" => h.scavenged_total_bytes as u64,
+                "/goheap/remote-frees:objects" => m.remote_frees,
+                _ => {
+                    s.value = None;
+                    continue;
+                }
+            });
+        }
+    }
+
+    /// Whole-allocator consistency walk (feature `validate`): the page heap, every central list.
+    #[cfg(feature = "validate")]
+    pub fn validate(&self) {
+        self.heap.validate();
+        for central in self.centrals.iter().skip(1) {
+            central.validate();
+        }
+    }
+}
+
+/// With `checks`: marks a freshly allocated small object live.
+#[cfg(feature = "checks")]
+#[inline]
+fn mark_live<S: PageSource>(heap: &Heap<S>, p: *mut u8) {
+    if let Some(s) = heap.span_of(p as usize) {
+        let s = s.as_ptr();
+        // SAFETY: live span; `live_bits` are atomics.
+        unsafe {
+            let (idx, _) = Span::object_index(s, p as usize);
+            let prev = (*s).live_bits[idx / 64].fetch_or(1 << (idx % 64), Ordering::AcqRel);
+            debug_assert_eq!(prev & (1 << (idx % 64)), 0, "goheap: handed out a live object {p:p}");
+        }
+    }
+}
+
+// SAFETY: `alloc` returns memory fit for `layout` or null and never unwinds on out-of-memory; `dealloc`
+// frees only what `alloc` returned (caller's contract), and bad frees are reported through the report hook
+// (`Hosted` makes it abort rather than unwind).
+unsafe impl<S: PageSource, P: CpuProvider> GlobalAlloc for Malloc<S, P> {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        Malloc::alloc(self, layout)
+    }
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        Malloc::alloc_zeroed(self, layout)
+    }
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded contract.
+        unsafe { Malloc::dealloc(self, ptr, layout) }
+    }
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: forwarded contract.
+        unsafe { Malloc::realloc(self, ptr, layout, new_size) }
+    }
+}
+
+// SAFETY: blocks stay valid until deallocated through any copy of the reference (they all name the same
+// allocator); zero-sized requests get a dangling, aligned pointer and are never passed to the heap.
+unsafe impl<S: PageSource, P: CpuProvider> allocator_api2::alloc::Allocator for &Malloc<S, P> {
+    fn allocate(&self, layout: Layout) -> Result<NonNull<[u8]>, allocator_api2::alloc::AllocError> {
+        if layout.size() == 0 {
+            // SAFETY: `align` is non-zero, so the pointer is non-null.
+            let p = unsafe { NonNull::new_unchecked(layout.align() as *mut u8) };
+            return Ok(NonNull::slice_from_raw_parts(p, 0));
+        }
+        let p = NonNull::new(Malloc::alloc(self, layout)).ok_or(allocator_api2::alloc::AllocError)?;
+        Ok(NonNull::slice_from_raw_parts(p, layout.size()))
+    }
+
+    fn allocate_zeroed(&self, layout: Layout) -> Result<NonNull<[u8]>, allocator_api2::alloc::AllocError> {
+        if layout.size() == 0 {
+            return self.allocate(layout);
+        }
+        let p = NonNull::new(Malloc::alloc_zeroed(self, layout)).ok_or(allocator_api2::alloc::AllocError)?;
+        Ok(NonNull::slice_from_raw_parts(p, layout.size()))
+    }
+
+    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
+        if layout.size() != 0 {
+            // SAFETY: forwarded contract.
+            unsafe { Malloc::dealloc(self, ptr.as_ptr(), layout) }
+        }
+    }
+
+    unsafe fn grow(
+        &self,
+        ptr: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+    ) -> Result<NonNull<[u8]>, allocator_api2::alloc::AllocError> {
+        if old.size() == 0 || new.align() != old.align() {
+            let fresh = self.allocate(new)?;
+            // SAFETY: both valid for `old.size()` bytes; the old block is given up.
+            unsafe {
+                ptr::copy_nonoverlapping(ptr.as_ptr(), fresh.as_ptr() as *mut u8, old.size());
+                self.deallocate(ptr, old);
+            }
+            return Ok(fresh);
+        }
+        // SAFETY: forwarded contract; same alignment.
+        let p = unsafe { Malloc::realloc(self, ptr.as_ptr(), old, new.size()) };
+        let p = NonNull::new(p).ok_or(allocator_api2::alloc::AllocError)?;
+        Ok(NonNull::slice_from_raw_parts(p, new.size()))
+    }
+
+    unsafe fn shrink(
+        &self,
+        ptr: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+    ) -> Result<NonNull<[u8]>, allocator_api2::alloc::AllocError> {
+        if new.size() == 0 || new.align() != old.align() {
+            let fresh = self.allocate(new)?;
+            // SAFETY: both valid for `new.size()` bytes; the old block is given up.
+            unsafe {
+                ptr::copy_nonoverlapping(ptr.as_ptr(), fresh.as_ptr() as *mut u8, new.size());
+                self.deallocate(ptr, old);
+            }
+            return Ok(fresh);
+        }
+        // SAFETY: forwarded contract; same alignment.
+        let p = unsafe { Malloc::realloc(self, ptr.as_ptr(), old, new.size()) };
+        let p = NonNull::new(p).ok_or(allocator_api2::alloc::AllocError)?;
+        Ok(NonNull::slice_from_raw_parts(p, new.size()))
+    }
+}
+

@@ -16,7 +16,7 @@
 //! | object level (`freeindex`, `alloc_cache`, `alloc_bits`, `nalloc`, ...) | the span's owner | owner = the CPU cache that caches it, else the holder of its class's `Central` lock |
 //! | `free_bits` | anyone holding the class's `Central` lock | atomically (fetch_or); folded by the owner |
 
-use core::sync::atomic::{AtomicU64, AtomicU8};
+use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 /// Largest object count of any span: an 8 KiB page of 8 B objects.
 pub const MAX_OBJS_PER_SPAN: usize = crate::PAGE_SIZE / 8;
@@ -54,17 +54,289 @@ pub struct Span {
     // (page-level work: add further page-level fields here)
 
     // ---- Object level: owned by the caching CPU, else by the class's Central lock ----------------------
-    /// Object size in bytes (`npages * PAGE_SIZE` for a large span).
+    /// Object size in bytes for a small span; 0 for a large span (its size is `npages * PAGE_SIZE`).
     pub(crate) elemsize: u32,
+    /// `objindex(offset) = (offset * divmagic) >> 32` (Go's `divMagic`), exact for every offset in the span.
+    pub(crate) divmagic: u32,
     /// Objects in the span: `nelems = npages * PAGE_SIZE / elemsize` (1 for a large span).
     pub(crate) nelems: u16,
-    /// `objindex(offset) = (offset * divmagic) >> 32` (Go's `divMagic`).
-    pub(crate) divmagic: u32,
-    /// Object bitmap bookkeeping; see `SpanObjects` in this module.
+    /// Go's `freeindex`: every object below it is allocated (whatever `alloc_bits` says, while the span is
+    /// cached); the next free object is at or above it. `0 <= freeindex <= nelems`.
     pub(crate) freeindex: u16,
+    /// Objects allocated: `nalloc = popcount(materialised alloc_bits below nelems)`; 0 means empty.
     pub(crate) nalloc: u16,
+    /// Objects at index `>= fresh_from` were never handed out since the span's memory was zero (meaningful
+    /// only when `!needzero`), so `alloc_zeroed` can skip clearing them.
+    pub(crate) fresh_from: u16,
+    /// CPU cache index that caches this span, or [`NOT_CACHED`]. Written under the class's Central lock.
+    pub(crate) cached_by: u16,
+    /// Which Central list holds the span ([`SpanList`] as u8). Central lock.
+    pub(crate) list: u8,
+    /// Go's `allocCache`: the complement of the `alloc_bits` word holding `freeindex`, shifted so bit 0 is
+    /// object `freeindex`: `alloc_cache = !alloc_bits[freeindex / 64] >> (freeindex % 64)`.
     pub(crate) alloc_cache: u64,
+    /// 1 = allocated. Bits `>= nelems` are always 1. While the span is cached, bits below `freeindex` are
+    /// stale (those objects are allocated); `materialise` makes the bitmap exact.
     pub(crate) alloc_bits: [u64; SPAN_BITMAP_WORDS],
-    /// Frees of objects in a span currently cached by a CPU, waiting to be folded back by that CPU.
+    /// Frees of objects in a span currently cached by a CPU, waiting to be folded back (swept) by that
+    /// CPU. Set with `fetch_or` under the class's Central lock; taken with `swap` by the owner.
     pub(crate) free_bits: [AtomicU64; SPAN_BITMAP_WORDS],
+    /// With `checks`: 1 = handed to the user and not yet freed (objects in CPU stocks are 0 here, unlike in
+    /// `alloc_bits`). Set on allocation, cleared on free, both atomically, so a double free is caught at once.
+    #[cfg(feature = "checks")]
+    pub(crate) live_bits: [AtomicU64; SPAN_BITMAP_WORDS],
+}
+
+/// `cached_by` value of a span that no CPU cache holds.
+pub const NOT_CACHED: u16 = u16::MAX;
+
+/// The Central list a span is on.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpanList {
+    /// On no list: cached by a CPU, a large object, or in transit.
+    None = 0,
+    /// Has free objects (possibly all free).
+    Partial = 1,
+    /// No free objects.
+    Full = 2,
+}
+
+// All functions below take `s: *mut Span` and follow the access discipline in the module docs: the caller
+// owns the object-level fields (it caches the span on its CPU, or holds the class's Central lock).
+impl Span {
+    /// Sets up the object-level fields of a fresh small span for objects of `elemsize` bytes.
+    ///
+    /// # Safety
+    /// `s` is a live descriptor whose page-level fields are set, and nothing else accesses it yet.
+    pub(crate) unsafe fn init_objects(s: *mut Span, elemsize: u32, nelems: u16, divmagic: u32) {
+        debug_assert!(nelems as usize <= MAX_OBJS_PER_SPAN && nelems > 0);
+        // SAFETY: the caller owns `s` exclusively (fresh span, not yet published to any cache or list).
+        unsafe {
+            (*s).elemsize = elemsize;
+            (*s).divmagic = divmagic;
+            (*s).nelems = nelems;
+            (*s).freeindex = 0;
+            (*s).nalloc = 0;
+            (*s).fresh_from = 0;
+            (*s).cached_by = NOT_CACHED;
+            (*s).list = SpanList::None as u8;
+            for w in 0..SPAN_BITMAP_WORDS {
+                (*s).alloc_bits[w] = tail_mask(nelems as usize, w);
+                (*s).free_bits[w] = AtomicU64::new(0);
+                #[cfg(feature = "checks")]
+                {
+                    (*s).live_bits[w] = AtomicU64::new(0);
+                }
+            }
+            (*s).alloc_cache = !(*s).alloc_bits[0];
+        }
+    }
+
+    /// Sets up the object-level fields of a large-object span (one object filling the span).
+    ///
+    /// # Safety
+    /// As for [`Span::init_objects`].
+    pub(crate) unsafe fn init_large(s: *mut Span) {
+        // SAFETY: the caller owns `s` exclusively.
+        unsafe {
+            (*s).elemsize = 0;
+            (*s).divmagic = 0;
+            (*s).nelems = 1;
+            (*s).freeindex = 1;
+            (*s).nalloc = 1;
+            (*s).cached_by = NOT_CACHED;
+            (*s).list = SpanList::None as u8;
+        }
+    }
+
+    /// Go's `nextFreeFast`: the next free object from `alloc_cache`, or `None` when the cached word is used
+    /// up (then [`Span::next_free`] refills it). Counts the object in `nalloc`.
+    ///
+    /// # Safety
+    /// The caller owns the object-level fields of `s` (see the module docs).
+    #[inline(always)]
+    pub(crate) unsafe fn next_free_fast(s: *mut Span) -> Option<usize> {
+        // SAFETY: the caller owns the object-level fields.
+        unsafe {
+            let cache = (*s).alloc_cache;
+            let bit = cache.trailing_zeros() as u16; // 64 when no free object is cached
+            if bit < 64 {
+                let idx = (*s).freeindex + bit;
+                if idx < (*s).nelems {
+                    let next = idx + 1;
+                    // At a word boundary the next word must be loaded: leave that to the slow path.
+                    if next % 64 != 0 {
+                        (*s).alloc_cache = (cache >> bit) >> 1;
+                        (*s).freeindex = next;
+                        (*s).nalloc += 1;
+                        return Some(idx as usize);
+                    }
+                }
+            }
+            None
+        }
+    }
+
+    /// Go's `nextFreeIndex` plus the allocation: the lowest free object at or above `freeindex`, scanning
+    /// `alloc_bits` and reloading `alloc_cache`; `None` when the span is full (then `freeindex == nelems`).
+    ///
+    /// # Safety
+    /// The caller owns the object-level fields of `s`.
+    pub(crate) unsafe fn next_free(s: *mut Span) -> Option<usize> {
+        // SAFETY: the caller owns the object-level fields.
+        unsafe {
+            let nelems = (*s).nelems as usize;
+            let mut idx = (*s).freeindex as usize;
+            while idx < nelems {
+                let w = idx / 64;
+                let used = (*s).alloc_bits[w] | low_mask(idx % 64);
+                if used != !0 {
+                    let found = w * 64 + (!used).trailing_zeros() as usize;
+                    if found >= nelems {
+                        break;
+                    }
+                    let next = found + 1;
+                    (*s).freeindex = next as u16;
+                    (*s).alloc_cache = if next % 64 == 0 { 0 } else { !(*s).alloc_bits[w] >> (next % 64) };
+                    (*s).nalloc += 1;
+                    return Some(found);
+                }
+                idx = (w + 1) * 64;
+            }
+            (*s).freeindex = nelems as u16;
+            (*s).alloc_cache = 0;
+            None
+        }
+    }
+
+    /// Makes `alloc_bits` exact (sets the bits below `freeindex`, which the fast path left stale), remembers
+    /// the high-water mark for `alloc_zeroed`, and rewinds `freeindex` to 0.
+    ///
+    /// # Safety
+    /// The caller owns the object-level fields of `s`.
+    pub(crate) unsafe fn materialise(s: *mut Span) {
+        // SAFETY: the caller owns the object-level fields.
+        unsafe {
+            let fi = (*s).freeindex as usize;
+            for w in 0..fi / 64 {
+                (*s).alloc_bits[w] = !0;
+            }
+            if fi % 64 != 0 {
+                (*s).alloc_bits[fi / 64] |= low_mask(fi % 64);
+            }
+            if (*s).freeindex > (*s).fresh_from {
+                (*s).fresh_from = (*s).freeindex;
+            }
+            (*s).freeindex = 0;
+            (*s).alloc_cache = !(*s).alloc_bits[0];
+        }
+    }
+
+    /// Sweeps the span: folds the deferred frees in `free_bits` into the exact bitmap. Returns how many
+    /// objects were freed. Leaves the span materialised (`freeindex == 0`).
+    ///
+    /// # Safety
+    /// The caller owns the object-level fields of `s`.
+    pub(crate) unsafe fn sweep(s: *mut Span) -> usize {
+        // SAFETY: the caller owns the object-level fields; `free_bits` are atomics shared with flushers.
+        unsafe {
+            Span::materialise(s);
+            let mut nfreed = 0;
+            for w in 0..words_for((*s).nelems as usize) {
+                let fb = &(*s).free_bits[w];
+                if fb.load(Ordering::Relaxed) != 0 {
+                    let f = fb.swap(0, Ordering::Acquire);
+                    debug_assert_eq!(f & !(*s).alloc_bits[w], 0, "freed object not allocated");
+                    (*s).alloc_bits[w] &= !f;
+                    nfreed += f.count_ones() as usize;
+                }
+            }
+            (*s).nalloc -= nfreed as u16;
+            (*s).alloc_cache = !(*s).alloc_bits[0];
+            nfreed
+        }
+    }
+
+    /// Whether frees wait in `free_bits` (a racy hint: a flusher may be adding one right now).
+    ///
+    /// # Safety
+    /// `s` is a live descriptor.
+    pub(crate) unsafe fn has_deferred_frees(s: *mut Span) -> bool {
+        // SAFETY: only atomic fields are read.
+        unsafe {
+            let n = words_for((*s).nelems as usize);
+            (&(*s).free_bits)[..n].iter().any(|w| w.load(Ordering::Relaxed) != 0)
+        }
+    }
+
+    /// Frees object `idx` of a span nobody caches, straight into its exact bitmap. Returns false if the
+    /// object was not allocated (a double or invalid free).
+    ///
+    /// # Safety
+    /// The caller holds the class's Central lock and the span is not cached (so it is materialised).
+    pub(crate) unsafe fn free_uncached(s: *mut Span, idx: usize) -> bool {
+        // SAFETY: the Central lock gives the caller the object-level fields of an uncached span.
+        unsafe {
+            debug_assert_eq!((*s).freeindex, 0);
+            let (w, bit) = (idx / 64, 1u64 << (idx % 64));
+            if (*s).alloc_bits[w] & bit == 0 {
+                return false;
+            }
+            (*s).alloc_bits[w] &= !bit;
+            (*s).nalloc -= 1;
+            if w == 0 {
+                (*s).alloc_cache = !(*s).alloc_bits[0];
+            }
+            true
+        }
+    }
+
+    /// Records a free of object `idx` of a span some CPU caches, for that CPU to fold back.
+    ///
+    /// # Safety
+    /// The caller holds the class's Central lock (so the span cannot change hands meanwhile).
+    pub(crate) unsafe fn defer_free(s: *mut Span, idx: usize) -> bool {
+        // SAFETY: `free_bits` are atomics; the descriptor is live while its span is in use.
+        let prev = unsafe { (*s).free_bits[idx / 64].fetch_or(1 << (idx % 64), Ordering::Release) };
+        prev & (1 << (idx % 64)) == 0
+    }
+
+    /// The index of the object containing `addr`, and whether `addr` is that object's first byte.
+    ///
+    /// # Safety
+    /// `s` is a live small span and `base <= addr < base + npages * PAGE_SIZE`.
+    #[inline]
+    pub(crate) unsafe fn object_index(s: *mut Span, addr: usize) -> (usize, bool) {
+        // SAFETY: page-level and shape fields are immutable while the span is in use.
+        unsafe {
+            let off = addr - (*s).base;
+            let idx = crate::sizeclass::obj_index((*s).divmagic, off);
+            (idx, idx * (*s).elemsize as usize == off)
+        }
+    }
+}
+
+/// Words of an object bitmap in use for `nelems` objects: `ceil(nelems / 64)`.
+#[inline]
+pub(crate) const fn words_for(nelems: usize) -> usize {
+    nelems.div_ceil(64)
+}
+
+/// Bits `0..n` set (`n < 64`).
+#[inline]
+const fn low_mask(n: usize) -> u64 {
+    (1u64 << n) - 1
+}
+
+/// The initial `alloc_bits` word `w` for `nelems` objects: bits at and above `nelems` set.
+const fn tail_mask(nelems: usize, w: usize) -> u64 {
+    let lo = w * 64;
+    if nelems >= lo + 64 {
+        0
+    } else if nelems <= lo {
+        !0
+    } else {
+        !low_mask(nelems - lo)
+    }
 }

@@ -1,0 +1,126 @@
+//! Each kind of bad free gives its report: address, reason, and the span and class where there is one.
+#![cfg(feature = "std")]
+
+use goheap::cpu::ThreadSlots;
+use goheap::source::mmap::MmapSource;
+use goheap::Malloc;
+use std::alloc::Layout;
+
+fn heap() -> Box<Malloc<MmapSource, ThreadSlots>> {
+    Box::new(Malloc::with_max_bytes(MmapSource::new(), ThreadSlots::new(), 1 << 30))
+}
+
+fn l(size: usize, align: usize) -> Layout {
+    Layout::from_size_align(size, align).unwrap()
+}
+
+#[test]
+#[should_panic(expected = "not a live allocation of this heap")]
+fn large_foreign_pointer() {
+    let m = heap();
+    let mut local = [0u64; 8];
+    // SAFETY (test): deliberately bad; goheap must refuse before touching anything.
+    unsafe { m.dealloc(local.as_mut_ptr() as *mut u8, l(100_000, 8)) };
+}
+
+#[test]
+#[should_panic(expected = "not a live allocation of this heap")]
+fn large_double_free() {
+    let m = heap();
+    let p = m.alloc(l(100_000, 8));
+    // SAFETY (test): the second free is deliberately bad.
+    unsafe {
+        m.dealloc(p, l(100_000, 8));
+        m.dealloc(p, l(100_000, 8));
+    }
+}
+
+#[test]
+#[should_panic(expected = "interior pointer")]
+fn large_interior_pointer() {
+    let m = heap();
+    let p = m.alloc(l(100_000, 8));
+    // SAFETY (test): deliberately bad.
+    unsafe { m.dealloc(p.add(8192), l(100_000, 8)) };
+}
+
+#[cfg(feature = "checks")]
+mod with_checks {
+    use super::*;
+
+    #[test]
+    #[should_panic(expected = "double free")]
+    fn small_double_free() {
+        let m = heap();
+        let p = m.alloc(l(64, 8));
+        // SAFETY (test): the second free is deliberately bad.
+        unsafe {
+            m.dealloc(p, l(64, 8));
+            m.dealloc(p, l(64, 8));
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "not a live allocation of this heap")]
+    fn small_foreign_pointer() {
+        let m = heap();
+        let _warm = m.alloc(l(64, 8));
+        let mut local = [0u64; 8];
+        // SAFETY (test): deliberately bad.
+        unsafe { m.dealloc(local.as_mut_ptr() as *mut u8, l(64, 8)) };
+    }
+
+    #[test]
+    #[should_panic(expected = "interior pointer")]
+    fn small_interior_pointer() {
+        let m = heap();
+        let p = m.alloc(l(64, 8));
+        // SAFETY (test): deliberately bad.
+        unsafe { m.dealloc(p.add(8), l(64, 8)) };
+    }
+
+    #[test]
+    #[should_panic(expected = "misaligned pointer")]
+    fn small_misaligned_pointer() {
+        let m = heap();
+        let p = m.alloc(l(64, 8));
+        // SAFETY (test): deliberately bad.
+        unsafe { m.dealloc(p.add(3), l(64, 8)) };
+    }
+
+    #[test]
+    #[should_panic(expected = "does not match the object's size class")]
+    fn layout_mismatch() {
+        let m = heap();
+        let p = m.alloc(l(64, 8));
+        // SAFETY (test): deliberately bad: freed with another size class's layout.
+        unsafe { m.dealloc(p, l(512, 8)) };
+    }
+
+    #[test]
+    #[should_panic(expected = "span 0x")]
+    fn report_names_the_span_and_class() {
+        let m = heap();
+        let p = m.alloc(l(48, 8));
+        // SAFETY (test): the second free is deliberately bad.
+        unsafe {
+            m.dealloc(p, l(48, 8));
+            m.dealloc(p, l(48, 8));
+        }
+    }
+}
+
+/// Without `checks`, a small double free is still caught when both frees reach the span (stock flush).
+#[test]
+#[should_panic(expected = "goheap: invalid free")]
+fn small_double_free_caught_at_flush() {
+    let m = heap();
+    let p = m.alloc(l(4096, 8));
+    // SAFETY (test): deliberately bad. Stocks of 4 KiB objects hold 8; freeing the same pointer 20 times
+    // forces flushes that find it already free.
+    unsafe {
+        for _ in 0..20 {
+            m.dealloc(p, l(4096, 8));
+        }
+    }
+}
