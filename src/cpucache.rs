@@ -185,6 +185,10 @@ pub struct CpuCache {
     tiny_nobjs: i8,
     /// Go's per-P page cache: small span allocations skip the heap lock.
     pub(crate) pcache: PageCache,
+    /// Bytes left to allocate before the next heap-profile sample (Go's `mcache.nextSample`).
+    pub(crate) next_sample: isize,
+    /// State of the sampling interval's random draw (xorshift).
+    pub(crate) sample_rng: u64,
     /// Counters, readable from any CPU.
     pub stats: CpuStats,
 }
@@ -217,6 +221,8 @@ impl CpuCache {
             tiny_offset: 0,
             tiny_nobjs: 0,
             pcache: PageCache::new(),
+            next_sample: 0,
+            sample_rng: 0x9E37_79B9_7F4A_7C15,
             stats: CpuStats::new(),
         }
     }
@@ -376,11 +382,18 @@ impl CpuCache {
         if block.is_null() {
             return block;
         }
+        self.stats.tiny_nmalloc.bump();
+        if self.tiny != 0 && size >= self.tiny_offset {
+            // As Go: keep whichever block has more room left. The current one does, so the new block holds
+            // just this object and is retired at once (its count becomes 1).
+            // SAFETY: `block` is a live tiny block.
+            unsafe { tiny_count(block as usize) }.fetch_add(1, Ordering::AcqRel);
+            return block;
+        }
         self.retire_tiny(t, me);
         self.tiny = block as usize;
         self.tiny_offset = size;
         self.tiny_nobjs = 1;
-        self.stats.tiny_nmalloc.bump();
         block
     }
 

@@ -33,17 +33,34 @@ use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
 use core::mem::MaybeUninit;
 use core::ptr::{self, NonNull};
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 /// Cache index of the shared cache (marks the spans it caches).
 const SHARED_INDEX: u16 = MAX_CPUS as u16;
 
-/// Where a request goes: [`LARGE`], [`TINY_CLASS`], or a size class.
+/// Where a request goes: [`LARGE`], [`GUARDED`], [`TINY_CLASS`], or a size class.
 type Route = usize;
 /// Route of large requests.
 const LARGE: Route = 0;
+/// Route of every request in guard mode ([`DebugFlags::GUARD`]).
+const GUARDED: Route = usize::MAX;
 
-/// The route of a request of `size` bytes aligned to `align`.
+bitflags::bitflags! {
+    /// Debug knobs (Go's GODEBUG analogues). Fixed when the allocator is built ([`Malloc::with_debug`]):
+    /// they change how requests are routed, so they cannot change while objects are live.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct DebugFlags: u32 {
+        /// efence-style guard mode: every allocation gets pages of its own and ends right before a guard page
+        /// that is decommitted, so an overrun faults at once; frees are checked like large frees. Needs a
+        /// page source whose `decommit` makes memory inaccessible (`MmapSource::strict()`, a kernel source
+        /// that unmaps); slow and page-hungry, for debugging only.
+        const GUARD = 1 << 0;
+        /// No tiny path: requests under 16 B take the size classes (to measure what the tiny path saves).
+        const NO_TINY = 1 << 1;
+    }
+}
+
+/// The route of a request of `size` bytes aligned to `align`, with no debug knobs.
 #[inline(always)]
 fn route(size: usize, align: usize) -> Route {
     if size <= MAX_SMALL_SIZE {
@@ -55,6 +72,58 @@ fn route(size: usize, align: usize) -> Route {
         }
     }
     LARGE
+}
+
+/// The route with debug knobs set.
+#[cold]
+fn route_debug(debug: DebugFlags, size: usize, align: usize) -> Route {
+    if debug.contains(DebugFlags::GUARD) {
+        return GUARDED;
+    }
+    if debug.contains(DebugFlags::NO_TINY) && size < TINY_SIZE {
+        return sizeclass::class_for(size.max(1), align).unwrap_or(LARGE);
+    }
+    route(size, align)
+}
+
+/// A heap-profile sample (Go's `MemProfile` records, without stacks: a kernel's hook can walk its own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProfileSample {
+    /// Address of the sampled allocation.
+    pub addr: usize,
+    /// Requested size in bytes.
+    pub size: usize,
+    /// Size class (0: large, `NUM_SIZE_CLASSES`: tiny).
+    pub class: usize,
+    /// Cache index of the allocating CPU.
+    pub cpu: u16,
+}
+
+/// A heap-profile hook, called outside every allocator lock and guard.
+pub type ProfileHook = fn(&ProfileSample);
+
+/// Allocation profile of one bucket (a size class, the tiny class, or large objects): sampled counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProfileBucket {
+    /// Sampled allocations.
+    pub samples: u64,
+    /// Bytes of the sampled allocations.
+    pub sampled_bytes: u64,
+}
+
+/// Go's default `MemProfileRate`: one sample per 512 KiB allocated on average.
+pub const DEFAULT_PROFILE_RATE: usize = 512 << 10;
+/// With profiling off, a CPU rechecks the rate after this many bytes.
+const PROFILE_RECHECK_BYTES: isize = 64 << 20;
+
+struct Profiler {
+    /// Mean bytes between samples; 0 = off.
+    rate: AtomicUsize,
+    /// `ProfileHook` or null.
+    hook: AtomicPtr<()>,
+    /// Per route bucket: classes, tiny (`TINY_CLASS`), large (`NUM_ALLOC_CLASSES`).
+    samples: [AtomicU64; NUM_ALLOC_CLASSES + 1],
+    sampled_bytes: [AtomicU64; NUM_ALLOC_CLASSES + 1],
 }
 
 /// Pages for a large object of `nbytes`.
@@ -119,6 +188,9 @@ pub struct Malloc<S: PageSource, P: CpuProvider> {
     provider: P,
     /// Where bad frees are reported (`None`: the process-wide hook of `check.rs`).
     report_hook: Option<check::ReportHook>,
+    /// Debug knobs; immutable once built.
+    debug: DebugFlags,
+    profiler: Profiler,
 }
 
 const fn centrals() -> [Central; NUM_ALLOC_CLASSES] {
@@ -153,6 +225,94 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             shared_lock: spin::Mutex::new(()),
             provider,
             report_hook: None,
+            debug: DebugFlags::empty(),
+            profiler: Profiler {
+                rate: AtomicUsize::new(0),
+                hook: AtomicPtr::new(ptr::null_mut()),
+                samples: [const { AtomicU64::new(0) }; NUM_ALLOC_CLASSES + 1],
+                sampled_bytes: [const { AtomicU64::new(0) }; NUM_ALLOC_CLASSES + 1],
+            },
+        }
+    }
+
+    /// This allocator with debug knobs `flags` (see [`DebugFlags`]).
+    pub const fn with_debug(mut self, flags: DebugFlags) -> Self {
+        self.debug = flags;
+        self
+    }
+
+    /// The route of a request, honouring the debug knobs.
+    #[inline(always)]
+    fn route(&self, size: usize, align: usize) -> Route {
+        if self.debug.is_empty() {
+            route(size, align)
+        } else {
+            route_debug(self.debug, size, align)
+        }
+    }
+
+    /// Sets the heap-profile sampling rate (Go's `MemProfileRate`): on average one sample per `rate` bytes
+    /// allocated; 0 turns sampling off. Each CPU picks a change up at its next sample (or within 64 MiB of
+    /// allocation when sampling was off), so set it early for an exact rate.
+    pub fn set_profile_rate(&self, rate: usize) {
+        self.profiler.rate.store(rate, Ordering::Relaxed);
+    }
+
+    /// Calls `hook` for every sample (outside every allocator lock and guard; the hook may allocate).
+    pub fn set_profile_hook(&self, hook: Option<ProfileHook>) {
+        let p = hook.map_or(ptr::null_mut(), |h| h as *mut ());
+        self.profiler.hook.store(p, Ordering::Release);
+    }
+
+    /// The allocation profile by bucket: index = size class, `NUM_SIZE_CLASSES` = tiny objects,
+    /// `NUM_SIZE_CLASSES + 1` = large objects.
+    pub fn profile(&self) -> [ProfileBucket; NUM_ALLOC_CLASSES + 1] {
+        let mut out = [ProfileBucket::default(); NUM_ALLOC_CLASSES + 1];
+        for (i, b) in out.iter_mut().enumerate() {
+            b.samples = self.profiler.samples[i].load(Ordering::Relaxed);
+            b.sampled_bytes = self.profiler.sampled_bytes[i].load(Ordering::Relaxed);
+        }
+        out
+    }
+
+    /// Counts `size` bytes against the cache's sampling countdown; true when this allocation is sampled.
+    #[inline(always)]
+    fn count_sample(&self, c: &mut CpuCache, size: usize) -> bool {
+        c.next_sample -= size as isize;
+        c.next_sample < 0 && self.resample(c)
+    }
+
+    /// Draws the next sampling distance; returns whether the allocation that ran out is sampled.
+    #[cold]
+    fn resample(&self, c: &mut CpuCache) -> bool {
+        let rate = self.profiler.rate.load(Ordering::Relaxed);
+        if rate == 0 {
+            c.next_sample = PROFILE_RECHECK_BYTES;
+            return false;
+        }
+        // Uniform in [0, 2*rate): mean `rate` (Go draws from an exponential distribution; without floating
+        // point in a kernel a uniform draw keeps the mean and avoids bias towards any size).
+        let mut x = c.sample_rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.sample_rng = x;
+        c.next_sample = (x % (2 * rate as u64)) as isize;
+        true
+    }
+
+    /// Records a sample (outside every guard and lock).
+    #[cold]
+    fn record_sample(&self, addr: usize, size: usize, r: Route, cpu: u16) {
+        let bucket = if r == LARGE || r == GUARDED { NUM_ALLOC_CLASSES } else { r };
+        self.profiler.samples[bucket].fetch_add(1, Ordering::Relaxed);
+        self.profiler.sampled_bytes[bucket].fetch_add(size as u64, Ordering::Relaxed);
+        let h = self.profiler.hook.load(Ordering::Acquire);
+        if !h.is_null() {
+            // SAFETY: `hook` only holds null or a `ProfileHook` stored by `set_profile_hook`.
+            let hook: ProfileHook = unsafe { core::mem::transmute::<*mut (), ProfileHook>(h) };
+            let class = if bucket == NUM_ALLOC_CLASSES { 0 } else { bucket };
+            hook(&ProfileSample { addr, size, class, cpu });
         }
     }
 
@@ -231,9 +391,9 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     #[inline(always)]
     fn alloc_impl<const ZERO: bool>(&self, layout: Layout) -> *mut u8 {
         let (size, align) = (layout.size(), layout.align());
-        let r = route(size, align);
-        if r == LARGE {
-            return self.alloc_large(size, align, ZERO);
+        let r = self.route(size, align);
+        if r == LARGE || r == GUARDED {
+            return self.alloc_large(size, align, ZERO, r == GUARDED);
         }
         let e = self.enter();
         let t = self.tiers();
@@ -247,37 +407,59 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         } else {
             e.cache.alloc::<S, ZERO>(&t, r, e.me)
         };
+        let sampled = self.count_sample(e.cache, size);
+        let me = e.me;
         drop(e);
         #[cfg(feature = "checks")]
         if !p.is_null() && r != TINY_CLASS {
             mark_live(&self.heap, p);
         }
+        if sampled && !p.is_null() {
+            self.record_sample(p as usize, size, r, me);
+        }
         p
     }
 
+    /// The large path (and guard mode): a span of whole pages for one object.
     #[cold]
-    fn alloc_large(&self, size: usize, align: usize, zero: bool) -> *mut u8 {
-        let npages = npages_for(size);
-        self.with_cache(|c, t, _| {
-            let s = if align <= PAGE_SIZE {
-                t.heap.alloc_span(Some(&mut c.pcache), npages, 0)
+    fn alloc_large(&self, size: usize, align: usize, zero: bool, guarded: bool) -> *mut u8 {
+        // Guard mode: the object ends right before a guard page, so the body must leave room to align it.
+        let npages = if guarded { npages_for(size + align - 1) + 1 } else { npages_for(size) };
+        let e = self.enter();
+        let s = if align <= PAGE_SIZE || guarded {
+            self.heap.alloc_span(Some(&mut e.cache.pcache), npages, 0)
+        } else {
+            self.heap.alloc_span_aligned(npages, align)
+        };
+        let Some(s) = s else { return ptr::null_mut() };
+        let s = s.as_ptr();
+        // SAFETY: a fresh large span is ours alone.
+        let p = unsafe {
+            Span::init_large(s);
+            let base = (*s).base;
+            let p = if guarded {
+                let guard = base + (npages - 1) * PAGE_SIZE;
+                // SAFETY: the guard page is committed, ours, and unused; it is committed again before the
+                // span goes back to the heap (`free_large`).
+                self.heap.source().decommit(NonNull::new_unchecked(guard as *mut u8), PAGE_SIZE);
+                ((guard - size) & !(align - 1)) as *mut u8
             } else {
-                t.heap.alloc_span_aligned(npages, align)
+                base as *mut u8
             };
-            let Some(s) = s else { return ptr::null_mut() };
-            let s = s.as_ptr();
-            // SAFETY: a fresh large span is ours alone.
-            unsafe {
-                Span::init_large(s);
-                c.stats.large_nmalloc.bump();
-                c.stats.large_bytes_alloc.add((npages * PAGE_SIZE) as u64);
-                let p = (*s).base as *mut u8;
-                if zero && (*s).needzero {
-                    ptr::write_bytes(p, 0, size);
-                }
-                p
+            e.cache.stats.large_nmalloc.bump();
+            e.cache.stats.large_bytes_alloc.add((npages * PAGE_SIZE) as u64);
+            if zero && (*s).needzero {
+                ptr::write_bytes(p, 0, size);
             }
-        })
+            p
+        };
+        let sampled = self.count_sample(e.cache, size);
+        let me = e.me;
+        drop(e);
+        if sampled {
+            self.record_sample(p as usize, size, LARGE, me);
+        }
+        p
     }
 
     /// Frees `ptr`, allocated by this allocator with `layout`.
@@ -291,10 +473,10 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     #[inline]
     pub unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         let (size, align) = (layout.size(), layout.align());
-        let r = route(size, align);
-        if r == LARGE {
+        let r = self.route(size, align);
+        if r == LARGE || r == GUARDED {
             // SAFETY: forwarded contract.
-            return unsafe { self.free_large(ptr, layout) };
+            return unsafe { self.free_large(ptr, layout, r == GUARDED) };
         }
         #[cfg(feature = "checks")]
         self.check_small_free(ptr, layout, r);
@@ -342,7 +524,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     ///
     /// # Safety
     /// As for [`Malloc::dealloc`].
-    unsafe fn free_large(&self, ptr: *mut u8, layout: Layout) {
+    unsafe fn free_large(&self, ptr: *mut u8, layout: Layout, guarded: bool) {
         let addr = ptr as usize;
         let s = match self.heap.span_of(addr) {
             Some(s) => s,
@@ -353,7 +535,19 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         if class != 0 {
             self.report(addr, Reason::LayoutMismatch { size: layout.size(), align: layout.align() });
         }
-        if base != addr {
+        if guarded {
+            let guard = base + (npages - 1) * PAGE_SIZE;
+            if addr != (guard - layout.size()) & !(layout.align() - 1) {
+                self.report(addr, Reason::Interior);
+            }
+            // SAFETY: the guard page was decommitted by `alloc_large`; the span is the caller's.
+            let ok = unsafe { self.heap.source().commit(NonNull::new_unchecked(guard as *mut u8), PAGE_SIZE) };
+            if !ok {
+                // The heap believes every page of the span committed: without the guard page back, the span
+                // cannot be reused. Keep it (leaked) rather than hand out an inaccessible page later.
+                return;
+            }
+        } else if base != addr {
             self.report(addr, Reason::Interior);
         }
         self.with_cache(|c, t, _| {
@@ -373,8 +567,8 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// overflow `isize`.
     pub unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let align = layout.align();
-        let (old_r, new_r) = (route(layout.size(), align), route(new_size, align));
-        if old_r == new_r && old_r != TINY_CLASS && old_r != LARGE {
+        let (old_r, new_r) = (self.route(layout.size(), align), self.route(new_size, align));
+        if old_r == new_r && old_r != TINY_CLASS && old_r != LARGE && old_r != GUARDED {
             return ptr;
         }
         if old_r == LARGE && new_r == LARGE {
@@ -411,8 +605,9 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
 
     /// Bytes actually usable at an allocation of `layout` (its class size, or its pages).
     pub fn usable_size(&self, layout: Layout) -> usize {
-        match route(layout.size(), layout.align()) {
+        match self.route(layout.size(), layout.align()) {
             LARGE => npages_for(layout.size()) * PAGE_SIZE,
+            GUARDED => layout.size(),
             TINY_CLASS => layout.size(),
             c => sizeclass::CLASSES[c].size as usize,
         }

@@ -124,3 +124,68 @@ fn small_double_free_caught_at_flush() {
         }
     }
 }
+
+/// Guard mode: an allocation ends right before an inaccessible page, and frees are checked like large ones.
+mod guard_mode {
+    use super::*;
+    use goheap::malloc::DebugFlags;
+
+    fn guarded() -> Box<Malloc<MmapSource, ThreadSlots>> {
+        Box::new(Malloc::with_max_bytes(MmapSource::strict(), ThreadSlots::new(), 1 << 30).with_debug(DebugFlags::GUARD))
+    }
+
+    #[test]
+    fn objects_end_at_a_guard_page_and_work() {
+        let m = guarded();
+        for (size, align) in [(1, 1), (24, 8), (100, 16), (5000, 64), (70_000, 8), (3, 4096)] {
+            let p = m.alloc(l(size, align));
+            assert!(!p.is_null());
+            assert_eq!(p as usize % align, 0);
+            let end = p as usize + size;
+            // The object ends within `align` bytes of a page boundary: the guard page.
+            assert!(end.next_multiple_of(goheap::PAGE_SIZE) - end < align.max(1), "{size}/{align}: ends at {end:#x}");
+            // SAFETY (test): the object is `size` bytes.
+            unsafe { std::ptr::write_bytes(p, 0xAB, size) };
+            // SAFETY (test): allocated above with this layout.
+            unsafe { m.dealloc(p, l(size, align)) };
+        }
+        let st = m.mem_stats();
+        assert_eq!(st.heap_objects, 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "not a live allocation of this heap")]
+    fn double_free_is_caught() {
+        let m = guarded();
+        let p = m.alloc(l(32, 8));
+        // SAFETY (test): the second free is deliberately bad.
+        unsafe {
+            m.dealloc(p, l(32, 8));
+            m.dealloc(p, l(32, 8));
+        }
+    }
+
+    /// An overrun faults: run in a child process so the test can see the SIGSEGV.
+    #[test]
+    fn overrun_faults() {
+        if std::env::var_os("GOHEAP_GUARD_CHILD").is_some() {
+            let m = guarded();
+            let p = m.alloc(l(40, 8));
+            // SAFETY (test): deliberately writes one byte past the object, into the guard page.
+            unsafe { std::ptr::write_volatile(p.add(40), 1) };
+            std::process::exit(0); // not reached if the guard works
+        }
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new(exe)
+            .args(["guard_mode::overrun_faults", "--exact", "--nocapture", "--test-threads=1"])
+            .env("GOHEAP_GUARD_CHILD", "1")
+            .output()
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.status.signal(), Some(libc_sigsegv()), "child did not fault: {:?}", out.status);
+    }
+
+    fn libc_sigsegv() -> i32 {
+        11
+    }
+}

@@ -86,3 +86,57 @@ fn tiny_objects_share_blocks() {
     m.flush_cpu_cache();
     assert_eq!(m.mem_stats().heap_alloc, 0);
 }
+
+/// The tiny path packs small objects: for 1–4 byte objects it uses well under what the 8 B class would.
+#[test]
+fn tiny_path_saves_memory_over_classes() {
+    use goheap::malloc::DebugFlags;
+    let live = |flags| {
+        let m = Box::new(Malloc::with_max_bytes(MmapSource::new(), ThreadSlots::new(), 1 << 30).with_debug(flags));
+        let ptrs: Vec<_> = (0..20_000).map(|i| m.alloc(layout(1 + i % 4, 1))).collect();
+        assert!(ptrs.iter().all(|p| !p.is_null()));
+        m.mem_stats().heap_alloc
+    };
+    let (tiny, classes) = (live(DebugFlags::empty()), live(DebugFlags::NO_TINY));
+    assert_eq!(classes, 20_000 * 8);
+    assert!(tiny * 10 <= classes * 6, "tiny path used {tiny} B, classes {classes} B");
+}
+
+static HOOK_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn count_hook(s: &goheap::malloc::ProfileSample) {
+    assert!(s.addr != 0 && s.size > 0);
+    HOOK_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Sampled heap profiling: about one sample per `rate` bytes, per bucket, and the hook sees each sample.
+#[test]
+fn heap_profile_samples_at_the_rate() {
+    let m = Box::new(Malloc::with_max_bytes(MmapSource::new(), ThreadSlots::new(), 1 << 30));
+    m.set_profile_rate(4096);
+    m.set_profile_hook(Some(count_hook));
+    let mut keep = Vec::new();
+    // Prime: the first allocation draws the first sampling distance.
+    keep.push(m.alloc(layout(64, 8)));
+    for _ in 0..16_384 {
+        keep.push(m.alloc(layout(64, 8))); // 1 MiB of 64 B objects
+    }
+    for _ in 0..8 {
+        keep.push(m.alloc(layout(128 << 10, 8))); // 1 MiB of large objects
+    }
+    let prof = m.profile();
+    let class64 = goheap::sizeclass::class_of(64);
+    let small = prof[class64].samples;
+    let large = prof[goheap::sizeclass::NUM_SIZE_CLASSES + 1].samples;
+    // 1 MiB / 4 KiB = 256 expected small samples; a large object (128 KiB) is always sampled.
+    assert!((128..=512).contains(&small), "{small} samples of 64 B objects, expected about 256");
+    assert_eq!(large, 8);
+    let total: u64 = prof.iter().map(|b| b.samples).sum();
+    assert_eq!(HOOK_CALLS.load(std::sync::atomic::Ordering::Relaxed) as u64, total, "the hook missed samples");
+    m.set_profile_rate(0);
+    for _ in 0..10_000 {
+        keep.push(m.alloc(layout(64, 8)));
+    }
+    let after = m.profile()[class64].samples;
+    assert!(after <= small + 1, "{after} samples after turning profiling off (was {small}): at most the pending one");
+}
