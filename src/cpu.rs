@@ -26,18 +26,20 @@ pub const MAX_CPUS: usize = 1 << 6;
 ///
 /// # Safety
 ///
-/// Implementations must uphold the exclusivity invariant: while a guard returned by `enter` with index `i`
-/// is alive, no other call to `enter` (on any CPU or thread, including a re-entrant call from an interrupt
-/// or signal handler on the same CPU) returns index `i`. The index must be `< MAX_CPUS`. Dropping the guard
-/// ends the exclusive section and must make the section's writes visible to the next holder of the index
-/// (an interrupt-off section on one CPU, or a Release/Acquire hand-over between threads, does this).
+/// Implementations must uphold the exclusivity invariant: while a guard returned by `enter` with index
+/// `Some(i)` is alive, no other call to `enter` (on any CPU or thread, including a re-entrant call from an
+/// interrupt or signal handler on the same CPU) returns `Some(i)`. The index must be `< MAX_CPUS`. Dropping
+/// the guard ends the exclusive section and must make the section's writes visible to the next holder of the
+/// index (an interrupt-off section on one CPU, or a Release/Acquire hand-over between threads, does this).
 pub unsafe trait CpuProvider: Sync {
-    /// Proof of exclusive use of one cache index; dropping it ends the section.
+    /// Held for the whole allocator operation; with an index, proof of its exclusive use. A kernel's guard
+    /// keeps interrupts off, also when there is no index (so the shared cache's lock is never taken by an
+    /// interrupt handler on a CPU that already holds it).
     type Guard;
 
-    /// The current CPU's cache index and its guard, or `None` when no exclusive cache can be had now
-    /// (not yet set up, re-entered, out of slots); the caller then uses the shared locked cache.
-    fn enter(&self) -> Option<(usize, Self::Guard)>;
+    /// The guard and the current CPU's cache index, or `None` when no exclusive cache can be had now (not
+    /// yet set up, re-entered, out of slots); the caller then uses the shared locked cache.
+    fn enter(&self) -> (Self::Guard, Option<usize>);
 }
 
 /// A provider with no per-CPU caches: every operation goes through the shared, locked cache. For early boot,
@@ -49,8 +51,8 @@ pub struct NoCpuCache;
 unsafe impl CpuProvider for NoCpuCache {
     type Guard = ();
     #[inline]
-    fn enter(&self) -> Option<(usize, ())> {
-        None
+    fn enter(&self) -> ((), Option<usize>) {
+        ((), None)
     }
 }
 
@@ -132,15 +134,17 @@ mod thread_slots {
         }
     }
 
-    /// Clears the thread's busy mark when the exclusive section ends.
+    /// Clears the thread's busy mark when the exclusive section ends (if it had a slot).
     pub struct SlotGuard {
-        slot: usize,
+        slot: Option<usize>,
     }
 
     impl Drop for SlotGuard {
         #[inline]
         fn drop(&mut self) {
-            let _ = STATE.try_with(|s| s.set(self.slot));
+            if let Some(slot) = self.slot {
+                let _ = STATE.try_with(|s| s.set(slot));
+            }
         }
     }
 
@@ -152,8 +156,8 @@ mod thread_slots {
         type Guard = SlotGuard;
 
         #[inline]
-        fn enter(&self) -> Option<(usize, SlotGuard)> {
-            STATE
+        fn enter(&self) -> (SlotGuard, Option<usize>) {
+            let slot = STATE
                 .try_with(|s| {
                     let mut v = s.get();
                     if v >= BUSY {
@@ -163,10 +167,11 @@ mod thread_slots {
                         v = Self::claim(s)?;
                     }
                     s.set(v | BUSY);
-                    Some((v, SlotGuard { slot: v }))
+                    Some(v)
                 })
                 .ok()
-                .flatten()
+                .flatten();
+            (SlotGuard { slot }, slot)
         }
     }
 }

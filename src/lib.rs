@@ -115,6 +115,8 @@ pub mod stats;
 pub mod malloc;
 #[cfg(feature = "std")]
 pub mod hosted;
+#[cfg(all(feature = "x86_64", target_arch = "x86_64"))]
+pub mod x86_64;
 
 pub use malloc::Malloc;
 #[cfg(feature = "std")]

@@ -138,8 +138,9 @@ struct CacheSlot(UnsafeCell<CpuCache>);
 enum Held<'a, G> {
     /// The provider's guard for a per-CPU cache.
     Cpu(#[allow(dead_code)] G),
-    /// The lock of the shared cache.
-    Shared(#[allow(dead_code)] spin::MutexGuard<'a, ()>),
+    /// The lock of the shared cache, then the provider's guard (dropped in that order: fields drop in
+    /// declaration order, so a kernel re-enables interrupts only after the lock is released).
+    Shared(#[allow(dead_code)] spin::MutexGuard<'a, ()>, #[allow(dead_code)] G),
 }
 
 /// An entered cache: exclusive to the holder until dropped.
@@ -348,7 +349,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     #[inline(always)]
     fn enter(&self) -> Entered<'_, P::Guard> {
         match self.provider.enter() {
-            Some((i, guard)) => {
+            (guard, Some(i)) => {
                 debug_assert!(i < MAX_CPUS);
                 // SAFETY: the guard makes index `i` exclusive to us until it drops (CpuProvider contract),
                 // and `Entered` keeps the guard alive as long as the reference; `i < MAX_CPUS` by the same
@@ -356,17 +357,17 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 let cache = unsafe { &mut *self.caches.get_unchecked(i).0.get() };
                 Entered { cache, me: i as u16, _held: Held::Cpu(guard) }
             }
-            None => self.enter_shared(),
+            (guard, None) => self.enter_shared(guard),
         }
     }
 
     #[cold]
-    fn enter_shared(&self) -> Entered<'_, P::Guard> {
+    fn enter_shared(&self, guard: P::Guard) -> Entered<'_, P::Guard> {
         let lock = self.shared_lock.lock();
         // SAFETY: the shared cache is only used under `shared_lock`, which `Entered` holds as long as the
         // reference lives.
         let cache = unsafe { &mut *self.shared.0.get() };
-        Entered { cache, me: SHARED_INDEX, _held: Held::Shared(lock) }
+        Entered { cache, me: SHARED_INDEX, _held: Held::Shared(lock, guard) }
     }
 
     /// Runs `f` on the caller's cache (for the paths where a closure costs nothing).

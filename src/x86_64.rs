@@ -1,0 +1,356 @@
+//! Kernel adapters for x86_64 (feature `x86_64`): a page source over frames and page tables, and a CPU
+//! provider that keeps interrupts off and maps APIC IDs to dense cache indices.
+//!
+//! See `lib.rs` for an overview of the allocator.
+//!
+//! These are what a hobby kernel on the `x86_64` crate needs to use goheap as its heap (the demo kernel
+//! wires them; see its `heap.rs`):
+//!
+//! - [`FrameSource`]: a [`PageSource`] that hands out a virtual window, and on `commit` takes frames from
+//!   any `FrameAllocator` and maps them with any `Mapper` (e.g. `OffsetPageTable`); on `decommit` it unmaps
+//!   the pages, invalidates their TLB entries (locally, and on other CPUs through a shoot-down hook the
+//!   kernel supplies) and gives the frames back through `FrameDeallocator`.
+//! - [`CpuIndexMap`]: APIC ID → dense cache index, filled as CPUs start (APIC IDs need not be dense).
+//! - [`IrqCpus`]: a [`CpuProvider`] whose guard keeps interrupts off for the whole allocator operation and
+//!   whose index comes from a kernel function (typically a GS-relative per-CPU load).
+//!
+//! The data structures need no privileged instruction and are tested on the host; the instruction
+//! wrappers (`cli`, `invlpg`) only run inside the kernel.
+
+use crate::cpu::{CpuProvider, MAX_CPUS};
+use crate::source::PageSource;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
+use x86_64::structures::paging::{
+    FrameAllocator, FrameDeallocator, Mapper, Page, PageTableFlags, PhysFrame, Size4KiB,
+};
+use x86_64::VirtAddr;
+
+/// APIC IDs the map covers: xAPIC IDs are 8 bits.
+pub const MAX_APIC_ID: usize = 256;
+const NO_INDEX: u16 = u16::MAX;
+
+/// APIC ID → dense cache index (`0..MAX_CPUS`), assigned in the order CPUs register.
+///
+/// Invariant: indices handed out are `0..count`, each to exactly one APIC ID, never reassigned.
+pub struct CpuIndexMap {
+    index_of: [AtomicU16; MAX_APIC_ID],
+    count: AtomicUsize,
+}
+
+impl Default for CpuIndexMap {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CpuIndexMap {
+    /// An empty map.
+    pub const fn new() -> Self {
+        CpuIndexMap { index_of: [const { AtomicU16::new(NO_INDEX) }; MAX_APIC_ID], count: AtomicUsize::new(0) }
+    }
+
+    /// Gives `apic_id` a cache index (the same one if it has one already). `None` if the APIC ID is out of
+    /// range or all `MAX_CPUS` indices are taken.
+    pub fn register(&self, apic_id: u32) -> Option<usize> {
+        let slot = self.index_of.get(apic_id as usize)?;
+        let cur = slot.load(Ordering::Acquire);
+        if cur != NO_INDEX {
+            return Some(cur as usize);
+        }
+        let idx = self.count.fetch_add(1, Ordering::AcqRel);
+        if idx >= MAX_CPUS {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        match slot.compare_exchange(NO_INDEX, idx as u16, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => Some(idx),
+            // Registered concurrently by the same CPU (cannot happen in practice); keep the winner's index.
+            // The index `idx` stays unused.
+            Err(winner) => Some(winner as usize),
+        }
+    }
+
+    /// The cache index of `apic_id`, if registered.
+    #[inline]
+    pub fn index_of(&self, apic_id: u32) -> Option<usize> {
+        let v = self.index_of.get(apic_id as usize)?.load(Ordering::Acquire);
+        (v != NO_INDEX).then_some(v as usize)
+    }
+
+    /// Number of registered CPUs.
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Acquire).min(MAX_CPUS)
+    }
+
+    /// True when no CPU registered yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A CPU provider for kernels: interrupts off for the whole operation, index from `current_index`.
+///
+/// `current_index` returns the running CPU's dense cache index, or `None` before the CPU has one (early
+/// boot); it runs with interrupts off and must not allocate. A per-CPU busy flag turns a re-entrant call
+/// (an exception handler that allocates while the allocator runs) into `None`, the shared-cache path.
+pub struct IrqCpus {
+    current_index: fn() -> Option<usize>,
+    busy: [AtomicBool; MAX_CPUS],
+}
+
+impl IrqCpus {
+    /// A provider reading the CPU index with `current_index`.
+    pub const fn new(current_index: fn() -> Option<usize>) -> Self {
+        IrqCpus { current_index, busy: [const { AtomicBool::new(false) }; MAX_CPUS] }
+    }
+}
+
+/// Keeps interrupts off while alive; restores them (if they were on) and clears the busy flag on drop.
+pub struct IrqGuard<'a> {
+    busy: Option<&'a AtomicBool>,
+    were_enabled: bool,
+}
+
+impl Drop for IrqGuard<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(b) = self.busy {
+            b.store(false, Ordering::Release);
+        }
+        if self.were_enabled {
+            x86_64::instructions::interrupts::enable();
+        }
+    }
+}
+
+// SAFETY: an index is returned only to code running on that CPU with interrupts off, and only while the
+// CPU's busy flag was clear; the flag is set until the guard drops. Another CPU never gets the same index
+// (the kernel's `current_index` is per CPU, and `CpuIndexMap` never hands an index out twice). Interrupts
+// off on one CPU plus the flag give exclusivity; Release/Acquire on the flag orders the sections.
+unsafe impl<'a> CpuProvider for &'a IrqCpus {
+    type Guard = IrqGuard<'a>;
+
+    #[inline]
+    fn enter(&self) -> (IrqGuard<'a>, Option<usize>) {
+        let were_enabled = x86_64::instructions::interrupts::are_enabled();
+        x86_64::instructions::interrupts::disable();
+        let this: &'a IrqCpus = self;
+        match (this.current_index)() {
+            Some(i) if i < MAX_CPUS && !this.busy[i].load(Ordering::Acquire) => {
+                this.busy[i].store(true, Ordering::Relaxed);
+                (IrqGuard { busy: Some(&this.busy[i]), were_enabled }, Some(i))
+            }
+            _ => (IrqGuard { busy: None, were_enabled }, None),
+        }
+    }
+}
+
+/// Invalidates other CPUs' TLB entries for `[start, start + nbytes)` and returns once they did (e.g. by an
+/// NMI IPI, which also reaches CPUs spinning on a goheap lock with interrupts off). Called after the pages
+/// were unmapped and before their frames are reused.
+pub type ShootdownHook = fn(start: u64, nbytes: usize);
+
+struct FrameInner<M, F> {
+    mapper: M,
+    frames: F,
+    /// Next unreserved address in the window.
+    next: u64,
+}
+
+/// A page source over a kernel's frame allocator and page tables (see the module docs).
+///
+/// Committed memory is zeroed through `zero` (the frames as mapped) so `commit_zeroes()` is true.
+pub struct FrameSource<M, F> {
+    inner: spin::Mutex<Option<FrameInner<M, F>>>,
+    window_start: u64,
+    window_end: u64,
+    shootdown: Option<ShootdownHook>,
+    committed_frames: AtomicUsize,
+    total_commits: AtomicUsize,
+    total_decommits: AtomicUsize,
+}
+
+impl<M, F> FrameSource<M, F>
+where
+    M: Mapper<Size4KiB> + Send,
+    F: FrameAllocator<Size4KiB> + FrameDeallocator<Size4KiB> + Send,
+{
+    /// A source over the virtual window `[window_start, window_start + window_bytes)`, usable once
+    /// [`FrameSource::init`] gave it the mapper and frame allocator. Before that, `reserve` fails (the heap
+    /// then returns null; early allocations belong on a boot heap).
+    pub const fn new(window_start: u64, window_bytes: u64, shootdown: Option<ShootdownHook>) -> Self {
+        FrameSource {
+            inner: spin::Mutex::new(None),
+            window_start,
+            window_end: window_start + window_bytes,
+            shootdown,
+            committed_frames: AtomicUsize::new(0),
+            total_commits: AtomicUsize::new(0),
+            total_decommits: AtomicUsize::new(0),
+        }
+    }
+
+    /// Hands the source its mapper and frame allocator.
+    ///
+    /// # Safety
+    /// The window is unused virtual address space that only this source maps; `mapper` maps the active
+    /// page tables; `frames` hands out frames nothing else uses.
+    pub unsafe fn init(&self, mapper: M, frames: F) {
+        *self.inner.lock() = Some(FrameInner { mapper, frames, next: self.window_start });
+    }
+
+    /// Runs `f` on the frame allocator (e.g. to read its free count for a report).
+    pub fn with_frames<R>(&self, f: impl FnOnce(&mut F) -> R) -> Option<R> {
+        self.inner.lock().as_mut().map(|i| f(&mut i.frames))
+    }
+
+    /// 4 KiB frames currently mapped into the window by `commit`.
+    pub fn committed_frames(&self) -> usize {
+        self.committed_frames.load(Ordering::Relaxed)
+    }
+
+    /// Cumulative `commit` and `decommit` calls.
+    pub fn commit_counts(&self) -> (usize, usize) {
+        (self.total_commits.load(Ordering::Relaxed), self.total_decommits.load(Ordering::Relaxed))
+    }
+
+    /// Undoes a partial `commit`: unmaps and frees the first `npages` pages at `start`.
+    fn unmap_range(inner: &mut FrameInner<M, F>, start: u64, npages: u64) {
+        for i in 0..npages {
+            let page = Page::<Size4KiB>::containing_address(VirtAddr::new(start + i * 4096));
+            if let Ok((frame, flush)) = inner.mapper.unmap(page) {
+                flush.flush();
+                // SAFETY: the frame was mapped moments ago by the failing `commit` and never handed out, so
+                // no code used the page; it is unmapped and flushed locally now.
+                unsafe { inner.frames.deallocate_frame(frame) };
+            }
+        }
+    }
+}
+
+// SAFETY: `reserve` hands out disjoint ranges of a window only this source maps; `commit` maps fresh frames
+// read-write (zeroed) for every page of the range or, on failure, unmaps what it mapped and reports false;
+// `decommit` unmaps only the given range; all of it under one lock, from any CPU (the types are Send). The
+// source never allocates from a heap.
+unsafe impl<M, F> PageSource for FrameSource<M, F>
+where
+    M: Mapper<Size4KiB> + Send,
+    F: FrameAllocator<Size4KiB> + FrameDeallocator<Size4KiB> + Send,
+{
+    fn reserve(&self, nbytes: usize, align: usize) -> Option<NonNull<u8>> {
+        let mut g = self.inner.lock();
+        let inner = g.as_mut()?;
+        let start = inner.next.checked_next_multiple_of(align as u64)?;
+        let end = start.checked_add(nbytes as u64)?;
+        if end > self.window_end {
+            return None;
+        }
+        inner.next = end;
+        NonNull::new(start as *mut u8)
+    }
+
+    unsafe fn commit(&self, addr: NonNull<u8>, nbytes: usize) -> bool {
+        let start = addr.as_ptr() as u64;
+        let npages = nbytes as u64 / 4096;
+        let mut g = self.inner.lock();
+        let Some(inner) = g.as_mut() else { return false };
+        let flags = PageTableFlags::PRESENT | PageTableFlags::WRITABLE | PageTableFlags::NO_EXECUTE;
+        for i in 0..npages {
+            let page = Page::<Size4KiB>::containing_address(VirtAddr::new(start + i * 4096));
+            let Some(frame): Option<PhysFrame<Size4KiB>> = inner.frames.allocate_frame() else {
+                Self::unmap_range(inner, start, i);
+                return false;
+            };
+            // SAFETY: the page is in our window and unmapped (the caller commits uncommitted ranges only);
+            // the frame is fresh from the allocator.
+            match unsafe { inner.mapper.map_to(page, frame, flags, &mut inner.frames) } {
+                Ok(flush) => flush.flush(),
+                Err(_) => {
+                    // SAFETY: the frame was never mapped.
+                    unsafe { inner.frames.deallocate_frame(frame) };
+                    Self::unmap_range(inner, start, i);
+                    return false;
+                }
+            }
+            // SAFETY: the page was just mapped read-write to a frame only we use.
+            unsafe { core::ptr::write_bytes((start + i * 4096) as *mut u8, 0, 4096) };
+        }
+        self.committed_frames.fetch_add(npages as usize, Ordering::Relaxed);
+        self.total_commits.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    unsafe fn decommit(&self, addr: NonNull<u8>, nbytes: usize) {
+        let start = addr.as_ptr() as u64;
+        let npages = nbytes as u64 / 4096;
+        let mut g = self.inner.lock();
+        let Some(inner) = g.as_mut() else { return };
+        // Unmap first (local TLB flushed page by page), then make other CPUs drop their entries, and only
+        // then hand the frames back: so no CPU can reach a frame through a stale entry once it is reused.
+        let mut frames: [Option<PhysFrame<Size4KiB>>; 64] = [None; 64];
+        let mut done = 0;
+        while done < npages {
+            let batch = (npages - done).min(64);
+            for (k, slot) in frames.iter_mut().enumerate().take(batch as usize) {
+                let page = Page::<Size4KiB>::containing_address(VirtAddr::new(start + (done + k as u64) * 4096));
+                *slot = match inner.mapper.unmap(page) {
+                    Ok((frame, flush)) => {
+                        flush.flush();
+                        Some(frame)
+                    }
+                    Err(_) => None,
+                };
+            }
+            if let Some(shootdown) = self.shootdown {
+                shootdown(start + done * 4096, batch as usize * 4096);
+            }
+            for slot in frames.iter_mut().take(batch as usize) {
+                if let Some(frame) = slot.take() {
+                    // SAFETY: unmapped here and shot down everywhere: nothing reaches the frame any more.
+                    unsafe { inner.frames.deallocate_frame(frame) };
+                }
+            }
+            done += batch;
+        }
+        self.committed_frames.fetch_sub(npages as usize, Ordering::Relaxed);
+        self.total_decommits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn commit_zeroes(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apic_ids_get_dense_indices_even_with_gaps() {
+        let m = CpuIndexMap::new();
+        assert!(m.is_empty());
+        // A topology with gaps: sockets of 2 cores x 2 threads give IDs 0,1,2,3 then 8,9,...
+        let ids = [0u32, 1, 4, 5, 8, 9, 12, 13];
+        let got: std::vec::Vec<usize> = ids.iter().map(|&id| m.register(id).unwrap()).collect();
+        assert_eq!(got, (0..ids.len()).collect::<std::vec::Vec<_>>());
+        for (i, &id) in ids.iter().enumerate() {
+            assert_eq!(m.index_of(id), Some(i));
+            assert_eq!(m.register(id), Some(i), "re-registering keeps the index");
+        }
+        assert_eq!(m.index_of(2), None);
+        assert_eq!(m.index_of(300), None);
+        assert_eq!(m.register(300), None);
+        assert_eq!(m.len(), ids.len());
+    }
+
+    #[test]
+    fn indices_run_out_at_max_cpus() {
+        let m = CpuIndexMap::new();
+        for id in 0..MAX_CPUS as u32 {
+            assert_eq!(m.register(id * 2), Some(id as usize));
+        }
+        assert_eq!(m.register(255), None);
+        assert_eq!(m.len(), MAX_CPUS);
+    }
+}
