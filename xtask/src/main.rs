@@ -1,1 +1,82 @@
-fn main() {}
+//! `cargo xtask`: the project's task runner (the alias lives in `.cargo/config.toml`).
+//!
+//! - `cargo xtask run [OPTIONS] [-- KERNEL_ARGS...]`: build the demo kernel, make a disk image and boot it in
+//!   QEMU (serial on stdout). See `run::USAGE`.
+//! - `cargo xtask test`: every test: host tests, the no_std build, clippy, and the QEMU test kernels.
+//! - `cargo xtask setup`: only install/check what the kernel side needs.
+//! - `cargo xtask gen-size-classes`: regenerate `src/sizeclass/table.rs`.
+//!
+//! Each subcommand lives in its own module; add new ones beside them and a line in `main`.
+
+mod gen;
+mod kernel;
+mod proc;
+mod qemu;
+mod run;
+mod setup;
+mod test;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit status of the runner when it could not get as far as a verdict (usage, set-up or build error).
+pub const EXIT_ERROR: u8 = 2;
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  run [--bios] [--smp N] [--mem SIZE] [--release] [--timeout SECS] [--qemu-args \"ARGS\"] [-- KERNEL_ARGS...]
+                      build and boot the demo kernel in QEMU (see `cargo xtask run --help`)
+  test                run every test: host tests, no_std build, clippy, QEMU test kernels
+  setup               install/check QEMU, OVMF and the kernel toolchain only
+  gen-size-classes    regenerate src/sizeclass/table.rs from goheap's generator
+";
+
+/// The repository root (the workspace that holds xtask/).
+pub fn root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().expect("xtask/ has a parent").to_path_buf()
+}
+
+/// A progress line of the runner (stderr, beside cargo's own output).
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        eprintln!("[xtask] {}", format_args!($($arg)*));
+    }};
+}
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let Some(cmd) = args.next() else {
+        eprint!("{USAGE}");
+        return ExitCode::from(EXIT_ERROR);
+    };
+    let rest: Vec<String> = args.collect();
+    match cmd.as_str() {
+        "run" => run::main(&rest),
+        "test" => test::main(&rest),
+        "setup" => match setup::ensure() {
+            Ok(tools) => {
+                say!("set-up complete: {}", tools.describe());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(EXIT_ERROR)
+            }
+        },
+        "gen-size-classes" => gen::main(&rest),
+        "help" | "-h" | "--help" => {
+            print!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        other => {
+            eprintln!("unknown command {other:?}\n\n{USAGE}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}

@@ -1,0 +1,360 @@
+//! `cargo xtask test`: every test, then a summary ending in `N passed, N failed`.
+//!
+//! 1. set-up (install what is missing);
+//! 2. host tests: `cargo test --workspace --all-features` with the toolchain running xtask (rustup's);
+//! 3. goheap built for `x86_64-unknown-none` with the kernel toolchain (it must stay no_std);
+//! 4. clippy on goheap (`-D warnings`), if clippy is installed;
+//! 5. QEMU: the demo kernel under UEFI and BIOS, then every test kernel in `kernel-demo/tests/*.rs`.
+//!
+//! Test kernels: each `kernel-demo/tests/NAME.rs` is one kernel (custom_test_frameworks, or
+//! `harness = false` in kernel-demo/Cargo.toml for must-panic kernels whose panic handler exits with
+//! success). It passes when it exits through isa-debug-exit with success. QEMU options per test kernel come
+//! from lines of its source that start with `//! xtask:` or `// xtask:`, with space-separated settings:
+//!
+//! ```text
+//! //! xtask: smp=4 mem=512M timeout=300 firmware=both
+//! //! xtask: qemu-args=-cpu,max       (commas stand for spaces)
+//! //! xtask: kernel-args=--oom,--verbose
+//! ```
+//!
+//! Defaults: smp=4, mem=256M, timeout=120, firmware=uefi (`bios` or `both` also accepted).
+
+use std::path::Path;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::kernel::{KernelBuilder, TestKernel};
+use crate::qemu::{self, Firmware, Outcome, QemuOptions};
+use crate::setup::{self, Tools};
+use crate::{proc, say, EXIT_ERROR};
+
+/// One line of the summary.
+struct Line {
+    what: String,
+    passed: u64,
+    failed: u64,
+    note: String,
+}
+
+#[derive(Default)]
+struct Summary {
+    lines: Vec<Line>,
+    qemu_ran: u64,
+    qemu_passed: u64,
+}
+
+impl Summary {
+    fn add(&mut self, what: impl Into<String>, passed: u64, failed: u64, note: impl Into<String>) {
+        self.lines.push(Line { what: what.into(), passed, failed, note: note.into() });
+    }
+    fn check(&mut self, what: &str, result: Result<String, String>) {
+        match result {
+            Ok(note) => self.add(what, 1, 0, note),
+            Err(note) => self.add(what, 0, 1, note),
+        }
+    }
+}
+
+pub fn main(args: &[String]) -> ExitCode {
+    if !args.is_empty() {
+        eprintln!("usage: cargo xtask test");
+        return ExitCode::from(EXIT_ERROR);
+    }
+    let start = Instant::now();
+    let root = crate::root();
+    let mut sum = Summary::default();
+
+    say!("step 1/5: set-up");
+    let tools = match setup::ensure() {
+        Ok(t) => {
+            say!("set-up: {}", t.describe());
+            Some(t)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            sum.add("set-up", 0, 1, "kernel-side tools missing: no-std build and QEMU tests skipped");
+            None
+        }
+    };
+
+    let mut step = Instant::now();
+    let mut done = |what: &str| {
+        say!("{what} took {}", proc::fmt_duration(step.elapsed()));
+        step = Instant::now();
+    };
+    done("step 1/5 (set-up)");
+    say!("step 2/5: host tests (cargo test --workspace --all-features --no-fail-fast)");
+    host_tests(&root, &mut sum);
+
+    done("step 2/5 (host tests)");
+    say!("step 3/5: goheap for x86_64-unknown-none (no_std) with the kernel toolchain");
+    if let Some(tools) = &tools {
+        let r = nostd_build(&root, tools);
+        sum.check("goheap builds for x86_64-unknown-none", r);
+    }
+
+    done("step 3/5 (no_std build)");
+    say!("step 4/5: clippy");
+    clippy(&root, &mut sum);
+
+    done("step 4/5 (clippy)");
+    say!("step 5/5: QEMU kernels");
+    if let Some(tools) = &tools {
+        qemu_kernels(tools, &mut sum);
+    }
+    done("step 5/5 (QEMU kernels)");
+
+    let passed: u64 = sum.lines.iter().map(|l| l.passed).sum();
+    let failed: u64 = sum.lines.iter().map(|l| l.failed).sum();
+    println!();
+    println!("==================== cargo xtask test: summary ====================");
+    for l in &sum.lines {
+        let verdict = if l.failed == 0 { "ok    " } else { "FAILED" };
+        println!("{verdict} {}: {} passed, {} failed{}", l.what, l.passed, l.failed, note(&l.note));
+    }
+    let host: (u64, u64) = sum
+        .lines
+        .iter()
+        .filter(|l| l.what.starts_with("host"))
+        .fold((0, 0), |(p, f), l| (p + l.passed, f + l.failed));
+    println!("host tests: {} passed, {} failed", host.0, host.1);
+    println!(
+        "QEMU test kernels: {} ran, {} passed, {} failed",
+        sum.qemu_ran,
+        sum.qemu_passed,
+        sum.qemu_ran - sum.qemu_passed
+    );
+    println!("wall time: {}", proc::fmt_duration(start.elapsed()));
+    println!("{passed} passed, {failed} failed");
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn note(n: &str) -> String {
+    if n.is_empty() {
+        String::new()
+    } else {
+        format!(" ({n})")
+    }
+}
+
+/// The cargo that runs xtask (rustup's, with its RUSTUP_TOOLCHAIN), for host-side work.
+fn host_cargo(root: &Path) -> Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root).env_remove("RUSTC_BOOTSTRAP");
+    cmd
+}
+
+/// Counts from `test result: ok. 12 passed; 0 failed; ...` lines.
+fn parse_test_result(line: &str) -> Option<(u64, u64)> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    let num_before = |word: &str| -> Option<u64> {
+        let idx = rest.find(word)?;
+        rest[..idx].trim_end().rsplit([' ', '.', ';']).next()?.parse().ok()
+    };
+    Some((num_before(" passed")?, num_before(" failed")?))
+}
+
+fn host_tests(root: &Path, sum: &mut Summary) {
+    let mut cmd = host_cargo(root);
+    cmd.args(["test", "--workspace", "--all-features", "--no-fail-fast"]).stdout(Stdio::piped());
+    say!("$ {}", proc::show(&cmd));
+    let _beat = proc::Heartbeat::start("host tests".into(), Duration::from_secs(60));
+    let child = proc::die_with_parent(&mut cmd).spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => return sum.add("host tests", 0, 1, format!("cannot run cargo: {e}")),
+    };
+    // Copy cargo test's stdout through while counting its `test result:` lines.
+    let (mut passed, mut failed, mut suites) = (0, 0, 0);
+    if let Some(out) = child.stdout.take() {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            println!("{line}");
+            if let Some((p, f)) = parse_test_result(&line) {
+                passed += p;
+                failed += f;
+                suites += 1;
+            }
+        }
+    }
+    let status = child.wait();
+    let ok = status.as_ref().is_ok_and(|s| s.success());
+    let mut note = format!("{suites} test binaries");
+    if !ok && failed == 0 {
+        // A build error (or a crashed test binary) fails without a `test result` line to count.
+        failed = 1;
+        note = format!("cargo test failed without a failing test to count ({}): see above", show_status(&status));
+    }
+    sum.add("host tests (cargo test --workspace --all-features --no-fail-fast)", passed, failed, note);
+}
+
+fn show_status(s: &std::io::Result<std::process::ExitStatus>) -> String {
+    match s {
+        Ok(s) => s.to_string(),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn nostd_build(root: &Path, tools: &Tools) -> Result<String, String> {
+    let mut cmd = tools.kernel.cargo();
+    // A target directory of its own: another rustc than rustup's would invalidate the host builds' cache.
+    cmd.current_dir(root)
+        .args(["build", "-p", "goheap", "--lib", "--target", "x86_64-unknown-none"])
+        .args(["-Zbuild-std=core,alloc", "--target-dir"])
+        .arg(root.join("target/kernel-toolchain"));
+    say!("$ {}", proc::show(&cmd));
+    let status = proc::run_streaming(&mut cmd, "no_std build").map_err(|e| e.to_string())?;
+    if status.success() {
+        Ok(tools.kernel.version.clone())
+    } else {
+        Err(format!("build failed ({status}): see above"))
+    }
+}
+
+fn clippy(root: &Path, sum: &mut Summary) {
+    let available = host_cargo(root)
+        .args(["clippy", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !available {
+        say!("clippy is not installed (`rustup component add clippy`): skipped");
+        return;
+    }
+    let mut cmd = host_cargo(root);
+    cmd.args(["clippy", "-p", "goheap", "--all-targets", "--all-features", "--", "-D", "warnings"]);
+    say!("$ {}", proc::show(&cmd));
+    let r = match proc::run_streaming(&mut cmd, "clippy") {
+        Ok(s) if s.success() => Ok(String::new()),
+        Ok(s) => Err(format!("clippy -D warnings failed ({s}): see above")),
+        Err(e) => Err(format!("cannot run clippy: {e}")),
+    };
+    sum.check("clippy -p goheap --all-targets --all-features -D warnings", r);
+}
+
+/// Per-kernel settings from `//! xtask:` lines (see the module docs).
+struct KernelSettings {
+    qemu: QemuOptions,
+    firmwares: Vec<Firmware>,
+    kernel_args: Vec<String>,
+}
+
+fn settings_of(src: &Path) -> Result<KernelSettings, String> {
+    let mut s = KernelSettings { qemu: QemuOptions::default(), firmwares: vec![Firmware::Uefi], kernel_args: Vec::new() };
+    let text = std::fs::read_to_string(src).map_err(|e| format!("reading {}: {e}", src.display()))?;
+    for line in text.lines() {
+        let line = line.trim_start();
+        let Some(rest) = line.strip_prefix("//!").or_else(|| line.strip_prefix("//")) else { continue };
+        let Some(settings) = rest.trim_start().strip_prefix("xtask:") else { continue };
+        for item in settings.split_whitespace() {
+            let (key, value) = item.split_once('=').ok_or(format!("{}: `{item}` is not key=value", src.display()))?;
+            let bad = || format!("{}: bad setting `{item}`", src.display());
+            match key {
+                "smp" => s.qemu.smp = value.parse().map_err(|_| bad())?,
+                "mem" => s.qemu.mem = value.to_string(),
+                "timeout" => s.qemu.timeout = Duration::from_secs(value.parse().map_err(|_| bad())?),
+                "firmware" => {
+                    s.firmwares = match value {
+                        "uefi" => vec![Firmware::Uefi],
+                        "bios" => vec![Firmware::Bios],
+                        "both" => vec![Firmware::Uefi, Firmware::Bios],
+                        _ => return Err(bad()),
+                    }
+                }
+                "qemu-args" => s.qemu.extra.extend(value.split(',').filter(|a| !a.is_empty()).map(String::from)),
+                "kernel-args" => s.kernel_args.extend(value.split(',').filter(|a| !a.is_empty()).map(String::from)),
+                _ => return Err(bad()),
+            }
+        }
+    }
+    Ok(s)
+}
+
+fn qemu_kernels(tools: &Tools, sum: &mut Summary) {
+    let kb = KernelBuilder::new(&tools.kernel);
+    let tool = match kb.build_image_tool() {
+        Ok(t) => t,
+        Err(e) => return sum.add("QEMU kernels", 0, 1, e),
+    };
+    // The demo kernel, under both firmwares.
+    match kb.build_demo(false) {
+        Ok(elf) => {
+            for fw in [Firmware::Uefi, Firmware::Bios] {
+                let opts = QemuOptions { firmware: fw, ..QemuOptions::default() };
+                boot_one(tools, &kb, &tool, sum, "kernel-demo", &elf, &opts, &[]);
+            }
+        }
+        Err(e) => sum.add("QEMU kernel-demo", 0, 1, e),
+    }
+    // Every test kernel.
+    let tests: Vec<TestKernel> = match kb.build_tests(false) {
+        Ok(t) => t,
+        Err(e) => return sum.add("QEMU test kernels (build)", 0, 1, e),
+    };
+    say!(
+        "{} test kernel(s): {}",
+        tests.len(),
+        tests.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ")
+    );
+    for t in &tests {
+        let settings = match settings_of(&t.src) {
+            Ok(s) => s,
+            Err(e) => {
+                sum.add(format!("QEMU {}", t.name), 0, 1, e);
+                continue;
+            }
+        };
+        for fw in &settings.firmwares {
+            let opts = QemuOptions { firmware: *fw, ..settings.qemu.clone() };
+            boot_one(tools, &kb, &tool, sum, &t.name, &t.elf, &opts, &settings.kernel_args);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn boot_one(
+    tools: &Tools,
+    kb: &KernelBuilder,
+    tool: &Path,
+    sum: &mut Summary,
+    name: &str,
+    elf: &Path,
+    opts: &QemuOptions,
+    kernel_args: &[String],
+) {
+    let what = format!("QEMU {name} ({}, smp {}, {})", opts.firmware.name(), opts.smp, opts.mem);
+    say!("booting {what}");
+    sum.qemu_ran += 1;
+    let start = Instant::now();
+    let result = kb
+        .make_image(tool, elf, name, opts.firmware, kernel_args)
+        .and_then(|image| qemu::run(tools, &image, opts));
+    match result {
+        Ok((Outcome::Success, _)) => {
+            sum.qemu_passed += 1;
+            sum.add(what, 1, 0, proc::fmt_duration(start.elapsed()));
+        }
+        Ok((outcome, _)) => sum.add(what, 0, 1, outcome.describe()),
+        Err(e) => sum.add(what, 0, 1, e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_test_result;
+
+    #[test]
+    fn parses_cargo_test_result_lines() {
+        let ok = "test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s";
+        assert_eq!(parse_test_result(ok), Some((12, 0)));
+        let bad = "test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out";
+        assert_eq!(parse_test_result(bad), Some((3, 2)));
+        assert_eq!(parse_test_result("running 3 tests"), None);
+    }
+}
