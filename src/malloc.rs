@@ -853,19 +853,8 @@ unsafe impl<S: PageSource, P: CpuProvider> allocator_api2::alloc::Allocator for 
         old: Layout,
         new: Layout,
     ) -> Result<NonNull<[u8]>, allocator_api2::alloc::AllocError> {
-        if old.size() == 0 || new.align() != old.align() {
-            let fresh = self.allocate(new)?;
-            // SAFETY: both valid for `old.size()` bytes; the old block is given up.
-            unsafe {
-                ptr::copy_nonoverlapping(ptr.as_ptr(), fresh.as_ptr() as *mut u8, old.size());
-                self.deallocate(ptr, old);
-            }
-            return Ok(fresh);
-        }
-        // SAFETY: forwarded contract; same alignment.
-        let p = unsafe { Malloc::realloc(self, ptr.as_ptr(), old, new.size()) };
-        let p = NonNull::new(p).ok_or(allocator_api2::alloc::AllocError)?;
-        Ok(NonNull::slice_from_raw_parts(p, new.size()))
+        // SAFETY: forwarded contract.
+        unsafe { self.resize(ptr, old, new) }
     }
 
     unsafe fn shrink(
@@ -874,19 +863,37 @@ unsafe impl<S: PageSource, P: CpuProvider> allocator_api2::alloc::Allocator for 
         old: Layout,
         new: Layout,
     ) -> Result<NonNull<[u8]>, allocator_api2::alloc::AllocError> {
-        if new.size() == 0 || new.align() != old.align() {
-            let fresh = self.allocate(new)?;
-            // SAFETY: both valid for `new.size()` bytes; the old block is given up.
-            unsafe {
-                ptr::copy_nonoverlapping(ptr.as_ptr(), fresh.as_ptr() as *mut u8, new.size());
-                self.deallocate(ptr, old);
-            }
-            return Ok(fresh);
-        }
-        // SAFETY: forwarded contract; same alignment.
-        let p = unsafe { Malloc::realloc(self, ptr.as_ptr(), old, new.size()) };
-        let p = NonNull::new(p).ok_or(allocator_api2::alloc::AllocError)?;
-        Ok(NonNull::slice_from_raw_parts(p, new.size()))
+        // SAFETY: forwarded contract.
+        unsafe { self.resize(ptr, old, new) }
     }
 }
 
+impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
+    /// `Allocator::grow`/`shrink`: `realloc` when both sizes are non-zero and the alignment stays, else a
+    /// fresh block, a copy and a free.
+    ///
+    /// # Safety
+    /// As for `Allocator::grow`/`shrink`: `ptr` is a block of this allocator fitting `old`.
+    unsafe fn resize(
+        &self,
+        ptr: NonNull<u8>,
+        old: Layout,
+        new: Layout,
+    ) -> Result<NonNull<[u8]>, allocator_api2::alloc::AllocError> {
+        use allocator_api2::alloc::{AllocError, Allocator};
+        let this: &Self = self;
+        if old.size() == 0 || new.size() == 0 || new.align() != old.align() {
+            let fresh = this.allocate(new)?;
+            // SAFETY: both blocks are valid for the smaller size and distinct; the old block is given up.
+            unsafe {
+                ptr::copy_nonoverlapping(ptr.as_ptr(), fresh.as_ptr() as *mut u8, old.size().min(new.size()));
+                this.deallocate(ptr, old);
+            }
+            return Ok(fresh);
+        }
+        // SAFETY: forwarded contract; same alignment, both sizes non-zero.
+        let p = unsafe { self.realloc(ptr.as_ptr(), old, new.size()) };
+        let p = NonNull::new(p).ok_or(AllocError)?;
+        Ok(NonNull::slice_from_raw_parts(p, new.size()))
+    }
+}

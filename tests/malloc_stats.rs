@@ -140,3 +140,23 @@ fn heap_profile_samples_at_the_rate() {
     let after = m.profile()[class64].samples;
     assert!(after <= small + 1, "{after} samples after turning profiling off (was {small}): at most the pending one");
 }
+
+/// allocator-api2's `Allocator` on `&Malloc`: collections that take the allocator explicitly.
+#[test]
+fn allocator_api2_collections() {
+    use allocator_api2::vec::Vec as AVec;
+    let m = Box::new(Malloc::with_max_bytes(MmapSource::new(), ThreadSlots::new(), 1 << 30));
+    let mut v: AVec<u64, _> = AVec::new_in(&*m);
+    for i in 0..100_000u64 {
+        v.push(i * 3); // grows through `Allocator::grow`, small then large
+    }
+    assert_eq!(v.iter().sum::<u64>(), 3 * (100_000 * 99_999 / 2));
+    v.truncate(10);
+    v.shrink_to_fit(); // `Allocator::shrink`, large to small
+    assert_eq!(&v[..], &[0, 3, 6, 9, 12, 15, 18, 21, 24, 27]);
+    let zst: AVec<(), _> = AVec::with_capacity_in(5, &*m); // zero-sized: never reaches the heap
+    assert_eq!(zst.capacity(), usize::MAX);
+    assert_eq!(m.mem_stats().heap_objects, 1);
+    drop(v);
+    assert_eq!(m.mem_stats().heap_objects, 0);
+}
