@@ -92,6 +92,14 @@ pub const fn stock_max(c: usize) -> u32 {
     (if n > STOCK_MAX_OBJS { STOCK_MAX_OBJS } else { n }) as u32
 }
 
+/// `stock_max(c)`, unchecked: `c < NUM_ALLOC_CLASSES`.
+#[inline(always)]
+fn cc_max(c: usize) -> u32 {
+    debug_assert!(c < NUM_ALLOC_CLASSES);
+    // SAFETY: callers pass a valid allocation class.
+    unsafe { *STOCK_MAX.get_unchecked(c) }
+}
+
 const STOCK_MAX: [u32; NUM_ALLOC_CLASSES] = {
     let mut t = [0; NUM_ALLOC_CLASSES];
     let mut c = 1;
@@ -159,6 +167,22 @@ pub struct CpuStats {
 }
 
 impl CpuStats {
+    /// `nmalloc[c]` without a bounds check on the fast path (`c < NUM_ALLOC_CLASSES`, checked in debug).
+    #[inline(always)]
+    pub(crate) fn nmalloc(&self, c: usize) -> &Counter {
+        debug_assert!(c < NUM_ALLOC_CLASSES);
+        // SAFETY: every caller passes an allocation class, `c < NUM_ALLOC_CLASSES`.
+        unsafe { self.nmalloc.get_unchecked(c) }
+    }
+
+    /// `nfree[c]`, as [`CpuStats::nmalloc`].
+    #[inline(always)]
+    pub(crate) fn nfree(&self, c: usize) -> &Counter {
+        debug_assert!(c < NUM_ALLOC_CLASSES);
+        // SAFETY: every caller passes an allocation class, `c < NUM_ALLOC_CLASSES`.
+        unsafe { self.nfree.get_unchecked(c) }
+    }
+
     const fn new() -> Self {
         CpuStats {
             nmalloc: [const { Counter::new() }; NUM_ALLOC_CLASSES],
@@ -189,19 +213,33 @@ pub struct CpuCache {
     pub(crate) next_sample: isize,
     /// State of the sampling interval's random draw (xorshift).
     pub(crate) sample_rng: u64,
-    /// Counters, readable from any CPU.
+}
+
+/// The part of a CPU's cache slot that other CPUs may read: its counters and its index. Kept outside the
+/// `CpuCache` (which its owner holds by `&mut`) so readers never alias the owner's exclusive borrow.
+pub struct CpuShared {
+    /// Counters: written by the owner only (plain relaxed stores), read by anyone.
     pub stats: CpuStats,
+    /// The cache index (`MAX_CPUS` for the shared cache); marks the spans this cache caches.
+    pub index: u16,
+}
+
+impl CpuShared {
+    /// Counters for cache `index`.
+    pub const fn new(index: u16) -> Self {
+        CpuShared { stats: CpuStats::new(), index }
+    }
 }
 
 // SAFETY: a CpuCache is only used by the holder of its index's guard (or its lock); the raw pointers it holds
 // point into the heap, which is shared and `Sync`.
 unsafe impl Send for CpuCache {}
 
-/// The tier above the cache: what a refill or flush needs.
-pub(crate) struct Tiers<'a, S: PageSource> {
-    pub heap: &'a Heap<S>,
-    pub centrals: &'a [Central; NUM_ALLOC_CLASSES],
-    /// Where bad frees found while flushing are reported (`None`: the process-wide hook).
+/// The tiers below the caches, shared by all CPUs: what a refill or flush needs.
+pub(crate) struct Tiers<S: PageSource> {
+    pub heap: Heap<S>,
+    pub centrals: [Central; NUM_ALLOC_CLASSES],
+    /// Where bad frees are reported (`None`: the process-wide hook).
     pub report_hook: Option<crate::check::ReportHook>,
 }
 
@@ -223,21 +261,24 @@ impl CpuCache {
             pcache: PageCache::new(),
             next_sample: 0,
             sample_rng: 0x9E37_79B9_7F4A_7C15,
-            stats: CpuStats::new(),
         }
     }
 
-    /// Allocates an object of class `c` (`1 <= c < NUM_ALLOC_CLASSES`). Null when out of memory.
+    /// Allocates an object of class `c`. Null when out of memory.
     /// With `ZERO`, the object is zeroed (skipping objects known to be fresh from zeroed pages).
+    ///
+    /// # Safety
+    /// `1 <= c < NUM_ALLOC_CLASSES` (the fast path skips the bounds checks).
     #[inline(always)]
-    pub(crate) fn alloc<S: PageSource, const ZERO: bool>(&mut self, t: &Tiers<'_, S>, c: usize, me: u16) -> *mut u8 {
-        let cc = &mut self.classes[c];
+    pub(crate) unsafe fn alloc<S: PageSource, const ZERO: bool>(&mut self, t: &Tiers<S>, c: usize, sh: &CpuShared) -> *mut u8 {
+        // SAFETY: `c < NUM_ALLOC_CLASSES` (the caller's contract).
+        let cc = unsafe { self.classes.get_unchecked_mut(c) };
         let obj = cc.stock;
         if !obj.is_null() {
             // SAFETY: stock objects are free, at least 8 bytes, and hold the next link in their first word.
             cc.stock = unsafe { *(obj as *mut *mut u8) };
             cc.nstock -= 1;
-            self.stats.nmalloc[c].bump();
+            sh.stats.nmalloc(c).bump();
             if ZERO {
                 // SAFETY: the object is ours and `elemsize` bytes long.
                 unsafe { ptr::write_bytes(obj, 0, class_shape(c).elemsize as usize) };
@@ -248,12 +289,12 @@ impl CpuCache {
         if !s.is_null() {
             // SAFETY: we own the cached span's object fields.
             if let Some(idx) = unsafe { Span::next_free_fast(s) } {
-                self.stats.nmalloc[c].bump();
+                sh.stats.nmalloc(c).bump();
                 // SAFETY: as above; `idx < nelems`.
                 return unsafe { Self::object::<ZERO>(s, idx) };
             }
         }
-        self.alloc_slow::<S, ZERO>(t, c, me)
+        self.alloc_slow::<S, ZERO>(t, c, sh)
     }
 
     /// The address of object `idx` of owned span `s`, zeroed if asked and not known fresh.
@@ -274,36 +315,36 @@ impl CpuCache {
     }
 
     #[inline(never)]
-    fn alloc_slow<S: PageSource, const ZERO: bool>(&mut self, t: &Tiers<'_, S>, c: usize, me: u16) -> *mut u8 {
-        self.stats.used.set(1);
+    fn alloc_slow<S: PageSource, const ZERO: bool>(&mut self, t: &Tiers<S>, c: usize, sh: &CpuShared) -> *mut u8 {
+        sh.stats.used.set(1);
         let s = self.classes[c].span;
         if !s.is_null() {
             // SAFETY: we own the cached span's object fields.
             unsafe {
                 if let Some(idx) = Span::next_free(s) {
-                    self.stats.nmalloc[c].bump();
+                    sh.stats.nmalloc[c].bump();
                     return Self::object::<ZERO>(s, idx);
                 }
                 // Full: fold frees other CPUs deferred to us (the sweep of a cached span), else give it back.
                 if Span::has_deferred_frees(s) && Span::sweep(s) > 0 {
                     let idx = Span::next_free(s).expect("swept span has a free object");
-                    self.stats.nmalloc[c].bump();
+                    sh.stats.nmalloc[c].bump();
                     return Self::object::<ZERO>(s, idx);
                 }
                 t.centrals[c].uncache_span(NonNull::new_unchecked(s));
             }
             self.classes[c].span = ptr::null_mut();
         }
-        let Some(s) = t.centrals[c].cache_span(t.heap, Some(&mut self.pcache), me) else {
+        let Some(s) = t.centrals[c].cache_span(&t.heap, Some(&mut self.pcache), sh.index) else {
             return ptr::null_mut();
         };
-        self.stats.refills.bump();
+        sh.stats.refills.bump();
         let s = s.as_ptr();
         self.classes[c].span = s;
         // SAFETY: `cache_span` made us the owner of `s`, which has a free object.
         unsafe {
             let idx = Span::next_free(s).expect("cached span has a free object");
-            self.stats.nmalloc[c].bump();
+            sh.stats.nmalloc[c].bump();
             Self::object::<ZERO>(s, idx)
         }
     }
@@ -312,31 +353,33 @@ impl CpuCache {
     /// when it overflows.
     ///
     /// # Safety
-    /// `p` was allocated from class `c` of the allocator `t` belongs to and is not used any more.
+    /// `p` was allocated from class `c` of the allocator `t` belongs to and is not used any more;
+    /// `1 <= c < NUM_ALLOC_CLASSES`.
     #[inline(always)]
     pub(crate) unsafe fn free<S: PageSource>(
         &mut self,
-        t: &Tiers<'_, S>,
+        t: &Tiers<S>,
         c: usize,
         p: *mut u8,
-        me: u16,
+        sh: &CpuShared,
     ) {
-        let cc = &mut self.classes[c];
+        // SAFETY: `c < NUM_ALLOC_CLASSES` (the caller's contract).
+        let cc = unsafe { self.classes.get_unchecked_mut(c) };
         // SAFETY: the object is free and at least 8 bytes: it can hold the link.
         unsafe { *(p as *mut *mut u8) = cc.stock };
         cc.stock = p;
         cc.nstock += 1;
         let nstock = cc.nstock;
-        self.stats.nfree[c].bump();
-        if nstock > STOCK_MAX[c] {
-            self.flush_stock(t, c, (nstock / 2).max(1) as usize, me);
+        sh.stats.nfree(c).bump();
+        if nstock > cc_max(c) {
+            self.flush_stock(t, c, (nstock / 2).max(1) as usize, sh);
         }
     }
 
     /// Flushes the `n` most recently freed objects of class `c` to the central list. An invalid object
     /// among them (a bad free the `checks` feature was not there to catch) is reported, never returned.
     #[inline(never)]
-    fn flush_stock<S: PageSource>(&mut self, t: &Tiers<'_, S>, c: usize, n: usize, me: u16) {
+    fn flush_stock<S: PageSource>(&mut self, t: &Tiers<S>, c: usize, n: usize, sh: &CpuShared) {
         let cc = &mut self.classes[c];
         let n = n.min(cc.nstock as usize);
         if n == 0 {
@@ -352,12 +395,12 @@ impl CpuCache {
         cc.stock = unsafe { *(last as *mut *mut u8) };
         cc.nstock -= n as u32;
         // SAFETY: the objects were freed to us as class `c` objects of this allocator.
-        let r = unsafe { t.centrals[c].flush(t.heap, head, n, me) };
+        let r = unsafe { t.centrals[c].flush(&t.heap, head, n, sh.index) };
         match r {
-            Ok(Flushed { nremote, .. }) => self.stats.remote_frees.add(nremote as u64),
+            Ok(Flushed { nremote, .. }) => sh.stats.remote_frees.add(nremote as u64),
             Err(e) => {
                 // The rest of the flushed list is dropped on the floor: it may be corrupt.
-                crate::check::report_flush_error(t.heap, t.report_hook, e)
+                crate::check::report_flush_error(&t.heap, t.report_hook, e)
             }
         }
     }
@@ -365,24 +408,25 @@ impl CpuCache {
     /// Allocates `size` bytes aligned to `align` (`size < TINY_SIZE`, `align <= 8`) from the current tiny
     /// block, starting a new block when it does not fit.
     #[inline(always)]
-    pub(crate) fn alloc_tiny<S: PageSource>(&mut self, t: &Tiers<'_, S>, size: usize, align: usize, me: u16) -> *mut u8 {
+    pub(crate) fn alloc_tiny<S: PageSource>(&mut self, t: &Tiers<S>, size: usize, align: usize, sh: &CpuShared) -> *mut u8 {
         let off = (self.tiny_offset + align - 1) & !(align - 1);
         if self.tiny != 0 && off + size <= TINY_SIZE {
             self.tiny_offset = off + size;
             self.tiny_nobjs += 1;
-            self.stats.tiny_nmalloc.bump();
+            sh.stats.tiny_nmalloc.bump();
             return (self.tiny + off) as *mut u8;
         }
-        self.alloc_tiny_block(t, size, me)
+        self.alloc_tiny_block(t, size, sh)
     }
 
     #[inline(never)]
-    fn alloc_tiny_block<S: PageSource>(&mut self, t: &Tiers<'_, S>, size: usize, me: u16) -> *mut u8 {
-        let block = self.alloc::<S, false>(t, TINY_CLASS, me);
+    fn alloc_tiny_block<S: PageSource>(&mut self, t: &Tiers<S>, size: usize, sh: &CpuShared) -> *mut u8 {
+        // SAFETY: the tiny class is an allocation class.
+        let block = unsafe { self.alloc::<S, false>(t, TINY_CLASS, sh) };
         if block.is_null() {
             return block;
         }
-        self.stats.tiny_nmalloc.bump();
+        sh.stats.tiny_nmalloc.bump();
         if self.tiny != 0 && size >= self.tiny_offset {
             // As Go: keep whichever block has more room left. The current one does, so the new block holds
             // just this object and is retired at once (its count becomes 1).
@@ -390,7 +434,7 @@ impl CpuCache {
             unsafe { tiny_count(block as usize) }.fetch_add(1, Ordering::AcqRel);
             return block;
         }
-        self.retire_tiny(t, me);
+        self.retire_tiny(t, sh);
         self.tiny = block as usize;
         self.tiny_offset = size;
         self.tiny_nobjs = 1;
@@ -399,7 +443,7 @@ impl CpuCache {
 
     /// Retires the current tiny block: adds the objects handed out to its count, and frees the block if all
     /// of them were freed already.
-    fn retire_tiny<S: PageSource>(&mut self, t: &Tiers<'_, S>, me: u16) {
+    fn retire_tiny<S: PageSource>(&mut self, t: &Tiers<S>, sh: &CpuShared) {
         if self.tiny == 0 {
             return;
         }
@@ -412,7 +456,7 @@ impl CpuCache {
         let count = unsafe { tiny_count(block) };
         if count.fetch_add(n, Ordering::AcqRel) + n == 0 {
             // SAFETY: every object of the block was freed; the block is a tiny-class object.
-            unsafe { self.free(t, TINY_CLASS, block as *mut u8, me) };
+            unsafe { self.free(t, TINY_CLASS, block as *mut u8, sh) };
         }
     }
 
@@ -421,24 +465,24 @@ impl CpuCache {
     /// # Safety
     /// `p` was allocated by the tiny path of the allocator `t` belongs to and is not used any more.
     #[inline]
-    pub(crate) unsafe fn free_tiny<S: PageSource>(&mut self, t: &Tiers<'_, S>, p: *mut u8, me: u16) {
-        self.stats.tiny_nfree.bump();
+    pub(crate) unsafe fn free_tiny<S: PageSource>(&mut self, t: &Tiers<S>, p: *mut u8, sh: &CpuShared) {
+        sh.stats.tiny_nfree.bump();
         // SAFETY: `p` is in a live tiny block.
         let count = unsafe { tiny_count(p as usize) };
         if count.fetch_sub(1, Ordering::AcqRel) == 1 {
             let block = (p as usize) & !(TINY_SIZE - 1);
             // SAFETY: the block was retired and all its objects are now free.
-            unsafe { self.free(t, TINY_CLASS, block as *mut u8, me) };
+            unsafe { self.free(t, TINY_CLASS, block as *mut u8, sh) };
         }
     }
 
     /// Gives everything cached back: flushes every stock, retires the tiny block and returns every span to
     /// the central lists, and flushes the page cache to the heap. The cache stays usable.
-    pub(crate) fn flush_all<S: PageSource>(&mut self, t: &Tiers<'_, S>, me: u16) {
-        self.retire_tiny(t, me);
+    pub(crate) fn flush_all<S: PageSource>(&mut self, t: &Tiers<S>, sh: &CpuShared) {
+        self.retire_tiny(t, sh);
         for c in 1..NUM_ALLOC_CLASSES {
             let n = self.classes[c].nstock as usize;
-            self.flush_stock(t, c, n, me);
+            self.flush_stock(t, c, n, sh);
             let s = self.classes[c].span;
             if !s.is_null() {
                 self.classes[c].span = ptr::null_mut();

@@ -22,7 +22,7 @@
 use crate::central::{Central, ClassShape};
 use crate::check::{self, Reason};
 use crate::cpu::{CpuProvider, MAX_CPUS};
-use crate::cpucache::{class_shape, CpuCache, Tiers, NUM_ALLOC_CLASSES, TINY_CLASS, TINY_SIZE};
+use crate::cpucache::{class_shape, CpuCache, CpuShared, Tiers, NUM_ALLOC_CLASSES, TINY_CLASS, TINY_SIZE};
 use crate::heap::Heap;
 use crate::sizeclass::{self, NUM_SIZE_CLASSES};
 use crate::source::PageSource;
@@ -132,7 +132,17 @@ fn npages_for(nbytes: usize) -> usize {
     nbytes.div_ceil(PAGE_SIZE).max(1)
 }
 
-struct CacheSlot(UnsafeCell<CpuCache>);
+/// One CPU's cache, and what other CPUs may read of it.
+struct CacheSlot {
+    cache: UnsafeCell<CpuCache>,
+    shared: CpuShared,
+}
+
+impl CacheSlot {
+    const fn new(index: u16) -> Self {
+        CacheSlot { cache: UnsafeCell::new(CpuCache::new()), shared: CpuShared::new(index) }
+    }
+}
 
 /// What keeps an entered cache exclusive.
 enum Held<'a, G> {
@@ -146,7 +156,7 @@ enum Held<'a, G> {
 /// An entered cache: exclusive to the holder until dropped.
 struct Entered<'a, G> {
     cache: &'a mut CpuCache,
-    me: u16,
+    sh: &'a CpuShared,
     _held: Held<'a, G>,
 }
 
@@ -180,18 +190,27 @@ pub struct CpuSummary {
 
 /// goheap's allocator over page source `S`, with per-CPU caches chosen by `P`.
 pub struct Malloc<S: PageSource, P: CpuProvider> {
-    heap: Heap<S>,
-    centrals: [Central; NUM_ALLOC_CLASSES],
+    /// The page heap, the central lists and the report hook.
+    t: Tiers<S>,
     caches: [CacheSlot; MAX_CPUS],
     /// The shared cache, used under `shared_lock` by callers the provider gives no index.
     shared: CacheSlot,
     shared_lock: spin::Mutex<()>,
     provider: P,
-    /// Where bad frees are reported (`None`: the process-wide hook of `check.rs`).
-    report_hook: Option<check::ReportHook>,
     /// Debug knobs; immutable once built.
     debug: DebugFlags,
     profiler: Profiler,
+}
+
+const fn cache_slots() -> [CacheSlot; MAX_CPUS] {
+    let mut arr: [MaybeUninit<CacheSlot>; MAX_CPUS] = [const { MaybeUninit::uninit() }; MAX_CPUS];
+    let mut i = 0;
+    while i < MAX_CPUS {
+        arr[i] = MaybeUninit::new(CacheSlot::new(i as u16));
+        i += 1;
+    }
+    // SAFETY: every element was initialised by the loop; MaybeUninit<T> has T's layout.
+    unsafe { core::mem::transmute::<[MaybeUninit<CacheSlot>; MAX_CPUS], [CacheSlot; MAX_CPUS]>(arr) }
 }
 
 const fn centrals() -> [Central; NUM_ALLOC_CLASSES] {
@@ -219,13 +238,11 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
 
     const fn from_heap(heap: Heap<S>, provider: P) -> Self {
         Malloc {
-            heap,
-            centrals: centrals(),
-            caches: [const { CacheSlot(UnsafeCell::new(CpuCache::new())) }; MAX_CPUS],
-            shared: CacheSlot(UnsafeCell::new(CpuCache::new())),
+            t: Tiers { heap, centrals: centrals(), report_hook: None },
+            caches: cache_slots(),
+            shared: CacheSlot::new(SHARED_INDEX),
             shared_lock: spin::Mutex::new(()),
             provider,
-            report_hook: None,
             debug: DebugFlags::empty(),
             profiler: Profiler {
                 rate: AtomicUsize::new(0),
@@ -320,28 +337,23 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// This allocator reports bad frees to `hook` instead of the process-wide hook (a `#[global_allocator]`
     /// must not unwind, so it wants a hook that aborts).
     pub const fn with_report_hook(mut self, hook: check::ReportHook) -> Self {
-        self.report_hook = Some(hook);
+        self.t.report_hook = Some(hook);
         self
     }
 
     #[cold]
     fn report(&self, addr: usize, reason: Reason) -> ! {
-        check::report_with(&self.heap, self.report_hook, addr, reason)
+        check::report_with(&self.t.heap, self.t.report_hook, addr, reason)
     }
 
     /// The page heap (for its statistics, the scavenger and the memory limit).
     pub fn heap(&self) -> &Heap<S> {
-        &self.heap
+        &self.t.heap
     }
 
     /// The CPU provider.
     pub fn provider(&self) -> &P {
         &self.provider
-    }
-
-    #[inline(always)]
-    fn tiers(&self) -> Tiers<'_, S> {
-        Tiers { heap: &self.heap, centrals: &self.centrals, report_hook: self.report_hook }
     }
 
     /// Enters the caller's cache: its CPU's under the provider's guard, else the shared one under its lock.
@@ -354,8 +366,10 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 // SAFETY: the guard makes index `i` exclusive to us until it drops (CpuProvider contract),
                 // and `Entered` keeps the guard alive as long as the reference; `i < MAX_CPUS` by the same
                 // contract.
-                let cache = unsafe { &mut *self.caches.get_unchecked(i).0.get() };
-                Entered { cache, me: i as u16, _held: Held::Cpu(guard) }
+                let slot = unsafe { self.caches.get_unchecked(i) };
+                // SAFETY: as above: the guard gives us slot `i`'s cache exclusively.
+                let cache = unsafe { &mut *slot.cache.get() };
+                Entered { cache, sh: &slot.shared, _held: Held::Cpu(guard) }
             }
             (guard, None) => self.enter_shared(guard),
         }
@@ -366,15 +380,15 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         let lock = self.shared_lock.lock();
         // SAFETY: the shared cache is only used under `shared_lock`, which `Entered` holds as long as the
         // reference lives.
-        let cache = unsafe { &mut *self.shared.0.get() };
-        Entered { cache, me: SHARED_INDEX, _held: Held::Shared(lock, guard) }
+        let cache = unsafe { &mut *self.shared.cache.get() };
+        Entered { cache, sh: &self.shared.shared, _held: Held::Shared(lock, guard) }
     }
 
     /// Runs `f` on the caller's cache (for the paths where a closure costs nothing).
     #[inline]
-    fn with_cache<R>(&self, f: impl FnOnce(&mut CpuCache, &Tiers<'_, S>, u16) -> R) -> R {
+    fn with_cache<R>(&self, f: impl FnOnce(&mut CpuCache, &Tiers<S>, &CpuShared) -> R) -> R {
         let e = self.enter();
-        f(e.cache, &self.tiers(), e.me)
+        f(e.cache, &self.t, e.sh)
     }
 
     /// Allocates memory for `layout`; null when out of memory. `layout.size()` may be 0 (then 1 byte is used).
@@ -397,23 +411,24 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             return self.alloc_large(size, align, ZERO, r == GUARDED);
         }
         let e = self.enter();
-        let t = self.tiers();
+        let t = &self.t;
         let p = if r == TINY_CLASS {
-            let p = e.cache.alloc_tiny(&t, size.max(1), align, e.me);
+            let p = e.cache.alloc_tiny(t, size.max(1), align, e.sh);
             if ZERO && !p.is_null() {
                 // SAFETY: `p` is a fresh allocation of `size` bytes.
                 unsafe { ptr::write_bytes(p, 0, size) };
             }
             p
         } else {
-            e.cache.alloc::<S, ZERO>(&t, r, e.me)
+            // SAFETY: `route` returns size classes below `NUM_SIZE_CLASSES` (or the tiny class, handled above).
+            unsafe { e.cache.alloc::<S, ZERO>(t, r, e.sh) }
         };
         let sampled = self.count_sample(e.cache, size);
-        let me = e.me;
+        let me = e.sh.index;
         drop(e);
         #[cfg(feature = "checks")]
         if !p.is_null() && r != TINY_CLASS {
-            mark_live(&self.heap, p);
+            mark_live(&self.t.heap, p);
         }
         if sampled && !p.is_null() {
             self.record_sample(p as usize, size, r, me);
@@ -428,9 +443,9 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         let npages = if guarded { npages_for(size + align - 1) + 1 } else { npages_for(size) };
         let e = self.enter();
         let s = if align <= PAGE_SIZE || guarded {
-            self.heap.alloc_span(Some(&mut e.cache.pcache), npages, 0)
+            self.t.heap.alloc_span(Some(&mut e.cache.pcache), npages, 0)
         } else {
-            self.heap.alloc_span_aligned(npages, align)
+            self.t.heap.alloc_span_aligned(npages, align)
         };
         let Some(s) = s else { return ptr::null_mut() };
         let s = s.as_ptr();
@@ -442,20 +457,20 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 let guard = base + (npages - 1) * PAGE_SIZE;
                 // SAFETY: the guard page is committed, ours, and unused; it is committed again before the
                 // span goes back to the heap (`free_large`).
-                self.heap.source().decommit(NonNull::new_unchecked(guard as *mut u8), PAGE_SIZE);
+                self.t.heap.source().decommit(NonNull::new_unchecked(guard as *mut u8), PAGE_SIZE);
                 ((guard - size) & !(align - 1)) as *mut u8
             } else {
                 base as *mut u8
             };
-            e.cache.stats.large_nmalloc.bump();
-            e.cache.stats.large_bytes_alloc.add((npages * PAGE_SIZE) as u64);
+            e.sh.stats.large_nmalloc.bump();
+            e.sh.stats.large_bytes_alloc.add((npages * PAGE_SIZE) as u64);
             if zero && (*s).needzero {
                 ptr::write_bytes(p, 0, size);
             }
             p
         };
         let sampled = self.count_sample(e.cache, size);
-        let me = e.me;
+        let me = e.sh.index;
         drop(e);
         if sampled {
             self.record_sample(p as usize, size, LARGE, me);
@@ -482,13 +497,12 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         #[cfg(feature = "checks")]
         self.check_small_free(ptr, layout, r);
         let e = self.enter();
-        let t = self.tiers();
         if r == TINY_CLASS {
             // SAFETY: forwarded contract: a tiny-path object.
-            unsafe { e.cache.free_tiny(&t, ptr, e.me) }
+            unsafe { e.cache.free_tiny(&self.t, ptr, e.sh) }
         } else {
             // SAFETY: forwarded contract: an object of class `r`.
-            unsafe { e.cache.free(&t, r, ptr, e.me) }
+            unsafe { e.cache.free(&self.t, r, ptr, e.sh) }
         }
     }
 
@@ -500,7 +514,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         if addr % layout.align() != 0 {
             bad(Reason::Misaligned { align: layout.align() });
         }
-        let Some(s) = self.heap.span_of(addr) else { bad(Reason::NotInHeap) };
+        let Some(s) = self.t.heap.span_of(addr) else { bad(Reason::NotInHeap) };
         let s = s.as_ptr();
         // SAFETY: live span; shape fields immutable while in use; `live_bits` are atomics.
         unsafe {
@@ -527,7 +541,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// As for [`Malloc::dealloc`].
     unsafe fn free_large(&self, ptr: *mut u8, layout: Layout, guarded: bool) {
         let addr = ptr as usize;
-        let s = match self.heap.span_of(addr) {
+        let s = match self.t.heap.span_of(addr) {
             Some(s) => s,
             None => self.report(addr, Reason::NotInHeap),
         };
@@ -542,7 +556,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 self.report(addr, Reason::Interior);
             }
             // SAFETY: the guard page was decommitted by `alloc_large`; the span is the caller's.
-            let ok = unsafe { self.heap.source().commit(NonNull::new_unchecked(guard as *mut u8), PAGE_SIZE) };
+            let ok = unsafe { self.t.heap.source().commit(NonNull::new_unchecked(guard as *mut u8), PAGE_SIZE) };
             if !ok {
                 // The heap believes every page of the span committed: without the guard page back, the span
                 // cannot be reused. Keep it (leaked) rather than hand out an inaccessible page later.
@@ -551,9 +565,9 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         } else if base != addr {
             self.report(addr, Reason::Interior);
         }
-        self.with_cache(|c, t, _| {
-            c.stats.large_nfree.bump();
-            c.stats.large_bytes_free.add((npages * PAGE_SIZE) as u64);
+        self.with_cache(|c, t, sh| {
+            sh.stats.large_nfree.bump();
+            sh.stats.large_bytes_free.add((npages * PAGE_SIZE) as u64);
             // SAFETY: the caller gives the object up; the span holds nothing else.
             unsafe { t.heap.free_span(Some(&mut c.pcache), s) };
         });
@@ -573,7 +587,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             return ptr;
         }
         if old_r == LARGE && new_r == LARGE {
-            let Some(s) = self.heap.span_of(ptr as usize) else {
+            let Some(s) = self.t.heap.span_of(ptr as usize) else {
                 self.report(ptr as usize, Reason::NotInHeap)
             };
             // SAFETY: live span.
@@ -583,10 +597,10 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 return ptr;
             }
             // SAFETY: the span is this large object's; the caller owns it.
-            if unsafe { self.heap.resize_span_in_place(s, new_npages) } {
-                self.with_cache(|c, _, _| {
-                    c.stats.large_bytes_free.add((old_npages * PAGE_SIZE) as u64);
-                    c.stats.large_bytes_alloc.add((new_npages * PAGE_SIZE) as u64);
+            if unsafe { self.t.heap.resize_span_in_place(s, new_npages) } {
+                self.with_cache(|_, _, sh| {
+                    sh.stats.large_bytes_free.add((old_npages * PAGE_SIZE) as u64);
+                    sh.stats.large_bytes_alloc.add((new_npages * PAGE_SIZE) as u64);
                 });
                 return ptr;
             }
@@ -622,17 +636,17 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         self.with_cache(|c, t, _| {
             rep.nfolded = c.sweep_cached();
             for central in t.centrals.iter().skip(1) {
-                rep.npages_swept += central.sweep(t.heap, Some(&mut c.pcache), max_spans);
+                rep.npages_swept += central.sweep(&t.heap, Some(&mut c.pcache), max_spans);
             }
         });
-        rep.nbytes_released = self.heap.scavenge(scavenge_budget_bytes);
+        rep.nbytes_released = self.t.heap.scavenge(scavenge_budget_bytes);
         rep
     }
 
     /// Gives everything the calling CPU's cache holds back to the central lists and the page heap. A kernel
     /// calls it on every CPU before [`Malloc::release_all`] (other CPUs' caches are theirs alone).
     pub fn flush_cpu_cache(&self) {
-        self.with_cache(|c, t, me| c.flush_all(t, me));
+        self.with_cache(|c, t, sh| c.flush_all(t, sh));
     }
 
     /// Go's `debug.FreeOSMemory`: flushes the calling CPU's cache (and the shared one), returns every empty
@@ -642,18 +656,18 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         {
             let _lock = self.shared_lock.lock();
             // SAFETY: the shared cache is only used under `shared_lock`, which we hold.
-            let shared = unsafe { &mut *self.shared.0.get() };
-            shared.flush_all(&self.tiers(), SHARED_INDEX);
+            let shared = unsafe { &mut *self.shared.cache.get() };
+            shared.flush_all(&self.t, &self.shared.shared);
         }
-        for central in self.centrals.iter().skip(1) {
-            central.sweep(&self.heap, None, usize::MAX);
+        for central in self.t.centrals.iter().skip(1) {
+            central.sweep(&self.t.heap, None, usize::MAX);
         }
-        self.heap.release_all()
+        self.t.heap.release_all()
     }
 
     /// Sets the soft memory limit (GOMEMLIMIT); `usize::MAX` removes it. See `scavenger.rs`.
     pub fn set_memory_limit(&self, nbytes: usize) {
-        self.heap.set_memory_limit(nbytes)
+        self.t.heap.set_memory_limit(nbytes)
     }
 
     /// Per-CPU figures of cache index `index` (`MAX_CPUS` for the shared cache).
@@ -676,9 +690,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// The counters of cache `index` (`MAX_CPUS`: the shared cache).
     fn stats_of(&self, index: usize) -> &crate::cpucache::CpuStats {
         let slot = if index == MAX_CPUS { &self.shared } else { &self.caches[index] };
-        // SAFETY: only the `stats` field is read, and only through its atomic counters; the owner writes them
-        // with atomic stores, so concurrent reads are not data races.
-        unsafe { &(*slot.0.get()).stats }
+        &slot.shared.stats
     }
 
     /// A [`MemStats`] snapshot, read without stopping other CPUs (see `stats.rs` for its consistency).
@@ -720,7 +732,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         m.alloc = m.heap_alloc;
         m.heap_objects = m.mallocs.saturating_sub(m.frees);
 
-        let h = self.heap.stats();
+        let h = self.t.heap.stats();
         m.heap_inuse = h.inuse_bytes as u64;
         m.heap_idle = (h.free_bytes + h.released_bytes) as u64;
         m.heap_released = h.released_bytes as u64;
@@ -732,7 +744,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         m.mcache_inuse = cache_bytes * used_caches;
         m.other_sys = h.metadata_bytes as u64;
         m.sys = m.heap_sys - m.heap_released + m.mspan_sys + m.mcache_sys + m.other_sys;
-        m.memory_limit = self.heap.memory_limit() as u64;
+        m.memory_limit = self.t.heap.memory_limit() as u64;
         m
     }
 
@@ -740,7 +752,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// `None`.
     pub fn read_metrics(&self, samples: &mut [Sample]) {
         let m = self.mem_stats();
-        let h = self.heap.stats();
+        let h = self.t.heap.stats();
         for s in samples.iter_mut() {
             s.value = Some(match s.name {
                 "/memory/classes/total:bytes" => m.sys,
@@ -773,8 +785,8 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// Whole-allocator consistency walk (feature `validate`): the page heap, every central list.
     #[cfg(feature = "validate")]
     pub fn validate(&self) {
-        self.heap.validate();
-        for central in self.centrals.iter().skip(1) {
+        self.t.heap.validate();
+        for central in self.t.centrals.iter().skip(1) {
             central.validate();
         }
     }
