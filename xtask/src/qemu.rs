@@ -90,7 +90,9 @@ impl Outcome {
 /// The QEMU command line for `image`.
 pub fn command(tools: &Tools, image: &Path, opts: &QemuOptions) -> Command {
     let mut cmd = Command::new(&tools.qemu);
-    cmd.arg("-drive").arg(format!("format=raw,file={}", image.display()));
+    // `snapshot=on`: writes go to a temporary overlay, so two runs may boot the same image at once (a test
+    // run beside `cargo xtask run`) without QEMU's image write lock failing one of them.
+    cmd.arg("-drive").arg(format!("format=raw,snapshot=on,file={}", image.display()));
     if opts.firmware == Firmware::Uefi {
         cmd.arg("-bios").arg(&tools.ovmf);
     }
