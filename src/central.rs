@@ -19,7 +19,7 @@
 //!
 //! Empty spans are not handed back to the page heap the moment they empty (an alloc/free pattern around
 //! one object would otherwise take the heap lock every time); the background sweep ([`Central::sweep`])
-//! returns all but [`KEEP_EMPTY_SPANS`] of them.
+//! returns all but [`KEEP_EMPTY_SPANS`] of them, and [`crate::Malloc::release_all`] all of them.
 //!
 //! # Invariants (all under `lock`)
 //! - every span on a list has `cached_by == NOT_CACHED`, `freeindex == 0` (materialised) and
@@ -296,9 +296,15 @@ impl Central {
         Ok(out)
     }
 
-    /// The background sweep: returns empty spans beyond [`KEEP_EMPTY_SPANS`] to the page heap, at most
-    /// `max_spans` of them. Returns the number of pages released.
-    pub fn sweep<S: PageSource>(&self, heap: &Heap<S>, mut pcache: Option<&mut PageCache>, max_spans: usize) -> usize {
+    /// The sweep: returns empty spans beyond the first `keep` to the page heap, at most `max_spans` of them.
+    /// The background loop keeps [`KEEP_EMPTY_SPANS`]; `release_all` keeps none. Returns the pages released.
+    pub fn sweep<S: PageSource>(
+        &self,
+        heap: &Heap<S>,
+        mut pcache: Option<&mut PageCache>,
+        keep: usize,
+        max_spans: usize,
+    ) -> usize {
         // Unlink the victims under the lock, free them to the heap after it (the heap lock is never taken
         // while a Central lock is held on this path, though the order would allow it).
         let mut victims: *mut Span = ptr::null_mut();
@@ -312,7 +318,7 @@ impl Central {
                 unsafe {
                     let next = (*s).next;
                     if (*s).nalloc == 0 {
-                        if kept < KEEP_EMPTY_SPANS {
+                        if kept < keep {
                             kept += 1;
                         } else {
                             lists.partial.remove(s);

@@ -69,6 +69,22 @@ pub const DEFAULT_MAX_HEAP_BYTES: usize = 64 << 30;
 #[cfg(not(target_pointer_width = "64"))]
 pub const DEFAULT_MAX_HEAP_BYTES: usize = 1 << 30;
 
+/// Address space a heap bounded by `max_heap_bytes` may reserve from its source over its whole life: the
+/// arena (`max_heap_bytes` rounded up to whole chunks, reserved chunk-aligned, so one chunk of alignment
+/// slack), the metadata reservation (page map and page-allocator bitmaps and summaries), and the span
+/// descriptor blocks (at most one descriptor per arena page, plus one block). A kernel sizes the virtual
+/// window of its page source with it:
+///
+/// `reservation_bytes(m) = arena + PALLOC_CHUNK_BYTES + page_up(map + layout) + page_up(npages * size_of::<Span>()) + FIXALLOC_BLOCK_BYTES`
+pub const fn reservation_bytes(max_heap_bytes: usize) -> usize {
+    let chunks = max_heap_bytes.div_ceil(PALLOC_CHUNK_BYTES);
+    let arena = chunks * PALLOC_CHUNK_BYTES;
+    let map = page_align_up(chunks * PALLOC_CHUNK_PAGES * MAP_ENTRY_BYTES);
+    let meta = page_align_up(map + PageAllocLayout::new(chunks).total_bytes);
+    let spans = page_align_up(chunks * PALLOC_CHUNK_PAGES * core::mem::size_of::<Span>());
+    arena + PALLOC_CHUNK_BYTES + meta + spans + crate::fixalloc::FIXALLOC_BLOCK_BYTES
+}
+
 /// Bytes of page map per arena page: one pointer.
 const MAP_ENTRY_BYTES: usize = core::mem::size_of::<AtomicPtr<Span>>();
 

@@ -19,7 +19,7 @@
 //!
 //! Lock order: shared cache → central(c) → heap. A CPU guard is held across all of them.
 
-use crate::central::{Central, ClassShape};
+use crate::central::{Central, ClassShape, KEEP_EMPTY_SPANS};
 use crate::check::{self, Reason};
 use crate::cpu::{CpuProvider, MAX_CPUS};
 use crate::cpucache::{class_shape, CpuCache, CpuShared, Tiers, NUM_ALLOC_CLASSES, TINY_CLASS, TINY_SIZE};
@@ -636,7 +636,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         self.with_cache(|c, t, _| {
             rep.nfolded = c.sweep_cached();
             for central in t.centrals.iter().skip(1) {
-                rep.npages_swept += central.sweep(&t.heap, Some(&mut c.pcache), max_spans);
+                rep.npages_swept += central.sweep(&t.heap, Some(&mut c.pcache), KEEP_EMPTY_SPANS, max_spans);
             }
         });
         rep.nbytes_released = self.t.heap.scavenge(scavenge_budget_bytes);
@@ -660,7 +660,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             shared.flush_all(&self.t, &self.shared.shared);
         }
         for central in self.t.centrals.iter().skip(1) {
-            central.sweep(&self.t.heap, None, usize::MAX);
+            central.sweep(&self.t.heap, None, 0, usize::MAX);
         }
         self.t.heap.release_all()
     }

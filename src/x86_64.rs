@@ -200,6 +200,12 @@ where
         *self.inner.lock() = Some(FrameInner { mapper, frames, next: self.window_start });
     }
 
+    /// Runs `f` on the page-table mapper, under the source's lock (so a kernel can map other things, such as
+    /// MMIO windows, through the same mapper instead of a second one aliasing the same tables).
+    pub fn with_mapper<R>(&self, f: impl FnOnce(&mut M, &mut F) -> R) -> Option<R> {
+        self.inner.lock().as_mut().map(|i| f(&mut i.mapper, &mut i.frames))
+    }
+
     /// Runs `f` on the frame allocator (e.g. to read its free count for a report).
     pub fn with_frames<R>(&self, f: impl FnOnce(&mut F) -> R) -> Option<R> {
         self.inner.lock().as_mut().map(|i| f(&mut i.frames))
