@@ -297,6 +297,59 @@ impl CpuCache {
         self.alloc_slow::<S, ZERO>(t, c, sh)
     }
 
+    /// The fast part of [`CpuCache::alloc`]: the stock, then the cached span's `alloc_cache`; `None` when
+    /// both are empty (the caller then takes the general path, which refills).
+    ///
+    /// # Safety
+    /// `1 <= c < NUM_ALLOC_CLASSES`.
+    #[inline(always)]
+    pub(crate) unsafe fn alloc_fast<const ZERO: bool>(&mut self, c: usize, sh: &CpuShared) -> Option<*mut u8> {
+        // SAFETY: `c < NUM_ALLOC_CLASSES` (the caller's contract).
+        let cc = unsafe { self.classes.get_unchecked_mut(c) };
+        let obj = cc.stock;
+        if !obj.is_null() {
+            // SAFETY: stock objects are free, at least 8 bytes, and hold the next link in their first word.
+            cc.stock = unsafe { *(obj as *mut *mut u8) };
+            cc.nstock -= 1;
+            sh.stats.nmalloc(c).bump();
+            if ZERO {
+                // SAFETY: the object is ours and `elemsize` bytes long.
+                unsafe { ptr::write_bytes(obj, 0, class_shape(c).elemsize as usize) };
+            }
+            return Some(obj);
+        }
+        let s = cc.span;
+        if !s.is_null() {
+            // SAFETY: we own the cached span's object fields.
+            if let Some(idx) = unsafe { Span::next_free_fast(s) } {
+                sh.stats.nmalloc(c).bump();
+                // SAFETY: as above; `idx < nelems`.
+                return Some(unsafe { Self::object::<ZERO>(s, idx) });
+            }
+        }
+        None
+    }
+
+    /// The fast part of [`CpuCache::free`]: pushes `p` on the stock unless that would overflow it (then
+    /// returns false and the caller takes the general path, which flushes).
+    ///
+    /// # Safety
+    /// As for [`CpuCache::free`].
+    #[inline(always)]
+    pub(crate) unsafe fn free_fast(&mut self, c: usize, p: *mut u8, sh: &CpuShared) -> bool {
+        // SAFETY: `c < NUM_ALLOC_CLASSES` (the caller's contract).
+        let cc = unsafe { self.classes.get_unchecked_mut(c) };
+        if cc.nstock >= cc_max(c) {
+            return false;
+        }
+        // SAFETY: the object is free and at least 8 bytes: it can hold the link.
+        unsafe { *(p as *mut *mut u8) = cc.stock };
+        cc.stock = p;
+        cc.nstock += 1;
+        sh.stats.nfree(c).bump();
+        true
+    }
+
     /// The address of object `idx` of owned span `s`, zeroed if asked and not known fresh.
     ///
     /// # Safety

@@ -403,8 +403,57 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         self.alloc_impl::<true>(layout)
     }
 
+    /// Whether a request of `size` bytes aligned to `align` may take the fast paths: a size class (not tiny,
+    /// not large) at the natural alignment, no debug knob.
+    #[inline(always)]
+    fn fast_eligible(&self, size: usize, align: usize) -> bool {
+        self.debug.is_empty()
+            && size.wrapping_sub(TINY_SIZE) <= MAX_SMALL_SIZE - TINY_SIZE
+            && align <= sizeclass::MIN_ALIGN
+    }
+
+    /// The fast path (kept small so that it inlines into callers without spilling): this CPU's stock or
+    /// cached span, else the general path.
     #[inline(always)]
     fn alloc_impl<const ZERO: bool>(&self, layout: Layout) -> *mut u8 {
+        let (size, align) = (layout.size(), layout.align());
+        if self.fast_eligible(size, align) {
+            let c = sizeclass::class_of(size);
+            let (guard, idx) = self.provider.enter();
+            if let Some(i) = idx {
+                debug_assert!(i < MAX_CPUS);
+                // SAFETY: the guard makes index `i < MAX_CPUS` exclusive to us while it lives (CpuProvider
+                // contract); the reference does not outlive it.
+                let slot = unsafe { self.caches.get_unchecked(i) };
+                // SAFETY: as above.
+                let cache = unsafe { &mut *slot.cache.get() };
+                // SAFETY: `class_of` returns a size class, below `NUM_ALLOC_CLASSES`.
+                if let Some(p) = unsafe { cache.alloc_fast::<ZERO>(c, &slot.shared) } {
+                    cache.next_sample -= size as isize;
+                    if cache.next_sample >= 0 {
+                        drop(guard);
+                        #[cfg(feature = "checks")]
+                        mark_live(&self.t.heap, p);
+                        return p;
+                    }
+                    let sampled = self.resample(cache);
+                    drop(guard);
+                    #[cfg(feature = "checks")]
+                    mark_live(&self.t.heap, p);
+                    if sampled {
+                        self.record_sample(p as usize, size, c, i as u16);
+                    }
+                    return p;
+                }
+            }
+            drop(guard);
+        }
+        self.alloc_general::<ZERO>(layout)
+    }
+
+    /// Every allocation the fast path does not finish.
+    #[inline(never)]
+    fn alloc_general<const ZERO: bool>(&self, layout: Layout) -> *mut u8 {
         let (size, align) = (layout.size(), layout.align());
         let r = self.route(size, align);
         if r == LARGE || r == GUARDED {
@@ -489,13 +538,47 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     #[inline]
     pub unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         let (size, align) = (layout.size(), layout.align());
+        let fast = self.fast_eligible(size, align);
+        if fast {
+            let c = sizeclass::class_of(size);
+            #[cfg(feature = "checks")]
+            self.check_small_free(ptr, layout, c);
+            let (guard, idx) = self.provider.enter();
+            if let Some(i) = idx {
+                // SAFETY: as in `alloc_impl`: index `i` is ours while the guard lives.
+                let slot = unsafe { self.caches.get_unchecked(i) };
+                // SAFETY: as above.
+                let cache = unsafe { &mut *slot.cache.get() };
+                // SAFETY: forwarded contract: `ptr` is a class-`c` object of ours; `c` is a size class.
+                if unsafe { cache.free_fast(c, ptr, &slot.shared) } {
+                    drop(guard);
+                    return;
+                }
+            }
+            drop(guard);
+        }
+        // SAFETY: forwarded contract.
+        unsafe { self.dealloc_general(ptr, layout, fast) }
+    }
+
+    /// Every free the fast path does not finish. `checked`: the fast path already ran the `checks`.
+    ///
+    /// # Safety
+    /// As for [`Malloc::dealloc`].
+    #[inline(never)]
+    unsafe fn dealloc_general(&self, ptr: *mut u8, layout: Layout, checked: bool) {
+        let (size, align) = (layout.size(), layout.align());
         let r = self.route(size, align);
         if r == LARGE || r == GUARDED {
             // SAFETY: forwarded contract.
             return unsafe { self.free_large(ptr, layout, r == GUARDED) };
         }
         #[cfg(feature = "checks")]
-        self.check_small_free(ptr, layout, r);
+        if !checked {
+            self.check_small_free(ptr, layout, r);
+        }
+        #[cfg(not(feature = "checks"))]
+        let _ = checked;
         let e = self.enter();
         if r == TINY_CLASS {
             // SAFETY: forwarded contract: a tiny-path object.
