@@ -8,6 +8,7 @@
 //!
 //! Each subcommand lives in its own module; add new ones beside them and a line in `main`.
 
+mod bench;
 mod gen;
 mod kernel;
 mod proc;
@@ -31,6 +32,8 @@ commands:
   test                run every test: host tests, no_std build, clippy, QEMU test kernels
   setup               install/check QEMU, OVMF and the kernel toolchain only
   gen-size-classes    regenerate src/sizeclass/table.rs from goheap's generator
+  bench [--quick] [--reps N] [--only GROUP,...] [--alloc NAME,...]
+                      goheap against peer allocators; regenerates BENCHMARKS.md (see `cargo xtask bench --help`)
 ";
 
 /// The repository root (the workspace that holds xtask/).
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
             }
         },
         "gen-size-classes" => gen::main(&rest),
+        "bench" => bench::main(&rest),
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
             ExitCode::SUCCESS
