@@ -14,8 +14,10 @@
 //! only a span that some CPU caches collects *deferred* frees (`free_bits`, folded by that CPU when it
 //! runs out, or by [`Central::uncache_span`]). There is thus one generation and two lists:
 //!
-//! - `partial`: uncached spans with `nalloc < nelems` (including empty ones, `nalloc == 0`);
-//! - `full`: uncached spans with `nalloc == nelems`.
+//! - `partial`: uncached spans with `0 < nalloc < nelems`;
+//! - `full`: uncached spans with `nalloc == nelems`;
+//! - `empty`: uncached spans with `nalloc == 0` (refills take partial spans first, so empty ones are the
+//!   first to go back to the page heap, and the sweep finds them without walking the others).
 //!
 //! Empty spans are not handed back to the page heap the moment they empty (an alloc/free pattern around
 //! one object would otherwise take the heap lock every time); the background sweep ([`Central::sweep`])
@@ -23,8 +25,7 @@
 //!
 //! # Invariants (all under `lock`)
 //! - every span on a list has `cached_by == NOT_CACHED`, `freeindex == 0` (materialised) and
-//!   `list == Partial` iff `nalloc < nelems`, `list == Full` iff `nalloc == nelems`;
-//! - `nempty = #{ s in partial : s.nalloc == 0 }` is not tracked exactly; the sweep counts as it walks;
+//!   `list == classify(nalloc, nelems)` (Empty if `nalloc == 0`, Full if `nalloc == nelems`, else Partial);
 //! - a span with `cached_by == i` is on no list and its object-level fields belong to CPU cache `i`, except
 //!   `free_bits`, which a flusher holding this lock may set.
 //!
@@ -116,6 +117,43 @@ impl SpanQueue {
 struct Lists {
     partial: SpanQueue,
     full: SpanQueue,
+    empty: SpanQueue,
+}
+
+impl Lists {
+    fn queue(&mut self, list: SpanList) -> &mut SpanQueue {
+        match list {
+            SpanList::Partial => &mut self.partial,
+            SpanList::Full => &mut self.full,
+            SpanList::Empty => &mut self.empty,
+            SpanList::None => unreachable!("no queue for SpanList::None"),
+        }
+    }
+}
+
+/// The list an uncached span belongs on.
+///
+/// # Safety
+/// The caller owns the span's object fields (holds the Central lock, the span is uncached).
+unsafe fn classify(s: *mut Span) -> SpanList {
+    // SAFETY: per the contract.
+    let (nalloc, nelems) = unsafe { ((*s).nalloc, (*s).nelems) };
+    if nalloc == 0 {
+        SpanList::Empty
+    } else if nalloc == nelems {
+        SpanList::Full
+    } else {
+        SpanList::Partial
+    }
+}
+
+fn list_of(v: u8) -> SpanList {
+    match v {
+        1 => SpanList::Partial,
+        2 => SpanList::Full,
+        3 => SpanList::Empty,
+        _ => SpanList::None,
+    }
 }
 
 // SAFETY: the raw span pointers are only dereferenced under the Central lock that owns the lists.
@@ -153,7 +191,7 @@ pub struct Flushed {
 impl Central {
     /// The central list of class `class` with spans of `shape`.
     pub const fn new(class: u8, shape: ClassShape) -> Self {
-        Central { shape, class, lock: Mutex::new(Lists { partial: SpanQueue::new(), full: SpanQueue::new() }) }
+        Central { shape, class, lock: Mutex::new(Lists { partial: SpanQueue::new(), full: SpanQueue::new(), empty: SpanQueue::new() }) }
     }
 
     /// The shape of this class's spans.
@@ -172,7 +210,7 @@ impl Central {
         {
             let mut lists = self.lock.lock();
             // SAFETY: we hold the lock that guards the lists and the object fields of uncached spans.
-            if let Some(s) = unsafe { lists.partial.pop() } {
+            if let Some(s) = unsafe { lists.partial.pop().or_else(|| lists.empty.pop()) } {
                 // SAFETY: `s` came off our list, so it is live, uncached and ours until `cached_by` is set.
                 unsafe {
                     debug_assert!((*s).nalloc < (*s).nelems && (*s).freeindex == 0);
@@ -227,12 +265,24 @@ impl Central {
     unsafe fn file(&self, lists: &mut Lists, s: *mut Span) {
         // SAFETY: per the contract.
         unsafe {
-            if (*s).nalloc == (*s).nelems {
-                (*s).list = SpanList::Full as u8;
-                lists.full.push(s);
-            } else {
-                (*s).list = SpanList::Partial as u8;
-                lists.partial.push(s);
+            let list = classify(s);
+            (*s).list = list as u8;
+            lists.queue(list).push(s);
+        }
+    }
+
+    /// Moves uncached span `s` to the list its fill level now calls for, if that changed.
+    ///
+    /// # Safety
+    /// The lock is held (`lists` is its guard's data), `s` is uncached and on one of our lists.
+    unsafe fn refile(&self, lists: &mut Lists, s: *mut Span) {
+        // SAFETY: per the contract.
+        unsafe {
+            let (old, new) = (list_of((*s).list), classify(s));
+            if old != new {
+                lists.queue(old).remove(s);
+                (*s).list = new as u8;
+                lists.queue(new).push(s);
             }
         }
     }
@@ -282,15 +332,10 @@ impl Central {
                     }
                     continue;
                 }
-                let was_full = (*s).nalloc == (*s).nelems;
                 if !Span::free_uncached(s, idx) {
                     return Err(FlushError::NotAllocated(addr));
                 }
-                if was_full {
-                    lists.full.remove(s);
-                    (*s).list = SpanList::Partial as u8;
-                    lists.partial.push(s);
-                }
+                self.refile(&mut lists, s);
             }
         }
         Ok(out)
@@ -311,25 +356,15 @@ impl Central {
         let mut nvictims = 0;
         {
             let mut lists = self.lock.lock();
-            let mut kept = 0;
-            let mut s = lists.partial.head;
-            while !s.is_null() && nvictims < max_spans {
-                // SAFETY: we hold the lock; `s` is on our partial list.
+            while lists.empty.len > keep && nvictims < max_spans {
+                // SAFETY: we hold the lock; the empty list is non-empty.
                 unsafe {
-                    let next = (*s).next;
-                    if (*s).nalloc == 0 {
-                        if kept < keep {
-                            kept += 1;
-                        } else {
-                            lists.partial.remove(s);
-                            (*s).list = SpanList::None as u8;
-                            (*s).next = victims;
-                            victims = s;
-                            nvictims += 1;
-                        }
-                    }
-                    s = next;
+                    let Some(s) = lists.empty.pop() else { break };
+                    (*s).list = SpanList::None as u8;
+                    (*s).next = victims;
+                    victims = s;
                 }
+                nvictims += 1;
             }
         }
         let mut npages = 0;
@@ -345,10 +380,10 @@ impl Central {
         npages
     }
 
-    /// Counts of spans on the lists: (partial, full).
-    pub fn span_counts(&self) -> (usize, usize) {
+    /// Counts of spans on the lists: (partial, full, empty).
+    pub fn span_counts(&self) -> (usize, usize, usize) {
         let lists = self.lock.lock();
-        (lists.partial.len, lists.full.len)
+        (lists.partial.len, lists.full.len, lists.empty.len)
     }
 
     /// Whole-list consistency walk (feature `validate`): every span filed by its fill level, uncached,
@@ -356,7 +391,7 @@ impl Central {
     #[cfg(feature = "validate")]
     pub fn validate(&self) {
         let lists = self.lock.lock();
-        for (q, want) in [(&lists.partial, SpanList::Partial), (&lists.full, SpanList::Full)] {
+        for (q, want) in [(&lists.partial, SpanList::Partial), (&lists.full, SpanList::Full), (&lists.empty, SpanList::Empty)] {
             let mut n = 0;
             let mut s = q.head;
             while !s.is_null() {
@@ -370,8 +405,7 @@ impl Central {
                     let used: u32 = (&(*s).alloc_bits)[..words].iter().map(|w| w.count_ones()).sum();
                     let tail = (words * 64 - (*s).nelems as usize) as u32;
                     assert_eq!(used - tail, (*s).nalloc as u32, "span {:p}: nalloc disagrees with bitmap", s);
-                    let full = (*s).nalloc == (*s).nelems;
-                    assert_eq!(full, want == SpanList::Full, "span {:p} on the wrong list", s);
+                    assert_eq!(classify(s), want, "span {:p} on the wrong list", s);
                     s = (*s).next;
                 }
                 n += 1;

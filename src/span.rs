@@ -96,10 +96,12 @@ pub const NOT_CACHED: u16 = u16::MAX;
 pub enum SpanList {
     /// On no list: cached by a CPU, a large object, or in transit.
     None = 0,
-    /// Has free objects (possibly all free).
+    /// Some objects free, some allocated: `0 < nalloc < nelems`.
     Partial = 1,
-    /// No free objects.
+    /// No free objects: `nalloc == nelems`.
     Full = 2,
+    /// No allocated objects: `nalloc == 0` (a candidate to return to the page heap).
+    Empty = 3,
 }
 
 // All functions below take `s: *mut Span` and follow the access discipline in the module docs: the caller

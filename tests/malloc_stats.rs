@@ -160,3 +160,27 @@ fn allocator_api2_collections() {
     drop(v);
     assert_eq!(m.mem_stats().heap_objects, 0);
 }
+
+/// The sweep: empty spans go back to the page heap, the background loop keeping one per class and
+/// `release_all` none.
+#[test]
+fn sweep_returns_empty_spans() {
+    let m = Box::new(Malloc::with_max_bytes(MmapSource::new(), ThreadSlots::new(), 1 << 30));
+    let l = layout(64, 8);
+    let ptrs: Vec<_> = (0..20_000).map(|_| m.alloc(l)).collect();
+    let inuse_full = m.mem_stats().heap_inuse;
+    assert!(inuse_full >= 20_000 * 64);
+    for p in ptrs {
+        // SAFETY (test): allocated above with `l`.
+        unsafe { m.dealloc(p, l) };
+    }
+    m.flush_cpu_cache();
+    assert_eq!(m.mem_stats().heap_inuse, inuse_full, "spans go back only when swept");
+    let rep = m.background(usize::MAX, 0);
+    let span_bytes = goheap::sizeclass::CLASSES[goheap::sizeclass::class_of(64)].span_bytes() as u64;
+    assert_eq!(m.mem_stats().heap_inuse, span_bytes, "the background sweep keeps exactly one empty span");
+    assert_eq!(rep.npages_swept as u64 * goheap::PAGE_SIZE as u64, inuse_full - span_bytes);
+    m.release_all();
+    assert_eq!(m.mem_stats().heap_inuse, 0, "release_all keeps no empty span");
+    m.validate();
+}
