@@ -1,31 +1,297 @@
-//! The kernel heap.
+//! The kernel heap: goheap as `#[global_allocator]`, with a small early heap before it is ready.
 //!
-//! SEAM: for now a stand-in, `linked_list_allocator` over a static array, so that `alloc` works in the
-//! demo and in test kernels. The goheap-in-the-kernel issue replaces this file's contents: a goheap page
-//! source over the usable regions of the boot memory map (reached through the physical-memory mapping at
-//! `BootInfo::physical_memory_offset`, see `crate::BOOTLOADER_CONFIG`) and goheap as `#[global_allocator]`.
-//! Callers only use [`init`] and [`HEAP_SIZE`].
+//! # Which allocations go where
+//! - **Early heap** (`linked_list_allocator` over a [`EARLY_HEAP_SIZE`] static array): every allocation
+//!   from [`init`] (called by `kernel_demo::init`) until [`init_goheap`] hands goheap its page tables and
+//!   frames; that is, whatever the kernel allocates while parsing boot information before the heap is
+//!   wired. Test kernels that never call [`init_goheap`] run on it alone. Objects allocated there are
+//!   freed there, whenever that happens (dealloc goes by address).
+//! - **goheap** ([`HEAP`]): every allocation after [`init_goheap`], on every CPU. goheap never allocates
+//!   from itself or from the early heap: its metadata comes straight from its page source.
+//! - **Comparison heap** (a second `linked_list_allocator`, only while [`compare_begin`] ..
+//!   [`compare_end`] run): the demo's measurement of the same workload on a linked-list heap. Its area is
+//!   one large goheap allocation; frees of its objects go to it by address.
+//!
+//! The global allocator picks the heap for `alloc` by a mode flag and for `dealloc` by address (early
+//! array, comparison area, else goheap), so a pointer always returns to the heap that made it.
+//!
+//! # goheap's wiring
+//! - Page source: `goheap::x86_64::FrameSource` over the virtual window [`HEAP_WINDOW_START`]
+//!   .. `+ HEAP_WINDOW_BYTES` (inside L4 entry 136, which nothing else maps), mapping frames from
+//!   [`crate::frames`] through an `OffsetPageTable` on the active page tables, and returning them when the
+//!   scavenger decommits. The window holds goheap's arena (at most [`HEAP_MAX_BYTES`], reserved, committed
+//!   on demand), its page map and page-allocator metadata, and its span descriptors.
+//! - CPU provider: `goheap::x86_64::IrqCpus` over [`current_cpu_index`] (interrupts off in the allocator).
+//! - TLB shoot-down: the hook in [`SHOOTDOWN`] runs after goheap unmaps heap pages, before their frames
+//!   are reused.
 
-use core::sync::atomic::{AtomicBool, Ordering};
+use crate::frames::{self, Frames};
+use bootloader_api::BootInfo;
+use core::alloc::{GlobalAlloc, Layout};
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use goheap::pagealloc::PALLOC_CHUNK_BYTES;
+use goheap::x86_64::{FrameSource, IrqCpus, ShootdownHook};
+use goheap::Malloc;
 use linked_list_allocator::LockedHeap;
+use x86_64::registers::control::Cr3;
+use x86_64::structures::paging::{OffsetPageTable, PageTable};
+use x86_64::VirtAddr;
 
-/// Size of the stand-in heap.
-pub const HEAP_SIZE: usize = 4 << 20;
+/// Size of the early heap (boot-time allocations before goheap is ready; all of a test kernel's).
+pub const EARLY_HEAP_SIZE: usize = 256 << 10;
+/// Start of goheap's virtual window: L4 entry 136, unused by the bootloader's mappings (checked at init).
+/// 4 MiB aligned, as goheap aligns its arena to the page allocator's chunk.
+pub const HEAP_WINDOW_START: u64 = 0x4444_0000_0000;
+/// goheap's arena bound: address space only, frames are taken as the heap grows. Larger than any
+/// memory QEMU is given here, so the frames run out before the arena does.
+pub const HEAP_MAX_BYTES: usize = 4 << 30;
+/// The window: everything goheap may reserve for that arena over its life (arena, metadata, span
+/// descriptors), as `goheap::heap::reservation_bytes` computes it.
+pub const HEAP_WINDOW_BYTES: u64 = goheap::heap::reservation_bytes(HEAP_MAX_BYTES) as u64;
 
-static mut HEAP_AREA: [u8; HEAP_SIZE] = [0; HEAP_SIZE];
+// The window must stay inside its L4 entry (512 GiB each), which nothing else maps.
+const _: () = assert!(HEAP_WINDOW_START >> 39 == (HEAP_WINDOW_START + HEAP_WINDOW_BYTES - 1) >> 39);
+const _: () = assert!(HEAP_WINDOW_START % PALLOC_CHUNK_BYTES as u64 == 0);
+
+/// The running CPU's goheap cache index. Runs with interrupts off inside the allocator; must not allocate.
+/// The dense index comes from `crate::percpu::CPU_MAP`, goheap's `CpuIndexMap` keyed by APIC ID.
+#[inline]
+pub fn current_cpu_index() -> Option<usize> {
+    // `None` before `smp::init_bsp` set up the BSP's per-CPU data: goheap then uses its shared, locked
+    // cache. (Single-CPU stand-in, before the CPU bring-up existed: `Some(0)`.)
+    crate::percpu::current_index()
+}
+
+/// TLB shoot-down after goheap unmaps pages: an NMI IPI to the other online CPUs (see `crate::smp`); a
+/// no-op while only the BSP runs.
+pub const SHOOTDOWN: Option<ShootdownHook> = Some(crate::apic::tlb_shootdown);
+
+/// goheap's page source type in this kernel.
+pub type Source = FrameSource<OffsetPageTable<'static>, Frames>;
+/// goheap as this kernel instantiates it.
+pub type KernelHeap = Malloc<Source, &'static IrqCpus>;
+
+static CPUS: IrqCpus = IrqCpus::new(current_cpu_index);
+
+/// The kernel heap. Statistics, `background`, `flush_cpu_cache`, `release_all` and the memory limit are
+/// reached through it.
+pub static HEAP: KernelHeap = Malloc::with_max_bytes(
+    FrameSource::new(HEAP_WINDOW_START, HEAP_WINDOW_BYTES, SHOOTDOWN),
+    &CPUS,
+    HEAP_MAX_BYTES,
+);
+
+const MODE_EARLY: u8 = 0;
+const MODE_GOHEAP: u8 = 1;
+const MODE_COMPARE: u8 = 2;
+/// Which heap serves `alloc` (frees go by address).
+static MODE: AtomicU8 = AtomicU8::new(MODE_EARLY);
+
+static EARLY: LockedHeap = LockedHeap::empty();
+static mut EARLY_AREA: [u8; EARLY_HEAP_SIZE] = [0; EARLY_HEAP_SIZE];
+
+static COMPARE: LockedHeap = LockedHeap::empty();
+/// The comparison heap's area `[start, end)`; empty when not in use.
+static COMPARE_START: AtomicUsize = AtomicUsize::new(0);
+static COMPARE_END: AtomicUsize = AtomicUsize::new(0);
+
+/// The global allocator: dispatches to the early heap, goheap or the comparison heap (module docs).
+pub struct KernelAllocator;
 
 #[global_allocator]
-static ALLOCATOR: LockedHeap = LockedHeap::empty();
+static ALLOCATOR: KernelAllocator = KernelAllocator;
 
-static INITIALISED: AtomicBool = AtomicBool::new(false);
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    Early,
+    Compare,
+    Goheap,
+}
 
-/// Hands the static heap area to the allocator, before the first allocation. Later calls do nothing.
+fn early_range() -> (usize, usize) {
+    let start = core::ptr::addr_of!(EARLY_AREA) as usize;
+    (start, start + EARLY_HEAP_SIZE)
+}
+
+#[inline]
+fn owner_of(ptr: *mut u8) -> Owner {
+    let a = ptr as usize;
+    let (es, ee) = early_range();
+    if (es..ee).contains(&a) {
+        return Owner::Early;
+    }
+    let (cs, ce) = (COMPARE_START.load(Ordering::Acquire), COMPARE_END.load(Ordering::Acquire));
+    if (cs..ce).contains(&a) {
+        return Owner::Compare;
+    }
+    Owner::Goheap
+}
+
+#[inline]
+fn current_owner() -> Owner {
+    match MODE.load(Ordering::Acquire) {
+        MODE_GOHEAP => Owner::Goheap,
+        MODE_COMPARE => Owner::Compare,
+        _ => Owner::Early,
+    }
+}
+
+// SAFETY: each pointer comes from exactly one of three allocators, and `dealloc`/`realloc` return it to the
+// allocator whose memory range contains it: the early array and the comparison area are disjoint from
+// each other and from goheap's window (the comparison area is a goheap allocation, but while it is
+// registered goheap hands none of its bytes to anyone else). Each allocator is itself a sound GlobalAlloc.
+unsafe impl GlobalAlloc for KernelAllocator {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        match current_owner() {
+            Owner::Goheap => HEAP.alloc(layout),
+            // SAFETY: forwarded with the caller's layout (non-zero size by GlobalAlloc's contract).
+            Owner::Compare => unsafe { COMPARE.alloc(layout) },
+            // SAFETY: as above.
+            Owner::Early => unsafe { EARLY.alloc(layout) },
+        }
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        match current_owner() {
+            // goheap skips clearing memory fresh from the page source (it is zeroed when mapped).
+            Owner::Goheap => HEAP.alloc_zeroed(layout),
+            // SAFETY: forwarded with the caller's layout.
+            Owner::Compare => unsafe { COMPARE.alloc_zeroed(layout) },
+            // SAFETY: as above.
+            Owner::Early => unsafe { EARLY.alloc_zeroed(layout) },
+        }
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        match owner_of(ptr) {
+            // SAFETY: `ptr` lies outside the other heaps' ranges, so goheap allocated it with `layout`.
+            Owner::Goheap => unsafe { HEAP.dealloc(ptr, layout) },
+            // SAFETY: `ptr` lies in the comparison area, so that heap allocated it with `layout`.
+            Owner::Compare => unsafe { COMPARE.dealloc(ptr, layout) },
+            // SAFETY: `ptr` lies in the early array, so the early heap allocated it with `layout`.
+            Owner::Early => unsafe { EARLY.dealloc(ptr, layout) },
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let owner = owner_of(ptr);
+        if owner == Owner::Goheap && current_owner() == Owner::Goheap {
+            // SAFETY: goheap allocated `ptr` with `layout`; the caller upholds realloc's contract.
+            return unsafe { HEAP.realloc(ptr, layout, new_size) };
+        }
+        // Moving between heaps (or within a linked-list heap, which has no in-place resize anyway).
+        // SAFETY: the caller guarantees `new_size` with `layout.align()` forms a valid layout.
+        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        // SAFETY: non-zero size (realloc's contract).
+        let new = unsafe { self.alloc(new_layout) };
+        if !new.is_null() {
+            // SAFETY: both blocks are valid for the smaller size and belong to different allocations.
+            unsafe { core::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size)) };
+            // SAFETY: `ptr` was allocated with `layout` and is no longer used.
+            unsafe { self.dealloc(ptr, layout) };
+        }
+        new
+    }
+}
+
+/// Hands the early array to the early heap. Called by `kernel_demo::init`; later calls do nothing.
 pub fn init() {
-    if INITIALISED.swap(true, Ordering::AcqRel) {
+    static DONE: AtomicU8 = AtomicU8::new(0);
+    if DONE.swap(1, Ordering::AcqRel) != 0 {
         return;
     }
-    let start = core::ptr::addr_of_mut!(HEAP_AREA).cast::<u8>();
-    // SAFETY: HEAP_AREA is `HEAP_SIZE` bytes, lives for the whole run and is touched by nothing but this
-    // allocator; the INITIALISED flag makes this the only `init` call on it.
-    unsafe { ALLOCATOR.lock().init(start, HEAP_SIZE) };
+    let (start, _) = early_range();
+    // SAFETY: EARLY_AREA is EARLY_HEAP_SIZE bytes, lives for the whole run and is used by nothing but the
+    // early heap; DONE makes this the only `init` on it.
+    unsafe { EARLY.lock().init(start as *mut u8, EARLY_HEAP_SIZE) };
+}
+
+/// Makes goheap the kernel heap: the frame allocator takes the usable memory, goheap's page source gets
+/// the active page tables, and new allocations go to goheap from now on. Call once, on the BSP, before
+/// other CPUs start.
+pub fn init_goheap(boot_info: &'static BootInfo) {
+    init();
+    let phys = boot_info
+        .physical_memory_offset
+        .into_option()
+        .expect("the heap needs the physical-memory mapping (BOOTLOADER_CONFIG maps it)");
+    // SAFETY: called once, before any frame is handed out; the bootloader mapped all physical memory at
+    // `phys` and marked everything it gave the kernel as non-Usable.
+    unsafe { frames::init(&boot_info.memory_regions, phys) };
+
+    let (l4_frame, _) = Cr3::read();
+    let l4_ptr = (phys + l4_frame.start_address().as_u64()) as *mut PageTable;
+    let l4_index = (HEAP_WINDOW_START >> 39) as usize & 511;
+    // SAFETY: the active L4 table, reached through the physical-memory mapping; this `&mut` is the one the
+    // mapper keeps. Other kernel code that edits page tables (the CPU bring-up) only touches other L4
+    // entries, and the mapper only writes below entry `l4_index`.
+    let l4: &'static mut PageTable = unsafe { &mut *l4_ptr };
+    assert!(l4[l4_index].is_unused(), "heap window {HEAP_WINDOW_START:#x} overlaps a bootloader mapping");
+    // SAFETY: `l4` is the active L4 table and all physical memory is mapped at `phys`.
+    let mapper = unsafe { OffsetPageTable::new(l4, VirtAddr::new(phys)) };
+    // SAFETY: the window is unused address space (its L4 entry is empty, checked above) that only this
+    // source maps; the mapper maps the active tables; `Frames` hands out frames nothing else uses.
+    unsafe { HEAP.heap().source().init(mapper, Frames) };
+    MODE.store(MODE_GOHEAP, Ordering::Release);
+}
+
+/// True once [`init_goheap`] ran.
+pub fn goheap_ready() -> bool {
+    MODE.load(Ordering::Acquire) != MODE_EARLY
+}
+
+/// 4 KiB frames goheap holds mapped in its window (arena pages and metadata).
+pub fn committed_frames() -> usize {
+    HEAP.heap().source().committed_frames()
+}
+
+/// Routes all new allocations to a fresh `linked_list_allocator` heap of `bytes`, carved out of goheap as
+/// one large allocation, for a measurement. Call on one CPU while the others wait; returns false if goheap
+/// could not supply the area.
+pub fn compare_begin(bytes: usize) -> bool {
+    let layout = Layout::from_size_align(bytes, 4096).expect("valid layout");
+    let area = HEAP.alloc(layout);
+    if area.is_null() {
+        return false;
+    }
+    // SAFETY: `area` is `bytes` bytes goheap gave us and nobody else references; the previous comparison
+    // run (if any) ended with its heap empty, so re-initialising loses nothing.
+    unsafe {
+        let mut h = COMPARE.lock();
+        *h = linked_list_allocator::Heap::empty();
+        h.init(area, bytes);
+    }
+    COMPARE_START.store(area as usize, Ordering::Release);
+    COMPARE_END.store(area as usize + bytes, Ordering::Release);
+    MODE.store(MODE_COMPARE, Ordering::Release);
+    true
+}
+
+/// Ends a comparison run: allocations go to goheap again. If the comparison heap is empty its area goes
+/// back to goheap; else (something allocated during the run is still alive) the area is kept registered
+/// so those objects stay valid. Returns the bytes still in use on the comparison heap.
+pub fn compare_end() -> usize {
+    MODE.store(MODE_GOHEAP, Ordering::Release);
+    let used = COMPARE.lock().used();
+    if used == 0 {
+        let (start, end) = (COMPARE_START.load(Ordering::Acquire), COMPARE_END.load(Ordering::Acquire));
+        COMPARE_START.store(0, Ordering::Release);
+        COMPARE_END.store(0, Ordering::Release);
+        let layout = Layout::from_size_align(end - start, 4096).expect("valid layout");
+        if let Some(p) = NonNull::new(start as *mut u8) {
+            // SAFETY: the area came from `HEAP.alloc(layout)` in `compare_begin`; its heap is empty and no
+            // longer registered, so nothing references it.
+            unsafe { HEAP.dealloc(p.as_ptr(), layout) };
+        }
+    }
+    used
+}
+
+/// Bytes in use on the early heap (for the boot report).
+pub fn early_used() -> usize {
+    EARLY.lock().used()
 }

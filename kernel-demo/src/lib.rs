@@ -3,21 +3,37 @@
 //!
 //! - [`serial`]: COM1 console, `serial_print!`/`serial_println!`.
 //! - [`exit`]: ending the QEMU run with success or failure (isa-debug-exit).
-//! - [`heap`]: the kernel heap (a stand-in until goheap takes over: the seam is there).
+//! - [`heap`]: the kernel heap: goheap as `#[global_allocator]` over [`frames`] (physical frames), an
+//!   early heap before it; [`background`]: goheap's sweep/scavenge from idle loops and timer ticks.
 //! - [`args`]: kernel arguments from `cargo xtask run -- ARGS`.
 //! - [`memory`]: a summary of the boot memory map.
-//! - [`test_runner`] and friends: the custom test framework of the test kernels.
+//! - CPUs: [`smp`] (BSP set-up, AP start-up, TLB shoot-down, barrier), [`percpu`] (GS-based per-CPU
+//!   data, dense CPU index), [`gdt`], [`idt`], [`apic`] (local APIC, IPIs, timer), [`acpi`] (MADT),
+//!   [`time`] (PIT/TSC delays).
+//! - [`test_runner`] and friends: the custom test framework of the test kernels; [`testing`]: helpers of
+//!   the heap test kernels (boot goheap and all CPUs, run a function on every CPU).
 #![no_std]
+#![feature(abi_x86_interrupt)]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 extern crate alloc;
 
+pub mod acpi;
+pub mod apic;
 pub mod args;
+pub mod background;
 pub mod exit;
+pub mod frames;
+pub mod gdt;
 pub mod heap;
+pub mod idt;
 pub mod memory;
+pub mod percpu;
 pub mod serial;
+pub mod smp;
+pub mod testing;
+pub mod time;
 
 use bootloader_api::config::{BootloaderConfig, Mapping};
 use core::panic::PanicInfo;

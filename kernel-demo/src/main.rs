@@ -1,38 +1,50 @@
-//! goheap's demo kernel: boots, prints a banner with the memory map, exercises the heap and exits QEMU.
+//! goheap's demo kernel: boots, makes goheap the kernel heap, runs the demo on every CPU, prints the
+//! report and exits QEMU (see `demo.rs` for the phases and `heap.rs` for the heap wiring).
 //!
-//! Kernel arguments (`cargo xtask run -- ARGS`): `--panic` panics, `--hang` hangs (to see the runner's
-//! failure and timeout paths).
+//! Boot path: serial console and early heap (`kernel_demo::init`) → goheap over the frame allocator
+//! (`heap::init_goheap`) → the BSP's CPU set-up (`smp::init_bsp`: IDT, GDT/TSS, LAPIC, per-CPU data) →
+//! the APs (`smp::start_aps`) → the demo on all CPUs (`demo.rs`) → exit.
+//!
+//! Kernel arguments (`cargo xtask run -- ARGS`):
+//! - `--oom`: exhausts the heap under a frame budget, shows it recovers, then shows the allocation-error
+//!   path. Exit status: 0 when the alloc error handler was reached by the deliberate failing allocation
+//!   (the expected end of the run), 1 on anything else (a panic, an unexpected allocation failure, or the
+//!   deliberate allocation succeeding).
+//! - `--panic` panics, `--hang` hangs (to see the runner's failure and timeout paths).
 #![no_std]
 #![no_main]
+#![feature(alloc_error_handler)]
 
 extern crate alloc;
 
-use alloc::{boxed::Box, string::String, vec::Vec};
+mod demo;
+
 use bootloader_api::{entry_point, BootInfo};
+use core::alloc::Layout;
 use core::panic::PanicInfo;
-use kernel_demo::{args::Args, exit_qemu, memory::MemorySummary, serial_println, ExitCode};
+use core::sync::atomic::Ordering;
+use kernel_demo::percpu::{self, PerCpu};
+use kernel_demo::{args::Args, background, exit_qemu, frames, heap, memory::MemorySummary, serial_println, smp, ExitCode};
 
 entry_point!(kernel_main, config = &kernel_demo::BOOTLOADER_CONFIG);
 
 fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
+    // Serial console, and the early heap for anything allocated before goheap is wired.
     kernel_demo::init();
+    background::init_logger();
+    let boot_info: &'static BootInfo = boot_info;
     let args = Args::from_boot_info(boot_info);
     let mem = MemorySummary::of(&boot_info.memory_regions);
 
     serial_println!();
     serial_println!("goheap demo kernel {}", env!("CARGO_PKG_VERSION"));
     serial_println!(
-        "memory map: {} regions, {} usable ({} bytes = {} MiB, largest {} MiB)",
+        "memory map: {} regions, {} usable ({} MiB, largest {} MiB)",
         mem.regions,
         mem.usable_regions,
-        mem.usable_bytes,
         mem.usable_bytes >> 20,
         mem.largest_usable >> 20
     );
-    match boot_info.physical_memory_offset.into_option() {
-        Some(offset) => serial_println!("physical memory mapped at {offset:#x}"),
-        None => serial_println!("physical memory not mapped"),
-    }
     if args.is_empty() {
         serial_println!("kernel args: (none)");
     } else {
@@ -48,16 +60,46 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         kernel_demo::hlt_loop();
     }
 
-    // The heap (a stand-in until goheap replaces it, see src/heap.rs).
-    let boxed = Box::new(41u64 + 1);
-    let v: Vec<usize> = (0..1000).collect();
-    let mut s = String::new();
-    s.push_str("heap ok");
-    assert_eq!((*boxed, v.iter().sum::<usize>(), s.as_str()), (42, 499_500, "heap ok"));
-    serial_println!("{s}: box, vec and string work ({} KiB stand-in heap)", kernel_demo::heap::HEAP_SIZE >> 10);
+    // goheap becomes the kernel heap.
+    heap::init_goheap(boot_info);
+    let c = frames::counts();
+    serial_println!(
+        "heap: goheap over frames; window {:#x} + {} MiB (arena up to {} MiB); {} frames ({} MiB) usable above 1 MiB; early heap used {} of {} KiB",
+        heap::HEAP_WINDOW_START,
+        heap::HEAP_WINDOW_BYTES >> 20,
+        heap::HEAP_MAX_BYTES >> 20,
+        c.total,
+        c.total >> 8,
+        heap::early_used() >> 10,
+        heap::EARLY_HEAP_SIZE >> 10
+    );
 
-    serial_println!("goheap demo kernel: done");
-    exit_qemu(ExitCode::Success)
+    // The CPUs: the BSP's per-CPU data (from here on goheap uses per-CPU caches), then the APs, each
+    // entering `ap_main`. Background work: every LAPIC timer tick marks it due; idle loops run it.
+    let madt = smp::init_bsp(boot_info).unwrap_or_else(|e| panic!("smp::init_bsp: {e:?}"));
+    background::install_tick();
+    serial_println!("cpus: {} enabled in the MADT; BSP APIC ID {}", madt.enabled_count(), percpu::this().apic_id);
+
+    if args.has("--oom") {
+        demo::run_oom();
+    }
+
+    let ncpus = smp::start_aps(ap_main);
+    serial_println!("cpus: {} online ({} failed to start)", ncpus, smp::ap_failures());
+
+    let ok = demo::run_bsp(ncpus);
+    if ok {
+        serial_println!("goheap demo kernel: done");
+        exit_qemu(ExitCode::Success)
+    } else {
+        serial_println!("goheap demo kernel: FAILED (see above)");
+        exit_qemu(ExitCode::Failed)
+    }
+}
+
+/// Where each AP starts once the CPU bring-up set it up (interrupts off): the demo, then the idle loop.
+fn ap_main(_cpu: &'static PerCpu) -> ! {
+    demo::run_ap()
 }
 
 fn serial_print_args(args: &Args) {
@@ -66,6 +108,31 @@ fn serial_print_args(args: &Args) {
         kernel_demo::serial_print!(" {a}");
     }
     serial_println!();
+}
+
+/// Where an infallible allocation that failed ends up (`handle_alloc_error`): a clear message with the
+/// heap's state, then the exit described in the module docs. Allocates nothing.
+#[alloc_error_handler]
+fn alloc_error(layout: Layout) -> ! {
+    kernel_demo::serial::force_unlock();
+    let m = heap::HEAP.mem_stats();
+    let f = frames::counts();
+    serial_println!(
+        "OUT OF MEMORY: allocation of {} bytes (align {}) failed; heap: {} KiB in use, {} KiB of arena grown, {} frames mapped, {} live objects; frame allocator: {} free, {} in use",
+        layout.size(),
+        layout.align(),
+        m.heap_alloc >> 10,
+        m.heap_sys >> 10,
+        heap::committed_frames(),
+        m.heap_objects,
+        f.free,
+        f.in_use
+    );
+    if demo::EXPECT_OOM.load(Ordering::SeqCst) {
+        serial_println!("oom: the allocation-error path was reached as expected; exiting with success");
+        exit_qemu(ExitCode::Success)
+    }
+    exit_qemu(ExitCode::Failed)
 }
 
 #[panic_handler]

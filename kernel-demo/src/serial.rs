@@ -83,7 +83,11 @@ pub fn force_unlock() {
 #[doc(hidden)]
 pub fn _print(args: fmt::Arguments) {
     // Console output must not be lost to formatting errors; there is nowhere to report them anyway.
-    let _ = SERIAL.lock().write_fmt(args);
+    // Interrupts stay off while the lock is held: an interrupt handler that prints on the same CPU would
+    // otherwise spin on it forever. One call prints one whole line, so CPUs never interleave mid-line.
+    x86_64::instructions::interrupts::without_interrupts(|| {
+        let _ = SERIAL.lock().write_fmt(args);
+    });
 }
 
 /// Prints to the serial console.

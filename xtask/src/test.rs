@@ -41,6 +41,8 @@ struct Summary {
     lines: Vec<Line>,
     qemu_ran: u64,
     qemu_passed: u64,
+    /// Test cases inside the QEMU kernels that passed.
+    qemu_cases: u64,
 }
 
 impl Summary {
@@ -119,10 +121,11 @@ pub fn main(args: &[String]) -> ExitCode {
         .fold((0, 0), |(p, f), l| (p + l.passed, f + l.failed));
     println!("host tests: {} passed, {} failed", host.0, host.1);
     println!(
-        "QEMU test kernels: {} ran, {} passed, {} failed",
+        "QEMU test kernels: {} ran, {} passed, {} failed; {} test case(s) passed in them",
         sum.qemu_ran,
         sum.qemu_passed,
-        sum.qemu_ran - sum.qemu_passed
+        sum.qemu_ran - sum.qemu_passed,
+        sum.qemu_cases
     );
     println!("wall time: {}", proc::fmt_duration(start.elapsed()));
     println!("{passed} passed, {failed} failed");
@@ -336,9 +339,13 @@ fn boot_one(
         .make_image(tool, elf, name, opts.firmware, kernel_args)
         .and_then(|image| qemu::run(tools, &image, opts));
     match result {
-        Ok((Outcome::Success, _)) => {
+        Ok((Outcome::Success, out)) => {
             sum.qemu_passed += 1;
-            sum.add(what, 1, 0, proc::fmt_duration(start.elapsed()));
+            // Test cases: the custom test framework prints `name... [ok]` per case; a kernel without cases
+            // (the demo, a must-panic kernel) counts as one.
+            let cases = out.lines().filter(|l| l.trim_end().ends_with("[ok]")).count().max(1);
+            sum.qemu_cases += cases as u64;
+            sum.add(what, 1, 0, format!("{} case(s), {}", cases, proc::fmt_duration(start.elapsed())));
         }
         Ok((outcome, _)) => sum.add(what, 0, 1, outcome.describe()),
         Err(e) => sum.add(what, 0, 1, e),

@@ -1,0 +1,140 @@
+//! Per-CPU data, reached through the GS base: one [`PerCpu`] per online CPU.
+//!
+//! Each CPU's APIC ID gets a dense index (`0..n`, the BSP first) from [`CPU_MAP`], goheap's
+//! `CpuIndexMap`, so sparse APIC IDs (several sockets, hyper-threads, hot-plug slots) still give dense
+//! cache indices. The CPU's `PerCpu` sits in a static slot of that index, and its address is written to
+//! the IA32_GS_BASE MSR, so [`current_index`] is a single `gs:`-relative load.
+//!
+//! Before the BSP ran [`init_cpu`], GS base is 0 and [`current_index`] returns `None` (a flag is checked
+//! first). An AP sets its GS base first thing in its start-up path ([`crate::smp`]), before anything that
+//! could call [`current_index`] runs on it.
+
+use crate::smp::MAX_CPUS;
+use core::cell::UnsafeCell;
+use core::mem::{offset_of, MaybeUninit};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use goheap::x86_64::CpuIndexMap;
+use x86_64::registers::model_specific::{GsBase, KernelGsBase};
+use x86_64::VirtAddr;
+
+/// APIC ID → dense CPU index, shared with goheap (`IrqCpus::new(percpu::current_index)` keys its caches
+/// by the same indices).
+pub static CPU_MAP: CpuIndexMap = CpuIndexMap::new();
+
+/// One CPU's data. The first two fields are read by `gs:`-relative loads: keep them first.
+#[repr(C)]
+pub struct PerCpu {
+    self_ptr: *const PerCpu,
+    /// Dense CPU index (goheap's cache index), `0` for the BSP.
+    pub index: usize,
+    /// Local APIC ID.
+    pub apic_id: u32,
+    /// LAPIC timer ticks on this CPU.
+    pub ticks: AtomicU64,
+    /// NMIs taken on this CPU.
+    pub nmis: AtomicU64,
+    /// TLB shoot-downs this CPU performed for others.
+    pub shootdowns_done: AtomicU64,
+    /// Fixed-vector test IPIs received.
+    pub fixed_ipis: AtomicU64,
+    /// Last shoot-down generation handled (see `smp`).
+    pub(crate) sd_seen: AtomicU64,
+}
+
+// SAFETY: the only non-Sync field is `self_ptr`, a read-only pointer to the struct itself; the rest is
+// set once before the struct is published, or atomic.
+unsafe impl Sync for PerCpu {}
+
+const _: () = assert!(offset_of!(PerCpu, self_ptr) == 0 && offset_of!(PerCpu, index) == 8);
+
+struct Slots(UnsafeCell<[MaybeUninit<PerCpu>; MAX_CPUS]>);
+// SAFETY: slot `i` is written once by the CPU holding index `i`, then published through PUBLISHED[i]
+// (Release) and only read after (Acquire); CPU_MAP hands each index out once.
+unsafe impl Sync for Slots {}
+static SLOTS: Slots = Slots(UnsafeCell::new([const { MaybeUninit::uninit() }; MAX_CPUS]));
+static PUBLISHED: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+/// Set once the BSP's GS base points at its `PerCpu`.
+static GS_READY: AtomicBool = AtomicBool::new(false);
+
+/// Fills slot `index` for the running CPU and points its GS base (and kernel GS base) at it.
+///
+/// # Safety
+/// `index` is the running CPU's own index from [`CPU_MAP`] (so no other CPU uses the slot), `< MAX_CPUS`,
+/// and this is called once per CPU.
+pub unsafe fn init_cpu(index: usize, apic_id: u32) -> &'static PerCpu {
+    assert!(index < MAX_CPUS);
+    // SAFETY: the slot is this CPU's alone (caller's contract) and not yet published; it is a static.
+    let cpu: &'static PerCpu = unsafe {
+        let slot = SLOTS.0.get().cast::<MaybeUninit<PerCpu>>().add(index);
+        let p = slot.cast::<PerCpu>();
+        (*slot).write(PerCpu {
+            self_ptr: p,
+            index,
+            apic_id,
+            ticks: AtomicU64::new(0),
+            nmis: AtomicU64::new(0),
+            shootdowns_done: AtomicU64::new(0),
+            fixed_ipis: AtomicU64::new(0),
+            sd_seen: AtomicU64::new(0),
+        });
+        &*p
+    };
+    let addr = VirtAddr::from_ptr(cpu as *const PerCpu);
+    GsBase::write(addr);
+    KernelGsBase::write(addr);
+    PUBLISHED[index].store(true, Ordering::Release);
+    if index == 0 {
+        GS_READY.store(true, Ordering::Release);
+    }
+    cpu
+}
+
+/// The running CPU's dense index, or `None` before its per-CPU data is set up.
+///
+/// One relaxed load of a global flag, then one `gs:`-relative load: no lock, no allocation. Meant for
+/// goheap's `IrqCpus::new(current_index)`, which calls it with interrupts off.
+#[inline]
+pub fn current_index() -> Option<usize> {
+    if !GS_READY.load(Ordering::Relaxed) {
+        return None;
+    }
+    let index: usize;
+    // SAFETY: GS_READY means the BSP's GS base points at its PerCpu, and every AP sets its GS base before
+    // running anything that calls this; `index` is at offset 8 (checked at compile time).
+    unsafe { core::arch::asm!("mov {}, gs:[8]", out(reg) index, options(nostack, preserves_flags, readonly)) };
+    Some(index)
+}
+
+/// The running CPU's data, if set up (see [`current_index`] for the same conditions).
+#[inline]
+pub fn try_this() -> Option<&'static PerCpu> {
+    if !GS_READY.load(Ordering::Relaxed) {
+        return None;
+    }
+    let p: *const PerCpu;
+    // SAFETY: as in `current_index`; offset 0 holds the PerCpu's own address.
+    unsafe { core::arch::asm!("mov {}, gs:[0]", out(reg) p, options(nostack, preserves_flags, readonly)) };
+    // SAFETY: a published PerCpu lives in a static and is never written again except through atomics.
+    Some(unsafe { &*p })
+}
+
+/// The running CPU's data. Panics before `smp::init_bsp` (on the BSP).
+#[inline]
+pub fn this() -> &'static PerCpu {
+    try_this().expect("percpu::this() before the CPU's per-CPU data was set up (smp::init_bsp)")
+}
+
+/// The data of the CPU with dense index `index`, once that CPU set it up.
+pub fn get(index: usize) -> Option<&'static PerCpu> {
+    if index >= MAX_CPUS || !PUBLISHED[index].load(Ordering::Acquire) {
+        return None;
+    }
+    // SAFETY: published (Acquire pairs with the Release in `init_cpu`), so initialised and never written
+    // again except through atomics.
+    Some(unsafe { (*SLOTS.0.get())[index].assume_init_ref() })
+}
+
+/// Iterates over the data of every CPU that set it up, in index order.
+pub fn all() -> impl Iterator<Item = &'static PerCpu> {
+    (0..MAX_CPUS).filter_map(get)
+}

@@ -1,0 +1,176 @@
+//! Helpers shared by the heap test kernels (`tests/heap_*.rs`, `smp_stress.rs`, `scavenger_frames.rs`,
+//! `oom.rs`, `percpu_caches*.rs`, the must-panic free checks).
+//!
+//! - [`boot`]: serial console, goheap as the kernel heap, the BSP's CPU set-up and every AP, each AP
+//!   parked in a loop that waits (halted) for work;
+//! - [`run_on_all`]: runs one `fn(cpu_index, ncpus)` on every online CPU at once (the BSP too) and returns
+//!   when all finished; [`barrier`] lines the CPUs up between phases of such a function;
+//! - [`flush_all_caches`]: every CPU gives its goheap cache back (only the owner can flush a cache);
+//! - [`MsgBuf`]: formats a panic message without the heap (for must-panic kernels' panic handlers).
+//!
+//! Nothing here allocates: the tests count heap objects around it.
+
+use crate::heap::HEAP;
+use crate::percpu::PerCpu;
+use crate::{apic, heap, smp, time};
+use bootloader_api::BootInfo;
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+/// The job of the current [`run_on_all`] (a `fn(usize, usize)` as usize) and its generation.
+static JOB: AtomicUsize = AtomicUsize::new(0);
+static GEN: AtomicUsize = AtomicUsize::new(0);
+/// APs that finished the current job.
+static DONE: AtomicUsize = AtomicUsize::new(0);
+static BARRIER: smp::Barrier = smp::Barrier::new(1);
+/// How long [`run_on_all`] waits for the APs (TCG on a loaded host is slow; a hang still ends).
+const JOB_TIMEOUT_US: u64 = 150_000_000;
+
+/// Boots a heap test kernel: `kernel_demo::init`, goheap as the kernel heap, the BSP's per-CPU set-up
+/// (from here on every CPU uses its own goheap cache) and all APs. Returns the number of CPUs online.
+pub fn boot(boot_info: &'static mut BootInfo) -> usize {
+    crate::init();
+    let boot_info: &'static BootInfo = boot_info;
+    heap::init_goheap(boot_info);
+    smp::init_bsp(boot_info).unwrap_or_else(|e| panic!("smp::init_bsp: {e:?}"));
+    let n = smp::start_aps(ap_loop);
+    assert_eq!(smp::ap_failures(), 0, "an AP failed to come up");
+    BARRIER.set_parties(n);
+    crate::serial_println!(
+        "testing: goheap is the kernel heap; {n} CPU(s) online, cache indices {:?}",
+        CpuList::online()
+    );
+    n
+}
+
+/// The online CPUs' indices, printable without allocating.
+pub struct CpuList;
+
+impl CpuList {
+    fn online() -> Self {
+        CpuList
+    }
+}
+
+impl core::fmt::Debug for CpuList {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_list().entries((0..smp::MAX_CPUS).filter(|&i| smp::is_online(i))).finish()
+    }
+}
+
+fn run_job(index: usize) {
+    let job = JOB.load(Ordering::Acquire);
+    // SAFETY: JOB only ever holds a `fn(usize, usize)` stored by `run_on_all` before it bumped GEN.
+    let job: fn(usize, usize) = unsafe { core::mem::transmute::<usize, fn(usize, usize)>(job) };
+    job(index, smp::online());
+}
+
+/// An AP's life: wait (halted, woken by the test IPI) for a new job generation, run it, report, repeat.
+fn ap_loop(cpu: &'static PerCpu) -> ! {
+    let mut seen = 0;
+    loop {
+        x86_64::instructions::interrupts::disable();
+        let g = GEN.load(Ordering::Acquire);
+        if g != seen {
+            seen = g;
+            run_job(cpu.index);
+            DONE.fetch_add(1, Ordering::AcqRel);
+        } else {
+            // `sti; hlt`: an IPI sent after the load above still wakes us.
+            x86_64::instructions::interrupts::enable_and_hlt();
+        }
+    }
+}
+
+/// Runs `job(cpu_index, ncpus)` on every online CPU at once (the BSP, index 0, included) and returns when
+/// all finished. Panics if the APs do not finish within 150 s. Call on the BSP only.
+pub fn run_on_all(job: fn(usize, usize)) {
+    let aps = smp::online() - 1;
+    BARRIER.set_parties(aps + 1);
+    DONE.store(0, Ordering::Release);
+    JOB.store(job as usize, Ordering::Release);
+    GEN.fetch_add(1, Ordering::AcqRel);
+    if aps > 0 {
+        apic::send_fixed_all_but_self(apic::TEST_IPI_VECTOR);
+    }
+    run_job(0);
+    let t0 = time::rdtsc();
+    while DONE.load(Ordering::Acquire) < aps {
+        assert!(
+            time::us_since(t0) < JOB_TIMEOUT_US,
+            "testing::run_on_all: only {} of {aps} APs finished",
+            DONE.load(Ordering::Acquire)
+        );
+        core::hint::spin_loop();
+    }
+}
+
+/// Waits until every CPU running the current [`run_on_all`] job reached this point.
+pub fn barrier() {
+    BARRIER.wait();
+}
+
+/// Every online CPU flushes its own goheap cache back to the central lists.
+pub fn flush_all_caches() {
+    run_on_all(|_, _| HEAP.flush_cpu_cache());
+}
+
+/// A fixed buffer to format a message into without the heap (a panic handler's).
+pub struct MsgBuf {
+    bytes: [u8; 512],
+    len: usize,
+}
+
+impl MsgBuf {
+    /// An empty buffer.
+    pub const fn new() -> Self {
+        MsgBuf { bytes: [0; 512], len: 0 }
+    }
+
+    /// What was written (cut at 512 bytes, on a character boundary).
+    pub fn as_str(&self) -> &str {
+        match core::str::from_utf8(&self.bytes[..self.len]) {
+            Ok(s) => s,
+            Err(e) => core::str::from_utf8(&self.bytes[..e.valid_up_to()]).unwrap_or(""),
+        }
+    }
+}
+
+impl Default for MsgBuf {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl core::fmt::Write for MsgBuf {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let n = s.len().min(self.bytes.len() - self.len);
+        self.bytes[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
+
+/// A small xorshift generator for test workloads (deterministic per seed).
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from `seed` (any value).
+    pub const fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    /// The next value.
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    /// A value in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
