@@ -174,3 +174,22 @@ impl Rng {
         self.next() % n
     }
 }
+
+/// The panic handler of a must-panic kernel that expects goheap's bad-free report: exits with success only
+/// if the message names the address stored in `addr` (non-zero) followed by `reason`, e.g.
+/// "goheap: invalid free of 0x...: double free".
+pub fn expect_bad_free_report(info: &core::panic::PanicInfo, addr: usize, reason: &str) -> ! {
+    use core::fmt::Write;
+    crate::serial::force_unlock();
+    let mut buf = MsgBuf::new();
+    let _ = write!(buf, "{}", info.message());
+    let msg = buf.as_str();
+    let mut want = MsgBuf::new();
+    let _ = write!(want, "goheap: invalid free of {addr:#x}: {reason}");
+    if addr != 0 && msg.contains(want.as_str()) {
+        crate::serial_println!("[ok] ({msg})");
+        crate::exit_qemu(crate::ExitCode::Success)
+    }
+    crate::serial_println!("[failed] unexpected panic: {msg} (wanted \"{}\")", want.as_str());
+    crate::exit_qemu(crate::ExitCode::Failed)
+}

@@ -13,10 +13,9 @@ extern crate alloc;
 use alloc::alloc::{dealloc, Layout};
 use alloc::boxed::Box;
 use bootloader_api::{entry_point, BootInfo};
-use core::fmt::Write;
 use core::panic::PanicInfo;
 use core::sync::atomic::{AtomicUsize, Ordering};
-use kernel_demo::testing::{self, MsgBuf};
+use kernel_demo::testing;
 use kernel_demo::{exit_qemu, serial_println, ExitCode};
 
 entry_point!(main, config = &kernel_demo::BOOTLOADER_CONFIG);
@@ -43,17 +42,5 @@ fn main(boot_info: &'static mut BootInfo) -> ! {
 
 #[panic_handler]
 fn panic(info: &PanicInfo) -> ! {
-    kernel_demo::serial::force_unlock();
-    let mut buf = MsgBuf::new();
-    let _ = write!(buf, "{}", info.message());
-    let msg = buf.as_str();
-    let addr = ADDR.load(Ordering::SeqCst);
-    let mut want = MsgBuf::new();
-    let _ = write!(want, "goheap: invalid free of {addr:#x}: not a live allocation of this heap");
-    if addr != 0 && msg.contains(want.as_str()) {
-        serial_println!("[ok] ({msg})");
-        exit_qemu(ExitCode::Success)
-    }
-    serial_println!("[failed] unexpected panic: {msg} (wanted \"{}\")", want.as_str());
-    exit_qemu(ExitCode::Failed)
+    testing::expect_bad_free_report(info, ADDR.load(Ordering::SeqCst), "not a live allocation of this heap")
 }

@@ -7,7 +7,7 @@
 //! keeps the contents while growing and shrinking across small classes and large objects; and that these
 //! allocations really came from goheap (its statistics count them).
 //!
-//! xtask: smp=1 firmware=both timeout=120
+//! xtask: smp=1 firmware=both timeout=300
 #![no_std]
 #![no_main]
 #![feature(custom_test_frameworks)]

@@ -5,7 +5,7 @@
 //!
 //! The APs wait for commands (`run_on_aps`) with interrupts on, halted, woken by a fixed IPI.
 //!
-//! xtask: smp=4 firmware=both timeout=120
+//! xtask: smp=4 firmware=both timeout=300
 #![no_std]
 #![no_main]
 #![feature(custom_test_frameworks)]

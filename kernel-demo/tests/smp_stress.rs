@@ -10,7 +10,7 @@
 //! CPU took objects from others, and each online CPU's cache counted at least the objects that CPU
 //! allocated (`cpu_stats(index).mallocs`).
 //!
-//! xtask: smp=4 timeout=180 firmware=both
+//! xtask: smp=4 timeout=300 firmware=both
 #![no_std]
 #![no_main]
 #![feature(custom_test_frameworks)]

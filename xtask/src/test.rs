@@ -289,7 +289,13 @@ fn qemu_kernels(tools: &Tools, sum: &mut Summary) {
     match kb.build_demo(false) {
         Ok(elf) => {
             for fw in [Firmware::Uefi, Firmware::Bios] {
-                let opts = QemuOptions { firmware: fw, ..QemuOptions::default() };
+                // A generous timeout: under TCG on a loaded 2-core machine a BIOS boot with 4 CPUs can take
+                // minutes (seen: 3 min), though it takes 35 s on an idle one.
+                let opts = QemuOptions {
+                    firmware: fw,
+                    timeout: std::time::Duration::from_secs(300),
+                    ..QemuOptions::default()
+                };
                 boot_one(tools, &kb, &tool, sum, "kernel-demo", &elf, &opts, &[]);
             }
         }
