@@ -8,6 +8,22 @@
 //! - `background()`: goheap's scavenger step (other allocators: `None`);
 //! - `stats()`: goheap's own MemStats figures (other allocators: empty).
 
+/// The parts of a `sel` module that only goheap fills in: background work, scavenger steps, its own stats.
+#[allow(unused_macros)] // unused when the goheap variant is built
+macro_rules! peer_has_no_background {
+    () => {
+        pub fn background() -> Option<&'static str> {
+            None
+        }
+        pub fn scavenger_steps() -> usize {
+            0
+        }
+        pub fn stats() -> Vec<(&'static str, u64)> {
+            Vec::new()
+        }
+    };
+}
+
 // Under `--cfg goheap_bench` exactly one `alloc-*` feature must be on.
 #[cfg(goheap_bench)]
 const _: () = {
@@ -70,15 +86,7 @@ mod sel {
         unsafe { libc::malloc_trim(0) };
         Some("malloc_trim(0)")
     }
-    pub fn background() -> Option<&'static str> {
-        None
-    }
-    pub fn scavenger_steps() -> usize {
-        0
-    }
-    pub fn stats() -> Vec<(&'static str, u64)> {
-        Vec::new()
-    }
+    peer_has_no_background!();
 }
 
 #[cfg(all(goheap_bench, feature = "alloc-mimalloc"))]
@@ -95,15 +103,7 @@ mod sel {
         unsafe { mi_collect(true) };
         Some("mi_collect(true)")
     }
-    pub fn background() -> Option<&'static str> {
-        None
-    }
-    pub fn scavenger_steps() -> usize {
-        0
-    }
-    pub fn stats() -> Vec<(&'static str, u64)> {
-        Vec::new()
-    }
+    peer_has_no_background!();
 }
 
 #[cfg(all(goheap_bench, feature = "alloc-jemalloc"))]
@@ -127,15 +127,7 @@ mod sel {
         };
         Some("mallctl(arena.<all>.purge)")
     }
-    pub fn background() -> Option<&'static str> {
-        None
-    }
-    pub fn scavenger_steps() -> usize {
-        0
-    }
-    pub fn stats() -> Vec<(&'static str, u64)> {
-        Vec::new()
-    }
+    peer_has_no_background!();
 }
 
 #[cfg(all(goheap_bench, feature = "alloc-snmalloc"))]
@@ -146,15 +138,7 @@ mod sel {
     pub fn trim() -> Option<&'static str> {
         None
     }
-    pub fn background() -> Option<&'static str> {
-        None
-    }
-    pub fn scavenger_steps() -> usize {
-        0
-    }
-    pub fn stats() -> Vec<(&'static str, u64)> {
-        Vec::new()
-    }
+    peer_has_no_background!();
 }
 
 #[cfg(all(goheap_bench, feature = "alloc-rpmalloc"))]
@@ -165,15 +149,7 @@ mod sel {
     pub fn trim() -> Option<&'static str> {
         None
     }
-    pub fn background() -> Option<&'static str> {
-        None
-    }
-    pub fn scavenger_steps() -> usize {
-        0
-    }
-    pub fn stats() -> Vec<(&'static str, u64)> {
-        Vec::new()
-    }
+    peer_has_no_background!();
 }
 
 /// The arena allocators (talc, linked_list_allocator, buddy_system_allocator) manage one region they are
@@ -274,15 +250,7 @@ mod sel {
     pub fn trim() -> Option<&'static str> {
         None
     }
-    pub fn background() -> Option<&'static str> {
-        None
-    }
-    pub fn scavenger_steps() -> usize {
-        0
-    }
-    pub fn stats() -> Vec<(&'static str, u64)> {
-        Vec::new()
-    }
+    peer_has_no_background!();
 }
 
 #[cfg(all(goheap_bench, feature = "alloc-llalloc"))]
@@ -307,15 +275,7 @@ mod sel {
     pub fn trim() -> Option<&'static str> {
         None
     }
-    pub fn background() -> Option<&'static str> {
-        None
-    }
-    pub fn scavenger_steps() -> usize {
-        0
-    }
-    pub fn stats() -> Vec<(&'static str, u64)> {
-        Vec::new()
-    }
+    peer_has_no_background!();
 }
 
 #[cfg(all(goheap_bench, feature = "alloc-buddy"))]
@@ -342,15 +302,7 @@ mod sel {
     pub fn trim() -> Option<&'static str> {
         None
     }
-    pub fn background() -> Option<&'static str> {
-        None
-    }
-    pub fn scavenger_steps() -> usize {
-        0
-    }
-    pub fn stats() -> Vec<(&'static str, u64)> {
-        Vec::new()
-    }
+    peer_has_no_background!();
 }
 
 pub use sel::{background, scavenger_steps, stats, trim, NAME};

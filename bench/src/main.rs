@@ -18,21 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The groups, in the order `cargo xtask bench` runs them (fast-path ones first).
-const GROUPS: &[&str] = &[
-    "pair",
-    "batch",
-    "wset1",
-    "wset2",
-    "rust",
-    "larson",
-    "prodcons64",
-    "prodcons-mixed",
-    "rptest",
-    "large",
-    "latency",
-    "frag",
-];
+include!("groups.rs");
 
 /// Run parameters: `scale` multiplies every operation count; `cap` bounds each workload's time.
 #[derive(Clone, Copy)]

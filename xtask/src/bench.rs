@@ -71,21 +71,7 @@ const PEER_CRATES: &[&str] = &[
     "buddy_system_allocator",
 ];
 
-/// Workload groups, one process each, in run order (fast-path ones first).
-const GROUPS: &[&str] = &[
-    "pair",
-    "batch",
-    "wset1",
-    "wset2",
-    "rust",
-    "larson",
-    "prodcons64",
-    "prodcons-mixed",
-    "rptest",
-    "large",
-    "latency",
-    "frag",
-];
+include!("../../bench/src/groups.rs");
 
 /// What each workload does, for the report.
 const WORKLOADS: &[(&str, &str)] = &[
