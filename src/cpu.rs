@@ -17,7 +17,16 @@
 //!   thread that migrates keeps its slot, so migration mid-operation is harmless. Threads beyond
 //!   [`MAX_CPUS`] slots, and re-entrant calls, get `None` and use the shared, locked cache.
 //!
-//! Exclusivity invariant: for every index `i`, at most one live guard returned by `enter` has index `i`.
+//! Exclusivity invariant: for every index `i`, at most one live guard returned by `enter` or `enter_leaf`
+//! has index `i`.
+//!
+//! Two kinds of section: [`CpuProvider::enter`] opens one that may call anything (the slow paths take locks,
+//! call hooks and the page source, and a logger there may allocate), so the provider must turn a re-entrant
+//! `enter` on the same CPU or thread into `None`. [`CpuProvider::enter_leaf`] opens a *leaf* section that
+//! calls nothing (the fast paths: a few loads and stores on the cache), so nothing can re-enter it
+//! synchronously and the provider may skip marking the index busy: it only has to refuse an index that an
+//! open `enter` section holds. On a host that removes the thread-local store and restore around every fast
+//! operation.
 
 /// Number of per-CPU cache slots in every allocator (`MAX_CPUS = 1 << 6`).
 pub const MAX_CPUS: usize = 1 << 6;
@@ -40,6 +49,17 @@ pub unsafe trait CpuProvider: Sync {
     /// The guard and the current CPU's cache index, or `None` when no exclusive cache can be had now (not
     /// yet set up, re-entered, out of slots); the caller then uses the shared locked cache.
     fn enter(&self) -> (Self::Guard, Option<usize>);
+
+    /// Held for a leaf section (see the module docs); with an index, proof of its exclusive use.
+    type LeafGuard;
+
+    /// As [`CpuProvider::enter`], for a leaf section: the caller promises that until the guard drops it
+    /// calls no code that could call back into the allocator on this CPU or thread. The provider still
+    /// excludes other CPUs and threads, asynchronous re-entry it can prevent (a kernel keeps interrupts off
+    /// here too), and an index held by an open `enter` section on this CPU or thread (returns `None` then).
+    /// Asynchronous re-entry it cannot prevent (a host signal handler that allocates) is outside the
+    /// contract, as it is for every `malloc` that is not async-signal-safe.
+    fn enter_leaf(&self) -> (Self::LeafGuard, Option<usize>);
 }
 
 /// A provider with no per-CPU caches: every operation goes through the shared, locked cache. For early boot,
@@ -52,6 +72,11 @@ unsafe impl CpuProvider for NoCpuCache {
     type Guard = ();
     #[inline]
     fn enter(&self) -> ((), Option<usize>) {
+        ((), None)
+    }
+    type LeafGuard = ();
+    #[inline]
+    fn enter_leaf(&self) -> ((), Option<usize>) {
         ((), None)
     }
 }
@@ -150,8 +175,10 @@ mod thread_slots {
 
     // SAFETY: a slot index is returned only to the thread that owns it (claimed by CAS on `OWNED`, released
     // only by the owning thread's exit after its state became `DEAD`), and only while that thread's BUSY
-    // mark is clear; the guard sets the mark, so a re-entrant call on the same thread gets `None`. A slot
-    // passes between threads through the Release store in `Releaser::drop` and the Acquire CAS in `claim`.
+    // mark is clear; `enter`'s guard sets the mark, so a re-entrant call on the same thread gets `None`. A
+    // leaf section leaves the mark alone: by its contract nothing runs on the thread until it ends, and it
+    // gets `None` while an `enter` section holds the mark. A slot passes between threads through the
+    // Release store in `Releaser::drop` and the Acquire CAS in `claim`.
     unsafe impl CpuProvider for ThreadSlots {
         type Guard = SlotGuard;
 
@@ -172,6 +199,16 @@ mod thread_slots {
                 .ok()
                 .flatten();
             (SlotGuard { slot }, slot)
+        }
+
+        type LeafGuard = ();
+
+        /// One thread-local load: the slot if this thread has one and no `enter` section holds it; else
+        /// `None` (also before the first claim: the general path claims).
+        #[inline(always)]
+        fn enter_leaf(&self) -> ((), Option<usize>) {
+            let v = STATE.try_with(Cell::get).unwrap_or(DEAD);
+            ((), if v < BUSY { Some(v) } else { None })
         }
     }
 }

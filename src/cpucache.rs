@@ -14,10 +14,17 @@
 //!
 //! Go never frees explicitly: the GC's sweep rebuilds a span's bitmap. goheap's `dealloc` pushes the object
 //! on the freeing CPU's stock, whichever CPU's span it came from; the next allocation of that class on that
-//! CPU pops it (warm in the data cache). A stock is bounded: past `stock_max(class)` objects, half of it is
+//! CPU pops it (warm in the data cache). A stock is bounded: past its bound `max` objects, half of it is
 //! flushed to the class's [`Central`], which folds each object into its span (at once if no CPU caches the
 //! span, else as a deferred free for the caching CPU, see `central.rs`). So a free on another CPU than the
 //! allocating one never touches that CPU's cache nor takes its lock.
+//!
+//! The bound adapts, as tcmalloc's per-CPU caches do: it starts at `stock_max(class)` (32 KiB of objects),
+//! and a class whose stock overflows doubles its bound instead of flushing, up to `stock_cap(class)`
+//! (1 MiB of objects, at most 4096), while the cache's growth stays within [`STOCK_GROW_BYTES`]. A program
+//! that frees batches of a thousand objects and allocates them again then never reaches the central list.
+//! The background step ([`CpuCache::sweep_cached`]) halves grown bounds back towards the base and flushes
+//! what no longer fits, and `flush_all` resets them, so an idle CPU does not keep a burst's worth of memory.
 //!
 //! The **tiny path** (Go's `mcache.tiny`): requests under [`TINY_SIZE`] bytes with alignment at most 8
 //! are packed into 16-byte blocks. Go can recycle a block when the GC finds all its objects dead; with
@@ -33,7 +40,9 @@
 //! different CPUs at once), which is the price of packing.
 //!
 //! # Invariants (owner = the holder of this cache's guard)
-//! - `stock` list length `== nstock <= stock_max(class)`; every object on it is allocated in its span's
+//! - `stock` list length `== nstock <= max`, `stock_max(class) <= max <= stock_cap(class)`, and
+//!   `grown_bytes == Σ (max - stock_max(class)) * size(class) <= STOCK_GROW_BYTES`; every object on a
+//!   stock is allocated in its span's
 //!   bitmap (`alloc_bits`/`freeindex`) and free for the user;
 //! - `span` is null or a span of `class` with `cached_by == index`; its object fields are the owner's;
 //! - `tiny != 0` ⇒ `tiny` is a block of a tiny span, `tiny_offset <= 16`, `tiny_nobjs >= 1`.
@@ -65,6 +74,11 @@ const TINY_COUNTS_OFFSET: usize = TINY_BLOCKS_PER_SPAN * TINY_SIZE;
 const STOCK_BYTES: usize = 32 << 10;
 const STOCK_MIN_OBJS: usize = 4;
 const STOCK_MAX_OBJS: usize = 256;
+/// Bytes a class's stock may grow to when it keeps overflowing (with a cap in objects).
+const STOCK_CAP_BYTES: usize = 1 << 20;
+const STOCK_CAP_OBJS: usize = 4096;
+/// Bytes by which one cache's stocks may grow beyond their base bounds, all classes together.
+pub const STOCK_GROW_BYTES: usize = 2 << 20;
 
 /// The shape of allocation class `c` (a size class, or the tiny class).
 pub const fn class_shape(c: usize) -> ClassShape {
@@ -92,12 +106,20 @@ pub const fn stock_max(c: usize) -> u32 {
     (if n > STOCK_MAX_OBJS { STOCK_MAX_OBJS } else { n }) as u32
 }
 
-/// `stock_max(c)`, unchecked: `c < NUM_ALLOC_CLASSES`.
-#[inline(always)]
-fn cc_max(c: usize) -> u32 {
-    debug_assert!(c < NUM_ALLOC_CLASSES);
-    // SAFETY: callers pass a valid allocation class.
-    unsafe { *STOCK_MAX.get_unchecked(c) }
+/// Grown stock bound of class `c`: `clamp(STOCK_CAP_BYTES / size, stock_max(c), STOCK_CAP_OBJS)`.
+pub const fn stock_cap(c: usize) -> u32 {
+    let size = class_shape(c).elemsize as usize;
+    if size == 0 {
+        return 0;
+    }
+    let n = STOCK_CAP_BYTES / size;
+    let n = if n > STOCK_CAP_OBJS { STOCK_CAP_OBJS } else { n };
+    let base = stock_max(c);
+    if (n as u32) < base {
+        base
+    } else {
+        n as u32
+    }
 }
 
 const STOCK_MAX: [u32; NUM_ALLOC_CLASSES] = {
@@ -142,6 +164,19 @@ struct ClassCache {
     /// Freed objects, linked through their first word. Owner only.
     stock: *mut u8,
     nstock: u32,
+    /// The stock's current bound (adaptive, see the module docs). Owner only.
+    max: u32,
+}
+
+const fn class_caches() -> [ClassCache; NUM_ALLOC_CLASSES] {
+    let mut arr = [const { ClassCache { span: ptr::null_mut(), stock: ptr::null_mut(), nstock: 0, max: 0 } };
+        NUM_ALLOC_CLASSES];
+    let mut c = 0;
+    while c < NUM_ALLOC_CLASSES {
+        arr[c].max = STOCK_MAX[c];
+        c += 1;
+    }
+    arr
 }
 
 /// Per-CPU counters, written by the owner with plain (non-RMW) relaxed stores and merged by readers.
@@ -203,6 +238,8 @@ impl CpuStats {
 /// A per-CPU cache (Go's `mcache`).
 pub struct CpuCache {
     classes: [ClassCache; NUM_ALLOC_CLASSES],
+    /// `Σ (max - stock_max(class)) * size(class)` over the classes: how far the stocks have grown.
+    grown_bytes: usize,
     /// Current tiny block (0 if none), next free offset in it, objects handed out from it.
     tiny: usize,
     tiny_offset: usize,
@@ -253,8 +290,8 @@ impl CpuCache {
     /// An empty cache.
     pub const fn new() -> Self {
         CpuCache {
-            classes: [const { ClassCache { span: ptr::null_mut(), stock: ptr::null_mut(), nstock: 0 } };
-                NUM_ALLOC_CLASSES],
+            classes: class_caches(),
+            grown_bytes: 0,
             tiny: 0,
             tiny_offset: 0,
             tiny_nobjs: 0,
@@ -339,7 +376,7 @@ impl CpuCache {
     pub(crate) unsafe fn free_fast(&mut self, c: usize, p: *mut u8, sh: &CpuShared) -> bool {
         // SAFETY: `c < NUM_ALLOC_CLASSES` (the caller's contract).
         let cc = unsafe { self.classes.get_unchecked_mut(c) };
-        if cc.nstock >= cc_max(c) {
+        if cc.nstock >= cc.max {
             return false;
         }
         // SAFETY: the object is free and at least 8 bytes: it can hold the link.
@@ -402,8 +439,8 @@ impl CpuCache {
         }
     }
 
-    /// Frees object `p` of class `c` onto this CPU's stock, flushing half the stock to the central list
-    /// when it overflows.
+    /// Frees object `p` of class `c` onto this CPU's stock; when the stock overflows, grows its bound or
+    /// flushes half of it to the central list.
     ///
     /// # Safety
     /// `p` was allocated from class `c` of the allocator `t` belongs to and is not used any more;
@@ -424,9 +461,46 @@ impl CpuCache {
         cc.nstock += 1;
         let nstock = cc.nstock;
         sh.stats.nfree(c).bump();
-        if nstock > cc_max(c) {
-            self.flush_stock(t, c, (nstock / 2).max(1) as usize, sh);
+        if nstock > cc.max {
+            self.overflow(t, c, sh);
         }
+    }
+
+    /// Class `c`'s stock is one over its bound: doubles the bound if the class and the cache may still
+    /// grow, else flushes half the stock.
+    #[inline(never)]
+    fn overflow<S: PageSource>(&mut self, t: &Tiers<S>, c: usize, sh: &CpuShared) {
+        let size = class_shape(c).elemsize as usize;
+        let cc = &mut self.classes[c];
+        let grown = (cc.max.saturating_mul(2)).min(stock_cap(c));
+        let extra = (grown - cc.max) as usize * size;
+        if grown > cc.max && self.grown_bytes + extra <= STOCK_GROW_BYTES {
+            cc.max = grown;
+            self.grown_bytes += extra;
+            return;
+        }
+        let n = (cc.nstock / 2).max(1) as usize;
+        self.flush_stock(t, c, n, sh);
+    }
+
+    /// Sets class `c`'s stock bound to `max` (not below its base), flushing the objects beyond it.
+    fn set_stock_max<S: PageSource>(&mut self, t: &Tiers<S>, c: usize, max: u32, sh: &CpuShared) {
+        let size = class_shape(c).elemsize as usize;
+        let cc = &mut self.classes[c];
+        let max = max.max(STOCK_MAX[c]);
+        if max < cc.max {
+            self.grown_bytes -= (cc.max - max) as usize * size;
+            cc.max = max;
+        }
+        let excess = cc.nstock.saturating_sub(cc.max);
+        if excess > 0 {
+            self.flush_stock(t, c, excess as usize, sh);
+        }
+    }
+
+    /// The stock bound of class `c` now (for tests and statistics).
+    pub(crate) fn stock_bound(&self, c: usize) -> u32 {
+        self.classes[c].max
     }
 
     /// Flushes the `n` most recently freed objects of class `c` to the central list. An invalid object
@@ -438,21 +512,19 @@ impl CpuCache {
         if n == 0 {
             return;
         }
-        let head = cc.stock;
-        let mut last = head;
-        for _ in 1..n {
-            // SAFETY: the stock list has `nstock >= n` well-formed entries.
-            last = unsafe { *(last as *mut *mut u8) };
-        }
-        // SAFETY: as above.
-        cc.stock = unsafe { *(last as *mut *mut u8) };
-        cc.nstock -= n as u32;
-        // SAFETY: the objects were freed to us as class `c` objects of this allocator.
-        let r = unsafe { t.centrals[c].flush(&t.heap, head, n, sh.index) };
+        // SAFETY: the stock list has `nstock >= n` well-formed entries: objects freed to us as class `c`
+        // objects of this allocator.
+        let r = unsafe { t.centrals[c].flush(&t.heap, cc.stock, n, sh.index) };
         match r {
-            Ok(Flushed { nremote, .. }) => sh.stats.remote_frees.add(nremote as u64),
+            Ok((Flushed { nremote, .. }, rest)) => {
+                cc.stock = rest;
+                cc.nstock -= n as u32;
+                sh.stats.remote_frees.add(nremote as u64)
+            }
             Err(e) => {
-                // The rest of the flushed list is dropped on the floor: it may be corrupt.
+                // The whole stock is dropped on the floor: it may be corrupt.
+                cc.stock = ptr::null_mut();
+                cc.nstock = 0;
                 crate::check::report_flush_error(&t.heap, t.report_hook, e)
             }
         }
@@ -536,6 +608,7 @@ impl CpuCache {
         for c in 1..NUM_ALLOC_CLASSES {
             let n = self.classes[c].nstock as usize;
             self.flush_stock(t, c, n, sh);
+            self.set_stock_max(t, c, 0, sh);
             let s = self.classes[c].span;
             if !s.is_null() {
                 self.classes[c].span = ptr::null_mut();
@@ -546,9 +619,17 @@ impl CpuCache {
         t.heap.flush_page_cache(&mut self.pcache);
     }
 
-    /// Folds the deferred frees of every span this cache holds (the per-CPU part of the background sweep).
-    /// Returns the objects folded.
-    pub(crate) fn sweep_cached(&mut self) -> usize {
+    /// The per-CPU part of the background sweep: halves grown stock bounds (flushing what no longer fits)
+    /// and folds the deferred frees of every span this cache holds. Returns the objects folded.
+    pub(crate) fn sweep_cached<S: PageSource>(&mut self, t: &Tiers<S>, sh: &CpuShared) -> usize {
+        if self.grown_bytes != 0 {
+            for (c, &base) in STOCK_MAX.iter().enumerate().skip(1) {
+                let max = self.classes[c].max;
+                if max > base {
+                    self.set_stock_max(t, c, max / 2, sh);
+                }
+            }
+        }
         let mut n = 0;
         for cc in self.classes.iter() {
             let s = cc.span;

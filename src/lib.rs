@@ -31,7 +31,9 @@
 //! 1. Route by size and alignment (one function decides for alloc, free and realloc):
 //!    tiny (`size < 16`, `align <= 8`), small (`size <= 32 KiB`, some class aligned enough) or large.
 //! 2. Enter the CPU cache: the [`CpuProvider`](cpu::CpuProvider) returns this CPU's cache index and a guard
-//!    (interrupts off in a kernel; a per-thread slot on a host). No lock, no atomic read-modify-write.
+//!    (interrupts off in a kernel; a per-thread slot on a host). No lock, no atomic read-modify-write. The
+//!    fast path (steps 3 and the free's step 2 when nothing overflows) is a *leaf section* that calls
+//!    nothing, so on a host the guard is one thread-local load; the general path marks the cache busy.
 //! 3. Small: pop the class's stock of freed objects; if empty, take the next free object of the cached span
 //!    from its `alloc_cache` (count trailing zeros, advance `freeindex`: Go's `nextFreeFast`).
 //! 4. If the span is used up: fold the frees other CPUs deferred to it (a local sweep); failing that, give
@@ -49,9 +51,11 @@
 //!
 //! 1. Route by the layout, as for allocation.
 //! 2. Small: push the object on this CPU's stock for its class (no lock, no atomic). When the stock
-//!    exceeds its bound, flush half of it to the central list: under the class lock, each object is folded
-//!    into its span's bitmap at once if no CPU caches the span, else recorded in the span's atomic
-//!    `free_bits` for the caching CPU to fold (so no free ever takes another CPU's lock).
+//!    exceeds its bound, the bound doubles while the class and the cache may still grow (tcmalloc's cache
+//!    resizing; the background step shrinks it again), else half the stock goes to the central list:
+//!    under the class lock, each bitmap word's worth of objects is folded into its span at once if no CPU
+//!    caches the span, else recorded in the span's atomic `free_bits` for the caching CPU to fold (so no
+//!    free ever takes another CPU's lock).
 //! 3. Tiny: decrement the block's count (atomically: objects of a block may be freed on several CPUs); the
 //!    free that brings a retired block's count to zero frees the block as a small object.
 //! 4. Large: look up the span in the page map and return its pages to the page heap.

@@ -413,37 +413,32 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     }
 
     /// The fast path (kept small so that it inlines into callers without spilling): this CPU's stock or
-    /// cached span, else the general path.
+    /// cached span, else the general path. A leaf section: it calls nothing while it holds the cache, so it
+    /// needs no callee-saved registers and the provider need not mark the cache busy. An allocation that
+    /// would end the sampling countdown goes to the general path, which draws the sample.
     #[inline(always)]
     fn alloc_impl<const ZERO: bool>(&self, layout: Layout) -> *mut u8 {
         let (size, align) = (layout.size(), layout.align());
         if self.fast_eligible(size, align) {
             let c = sizeclass::class_of(size);
-            let (guard, idx) = self.provider.enter();
+            let (guard, idx) = self.provider.enter_leaf();
             if let Some(i) = idx {
                 debug_assert!(i < MAX_CPUS);
                 // SAFETY: the guard makes index `i < MAX_CPUS` exclusive to us while it lives (CpuProvider
-                // contract); the reference does not outlive it.
+                // contract); the reference does not outlive it, and nothing below calls out (leaf section).
                 let slot = unsafe { self.caches.get_unchecked(i) };
                 // SAFETY: as above.
                 let cache = unsafe { &mut *slot.cache.get() };
-                // SAFETY: `class_of` returns a size class, below `NUM_ALLOC_CLASSES`.
-                if let Some(p) = unsafe { cache.alloc_fast::<ZERO>(c, &slot.shared) } {
-                    cache.next_sample -= size as isize;
-                    if cache.next_sample >= 0 {
+                let left = cache.next_sample - size as isize;
+                if left >= 0 {
+                    // SAFETY: `class_of` returns a size class, below `NUM_ALLOC_CLASSES`.
+                    if let Some(p) = unsafe { cache.alloc_fast::<ZERO>(c, &slot.shared) } {
+                        cache.next_sample = left;
                         drop(guard);
                         #[cfg(feature = "checks")]
                         mark_live(&self.t.heap, p);
                         return p;
                     }
-                    let sampled = self.resample(cache);
-                    drop(guard);
-                    #[cfg(feature = "checks")]
-                    mark_live(&self.t.heap, p);
-                    if sampled {
-                        self.record_sample(p as usize, size, c, i as u16);
-                    }
-                    return p;
                 }
             }
             drop(guard);
@@ -543,9 +538,9 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             let c = sizeclass::class_of(size);
             #[cfg(feature = "checks")]
             self.check_small_free(ptr, layout, c);
-            let (guard, idx) = self.provider.enter();
+            let (guard, idx) = self.provider.enter_leaf();
             if let Some(i) = idx {
-                // SAFETY: as in `alloc_impl`: index `i` is ours while the guard lives.
+                // SAFETY: as in `alloc_impl`: index `i` is ours while the guard lives (a leaf section).
                 let slot = unsafe { self.caches.get_unchecked(i) };
                 // SAFETY: as above.
                 let cache = unsafe { &mut *slot.cache.get() };
@@ -716,14 +711,24 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// lists to the page heap, and lets the scavenger give back up to `scavenge_budget_bytes`.
     pub fn background(&self, max_spans: usize, scavenge_budget_bytes: usize) -> BackgroundReport {
         let mut rep = BackgroundReport::default();
-        self.with_cache(|c, t, _| {
-            rep.nfolded = c.sweep_cached();
+        self.with_cache(|c, t, sh| {
+            rep.nfolded = c.sweep_cached(t, sh);
             for central in t.centrals.iter().skip(1) {
                 rep.npages_swept += central.sweep(&t.heap, Some(&mut c.pcache), KEEP_EMPTY_SPANS, max_spans);
             }
         });
         rep.nbytes_released = self.t.heap.scavenge(scavenge_budget_bytes);
         rep
+    }
+
+    /// The calling CPU's current stock bound for allocation class `class` (objects it may keep freed before
+    /// flushing to the central list): the base bound, or more after the class's stock kept overflowing
+    /// (see `cpucache.rs`). For diagnostics and tests; 0 for class 0 and out-of-range classes.
+    pub fn stock_bound(&self, class: usize) -> u32 {
+        if class == 0 || class >= NUM_ALLOC_CLASSES {
+            return 0;
+        }
+        self.with_cache(|c, _, _| c.stock_bound(class))
     }
 
     /// Gives everything the calling CPU's cache holds back to the central lists and the page heap. A kernel

@@ -272,36 +272,39 @@ impl Span {
         }
     }
 
-    /// Frees object `idx` of a span nobody caches, straight into its exact bitmap. Returns false if the
-    /// object was not allocated (a double or invalid free).
+    /// Frees the objects `mask` of bitmap word `w` of an uncached span at once (a batch of frees under the
+    /// class's Central lock). On error, frees nothing and returns the bits of `mask` that are not allocated.
     ///
     /// # Safety
-    /// The caller holds the class's Central lock and the span is not cached (so it is materialised).
-    pub(crate) unsafe fn free_uncached(s: *mut Span, idx: usize) -> bool {
+    /// The caller holds the class's Central lock and the span is uncached; `w < words_for(nelems)`,
+    /// `mask != 0`, no bit at or above `nelems`.
+    pub(crate) unsafe fn free_uncached_mask(s: *mut Span, w: usize, mask: u64) -> Result<(), u64> {
         // SAFETY: the Central lock gives the caller the object-level fields of an uncached span.
         unsafe {
             debug_assert_eq!((*s).freeindex, 0);
-            let (w, bit) = (idx / 64, 1u64 << (idx % 64));
-            if (*s).alloc_bits[w] & bit == 0 {
-                return false;
+            let word = (*s).alloc_bits[w];
+            if word & mask != mask {
+                return Err(mask & !word);
             }
-            (*s).alloc_bits[w] &= !bit;
-            (*s).nalloc -= 1;
+            (*s).alloc_bits[w] = word & !mask;
+            (*s).nalloc -= mask.count_ones() as u16;
             if w == 0 {
                 (*s).alloc_cache = !(*s).alloc_bits[0];
             }
-            true
+            Ok(())
         }
     }
 
-    /// Records a free of object `idx` of a span some CPU caches, for that CPU to fold back.
+    /// Records frees of the objects `mask` of bitmap word `w` of a span some CPU caches (a batch of frees,
+    /// for that CPU to fold back). Returns the bits of `mask` that were already recorded (double frees).
     ///
     /// # Safety
-    /// The caller holds the class's Central lock (so the span cannot change hands meanwhile).
-    pub(crate) unsafe fn defer_free(s: *mut Span, idx: usize) -> bool {
+    /// The caller holds the class's Central lock (so the span cannot change hands meanwhile);
+    /// `w < words_for(nelems)`.
+    pub(crate) unsafe fn defer_free_mask(s: *mut Span, w: usize, mask: u64) -> u64 {
         // SAFETY: `free_bits` are atomics; the descriptor is live while its span is in use.
-        let prev = unsafe { (*s).free_bits[idx / 64].fetch_or(1 << (idx % 64), Ordering::Release) };
-        prev & (1 << (idx % 64)) == 0
+        let prev = unsafe { (*s).free_bits[w].fetch_or(mask, Ordering::Release) };
+        prev & mask
     }
 
     /// The index of the object containing `addr`, and whether `addr` is that object's first byte.

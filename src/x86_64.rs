@@ -125,7 +125,8 @@ impl Drop for IrqGuard<'_> {
 }
 
 // SAFETY: an index is returned only to code running on that CPU with interrupts off, and only while the
-// CPU's busy flag was clear; the flag is set until the guard drops. Another CPU never gets the same index
+// CPU's busy flag was clear; `enter` sets the flag until the guard drops (a leaf section runs to its end
+// with interrupts off and calls nothing, so nothing on the CPU can enter in between). Another CPU never gets the same index
 // (the kernel's `current_index` is per CPU, and `CpuIndexMap` never hands an index out twice). Interrupts
 // off on one CPU plus the flag give exclusivity; Release/Acquire on the flag orders the sections.
 unsafe impl<'a> CpuProvider for &'a IrqCpus {
@@ -143,6 +144,19 @@ unsafe impl<'a> CpuProvider for &'a IrqCpus {
             }
             _ => (IrqGuard { busy: None, were_enabled }, None),
         }
+    }
+
+    type LeafGuard = IrqGuard<'a>;
+
+    /// As `enter`, with interrupts off, but reading the busy flag without setting it: a leaf section calls
+    /// nothing, so only an exception handler could re-enter it, and an allocator fault is a bug either way.
+    #[inline]
+    fn enter_leaf(&self) -> (IrqGuard<'a>, Option<usize>) {
+        let were_enabled = x86_64::instructions::interrupts::are_enabled();
+        x86_64::instructions::interrupts::disable();
+        let this: &'a IrqCpus = self;
+        let idx = (this.current_index)().filter(|&i| i < MAX_CPUS && !this.busy[i].load(Ordering::Acquire));
+        (IrqGuard { busy: None, were_enabled }, idx)
     }
 }
 

@@ -116,13 +116,45 @@ mod with_checks {
 fn small_double_free_caught_at_flush() {
     let m = heap();
     let p = m.alloc(l(4096, 8));
-    // SAFETY (test): deliberately bad. Stocks of 4 KiB objects hold 8; freeing the same pointer 20 times
-    // forces flushes that find it already free.
+    // SAFETY (test): deliberately bad. Stocks of 4 KiB objects hold 8 and may grow to 256; freeing the same
+    // pointer 600 times overflows even the grown stock and forces flushes that find it already free.
     unsafe {
-        for _ in 0..20 {
+        for _ in 0..600 {
             m.dealloc(p, l(4096, 8));
         }
     }
+}
+
+/// Without `checks`, two frees of one object that reach the central list in the same flush are caught
+/// (the flush folds a bitmap word at a time and must not let the duplicate cancel out).
+#[test]
+#[should_panic(expected = "goheap: invalid free")]
+fn small_double_free_in_one_flush() {
+    let m = heap();
+    let keep = m.alloc(l(64, 8));
+    let p = m.alloc(l(64, 8));
+    // SAFETY (test): deliberately bad: `p` freed twice, then the stock is flushed.
+    unsafe {
+        m.dealloc(p, l(64, 8));
+        m.dealloc(p, l(64, 8));
+    }
+    m.flush_cpu_cache();
+    let _ = keep;
+}
+
+/// A pointer into a span's tail, past its last object, is exact by the division magic (its index is
+/// `nelems`) but is no object: caught when it reaches the span, also without `checks`.
+#[test]
+#[should_panic(expected = "goheap: invalid free")]
+fn small_pointer_past_the_last_object() {
+    let m = heap();
+    // 48-byte objects in one 8 KiB page: 170 objects, 32 bytes of tail.
+    let p = m.alloc(l(48, 8));
+    let base = p as usize & !(8192 - 1);
+    let tail = (base + 170 * 48) as *mut u8;
+    // SAFETY (test): deliberately bad.
+    unsafe { m.dealloc(tail, l(48, 8)) };
+    m.flush_cpu_cache();
 }
 
 /// Guard mode: an allocation ends right before an inaccessible page, and frees are checked like large ones.

@@ -6,9 +6,12 @@
 //! pops one object from the queue (mostly another CPU's), verifies it whole and frees it there.
 //!
 //! Checks: every object's contents survive until its free (on whichever CPU); afterwards the heap's
-//! live-object count (`mem_stats().heap_objects`) is back at its start value, `remote_frees > 0`, every
-//! CPU took objects from others, and each online CPU's cache counted at least the objects that CPU
-//! allocated (`cpu_stats(index).mallocs`).
+//! live-object count (`mem_stats().heap_objects`) is back at its start value, every CPU took objects from
+//! others, and each online CPU's cache counted at least the objects that CPU allocated
+//! (`cpu_stats(index).mallocs`). Then the CPUs hand their caches back one at a time, CPU 0 first, while
+//! the later ones still cache their spans: the freed objects a CPU holds from another CPU's cached span
+//! reach that span as deferred (remote) frees, so `remote_frees > 0`. (Frees first stay in the freeing
+//! CPU's stock, which grows with use, so a short run may never flush one on its own.)
 //!
 //! xtask: smp=4 timeout=300 firmware=both
 #![no_std]
@@ -167,6 +170,18 @@ fn stress(cpu: usize, _n: usize) {
     }
 }
 
+/// Whose turn it is to flush (see [`flush_in_turn`]).
+static TURN: AtomicU64 = AtomicU64::new(0);
+
+/// Hands this CPU's cache back once every lower-numbered CPU has.
+fn flush_in_turn(cpu: usize, _n: usize) {
+    while TURN.load(Ordering::Acquire) != cpu as u64 {
+        core::hint::spin_loop();
+    }
+    HEAP.flush_cpu_cache();
+    TURN.store(cpu as u64 + 1, Ordering::Release);
+}
+
 #[test_case]
 fn four_cpus_allocate_and_free_across_cpus() {
     let n = smp::online();
@@ -175,6 +190,7 @@ fn four_cpus_allocate_and_free_across_cpus() {
     let t0 = time::rdtsc();
     testing::run_on_all(stress);
     let ms = time::us_since(t0) / 1000;
+    testing::run_on_all(flush_in_turn);
     let after = HEAP.mem_stats();
     let remote = after.remote_frees - before.remote_frees;
     serial_println!(
