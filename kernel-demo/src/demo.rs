@@ -450,7 +450,7 @@ pub fn run_bsp(ncpus: usize) -> bool {
     let after1 = HEAP.mem_stats();
     print_frames("after phase 1");
 
-    let ok_compare = heap::compare_begin(COMPARE_HEAP_BYTES);
+    let ok_compare = heap::compare_begin(heap::CompareKind::LinkedList, COMPARE_HEAP_BYTES);
     if !ok_compare {
         serial_println!("phase 2 skipped: goheap could not supply the {} MiB comparison area", COMPARE_HEAP_BYTES >> 20);
     }

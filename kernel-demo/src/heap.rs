@@ -8,9 +8,10 @@
 //!   freed there, whenever that happens (dealloc goes by address).
 //! - **goheap** ([`HEAP`]): every allocation after [`init_goheap`], on every CPU. goheap never allocates
 //!   from itself or from the early heap: its metadata comes straight from its page source.
-//! - **Comparison heap** (a second `linked_list_allocator`, only while [`compare_begin`] ..
-//!   [`compare_end`] run): the demo's measurement of the same workload on a linked-list heap. Its area is
-//!   one large goheap allocation; frees of its objects go to it by address.
+//! - **Comparison heap** (only while [`compare_begin`] .. [`compare_end`] run): a peer allocator over one
+//!   area of a given size, chosen at [`compare_begin`] ([`CompareKind`]: `linked_list_allocator` or
+//!   talc), for measuring the same workload on another heap (the demo's phase 2, the `--bench` kernel
+//!   bench). Its area is one large goheap allocation; frees of its objects go to it by address.
 //!
 //! The global allocator picks the heap for `alloc` by a mode flag and for `dealloc` by address (early
 //! array, comparison area, else goheap), so a pointer always returns to the heap that made it.
@@ -34,6 +35,7 @@ use goheap::pagealloc::PALLOC_CHUNK_BYTES;
 use goheap::x86_64::{FrameSource, IrqCpus, ShootdownHook};
 use goheap::Malloc;
 use linked_list_allocator::LockedHeap;
+use talc::{ErrOnOom, Span, Talc, Talck};
 use x86_64::registers::control::Cr3;
 use x86_64::structures::paging::{OffsetPageTable, PageTable};
 use x86_64::VirtAddr;
@@ -84,17 +86,46 @@ pub static HEAP: KernelHeap = Malloc::with_max_bytes(
 
 const MODE_EARLY: u8 = 0;
 const MODE_GOHEAP: u8 = 1;
-const MODE_COMPARE: u8 = 2;
+const MODE_COMPARE_LL: u8 = 2;
+const MODE_COMPARE_TALC: u8 = 3;
 /// Which heap serves `alloc` (frees go by address).
 static MODE: AtomicU8 = AtomicU8::new(MODE_EARLY);
 
 static EARLY: LockedHeap = LockedHeap::empty();
 static mut EARLY_AREA: [u8; EARLY_HEAP_SIZE] = [0; EARLY_HEAP_SIZE];
 
-static COMPARE: LockedHeap = LockedHeap::empty();
+/// The allocator a comparison heap runs ([`compare_begin`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompareKind {
+    /// `linked_list_allocator::LockedHeap` (first fit over an address-ordered hole list, one spin lock).
+    LinkedList,
+    /// talc's `Talck` (size-binned free lists with boundary tags) under a `spinning_top` spin lock: the
+    /// configuration of the host benchmark.
+    Talc,
+}
+
+impl CompareKind {
+    /// Short name, as the benchmarks print it (`llalloc`, `talc`).
+    pub fn name(self) -> &'static str {
+        match self {
+            CompareKind::LinkedList => "llalloc",
+            CompareKind::Talc => "talc",
+        }
+    }
+}
+
+static COMPARE_LL: LockedHeap = LockedHeap::empty();
+static COMPARE_TALC: Talck<spinning_top::RawSpinlock, ErrOnOom> = Talck::new(Talc::new(ErrOnOom));
 /// The comparison heap's area `[start, end)`; empty when not in use.
 static COMPARE_START: AtomicUsize = AtomicUsize::new(0);
 static COMPARE_END: AtomicUsize = AtomicUsize::new(0);
+/// Which allocator owns the registered comparison area (a `MODE_COMPARE_*` value; frees go by it).
+static COMPARE_OWNER: AtomicU8 = AtomicU8::new(MODE_COMPARE_LL);
+/// The span talc's `claim` returned for the registered area (`get_allocated_span` wants it back).
+static TALC_HEAP: spin::Mutex<Option<(usize, usize)>> = spin::Mutex::new(None);
+/// talc's allocated extent right after it claimed the area (its own metadata at the bottom): the heap
+/// is empty exactly when its allocated extent is back to this (see [`compare_end`]).
+static TALC_BASELINE_END: AtomicUsize = AtomicUsize::new(0);
 
 /// The global allocator: dispatches to the early heap, goheap or the comparison heap (module docs).
 pub struct KernelAllocator;
@@ -105,8 +136,17 @@ static ALLOCATOR: KernelAllocator = KernelAllocator;
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Owner {
     Early,
-    Compare,
+    CompareLl,
+    CompareTalc,
     Goheap,
+}
+
+fn compare_owner(mode: u8) -> Owner {
+    if mode == MODE_COMPARE_TALC {
+        Owner::CompareTalc
+    } else {
+        Owner::CompareLl
+    }
 }
 
 fn early_range() -> (usize, usize) {
@@ -123,7 +163,7 @@ fn owner_of(ptr: *mut u8) -> Owner {
     }
     let (cs, ce) = (COMPARE_START.load(Ordering::Acquire), COMPARE_END.load(Ordering::Acquire));
     if (cs..ce).contains(&a) {
-        return Owner::Compare;
+        return compare_owner(COMPARE_OWNER.load(Ordering::Acquire));
     }
     Owner::Goheap
 }
@@ -132,22 +172,26 @@ fn owner_of(ptr: *mut u8) -> Owner {
 fn current_owner() -> Owner {
     match MODE.load(Ordering::Acquire) {
         MODE_GOHEAP => Owner::Goheap,
-        MODE_COMPARE => Owner::Compare,
-        _ => Owner::Early,
+        MODE_EARLY => Owner::Early,
+        m => compare_owner(m),
     }
 }
 
-// SAFETY: each pointer comes from exactly one of three allocators, and `dealloc`/`realloc` return it to the
-// allocator whose memory range contains it: the early array and the comparison area are disjoint from
-// each other and from goheap's window (the comparison area is a goheap allocation, but while it is
-// registered goheap hands none of its bytes to anyone else). Each allocator is itself a sound GlobalAlloc.
+// SAFETY: each pointer comes from exactly one of three allocators (early heap, goheap, comparison heap),
+// and `dealloc`/`realloc` return it to the allocator whose memory range contains it: the early array and
+// the comparison area are disjoint from each other and from goheap's window (the comparison area is a
+// goheap allocation, but while it is registered goheap hands none of its bytes to anyone else), and the
+// comparison area records which peer allocator owns it until it is unregistered. Each allocator is itself
+// a sound GlobalAlloc.
 unsafe impl GlobalAlloc for KernelAllocator {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         match current_owner() {
             Owner::Goheap => HEAP.alloc(layout),
             // SAFETY: forwarded with the caller's layout (non-zero size by GlobalAlloc's contract).
-            Owner::Compare => unsafe { COMPARE.alloc(layout) },
+            Owner::CompareLl => unsafe { COMPARE_LL.alloc(layout) },
+            // SAFETY: as above.
+            Owner::CompareTalc => unsafe { COMPARE_TALC.alloc(layout) },
             // SAFETY: as above.
             Owner::Early => unsafe { EARLY.alloc(layout) },
         }
@@ -159,7 +203,9 @@ unsafe impl GlobalAlloc for KernelAllocator {
             // goheap skips clearing memory fresh from the page source (it is zeroed when mapped).
             Owner::Goheap => HEAP.alloc_zeroed(layout),
             // SAFETY: forwarded with the caller's layout.
-            Owner::Compare => unsafe { COMPARE.alloc_zeroed(layout) },
+            Owner::CompareLl => unsafe { COMPARE_LL.alloc_zeroed(layout) },
+            // SAFETY: as above.
+            Owner::CompareTalc => unsafe { COMPARE_TALC.alloc_zeroed(layout) },
             // SAFETY: as above.
             Owner::Early => unsafe { EARLY.alloc_zeroed(layout) },
         }
@@ -170,8 +216,11 @@ unsafe impl GlobalAlloc for KernelAllocator {
         match owner_of(ptr) {
             // SAFETY: `ptr` lies outside the other heaps' ranges, so goheap allocated it with `layout`.
             Owner::Goheap => unsafe { HEAP.dealloc(ptr, layout) },
-            // SAFETY: `ptr` lies in the comparison area, so that heap allocated it with `layout`.
-            Owner::Compare => unsafe { COMPARE.dealloc(ptr, layout) },
+            // SAFETY: `ptr` lies in the comparison area, which the linked-list heap owns, so that heap
+            // allocated it with `layout`.
+            Owner::CompareLl => unsafe { COMPARE_LL.dealloc(ptr, layout) },
+            // SAFETY: as above, for the area talc owns.
+            Owner::CompareTalc => unsafe { COMPARE_TALC.dealloc(ptr, layout) },
             // SAFETY: `ptr` lies in the early array, so the early heap allocated it with `layout`.
             Owner::Early => unsafe { EARLY.dealloc(ptr, layout) },
         }
@@ -249,40 +298,90 @@ pub fn committed_frames() -> usize {
     HEAP.heap().source().committed_frames()
 }
 
-/// Routes all new allocations to a fresh `linked_list_allocator` heap of `bytes`, carved out of goheap as
-/// one large allocation, for a measurement. Call on one CPU while the others wait; returns false if goheap
-/// could not supply the area.
-pub fn compare_begin(bytes: usize) -> bool {
+/// Routes all new allocations to a fresh comparison heap of `kind` over `bytes`, carved out of goheap as
+/// one large allocation, for a measurement. Call on one CPU while the others wait (none may be
+/// allocating); returns false if goheap could not supply the area, or if an earlier comparison area is
+/// still registered because objects of its run are alive (see [`compare_end`]).
+pub fn compare_begin(kind: CompareKind, bytes: usize) -> bool {
+    if COMPARE_END.load(Ordering::Acquire) != 0 {
+        return false;
+    }
     let layout = Layout::from_size_align(bytes, 4096).expect("valid layout");
     let area = HEAP.alloc(layout);
     if area.is_null() {
         return false;
     }
-    // SAFETY: `area` is `bytes` bytes goheap gave us and nobody else references; the previous comparison
-    // run (if any) ended with its heap empty, so re-initialising loses nothing.
-    unsafe {
-        let mut h = COMPARE.lock();
-        *h = linked_list_allocator::Heap::empty();
-        h.init(area, bytes);
-    }
+    let mode = match kind {
+        CompareKind::LinkedList => {
+            // SAFETY: `area` is `bytes` bytes goheap gave us and nobody else references; the previous
+            // comparison run (if any) ended with its heap empty (no area is registered, checked above), so
+            // re-initialising loses nothing.
+            unsafe {
+                let mut h = COMPARE_LL.lock();
+                *h = linked_list_allocator::Heap::empty();
+                h.init(area, bytes);
+            }
+            MODE_COMPARE_LL
+        }
+        CompareKind::Talc => {
+            let mut t = COMPARE_TALC.lock();
+            *t = Talc::new(ErrOnOom);
+            // SAFETY: as above: `area` is ours alone for `bytes` bytes, valid for reads and writes, and
+            // overlaps no other heap; the fresh `Talc` replaced one whose heap was empty.
+            let claimed = match unsafe { t.claim(Span::from_base_size(area, bytes)) } {
+                Ok(span) => span,
+                Err(()) => {
+                    drop(t);
+                    // SAFETY: `area` came from `HEAP.alloc(layout)` above and was never handed out.
+                    unsafe { HEAP.dealloc(area, layout) };
+                    return false;
+                }
+            };
+            // SAFETY: `claimed` is the span `claim` returned for this heap.
+            let extent = unsafe { t.get_allocated_span(claimed) };
+            let (base, acme) = claimed.get_base_acme().expect("a claimed heap is not empty");
+            TALC_HEAP.lock().replace((base as usize, acme as usize));
+            let baseline_end = extent.get_base_acme().map_or(base as usize, |(_, e)| e as usize);
+            TALC_BASELINE_END.store(baseline_end, Ordering::Release);
+            MODE_COMPARE_TALC
+        }
+    };
+    COMPARE_OWNER.store(mode, Ordering::Release);
     COMPARE_START.store(area as usize, Ordering::Release);
     COMPARE_END.store(area as usize + bytes, Ordering::Release);
-    MODE.store(MODE_COMPARE, Ordering::Release);
+    MODE.store(mode, Ordering::Release);
     true
+}
+
+/// Bytes still allocated on the registered comparison heap: exact for the linked-list heap; for talc the
+/// extent from the end of its metadata to the end of its highest live chunk (0 exactly when it is empty:
+/// talc coalesces free chunks, so with nothing live the top gap reaches down to its metadata).
+fn compare_used() -> usize {
+    if COMPARE_OWNER.load(Ordering::Acquire) == MODE_COMPARE_LL {
+        return COMPARE_LL.lock().used();
+    }
+    let t = COMPARE_TALC.lock();
+    let Some((base, acme)) = *TALC_HEAP.lock() else { return 0 };
+    // SAFETY: (base, acme) is the span `claim` returned for the heap `t` manages (set in `compare_begin`).
+    let extent = unsafe { t.get_allocated_span(Span::new(base as *mut u8, acme as *mut u8)) };
+    let end = extent.get_base_acme().map_or(base, |(_, e)| e as usize);
+    end.saturating_sub(TALC_BASELINE_END.load(Ordering::Acquire))
 }
 
 /// Ends a comparison run: allocations go to goheap again. If the comparison heap is empty its area goes
 /// back to goheap; else (something allocated during the run is still alive) the area is kept registered
-/// so those objects stay valid. Returns the bytes still in use on the comparison heap.
+/// so those objects stay valid, and later [`compare_begin`] calls refuse. Returns the bytes still in use
+/// on the comparison heap (0 when it was empty; for talc an extent, see `compare_used`).
 pub fn compare_end() -> usize {
     MODE.store(MODE_GOHEAP, Ordering::Release);
-    let used = COMPARE.lock().used();
+    let used = compare_used();
     if used == 0 {
         let (start, end) = (COMPARE_START.load(Ordering::Acquire), COMPARE_END.load(Ordering::Acquire));
         COMPARE_START.store(0, Ordering::Release);
         COMPARE_END.store(0, Ordering::Release);
-        let layout = Layout::from_size_align(end - start, 4096).expect("valid layout");
+        TALC_HEAP.lock().take();
         if let Some(p) = NonNull::new(start as *mut u8) {
+            let layout = Layout::from_size_align(end - start, 4096).expect("valid layout");
             // SAFETY: the area came from `HEAP.alloc(layout)` in `compare_begin`; its heap is empty and no
             // longer registered, so nothing references it.
             unsafe { HEAP.dealloc(p.as_ptr(), layout) };

@@ -10,6 +10,9 @@
 //!   path. Exit status: 0 when the alloc error handler was reached by the deliberate failing allocation
 //!   (the expected end of the run), 1 on anything else (a panic, an unexpected allocation failure, or the
 //!   deliberate allocation succeeding).
+//! - `--bench`: instead of the demo, the kernel benchmark (`kbench.rs`; run by `cargo xtask bench
+//!   --kernel`): goheap against linked_list_allocator and talc heaps of the same size on every CPU,
+//!   machine-readable `KBENCH` lines on serial. Options `--bench-reps=N`, `--bench-quick`.
 //! - `--panic` panics, `--hang` hangs (to see the runner's failure and timeout paths).
 #![no_std]
 #![no_main]
@@ -18,6 +21,7 @@
 extern crate alloc;
 
 mod demo;
+mod kbench;
 
 use bootloader_api::{entry_point, BootInfo};
 use core::alloc::Layout;
@@ -84,6 +88,12 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         demo::run_oom();
     }
 
+    if args.has("--bench") {
+        let ncpus = smp::start_aps(bench_ap_main);
+        serial_println!("cpus: {} online ({} failed to start)", ncpus, smp::ap_failures());
+        kbench::run_bsp(ncpus, &args);
+    }
+
     let ncpus = smp::start_aps(ap_main);
     serial_println!("cpus: {} online ({} failed to start)", ncpus, smp::ap_failures());
 
@@ -100,6 +110,11 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
 /// Where each AP starts once the CPU bring-up set it up (interrupts off): the demo, then the idle loop.
 fn ap_main(_cpu: &'static PerCpu) -> ! {
     demo::run_ap()
+}
+
+/// Where each AP starts in a `--bench` boot: the bench's schedule, then the idle loop.
+fn bench_ap_main(_cpu: &'static PerCpu) -> ! {
+    kbench::run_ap()
 }
 
 fn serial_print_args(args: &Args) {

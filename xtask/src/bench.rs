@@ -13,9 +13,8 @@
 //!    and regenerates `BENCHMARKS.md` (medians and min–max over repetitions, goheap/peer ratios). A partial
 //!    run (`--quick`, `--only`, `--alloc`) writes the same three files to `target/bench/report/` instead.
 //!
-//! `--kernel` is reserved for the in-QEMU comparison (issue 7's second half) and fails until the demo
-//! kernel has a heap (issue 5). The host code keeps the allocator list, the runner and the report apart so
-//! the kernel side can feed the same report with its own records.
+//! `--kernel` runs the in-QEMU comparison instead (issue 7's second half, `bench_kernel.rs`): it writes
+//! `bench/results/kernel.jsonl`, and every report here includes its "Kernel (QEMU)" section from that file.
 
 use crate::{root, say, EXIT_ERROR};
 use std::collections::{BTreeMap, BTreeSet};
@@ -40,7 +39,8 @@ usage: cargo xtask bench [--quick] [--reps N] [--only GROUP,...] [--alloc NAME,.
   --budget SECS   no repetition starts that would end the command past SECS (default 840: the whole run
                   stays under 15 minutes on a loaded machine; at least one repetition always runs)
   --report-only   regenerate BENCHMARKS.md from bench/results/latest.jsonl without running anything
-  --kernel        the in-QEMU subset (not yet available: needs the demo kernel heap, issue 5)
+  --kernel        the in-QEMU subset instead: goheap against linked_list_allocator and talc heaps in the
+                  demo kernel at 1 and 4 CPUs (see `cargo xtask bench --kernel --help`)
 
 groups: pair batch wset1 wset2 rust larson prodcons64 prodcons-mixed rptest large latency frag
 allocators: goheap system mimalloc jemalloc snmalloc rpmalloc talc llalloc buddy
@@ -206,11 +206,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
 
 pub fn main(args: &[String]) -> ExitCode {
     if args.iter().any(|a| a == "--kernel") {
-        eprintln!(
-            "cargo xtask bench --kernel: not yet available: needs the demo kernel heap (issue 5). \
-             The host comparison is `cargo xtask bench` without --kernel."
-        );
-        return ExitCode::from(EXIT_ERROR);
+        return crate::bench_kernel::main(args);
     }
     let opts = match parse(args) {
         Ok(o) => o,
@@ -234,16 +230,16 @@ pub fn main(args: &[String]) -> ExitCode {
 
 /// One JSON value of a result line (the lines are flat objects).
 #[derive(Clone, Debug, PartialEq)]
-enum Val {
+pub(crate) enum Val {
     Num(f64),
     Str(String),
     Bool(bool),
 }
 
-type Record = BTreeMap<String, Val>;
+pub(crate) type Record = BTreeMap<String, Val>;
 
 /// Parses one flat JSON object of strings, numbers and booleans (what goheap-bench prints).
-fn parse_line(line: &str) -> Option<Record> {
+pub(crate) fn parse_line(line: &str) -> Option<Record> {
     let s = line.trim();
     let s = s.strip_prefix('{')?.strip_suffix('}')?;
     let b = s.as_bytes();
@@ -301,7 +297,7 @@ fn parse_line(line: &str) -> Option<Record> {
     Some(rec)
 }
 
-fn to_line(rec: &Record) -> String {
+pub(crate) fn to_line(rec: &Record) -> String {
     let body: Vec<String> = rec
         .iter()
         .map(|(k, v)| match v {
@@ -314,14 +310,14 @@ fn to_line(rec: &Record) -> String {
     format!("{{{}}}", body.join(","))
 }
 
-fn num(r: &Record, k: &str) -> Option<f64> {
+pub(crate) fn num(r: &Record, k: &str) -> Option<f64> {
     match r.get(k) {
         Some(Val::Num(n)) => Some(*n),
         _ => None,
     }
 }
 
-fn text<'a>(r: &'a Record, k: &str) -> Option<&'a str> {
+pub(crate) fn text<'a>(r: &'a Record, k: &str) -> Option<&'a str> {
     match r.get(k) {
         Some(Val::Str(s)) => Some(s),
         _ => None,
@@ -338,14 +334,14 @@ fn sh(cmd: &str, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
-fn load_average() -> String {
+pub(crate) fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
 }
 
 /// The machine, for the report's header.
-fn machine() -> Vec<(String, String)> {
+pub(crate) fn machine() -> Vec<(String, String)> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()
@@ -663,7 +659,7 @@ fn run(o: &Opts) -> Result<(), String> {
     Ok(())
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let n = v.len();
     if n == 0 {
@@ -1108,6 +1104,9 @@ fn report(root: &Path, out_to: &Out, recs: &[Record]) -> Result<(), String> {
         }
     }
 
+    // The in-QEMU comparison (`cargo xtask bench --kernel`), from its own results file.
+    md.push_str(&crate::bench_kernel::section(root));
+
     // Per workload.
     let _ = writeln!(md, "\n## Per workload\n");
     let _ = writeln!(
@@ -1390,7 +1389,12 @@ mod tests {
     }
 
     #[test]
-    fn kernel_flag_is_refused() {
-        assert_ne!(main(&["--kernel".to_string()]), ExitCode::SUCCESS);
+    fn kernel_flag_goes_to_the_kernel_bench() {
+        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // Its own usage and usage errors, answered before anything is built or booted; host-only options
+        // are not taken with --kernel.
+        assert_eq!(main(&args(&["--kernel", "--help"])), ExitCode::SUCCESS);
+        assert_eq!(main(&args(&["--kernel", "--cpus", "0"])), ExitCode::from(EXIT_ERROR));
+        assert_eq!(main(&args(&["--only", "pair", "--kernel"])), ExitCode::from(EXIT_ERROR));
     }
 }

@@ -68,6 +68,22 @@ impl<'a> KernelBuilder<'a> {
         Ok(self.profile_dir(release).join("kernel-demo"))
     }
 
+    /// Builds the demo kernel with `--no-default-features` and `features` (kernel-demo's own cargo
+    /// features, e.g. `checks`) and copies the ELF to `copy_as` beside it, so a later build with the
+    /// default features (`run`, `test`) does not replace the file under the caller. Returns the copy.
+    pub fn build_demo_with_features(&self, release: bool, features: &[&str], copy_as: &str) -> Result<PathBuf, String> {
+        let mut cmd = self.kernel_cargo("build", release);
+        cmd.args(["--bin", "kernel-demo", "--no-default-features"]);
+        if !features.is_empty() {
+            cmd.arg("--features").arg(features.join(","));
+        }
+        run(&mut cmd, "building the demo kernel")?;
+        let elf = self.profile_dir(release).join("kernel-demo");
+        let copy = self.profile_dir(release).join(copy_as);
+        std::fs::copy(&elf, &copy).map_err(|e| format!("copying {} to {}: {e}", elf.display(), copy.display()))?;
+        Ok(copy)
+    }
+
     /// Builds every test kernel (tests/*.rs of kernel-demo); returns them in name order.
     pub fn build_tests(&self, release: bool) -> Result<Vec<TestKernel>, String> {
         let mut cmd = self.kernel_cargo("test", release);

@@ -9,6 +9,7 @@
 //! Each subcommand lives in its own module; add new ones beside them and a line in `main`.
 
 mod bench;
+mod bench_kernel;
 mod gen;
 mod kernel;
 mod proc;
@@ -34,6 +35,9 @@ commands:
   gen-size-classes    regenerate src/sizeclass/table.rs from goheap's generator
   bench [--quick] [--reps N] [--only GROUP,...] [--alloc NAME,...]
                       goheap against peer allocators; regenerates BENCHMARKS.md (see `cargo xtask bench --help`)
+  bench --kernel [--cpus N,...] [--reps N] [--quick]
+                      the same in the demo kernel in QEMU, against linked_list_allocator and talc heaps
+                      (see `cargo xtask bench --kernel --help`)
 ";
 
 /// The repository root (the workspace that holds xtask/).
