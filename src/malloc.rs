@@ -132,7 +132,9 @@ fn npages_for(nbytes: usize) -> usize {
     nbytes.div_ceil(PAGE_SIZE).max(1)
 }
 
-/// One CPU's cache, and what other CPUs may read of it.
+/// One CPU's cache, and what other CPUs may read of it. Cache-line aligned, so neighbouring CPUs' slots
+/// never share a line.
+#[repr(align(64))]
 struct CacheSlot {
     cache: UnsafeCell<CpuCache>,
     shared: CpuShared,

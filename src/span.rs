@@ -34,32 +34,48 @@ pub enum SpanState {
 }
 
 /// A span descriptor (Go's `mspan`).
-#[repr(C)]
+///
+/// Layout (`repr(C)`, 64-byte aligned, checked below): the first cache line holds what every CPU reads
+/// (shape, owner, list links); the second starts with what the caching CPU writes on every allocation
+/// (`alloc_cache`, `freeindex`, `nalloc`) followed by its bitmap; `free_bits`, which other CPUs' flushes
+/// write, start on a line of their own. So a CPU allocating from its cached span and another CPU freeing
+/// into it (a producer and its consumer) do not pull each other's lines away on every object.
+#[repr(C, align(64))]
 pub struct Span {
     // ---- Page level: owned by the heap (see the module docs) -------------------------------------------
     /// Address of the first byte. Page aligned.
     pub(crate) base: usize,
     /// Length in pages. `npages >= 1`.
     pub(crate) npages: usize,
-    /// [`SpanState`] as `u8`; read without locks.
-    pub(crate) state: AtomicU8,
-    /// Size class; 0 for a large-object span.
-    pub(crate) class: u8,
-    /// The memory may hold non-zero bytes (used before, or the source does not return zeroed pages).
-    pub(crate) needzero: bool,
     /// Intrusive list links (heap free-descriptor lists, central span lists). Guarded by whoever owns the
     /// list the span is on.
     pub(crate) next: *mut Span,
     pub(crate) prev: *mut Span,
-    // (page-level work: add further page-level fields here)
 
-    // ---- Object level: owned by the caching CPU, else by the class's Central lock ----------------------
+    // ---- Object level, shape: set when the span is shaped, immutable while it is in use ----------------
     /// Object size in bytes for a small span; 0 for a large span (its size is `npages * PAGE_SIZE`).
     pub(crate) elemsize: u32,
     /// `objindex(offset) = (offset * divmagic) >> 32` (Go's `divMagic`), exact for every offset in the span.
     pub(crate) divmagic: u32,
     /// Objects in the span: `nelems = npages * PAGE_SIZE / elemsize` (1 for a large span).
     pub(crate) nelems: u16,
+    /// CPU cache index that caches this span, or [`NOT_CACHED`]. Written under the class's Central lock.
+    pub(crate) cached_by: u16,
+    /// [`SpanState`] as `u8`; read without locks. Page level.
+    pub(crate) state: AtomicU8,
+    /// Size class; 0 for a large-object span. Page level.
+    pub(crate) class: u8,
+    /// The memory may hold non-zero bytes (used before, or the source does not return zeroed pages).
+    /// Page level.
+    pub(crate) needzero: bool,
+    /// Which Central list holds the span ([`SpanList`] as u8). Central lock.
+    pub(crate) list: u8,
+    _pad_shared: [u8; 16],
+
+    // ---- Object level, state: owned by the caching CPU, else by the class's Central lock ---------------
+    /// Go's `allocCache`: the complement of the `alloc_bits` word holding `freeindex`, shifted so bit 0 is
+    /// object `freeindex`: `alloc_cache = !alloc_bits[freeindex / 64] >> (freeindex % 64)`.
+    pub(crate) alloc_cache: u64,
     /// Go's `freeindex`: every object below it is allocated (whatever `alloc_bits` says, while the span is
     /// cached); the next free object is at or above it. `0 <= freeindex <= nelems`.
     pub(crate) freeindex: u16,
@@ -68,16 +84,12 @@ pub struct Span {
     /// Objects at index `>= fresh_from` were never handed out since the span's memory was zero (meaningful
     /// only when `!needzero`), so `alloc_zeroed` can skip clearing them.
     pub(crate) fresh_from: u16,
-    /// CPU cache index that caches this span, or [`NOT_CACHED`]. Written under the class's Central lock.
-    pub(crate) cached_by: u16,
-    /// Which Central list holds the span ([`SpanList`] as u8). Central lock.
-    pub(crate) list: u8,
-    /// Go's `allocCache`: the complement of the `alloc_bits` word holding `freeindex`, shifted so bit 0 is
-    /// object `freeindex`: `alloc_cache = !alloc_bits[freeindex / 64] >> (freeindex % 64)`.
-    pub(crate) alloc_cache: u64,
     /// 1 = allocated. Bits `>= nelems` are always 1. While the span is cached, bits below `freeindex` are
     /// stale (those objects are allocated); `materialise` makes the bitmap exact.
     pub(crate) alloc_bits: [u64; SPAN_BITMAP_WORDS],
+    _pad_owner: [u8; 48],
+
+    // ---- Written by other CPUs ------------------------------------------------------------------------
     /// Frees of objects in a span currently cached by a CPU, waiting to be folded back (swept) by that
     /// CPU. Set with `fetch_or` under the class's Central lock; taken with `swap` by the owner.
     pub(crate) free_bits: [AtomicU64; SPAN_BITMAP_WORDS],
@@ -86,6 +98,16 @@ pub struct Span {
     #[cfg(feature = "checks")]
     pub(crate) live_bits: [AtomicU64; SPAN_BITMAP_WORDS],
 }
+
+// The cache-line layout the struct's docs describe.
+const _: () = {
+    use core::mem::offset_of;
+    assert!(offset_of!(Span, list) < 64);
+    assert!(offset_of!(Span, alloc_cache) == 64);
+    assert!(offset_of!(Span, free_bits) % 64 == 0);
+    assert!(offset_of!(Span, free_bits) >= offset_of!(Span, alloc_bits) + 8 * SPAN_BITMAP_WORDS);
+    assert!(offset_of!(Span, free_bits) < offset_of!(Span, alloc_bits) + 8 * SPAN_BITMAP_WORDS + 64);
+};
 
 /// `cached_by` value of a span that no CPU cache holds.
 pub const NOT_CACHED: u16 = u16::MAX;
