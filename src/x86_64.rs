@@ -124,6 +124,14 @@ impl Drop for IrqGuard<'_> {
     }
 }
 
+/// Turns interrupts off; returns whether they were on (for the guard to restore).
+#[inline]
+fn irqs_off() -> bool {
+    let were_enabled = x86_64::instructions::interrupts::are_enabled();
+    x86_64::instructions::interrupts::disable();
+    were_enabled
+}
+
 // SAFETY: an index is returned only to code running on that CPU with interrupts off, and only while the
 // CPU's busy flag was clear; `enter` sets the flag until the guard drops (a leaf section runs to its end
 // with interrupts off and calls nothing, so nothing on the CPU can enter in between). Another CPU never gets the same index
@@ -134,8 +142,7 @@ unsafe impl<'a> CpuProvider for &'a IrqCpus {
 
     #[inline]
     fn enter(&self) -> (IrqGuard<'a>, Option<usize>) {
-        let were_enabled = x86_64::instructions::interrupts::are_enabled();
-        x86_64::instructions::interrupts::disable();
+        let were_enabled = irqs_off();
         let this: &'a IrqCpus = self;
         match (this.current_index)() {
             Some(i) if i < MAX_CPUS && !this.busy[i].load(Ordering::Acquire) => {
@@ -152,8 +159,7 @@ unsafe impl<'a> CpuProvider for &'a IrqCpus {
     /// nothing, so only an exception handler could re-enter it, and an allocator fault is a bug either way.
     #[inline]
     fn enter_leaf(&self) -> (IrqGuard<'a>, Option<usize>) {
-        let were_enabled = x86_64::instructions::interrupts::are_enabled();
-        x86_64::instructions::interrupts::disable();
+        let were_enabled = irqs_off();
         let this: &'a IrqCpus = self;
         let idx = (this.current_index)().filter(|&i| i < MAX_CPUS && !this.busy[i].load(Ordering::Acquire));
         (IrqGuard { busy: None, were_enabled }, idx)

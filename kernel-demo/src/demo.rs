@@ -26,6 +26,7 @@ use kernel_demo::background;
 use kernel_demo::frames;
 use kernel_demo::heap::{self, HEAP};
 use kernel_demo::serial_println;
+use kernel_demo::testing::Rng;
 
 /// The two CPU facts the demo needs.
 mod cpuinfo {
@@ -130,21 +131,6 @@ static SLOTS: [Slot; MAX_DEMO_CPUS] = [const {
         stats: [const { spin::Mutex::new(WorkStats { allocs: 0, verified: 0, sent: 0, received_cross: 0, cycles: 0 }) }; 3],
     }
 }; MAX_DEMO_CPUS];
-
-/// xorshift64*: deterministic per CPU, so both heaps see the same request sequence.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// The objects of the workload, covering the tiny, small and large paths.
 enum Payload {
@@ -269,7 +255,8 @@ fn drain_inbox(me: usize, st: &mut WorkStats) {
 /// same requests (which objects cross CPUs depends on timing: a full inbox is skipped).
 fn workload(me: usize, n: usize) -> WorkStats {
     let mut st = WorkStats::default();
-    let mut rng = Rng(0x1234_5678_9ABC_DEF1 ^ (me as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    // Deterministic per CPU, so every heap sees the same request sequence.
+    let mut rng = Rng::new(0x1234_5678_9ABC_DEF1 ^ (me as u64 + 1));
     let mut live: Vec<Option<Obj>> = Vec::with_capacity(LIVE_SLOTS);
     live.resize_with(LIVE_SLOTS, || None);
     for round in 0..ROUNDS {

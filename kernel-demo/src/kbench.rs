@@ -44,6 +44,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use kernel_demo::args::Args;
 use kernel_demo::heap::{self, CompareKind};
 use kernel_demo::smp::Barrier;
+use kernel_demo::testing::Rng;
 use kernel_demo::{background, serial_println, time};
 
 /// Size of each peer heap (linked_list_allocator, talc): the same for both, carved out of goheap per run.
@@ -202,31 +203,14 @@ impl Ring {
     }
 }
 
-/// xorshift64*: the same sequence for every allocator (seeded by CPU rank and workload).
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+/// 8 B..4 KiB log-uniform (a power-of-two octave, then uniform inside it), and one in 64 between 4 and
+/// 32 KiB. The generator is seeded by CPU rank and workload, so every allocator sees the same sizes.
+fn wset_size(rng: &mut Rng) -> usize {
+    if rng.below(64) == 0 {
+        return 4096 + rng.below(28 << 10) as usize;
     }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    /// 8 B..4 KiB log-uniform (a power-of-two octave, then uniform inside it), and one in 64 between 4 and
-    /// 32 KiB.
-    fn wset_size(&mut self) -> usize {
-        if self.below(64) == 0 {
-            return 4096 + self.below(28 << 10) as usize;
-        }
-        let octave = 3 + self.below(9);
-        ((1u64 << octave) + self.below(1 << octave)) as usize
-    }
+    let octave = 3 + rng.below(9);
+    ((1u64 << octave) + rng.below(1 << octave)) as usize
 }
 
 /// Per-CPU bookkeeping, allocated from goheap once before the first run (never during one).
@@ -351,7 +335,7 @@ fn wset(me: usize, target: u64, deadline: u64, s: &mut Scratch) -> Part {
             let i = rng.below(WSET_SLOTS as u64) as usize;
             let (p, size) = s.wset[i];
             if p.is_null() {
-                let size = rng.wset_size();
+                let size = wset_size(&mut rng);
                 let q = alloc_block(layout(size));
                 // SAFETY: a fresh block of `size` bytes.
                 unsafe { touch(q, size, i as u8) };
@@ -361,7 +345,7 @@ fn wset(me: usize, target: u64, deadline: u64, s: &mut Scratch) -> Part {
                 unsafe { free_block(p, layout(size)) };
                 s.wset[i] = (core::ptr::null_mut(), 0);
                 if rng.below(2) == 0 {
-                    let size = rng.wset_size();
+                    let size = wset_size(&mut rng);
                     let q = alloc_block(layout(size));
                     // SAFETY: a fresh block of `size` bytes.
                     unsafe { touch(q, size, i as u8) };

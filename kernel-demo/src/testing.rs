@@ -150,7 +150,7 @@ impl core::fmt::Write for MsgBuf {
     }
 }
 
-/// A small xorshift generator for test workloads (deterministic per seed).
+/// A small xorshift generator for the test, demo and benchmark workloads (deterministic per seed).
 pub struct Rng(u64);
 
 impl Rng {
