@@ -21,8 +21,11 @@
 //!
 //! The bound adapts, as tcmalloc's per-CPU caches do: it starts at `stock_max(class)` (32 KiB of objects),
 //! and a class whose stock overflows doubles its bound instead of flushing, up to `stock_cap(class)`
-//! (1 MiB of objects, at most 4096), while the cache's growth stays within [`STOCK_GROW_BYTES`]. A program
-//! that frees batches of a thousand objects and allocates them again then never reaches the central list.
+//! (1 MiB of objects, at most 4096), while the cache's growth stays within [`STOCK_GROW_BYTES`], but only
+//! if the class also ran out of objects and refilled from a span since it last grew: a CPU that frees
+//! objects it then allocates again benefits, one that only frees (the consumer of a producer/consumer
+//! pair) would merely hold the objects back longer. A program that frees batches of a thousand objects and
+//! allocates them again then soon never reaches the central list.
 //! The background step ([`CpuCache::sweep_cached`]) halves grown bounds back towards the base and flushes
 //! what no longer fits, and `flush_all` resets them, so an idle CPU does not keep a burst's worth of memory.
 //!
@@ -166,10 +169,13 @@ struct ClassCache {
     nstock: u32,
     /// The stock's current bound (adaptive, see the module docs). Owner only.
     max: u32,
+    /// The class needed a span refill since its stock last grew: this CPU allocates the class faster than
+    /// its stock supplies it, so a larger stock would be reused. Owner only.
+    refilled: bool,
 }
 
 const fn class_caches() -> [ClassCache; NUM_ALLOC_CLASSES] {
-    let mut arr = [const { ClassCache { span: ptr::null_mut(), stock: ptr::null_mut(), nstock: 0, max: 0 } };
+    let mut arr = [const { ClassCache { span: ptr::null_mut(), stock: ptr::null_mut(), nstock: 0, max: 0, refilled: false } };
         NUM_ALLOC_CLASSES];
     let mut c = 0;
     while c < NUM_ALLOC_CLASSES {
@@ -407,6 +413,7 @@ impl CpuCache {
     #[inline(never)]
     fn alloc_slow<S: PageSource, const ZERO: bool>(&mut self, t: &Tiers<S>, c: usize, sh: &CpuShared) -> *mut u8 {
         sh.stats.used.set(1);
+        self.classes[c].refilled = true;
         let s = self.classes[c].span;
         if !s.is_null() {
             // SAFETY: we own the cached span's object fields.
@@ -466,16 +473,17 @@ impl CpuCache {
         }
     }
 
-    /// Class `c`'s stock is one over its bound: doubles the bound if the class and the cache may still
-    /// grow, else flushes half the stock.
+    /// Class `c`'s stock is one over its bound: doubles the bound if the class refilled since it last grew
+    /// and the class and the cache may still grow, else flushes half the stock.
     #[inline(never)]
     fn overflow<S: PageSource>(&mut self, t: &Tiers<S>, c: usize, sh: &CpuShared) {
         let size = class_shape(c).elemsize as usize;
         let cc = &mut self.classes[c];
         let grown = (cc.max.saturating_mul(2)).min(stock_cap(c));
         let extra = (grown - cc.max) as usize * size;
-        if grown > cc.max && self.grown_bytes + extra <= STOCK_GROW_BYTES {
+        if cc.refilled && grown > cc.max && self.grown_bytes + extra <= STOCK_GROW_BYTES {
             cc.max = grown;
+            cc.refilled = false;
             self.grown_bytes += extra;
             return;
         }

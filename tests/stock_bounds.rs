@@ -1,5 +1,6 @@
-//! The adaptive stock bounds of the per-CPU caches (`cpucache.rs`): a class whose stock overflows grows its
-//! bound (so batches of frees stay in the cache), within the per-cache growth budget; the background step
+//! The adaptive stock bounds of the per-CPU caches (`cpucache.rs`): a class whose stock overflows, and
+//! which also had to refill from a span, grows its bound (so batches of frees stay in the cache), within
+//! the per-cache growth budget; a cache that only frees a class does not grow it; the background step
 //! shrinks grown bounds and `flush_cpu_cache` resets them, handing the objects back.
 #![cfg(feature = "std")]
 
@@ -31,9 +32,14 @@ fn overflowing_stock_grows_then_shrinks_and_resets() {
     let c = class_of(64);
     let base = stock_max(c);
     assert_eq!(m.stock_bound(c), base);
+    // Each batch that runs its stock dry and overflows it again doubles the bound once.
     batch(&m, 64, 1000);
+    assert_eq!(m.stock_bound(c), 2 * base, "one doubling per batch");
+    for _ in 0..4 {
+        batch(&m, 64, 1000);
+    }
     let grown = m.stock_bound(c);
-    assert!(grown >= 1000 && grown <= stock_cap(c), "bound {grown} after a 1000-object batch (base {base})");
+    assert!(grown >= 1000 && grown <= stock_cap(c), "bound {grown} after 1000-object batches (base {base})");
     // The batch again: every allocation comes from the stock, so no span is taken from the central lists.
     let refills = || -> u64 { (0..=goheap::cpu::MAX_CPUS).map(|i| m.cpu_stats(i).refills).sum() };
     let before = refills();
@@ -50,6 +56,7 @@ fn overflowing_stock_grows_then_shrinks_and_resets() {
     assert_eq!(m.stock_bound(c), base);
 
     batch(&m, 64, 1000);
+    batch(&m, 64, 1000);
     assert!(m.stock_bound(c) > base);
     m.flush_cpu_cache();
     assert_eq!(m.stock_bound(c), base, "flush_cpu_cache resets the bounds");
@@ -63,7 +70,9 @@ fn growth_stays_within_the_cache_budget() {
     let classes: Vec<usize> = (1..CLASSES.len()).filter(|&c| CLASSES[c].size >= 512).collect();
     for &c in &classes {
         let size = CLASSES[c].size as usize;
-        batch(&m, size, stock_cap(c) as usize + 8);
+        for _ in 0..12 {
+            batch(&m, size, stock_cap(c) as usize + 8);
+        }
     }
     let grown: usize = classes
         .iter()
@@ -74,5 +83,27 @@ fn growth_stays_within_the_cache_budget() {
     // Some class hit the budget before its cap.
     assert!(classes.iter().any(|&c| m.stock_bound(c) < stock_cap(c)), "budget never limited growth");
     m.flush_cpu_cache();
+    assert_eq!(m.mem_stats().heap_objects, 0);
+}
+
+#[test]
+fn a_cache_that_only_frees_does_not_grow() {
+    let m = heap();
+    let c = class_of(64);
+    let l = Layout::from_size_align(64, 8).unwrap();
+    // The producer (this thread) allocates, the consumer frees: every free is of another cache's object.
+    let ptrs: Vec<usize> = (0..5000).map(|_| m.alloc(l) as usize).collect();
+    let bound = std::thread::scope(|s| {
+        s.spawn(|| {
+            for &p in &ptrs {
+                // SAFETY: allocated above with `l`, freed once.
+                unsafe { m.dealloc(p as *mut u8, l) };
+            }
+            m.stock_bound(c)
+        })
+        .join()
+        .unwrap()
+    });
+    assert_eq!(bound, stock_max(c), "the consumer's stock grew though it never allocates the class");
     assert_eq!(m.mem_stats().heap_objects, 0);
 }
