@@ -374,19 +374,17 @@ pub(crate) fn machine() -> Vec<(String, String)> {
     ]
 }
 
-/// Versions of the peer crates, from Cargo.lock.
-fn crate_versions(root: &Path) -> Vec<(String, String)> {
-    let lock = std::fs::read_to_string(root.join("Cargo.lock")).unwrap_or_default();
+/// Versions of the crates named in `names`, from the lock file `lock` (unreadable: none).
+pub(crate) fn locked_versions(lock: &Path, names: &[&str]) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(lock).unwrap_or_default();
     let mut out = Vec::new();
     let mut name = None;
-    for l in lock.lines() {
+    for l in text.lines() {
         if let Some(n) = l.strip_prefix("name = ") {
             name = Some(n.trim_matches('"').to_string());
         } else if let Some(v) = l.strip_prefix("version = ") {
-            if let Some(n) = name.take() {
-                if PEER_CRATES.contains(&n.as_str()) {
-                    out.push((n, v.trim_matches('"').to_string()));
-                }
+            if let Some(n) = name.take().filter(|n| names.contains(&n.as_str())) {
+                out.push((n, v.trim_matches('"').to_string()));
             }
         }
     }
@@ -835,7 +833,7 @@ fn report(root: &Path, out_to: &Out, recs: &[Record]) -> Result<(), String> {
 
     let _ = writeln!(md, "## Allocators\n");
     let _ = writeln!(md, "| name | what | crate versions |\n|---|---|---|");
-    let versions = crate_versions(root);
+    let versions = locked_versions(&root.join("Cargo.lock"), PEER_CRATES);
     for (a, what) in ALLOCATORS {
         let v: Vec<String> = versions
             .iter()

@@ -231,7 +231,10 @@ fn run(o: &Opts) -> Result<(), String> {
         }
     }
     meta.insert("qemu".into(), Val::Str(qemu_version(&tools.qemu)));
-    for (name, version) in crate_versions(&root.join("kernel-demo").join("Cargo.lock")) {
+    for (name, version) in crate::bench::locked_versions(
+        &root.join("kernel-demo").join("Cargo.lock"),
+        &["linked_list_allocator", "talc", "spinning_top"],
+    ) {
         meta.insert(format!("version {name}"), Val::Str(version));
     }
     meta.insert("goheap_source".into(), Val::Str(goheap_source(&root)));
@@ -270,25 +273,6 @@ fn run(o: &Opts) -> Result<(), String> {
     print!("{}", table(&Runs::from_records(&all)));
     say!("kernel bench done in {}", proc::fmt_duration(t_all.elapsed()));
     Ok(())
-}
-
-/// Versions of the peer crates the kernel was built with (from kernel-demo's Cargo.lock).
-fn crate_versions(lock: &Path) -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(lock).unwrap_or_default();
-    let mut out = Vec::new();
-    let mut name = None;
-    for l in text.lines() {
-        if let Some(n) = l.strip_prefix("name = ") {
-            name = Some(n.trim_matches('"').to_string());
-        } else if let Some(v) = l.strip_prefix("version = ") {
-            if let Some(n) =
-                name.take().filter(|n| ["linked_list_allocator", "talc", "spinning_top"].contains(&n.as_str()))
-            {
-                out.push((n, v.trim_matches('"').to_string()));
-            }
-        }
-    }
-    out
 }
 
 /// Which goheap was measured: the commit, and the goheap files that differ from it in the working tree
