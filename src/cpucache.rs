@@ -26,7 +26,7 @@
 //! objects it then allocates again benefits, one that only frees (the consumer of a producer/consumer
 //! pair) would merely hold the objects back longer. A program that frees batches of a thousand objects and
 //! allocates them again then soon never reaches the central list.
-//! The background step ([`CpuCache::sweep_cached`]) halves grown bounds back towards the base and flushes
+//! The background step (`CpuCache::sweep_cached`) halves grown bounds back towards the base and flushes
 //! what no longer fits, and `flush_all` resets them, so an idle CPU does not keep a burst's worth of memory.
 //!
 //! The **tiny path** (Go's `mcache.tiny`): requests under [`TINY_SIZE`] bytes with alignment at most 8
