@@ -314,30 +314,11 @@ impl CpuCache {
     /// `1 <= c < NUM_ALLOC_CLASSES` (the fast path skips the bounds checks).
     #[inline(always)]
     pub(crate) unsafe fn alloc<S: PageSource, const ZERO: bool>(&mut self, t: &Tiers<S>, c: usize, sh: &CpuShared) -> *mut u8 {
-        // SAFETY: `c < NUM_ALLOC_CLASSES` (the caller's contract).
-        let cc = unsafe { self.classes.get_unchecked_mut(c) };
-        let obj = cc.stock;
-        if !obj.is_null() {
-            // SAFETY: stock objects are free, at least 8 bytes, and hold the next link in their first word.
-            cc.stock = unsafe { *(obj as *mut *mut u8) };
-            cc.nstock -= 1;
-            sh.stats.nmalloc(c).bump();
-            if ZERO {
-                // SAFETY: the object is ours and `elemsize` bytes long.
-                unsafe { ptr::write_bytes(obj, 0, class_shape(c).elemsize as usize) };
-            }
-            return obj;
+        // SAFETY: forwarded contract.
+        match unsafe { self.alloc_fast::<ZERO>(c, sh) } {
+            Some(p) => p,
+            None => self.alloc_slow::<S, ZERO>(t, c, sh),
         }
-        let s = cc.span;
-        if !s.is_null() {
-            // SAFETY: we own the cached span's object fields.
-            if let Some(idx) = unsafe { Span::next_free_fast(s) } {
-                sh.stats.nmalloc(c).bump();
-                // SAFETY: as above; `idx < nelems`.
-                return unsafe { Self::object::<ZERO>(s, idx) };
-            }
-        }
-        self.alloc_slow::<S, ZERO>(t, c, sh)
     }
 
     /// The fast part of [`CpuCache::alloc`]: the stock, then the cached span's `alloc_cache`; `None` when
@@ -373,8 +354,8 @@ impl CpuCache {
         None
     }
 
-    /// The fast part of [`CpuCache::free`]: pushes `p` on the stock unless that would overflow it (then
-    /// returns false and the caller takes the general path, which flushes).
+    /// The fast part of [`CpuCache::free`]: pushes `p` on the stock unless it is full (then returns false
+    /// and the caller takes the general path, which makes room).
     ///
     /// # Safety
     /// As for [`CpuCache::free`].
@@ -446,8 +427,8 @@ impl CpuCache {
         }
     }
 
-    /// Frees object `p` of class `c` onto this CPU's stock; when the stock overflows, grows its bound or
-    /// flushes half of it to the central list.
+    /// Frees object `p` of class `c` onto this CPU's stock; when the stock is full, first grows its bound
+    /// or flushes half of it to the central list.
     ///
     /// # Safety
     /// `p` was allocated from class `c` of the allocator `t` belongs to and is not used any more;
@@ -460,23 +441,21 @@ impl CpuCache {
         p: *mut u8,
         sh: &CpuShared,
     ) {
-        // SAFETY: `c < NUM_ALLOC_CLASSES` (the caller's contract).
-        let cc = unsafe { self.classes.get_unchecked_mut(c) };
-        // SAFETY: the object is free and at least 8 bytes: it can hold the link.
-        unsafe { *(p as *mut *mut u8) = cc.stock };
-        cc.stock = p;
-        cc.nstock += 1;
-        let nstock = cc.nstock;
-        sh.stats.nfree(c).bump();
-        if nstock > cc.max {
-            self.overflow(t, c, sh);
+        // SAFETY: forwarded contract.
+        if unsafe { self.free_fast(c, p, sh) } {
+            return;
         }
+        self.make_room(t, c, sh);
+        // SAFETY: forwarded contract; `make_room` left the stock below its bound.
+        let pushed = unsafe { self.free_fast(c, p, sh) };
+        debug_assert!(pushed, "stock still full after make_room");
     }
 
-    /// Class `c`'s stock is one over its bound: doubles the bound if the class refilled since it last grew
-    /// and the class and the cache may still grow, else flushes half the stock.
+    /// Class `c`'s stock is at its bound: doubles the bound if the class refilled since it last grew and
+    /// the class and the cache may still grow, else flushes half the stock (bounds are at least
+    /// `STOCK_MIN_OBJS`, so either way the stock ends below its bound).
     #[inline(never)]
-    fn overflow<S: PageSource>(&mut self, t: &Tiers<S>, c: usize, sh: &CpuShared) {
+    fn make_room<S: PageSource>(&mut self, t: &Tiers<S>, c: usize, sh: &CpuShared) {
         let size = class_shape(c).elemsize as usize;
         let cc = &mut self.classes[c];
         let grown = (cc.max.saturating_mul(2)).min(stock_cap(c));

@@ -250,6 +250,21 @@ pub fn find_in_chunk(bits: &[u64; PALLOC_CHUNK_WORDS], npages: usize, from: usiz
     None
 }
 
+/// The pieces of page range `[start, end)` within single chunks: `(chunk index, first page in the chunk,
+/// pages)`, in address order.
+fn chunk_pieces(start: usize, end: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+    let mut p = start;
+    core::iter::from_fn(move || {
+        if p >= end {
+            return None;
+        }
+        let (ci, i) = (p / PALLOC_CHUNK_PAGES, p % PALLOC_CHUNK_PAGES);
+        let cnt = (end - p).min(PALLOC_CHUNK_PAGES - i);
+        p += cnt;
+        Some((ci, i, cnt))
+    })
+}
+
 /// Sets (`set`) or clears bits `[i, i + n)` of a chunk bitmap; `i + n <= 512`.
 pub fn set_bits(bits: &mut [u64; PALLOC_CHUNK_WORDS], i: usize, n: usize, set: bool) {
     let mut i = i;
@@ -591,7 +606,9 @@ impl PageAlloc {
     /// Marks `[idx, idx + n)` allocated. The pages must be free.
     pub fn alloc_range(&mut self, idx: usize, n: usize) {
         debug_assert!(self.is_free_range(idx, n));
-        self.for_each_chunk_piece(idx, n, |pa, ci, i, cnt| set_bits(&mut pa.chunk_mut(ci).alloc, i, cnt, true));
+        for (ci, i, cnt) in chunk_pieces(idx, idx + n) {
+            set_bits(&mut self.chunk_mut(ci).alloc, i, cnt, true);
+        }
         self.free_npages -= n;
         if idx <= self.search_idx {
             // Pages below `idx` are allocated (invariant), and `[idx, idx + n)` now is.
@@ -603,7 +620,9 @@ impl PageAlloc {
     /// Marks `[idx, idx + n)` free. The pages must be allocated.
     pub fn free_range(&mut self, idx: usize, n: usize) {
         debug_assert!(self.count_alloc(idx, n) == n, "pagealloc: freeing free pages at {idx}+{n}");
-        self.for_each_chunk_piece(idx, n, |pa, ci, i, cnt| set_bits(&mut pa.chunk_mut(ci).alloc, i, cnt, false));
+        for (ci, i, cnt) in chunk_pieces(idx, idx + n) {
+            set_bits(&mut self.chunk_mut(ci).alloc, i, cnt, false);
+        }
         self.free_npages += n;
         self.search_idx = self.search_idx.min(idx);
         self.update(idx, n);
@@ -617,21 +636,27 @@ impl PageAlloc {
     /// Allocated pages in `[idx, idx + n)` (grown pages only).
     pub fn count_alloc(&self, idx: usize, n: usize) -> usize {
         let mut total = 0;
-        self.for_each_chunk_piece_ref(idx, n, |pa, ci, i, cnt| total += count_bits(&pa.chunk(ci).alloc, i, cnt));
+        for (ci, i, cnt) in chunk_pieces(idx, (idx + n).min(self.grown_npages())) {
+            total += count_bits(&self.chunk(ci).alloc, i, cnt);
+        }
         total
     }
 
     /// Scavenged pages in `[idx, idx + n)`.
     pub fn count_scav(&self, idx: usize, n: usize) -> usize {
         let mut total = 0;
-        self.for_each_chunk_piece_ref(idx, n, |pa, ci, i, cnt| total += count_bits(&pa.chunk(ci).scav, i, cnt));
+        for (ci, i, cnt) in chunk_pieces(idx, (idx + n).min(self.grown_npages())) {
+            total += count_bits(&self.chunk(ci).scav, i, cnt);
+        }
         total
     }
 
     /// Marks `[idx, idx + n)` scavenged (`set`) or committed, keeping `scav_npages` exact.
     pub fn set_scav(&mut self, idx: usize, n: usize, set: bool) {
         let before = self.count_scav(idx, n);
-        self.for_each_chunk_piece(idx, n, |pa, ci, i, cnt| set_bits(&mut pa.chunk_mut(ci).scav, i, cnt, set));
+        for (ci, i, cnt) in chunk_pieces(idx, idx + n) {
+            set_bits(&mut self.chunk_mut(ci).scav, i, cnt, set);
+        }
         self.scav_npages = self.scav_npages - before + if set { n } else { 0 };
     }
 
@@ -661,30 +686,6 @@ impl PageAlloc {
             }
         }
         true
-    }
-
-    fn for_each_chunk_piece(&mut self, idx: usize, n: usize, mut f: impl FnMut(&mut Self, usize, usize, usize)) {
-        let end = idx + n;
-        let mut p = idx;
-        while p < end {
-            let ci = p / PALLOC_CHUNK_PAGES;
-            let i = p % PALLOC_CHUNK_PAGES;
-            let cnt = (end - p).min(PALLOC_CHUNK_PAGES - i);
-            f(self, ci, i, cnt);
-            p += cnt;
-        }
-    }
-
-    fn for_each_chunk_piece_ref(&self, idx: usize, n: usize, mut f: impl FnMut(&Self, usize, usize, usize)) {
-        let end = (idx + n).min(self.grown_npages());
-        let mut p = idx;
-        while p < end {
-            let ci = p / PALLOC_CHUNK_PAGES;
-            let i = p % PALLOC_CHUNK_PAGES;
-            let cnt = (end - p).min(PALLOC_CHUNK_PAGES - i);
-            f(self, ci, i, cnt);
-            p += cnt;
-        }
     }
 
     /// Takes a 64-page aligned block containing the lowest free page for a page cache (Go's
