@@ -35,7 +35,9 @@ fn main() {
     let strings: Vec<(usize, usize)> = (0..N).map(|_| (1 + (rand() % 15) as usize, 1)).collect();
     let small: Vec<(usize, usize)> = (0..N).map(|_| (1 + (rand() % 8) as usize, 1)).collect();
     println!("{:<34} {:>14} {:>14} {:>8}", "workload (1M live objects)", "tiny B/object", "classes B/obj", "saving");
-    for (name, v) in [("1-15 B, natural alignment", &uniform), ("1-15 B, align 1 (strings)", &strings), ("1-8 B, align 1", &small)] {
+    for (name, v) in
+        [("1-15 B, natural alignment", &uniform), ("1-15 B, align 1 (strings)", &strings), ("1-8 B, align 1", &small)]
+    {
         let (tiny_alloc, tiny_inuse) = measure(DebugFlags::empty(), v);
         let (cls_alloc, cls_inuse) = measure(DebugFlags::NO_TINY, v);
         println!(

@@ -191,7 +191,11 @@ pub struct Flushed {
 impl Central {
     /// The central list of class `class` with spans of `shape`.
     pub const fn new(class: u8, shape: ClassShape) -> Self {
-        Central { shape, class, lock: Mutex::new(Lists { partial: SpanQueue::new(), full: SpanQueue::new(), empty: SpanQueue::new() }) }
+        Central {
+            shape,
+            class,
+            lock: Mutex::new(Lists { partial: SpanQueue::new(), full: SpanQueue::new(), empty: SpanQueue::new() }),
+        }
     }
 
     /// The shape of this class's spans.
@@ -455,7 +459,9 @@ impl Central {
     #[cfg(feature = "validate")]
     pub fn validate(&self) {
         let lists = self.lock.lock();
-        for (q, want) in [(&lists.partial, SpanList::Partial), (&lists.full, SpanList::Full), (&lists.empty, SpanList::Empty)] {
+        for (q, want) in
+            [(&lists.partial, SpanList::Partial), (&lists.full, SpanList::Full), (&lists.empty, SpanList::Empty)]
+        {
             let mut n = 0;
             let mut s = q.head;
             while !s.is_null() {

@@ -94,7 +94,11 @@ pub fn report(b: &BadFree) -> ! {
 }
 
 /// A [`BadFree`] for `addr`, filled with what `heap` knows of it.
-pub(crate) fn describe<S: crate::source::PageSource>(heap: &crate::heap::Heap<S>, addr: usize, reason: Reason) -> BadFree {
+pub(crate) fn describe<S: crate::source::PageSource>(
+    heap: &crate::heap::Heap<S>,
+    addr: usize,
+    reason: Reason,
+) -> BadFree {
     let mut b = BadFree { addr, reason, span_base: None, span_class: 0, span_elemsize: 0 };
     if let Some(s) = heap.span_of(addr) {
         let s = s.as_ptr();
@@ -102,8 +106,7 @@ pub(crate) fn describe<S: crate::source::PageSource>(heap: &crate::heap::Heap<S>
         unsafe {
             b.span_base = Some((*s).base);
             b.span_class = (*s).class;
-            b.span_elemsize =
-                if (*s).class == 0 { (*s).npages * crate::PAGE_SIZE } else { (*s).elemsize as usize };
+            b.span_elemsize = if (*s).class == 0 { (*s).npages * crate::PAGE_SIZE } else { (*s).elemsize as usize };
         }
     }
     b

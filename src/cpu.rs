@@ -141,9 +141,7 @@ mod thread_slots {
             state.set(NONE_LEFT);
             for (i, owned) in OWNED.iter().enumerate() {
                 if !owned.load(Ordering::Relaxed)
-                    && owned
-                        .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-                        .is_ok()
+                    && owned.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok()
                 {
                     if RELEASER.try_with(|_| ()).is_err() {
                         // TLS is being torn down: give the slot back at once.

@@ -313,7 +313,12 @@ impl CpuCache {
     /// # Safety
     /// `1 <= c < NUM_ALLOC_CLASSES` (the fast path skips the bounds checks).
     #[inline(always)]
-    pub(crate) unsafe fn alloc<S: PageSource, const ZERO: bool>(&mut self, t: &Tiers<S>, c: usize, sh: &CpuShared) -> *mut u8 {
+    pub(crate) unsafe fn alloc<S: PageSource, const ZERO: bool>(
+        &mut self,
+        t: &Tiers<S>,
+        c: usize,
+        sh: &CpuShared,
+    ) -> *mut u8 {
         // SAFETY: forwarded contract.
         match unsafe { self.alloc_fast::<ZERO>(c, sh) } {
             Some(p) => p,
@@ -434,13 +439,7 @@ impl CpuCache {
     /// `p` was allocated from class `c` of the allocator `t` belongs to and is not used any more;
     /// `1 <= c < NUM_ALLOC_CLASSES`.
     #[inline(always)]
-    pub(crate) unsafe fn free<S: PageSource>(
-        &mut self,
-        t: &Tiers<S>,
-        c: usize,
-        p: *mut u8,
-        sh: &CpuShared,
-    ) {
+    pub(crate) unsafe fn free<S: PageSource>(&mut self, t: &Tiers<S>, c: usize, p: *mut u8, sh: &CpuShared) {
         // SAFETY: forwarded contract.
         if unsafe { self.free_fast(c, p, sh) } {
             return;
@@ -520,7 +519,13 @@ impl CpuCache {
     /// Allocates `size` bytes aligned to `align` (`size < TINY_SIZE`, `align <= 8`) from the current tiny
     /// block, starting a new block when it does not fit.
     #[inline(always)]
-    pub(crate) fn alloc_tiny<S: PageSource>(&mut self, t: &Tiers<S>, size: usize, align: usize, sh: &CpuShared) -> *mut u8 {
+    pub(crate) fn alloc_tiny<S: PageSource>(
+        &mut self,
+        t: &Tiers<S>,
+        size: usize,
+        align: usize,
+        sh: &CpuShared,
+    ) -> *mut u8 {
         let off = (self.tiny_offset + align - 1) & !(align - 1);
         if self.tiny != 0 && off + size <= TINY_SIZE {
             self.tiny_offset = off + size;

@@ -847,7 +847,10 @@ impl<S: PageSource> Heap<S> {
             metadata_reserved_bytes: self.meta_reserved_bytes.load(Ordering::Relaxed),
             total_bytes: committed + span_sys + meta,
             spans_inuse: self.spans_inuse.load(Ordering::Relaxed),
-            peak_inuse_bytes: self.window_peak_npages.load(Ordering::Relaxed).max(self.epoch_peak_npages.load(Ordering::Relaxed))
+            peak_inuse_bytes: self
+                .window_peak_npages
+                .load(Ordering::Relaxed)
+                .max(self.epoch_peak_npages.load(Ordering::Relaxed))
                 * PAGE_SIZE,
             retained_goal_bytes: self.retained_goal_bytes.load(Ordering::Relaxed),
             memory_limit: self.memory_limit.load(Ordering::Relaxed),
@@ -900,7 +903,11 @@ impl<S: PageSource> Heap<S> {
             // SAFETY: a non-null entry points to a live descriptor (invariant being checked).
             let (sbase, snpages, state) = unsafe { ((*s).base, (*s).npages, (*s).state.load(Ordering::Relaxed)) };
             assert_eq!(state, SpanState::InUse as u8, "heap: page map entry {p} points to a non-InUse span {s:p}");
-            assert_eq!(sbase, base + p * PAGE_SIZE, "heap: page {p} maps to span {s:p} based at {sbase:#x}, not at its start");
+            assert_eq!(
+                sbase,
+                base + p * PAGE_SIZE,
+                "heap: page {p} maps to span {s:p} based at {sbase:#x}, not at its start"
+            );
             assert!(snpages >= 1 && p + snpages <= grown, "heap: span {s:p} npages {snpages} out of range");
             for q in p..p + snpages {
                 // SAFETY: as above.

@@ -104,25 +104,25 @@ pub const PAGE_SIZE: usize = 1 << PAGE_SHIFT;
 /// Largest size served by the size classes (Go's `maxSmallSize`); larger objects take the large path.
 pub const MAX_SMALL_SIZE: usize = 32 << 10;
 
-pub mod source;
-pub mod span;
-pub mod fixalloc;
-pub mod pagealloc;
-pub mod pagecache;
-pub mod heap;
-pub mod scavenger;
-pub mod sizeclass;
-pub mod cpu;
-pub mod cpucache;
 pub mod central;
 pub mod check;
-pub mod stats;
-pub mod malloc;
+pub mod cpu;
+pub mod cpucache;
+pub mod fixalloc;
+pub mod heap;
 #[cfg(feature = "std")]
 pub mod hosted;
+pub mod malloc;
+pub mod pagealloc;
+pub mod pagecache;
+pub mod scavenger;
+pub mod sizeclass;
+pub mod source;
+pub mod span;
+pub mod stats;
 #[cfg(all(feature = "x86_64", target_arch = "x86_64"))]
 pub mod x86_64;
 
-pub use malloc::Malloc;
 #[cfg(feature = "std")]
 pub use hosted::Hosted;
+pub use malloc::Malloc;

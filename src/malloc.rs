@@ -667,9 +667,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             return ptr;
         }
         if old_r == LARGE && new_r == LARGE {
-            let Some(s) = self.t.heap.span_of(ptr as usize) else {
-                self.report(ptr as usize, Reason::NotInHeap)
-            };
+            let Some(s) = self.t.heap.span_of(ptr as usize) else { self.report(ptr as usize, Reason::NotInHeap) };
             // SAFETY: live span.
             let old_npages = unsafe { (*s.as_ptr()).npages };
             let new_npages = npages_for(new_size);

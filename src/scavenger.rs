@@ -124,7 +124,12 @@ impl Default for ScavState {
 
 /// The retained-heap goal and mode for a recent in-use peak, a memory limit (`usize::MAX` = none), the
 /// committed memory outside the heap pages (descriptors, metadata) and the heap's committed bytes.
-pub fn retained_goal(peak_inuse_bytes: usize, limit: usize, nonheap_bytes: usize, committed_bytes: usize) -> (usize, ScavMode) {
+pub fn retained_goal(
+    peak_inuse_bytes: usize,
+    limit: usize,
+    nonheap_bytes: usize,
+    committed_bytes: usize,
+) -> (usize, ScavMode) {
     let gc_goal = peak_inuse_bytes.saturating_add(peak_inuse_bytes / 100 * RETAINED_HEADROOM_PERCENT);
     if limit == usize::MAX {
         return (gc_goal, ScavMode::Lazy);

@@ -164,23 +164,91 @@ pub struct Description {
 
 /// Every metric goheap reports (Go's `metrics.All()`).
 pub const ALL_METRICS: &[Description] = &[
-    Description { name: "/memory/classes/total:bytes", description: "All memory obtained from the page source and still held (MemStats.Sys).", cumulative: false },
-    Description { name: "/memory/classes/heap/objects:bytes", description: "Live objects, including tiny blocks (MemStats.HeapAlloc).", cumulative: false },
-    Description { name: "/memory/classes/heap/unused:bytes", description: "Bytes in in-use spans not occupied by live objects.", cumulative: false },
-    Description { name: "/memory/classes/heap/free:bytes", description: "Free pages still committed: reusable without asking the page source.", cumulative: false },
-    Description { name: "/memory/classes/heap/released:bytes", description: "Free pages given back to the page source.", cumulative: false },
-    Description { name: "/memory/classes/metadata/mspan/inuse:bytes", description: "Span descriptors in use.", cumulative: false },
-    Description { name: "/memory/classes/metadata/mspan/free:bytes", description: "Span descriptor memory obtained but unused.", cumulative: false },
-    Description { name: "/memory/classes/metadata/mcache/inuse:bytes", description: "Per-CPU caches that have served.", cumulative: false },
-    Description { name: "/memory/classes/metadata/mcache/free:bytes", description: "Per-CPU caches reserved but unused.", cumulative: false },
-    Description { name: "/memory/classes/metadata/other:bytes", description: "Page-allocator bitmaps, summaries and page map.", cumulative: false },
-    Description { name: "/gc/heap/allocs:bytes", description: "Cumulative bytes allocated (MemStats.TotalAlloc).", cumulative: true },
-    Description { name: "/gc/heap/allocs:objects", description: "Cumulative objects allocated (MemStats.Mallocs).", cumulative: true },
+    Description {
+        name: "/memory/classes/total:bytes",
+        description: "All memory obtained from the page source and still held (MemStats.Sys).",
+        cumulative: false,
+    },
+    Description {
+        name: "/memory/classes/heap/objects:bytes",
+        description: "Live objects, including tiny blocks (MemStats.HeapAlloc).",
+        cumulative: false,
+    },
+    Description {
+        name: "/memory/classes/heap/unused:bytes",
+        description: "Bytes in in-use spans not occupied by live objects.",
+        cumulative: false,
+    },
+    Description {
+        name: "/memory/classes/heap/free:bytes",
+        description: "Free pages still committed: reusable without asking the page source.",
+        cumulative: false,
+    },
+    Description {
+        name: "/memory/classes/heap/released:bytes",
+        description: "Free pages given back to the page source.",
+        cumulative: false,
+    },
+    Description {
+        name: "/memory/classes/metadata/mspan/inuse:bytes",
+        description: "Span descriptors in use.",
+        cumulative: false,
+    },
+    Description {
+        name: "/memory/classes/metadata/mspan/free:bytes",
+        description: "Span descriptor memory obtained but unused.",
+        cumulative: false,
+    },
+    Description {
+        name: "/memory/classes/metadata/mcache/inuse:bytes",
+        description: "Per-CPU caches that have served.",
+        cumulative: false,
+    },
+    Description {
+        name: "/memory/classes/metadata/mcache/free:bytes",
+        description: "Per-CPU caches reserved but unused.",
+        cumulative: false,
+    },
+    Description {
+        name: "/memory/classes/metadata/other:bytes",
+        description: "Page-allocator bitmaps, summaries and page map.",
+        cumulative: false,
+    },
+    Description {
+        name: "/gc/heap/allocs:bytes",
+        description: "Cumulative bytes allocated (MemStats.TotalAlloc).",
+        cumulative: true,
+    },
+    Description {
+        name: "/gc/heap/allocs:objects",
+        description: "Cumulative objects allocated (MemStats.Mallocs).",
+        cumulative: true,
+    },
     Description { name: "/gc/heap/frees:bytes", description: "Cumulative bytes freed.", cumulative: true },
-    Description { name: "/gc/heap/frees:objects", description: "Cumulative objects freed (MemStats.Frees).", cumulative: true },
-    Description { name: "/gc/heap/objects:objects", description: "Live objects (MemStats.HeapObjects).", cumulative: false },
-    Description { name: "/gc/heap/tiny/allocs:objects", description: "Cumulative tiny objects allocated.", cumulative: true },
+    Description {
+        name: "/gc/heap/frees:objects",
+        description: "Cumulative objects freed (MemStats.Frees).",
+        cumulative: true,
+    },
+    Description {
+        name: "/gc/heap/objects:objects",
+        description: "Live objects (MemStats.HeapObjects).",
+        cumulative: false,
+    },
+    Description {
+        name: "/gc/heap/tiny/allocs:objects",
+        description: "Cumulative tiny objects allocated.",
+        cumulative: true,
+    },
     Description { name: "/gc/gomemlimit:bytes", description: "The soft memory limit.", cumulative: false },
-    Description { name: "/gc/scavenge/released:bytes", description: "Cumulative bytes the scavenger gave back to the page source.", cumulative: true },
-    Description { name: "/goheap/remote-frees:objects", description: "Cumulative objects freed into spans cached by another CPU.", cumulative: true },
+    Description {
+        name: "/gc/scavenge/released:bytes",
+        description: "Cumulative bytes the scavenger gave back to the page source.",
+        cumulative: true,
+    },
+    Description {
+        name: "/goheap/remote-frees:objects",
+        description: "Cumulative objects freed into spans cached by another CPU.",
+        cumulative: true,
+    },
 ];

@@ -21,9 +21,7 @@ use crate::cpu::{CpuProvider, MAX_CPUS};
 use crate::source::PageSource;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
-use x86_64::structures::paging::{
-    FrameAllocator, FrameDeallocator, Mapper, Page, PageTableFlags, PhysFrame, Size4KiB,
-};
+use x86_64::structures::paging::{FrameAllocator, FrameDeallocator, Mapper, Page, PageTableFlags, PhysFrame, Size4KiB};
 use x86_64::VirtAddr;
 
 /// APIC IDs the map covers: xAPIC IDs are 8 bits.

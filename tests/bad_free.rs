@@ -163,7 +163,9 @@ mod guard_mode {
     use goheap::malloc::DebugFlags;
 
     fn guarded() -> Box<Malloc<MmapSource, ThreadSlots>> {
-        Box::new(Malloc::with_max_bytes(MmapSource::strict(), ThreadSlots::new(), 1 << 30).with_debug(DebugFlags::GUARD))
+        Box::new(
+            Malloc::with_max_bytes(MmapSource::strict(), ThreadSlots::new(), 1 << 30).with_debug(DebugFlags::GUARD),
+        )
     }
 
     #[test]

@@ -34,7 +34,13 @@ fn make(m: &M, size: usize, align: usize, seed: u64) -> Obj {
 }
 
 fn free(m: &M, o: Obj) {
-    assert_eq!(check(o.addr as *const u8, o.size, o.seed), Ok(()), "object {:#x} ({} B) was overwritten", o.addr, o.size);
+    assert_eq!(
+        check(o.addr as *const u8, o.size, o.seed),
+        Ok(()),
+        "object {:#x} ({} B) was overwritten",
+        o.addr,
+        o.size
+    );
     // SAFETY (test): allocated by `m` with this layout, freed once.
     unsafe { m.dealloc(o.addr as *mut u8, layout(o.size, o.align)) };
 }

@@ -17,8 +17,14 @@ const ARENA_PAGES: usize = ARENA_BYTES / PAGE_SIZE;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Alloc { npages: usize, cache: usize },
-    Free { k: usize, cache: usize },
+    Alloc {
+        npages: usize,
+        cache: usize,
+    },
+    Free {
+        k: usize,
+        cache: usize,
+    },
     Flush(usize),
     Scavenge(usize),
     ReleaseAll,

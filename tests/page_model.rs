@@ -154,11 +154,8 @@ fn run(ops: Vec<Op>) {
                 }
                 let k = k % live.len();
                 let (idx, old) = (live[k].idx, live[k].npages);
-                let expect = if n <= old {
-                    true
-                } else {
-                    idx + n <= ARENA_PAGES && (idx + old..idx + n).all(|p| m.is_free(p))
-                };
+                let expect =
+                    if n <= old { true } else { idx + n <= ARENA_PAGES && (idx + old..idx + n).all(|p| m.is_free(p)) };
                 let (_, _, nz_before) = span_fields(live[k].span);
                 // SAFETY: live span, owned by the test.
                 let ok = unsafe { heap.resize_span_in_place(live[k].span, n) };

@@ -74,10 +74,8 @@ fn growth_stays_within_the_cache_budget() {
             batch(&m, size, stock_cap(c) as usize + 8);
         }
     }
-    let grown: usize = classes
-        .iter()
-        .map(|&c| (m.stock_bound(c) - stock_max(c)) as usize * CLASSES[c].size as usize)
-        .sum();
+    let grown: usize =
+        classes.iter().map(|&c| (m.stock_bound(c) - stock_max(c)) as usize * CLASSES[c].size as usize).sum();
     assert!(grown > 0, "no stock grew");
     assert!(grown <= STOCK_GROW_BYTES, "stocks grew by {grown} bytes, budget {STOCK_GROW_BYTES}");
     // Some class hit the budget before its cap.

@@ -116,8 +116,11 @@ pub unsafe fn read_madt(rsdp_phys: u64, phys_offset: u64) -> Result<Madt, AcpiEr
     if sum(madt, len) != 0 {
         return Err(AcpiError::BadChecksum(*b"APIC"));
     }
-    let mut out =
-        Madt { lapic_phys: u64::from(rd32(madt + 36)), cpus: [MadtCpu { apic_id: 0, enabled: false }; MAX_MADT_CPUS], len: 0 };
+    let mut out = Madt {
+        lapic_phys: u64::from(rd32(madt + 36)),
+        cpus: [MadtCpu { apic_id: 0, enabled: false }; MAX_MADT_CPUS],
+        len: 0,
+    };
     // Entries start after the header (36), the LAPIC address (4) and the flags (4).
     let mut at = madt + 44;
     while at + 2 <= madt + len {

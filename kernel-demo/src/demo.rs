@@ -128,7 +128,8 @@ static SLOTS: [Slot; MAX_DEMO_CPUS] = [const {
     Slot {
         apic_id: AtomicU64::new(u64::MAX),
         cache_index: AtomicU64::new(u64::MAX),
-        stats: [const { spin::Mutex::new(WorkStats { allocs: 0, verified: 0, sent: 0, received_cross: 0, cycles: 0 }) }; 3],
+        stats: [const { spin::Mutex::new(WorkStats { allocs: 0, verified: 0, sent: 0, received_cross: 0, cycles: 0 }) };
+            3],
     }
 }; MAX_DEMO_CPUS];
 
@@ -233,7 +234,10 @@ impl Obj {
     fn verify_and_free(self, by: usize) {
         let now = self.checksum();
         if now != self.sum {
-            panic!("heap corruption: object {:#x} changed (checksum {:#x} != {:#x}), freed on rank {by}", self.tag, now, self.sum);
+            panic!(
+                "heap corruption: object {:#x} changed (checksum {:#x} != {:#x}), freed on rank {by}",
+                self.tag, now, self.sum
+            );
         }
     }
 }
@@ -439,7 +443,10 @@ pub fn run_bsp(ncpus: usize) -> bool {
 
     let ok_compare = heap::compare_begin(heap::CompareKind::LinkedList, COMPARE_HEAP_BYTES);
     if !ok_compare {
-        serial_println!("phase 2 skipped: goheap could not supply the {} MiB comparison area", COMPARE_HEAP_BYTES >> 20);
+        serial_println!(
+            "phase 2 skipped: goheap could not supply the {} MiB comparison area",
+            COMPARE_HEAP_BYTES >> 20
+        );
     }
     BARRIER.wait(n);
     phase(me, n, 1);
@@ -629,7 +636,12 @@ pub fn run_oom() -> ! {
     );
     print_frames("exhausted");
     let full = HEAP.mem_stats();
-    serial_println!("oom: heap_alloc {} KiB, heap_inuse {} KiB, live objects {}", full.heap_alloc >> 10, full.heap_inuse >> 10, full.heap_objects);
+    serial_println!(
+        "oom: heap_alloc {} KiB, heap_inuse {} KiB, live objects {}",
+        full.heap_alloc >> 10,
+        full.heap_inuse >> 10,
+        full.heap_objects
+    );
 
     // Free it all and give it back.
     for (i, b) in blocks.iter().enumerate() {
@@ -672,6 +684,11 @@ pub fn run_oom() -> ! {
     EXPECT_OOM.store(true, Ordering::SeqCst);
     let v: Vec<u8> = Vec::with_capacity(too_big);
     // Not reached when the allocation fails as it should.
-    serial_println!("oom: FAIL: a {} MiB allocation succeeded under a {} MiB budget ({:p})", too_big >> 20, OOM_BUDGET_BYTES >> 20, v.as_ptr());
+    serial_println!(
+        "oom: FAIL: a {} MiB allocation succeeded under a {} MiB budget ({:p})",
+        too_big >> 20,
+        OOM_BUDGET_BYTES >> 20,
+        v.as_ptr()
+    );
     kernel_demo::exit_qemu(kernel_demo::ExitCode::Failed)
 }

@@ -30,7 +30,8 @@ struct IstStacks(UnsafeCell<[[IstStack; 2]; MAX_CPUS]>);
 // SAFETY: each CPU only ever uses the two stacks of its own index (through its TSS); the array is
 // never read or written as Rust data.
 unsafe impl Sync for IstStacks {}
-static IST_STACKS: IstStacks = IstStacks(UnsafeCell::new([const { [IstStack([0; IST_STACK_SIZE]), IstStack([0; IST_STACK_SIZE])] }; MAX_CPUS]));
+static IST_STACKS: IstStacks =
+    IstStacks(UnsafeCell::new([const { [IstStack([0; IST_STACK_SIZE]), IstStack([0; IST_STACK_SIZE])] }; MAX_CPUS]));
 
 struct Tables {
     tss: TaskStateSegment,

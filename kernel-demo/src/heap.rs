@@ -78,11 +78,8 @@ static CPUS: IrqCpus = IrqCpus::new(current_cpu_index);
 
 /// The kernel heap. Statistics, `background`, `flush_cpu_cache`, `release_all` and the memory limit are
 /// reached through it.
-pub static HEAP: KernelHeap = Malloc::with_max_bytes(
-    FrameSource::new(HEAP_WINDOW_START, HEAP_WINDOW_BYTES, SHOOTDOWN),
-    &CPUS,
-    HEAP_MAX_BYTES,
-);
+pub static HEAP: KernelHeap =
+    Malloc::with_max_bytes(FrameSource::new(HEAP_WINDOW_START, HEAP_WINDOW_BYTES, SHOOTDOWN), &CPUS, HEAP_MAX_BYTES);
 
 const MODE_EARLY: u8 = 0;
 const MODE_GOHEAP: u8 = 1;

@@ -190,7 +190,9 @@ extern "x86-interrupt" fn page_fault(frame: InterruptStackFrame, code: PageFault
 
 extern "x86-interrupt" fn double_fault(frame: InterruptStackFrame, code: u64) -> ! {
     extern "C" fn report(code: u64, rip: u64, rsp: u64) -> ! {
-        panic!("EXCEPTION: double fault (error code {code:#x}) at RIP {rip:#x}, RSP {rsp:#x} (a kernel stack overflow?)");
+        panic!(
+            "EXCEPTION: double fault (error code {code:#x}) at RIP {rip:#x}, RSP {rsp:#x} (a kernel stack overflow?)"
+        );
     }
     // SAFETY: `report` diverges (see `call_aligned`).
     unsafe { call_aligned(report, code, frame.instruction_pointer.as_u64(), frame.stack_pointer.as_u64()) }

@@ -28,7 +28,9 @@ use core::alloc::Layout;
 use core::panic::PanicInfo;
 use core::sync::atomic::Ordering;
 use kernel_demo::percpu::{self, PerCpu};
-use kernel_demo::{args::Args, background, exit_qemu, frames, heap, memory::MemorySummary, serial_println, smp, ExitCode};
+use kernel_demo::{
+    args::Args, background, exit_qemu, frames, heap, memory::MemorySummary, serial_println, smp, ExitCode,
+};
 
 entry_point!(kernel_main, config = &kernel_demo::BOOTLOADER_CONFIG);
 

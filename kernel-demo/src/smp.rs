@@ -29,9 +29,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use x86_64::instructions::interrupts::without_interrupts;
 use x86_64::registers::control::{Cr3, Cr4};
 use x86_64::registers::model_specific::Efer;
-use x86_64::structures::paging::{
-    FrameAllocator, Mapper, Page, PageTableFlags, PhysFrame, Size4KiB, Translate,
-};
+use x86_64::structures::paging::{FrameAllocator, Mapper, Page, PageTableFlags, PhysFrame, Size4KiB, Translate};
 use x86_64::{PhysAddr, VirtAddr};
 
 /// Most CPUs: goheap's number of per-CPU cache slots (64).
@@ -156,7 +154,8 @@ extern "C" {
 /// Sets up the BSP (see the module docs), with page tables for the APIC mapping from [`PoolFrames`].
 /// Call once, early, with interrupts off. Returns the MADT.
 pub fn init_bsp(boot_info: &BootInfo) -> Result<&'static Madt, SmpError> {
-    let phys_offset = boot_info.physical_memory_offset.into_option().ok_or(SmpError::Acpi(AcpiError::NoPhysicalMapping))?;
+    let phys_offset =
+        boot_info.physical_memory_offset.into_option().ok_or(SmpError::Acpi(AcpiError::NoPhysicalMapping))?;
     // SAFETY: the bootloader maps all physical memory at `phys_offset`; only the BSP runs, and nothing
     // else modifies the page tables while this mapper lives (boot is single-threaded here).
     let mapper = unsafe { apic::active_mapper(phys_offset) };
@@ -167,11 +166,15 @@ pub fn init_bsp(boot_info: &BootInfo) -> Result<&'static Madt, SmpError> {
 
 /// [`init_bsp`] with the caller's frame allocator for the (at most three) page-table frames the APIC
 /// mapping may need.
-pub fn init_bsp_with(boot_info: &BootInfo, frames: &mut impl FrameAllocator<Size4KiB>) -> Result<&'static Madt, SmpError> {
+pub fn init_bsp_with(
+    boot_info: &BootInfo,
+    frames: &mut impl FrameAllocator<Size4KiB>,
+) -> Result<&'static Madt, SmpError> {
     if BSP_DONE.load(Ordering::Acquire) {
         return Err(SmpError::WrongOrder);
     }
-    let phys_offset = boot_info.physical_memory_offset.into_option().ok_or(SmpError::Acpi(AcpiError::NoPhysicalMapping))?;
+    let phys_offset =
+        boot_info.physical_memory_offset.into_option().ok_or(SmpError::Acpi(AcpiError::NoPhysicalMapping))?;
     let rsdp = boot_info.rsdp_addr.into_option().ok_or(SmpError::Acpi(AcpiError::NoRsdp))?;
     PHYS_OFFSET.store(phys_offset, Ordering::Relaxed);
     // SAFETY: the RSDP address comes from the bootloader, and physical memory is mapped at the offset.
@@ -259,7 +262,10 @@ pub fn start_aps(entry: fn(&'static PerCpu) -> !) -> usize {
 
 /// [`start_aps`] with the caller's frame allocator for the (at most three) page-table frames of the
 /// trampoline's identity mapping.
-pub fn start_aps_with(entry: fn(&'static PerCpu) -> !, frames: &mut impl FrameAllocator<Size4KiB>) -> Result<usize, SmpError> {
+pub fn start_aps_with(
+    entry: fn(&'static PerCpu) -> !,
+    frames: &mut impl FrameAllocator<Size4KiB>,
+) -> Result<usize, SmpError> {
     if !BSP_DONE.load(Ordering::Acquire) || APS_STARTED.swap(true, Ordering::AcqRel) {
         return Err(SmpError::WrongOrder);
     }
@@ -285,8 +291,9 @@ pub fn start_aps_with(entry: fn(&'static PerCpu) -> !, frames: &mut impl FrameAl
         None => {
             // SAFETY: the page is unmapped (translate said so) and the frame is the trampoline's, which the
             // kernel reserves for this (module docs).
-            let flush = unsafe { mapper.map_to(page, frame, PageTableFlags::PRESENT | PageTableFlags::WRITABLE, frames) }
-                .map_err(|_| SmpError::OutOfFrames)?;
+            let flush =
+                unsafe { mapper.map_to(page, frame, PageTableFlags::PRESENT | PageTableFlags::WRITABLE, frames) }
+                    .map_err(|_| SmpError::OutOfFrames)?;
             flush.flush();
             true
         }

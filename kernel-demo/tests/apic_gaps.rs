@@ -45,7 +45,11 @@ fn main(boot_info: &'static mut BootInfo) -> ! {
     kernel_demo::init();
     let madt = smp::init_bsp(boot_info).expect("smp::init_bsp");
     for c in madt.cpus() {
-        serial_println!("MADT: APIC ID {} {}", c.apic_id, if c.enabled { "enabled" } else { "disabled (hot-plug slot)" });
+        serial_println!(
+            "MADT: APIC ID {} {}",
+            c.apic_id,
+            if c.enabled { "enabled" } else { "disabled (hot-plug slot)" }
+        );
     }
     let n = smp::start_aps(ap_main);
     serial_println!("{n} CPUs online");

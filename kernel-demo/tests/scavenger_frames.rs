@@ -97,7 +97,10 @@ fn free_and_flush(cpu: usize, _n: usize) {
         // SAFETY: allocated by `allocate` with (size, 8), tagged at both ends, freed once.
         unsafe {
             let (x, y) = (p.cast::<u64>().read(), p.add(size - 8).cast::<u64>().read());
-            assert!(x == tag_of(p as usize) && y == !tag_of(p as usize), "CPU {cpu}: object {p:p} ({size} B) corrupted");
+            assert!(
+                x == tag_of(p as usize) && y == !tag_of(p as usize),
+                "CPU {cpu}: object {p:p} ({size} B) corrupted"
+            );
             dealloc(p, Layout::from_size_align_unchecked(size, 8));
         }
     }
@@ -148,7 +151,10 @@ fn a_release_all_returns_the_frames() {
     assert!(committed <= floor + 16, "heap holds {committed} frames, above the floor {floor} + 16");
     // Every frame not back is one the heap holds (or a page table of its window): nothing leaked.
     let held = committed as isize + (tables - tables0);
-    assert!(free2 as isize + held + 16 >= free0 as isize, "free frames {free2}, {free0} before, heap holds {held}: frames lost");
+    assert!(
+        free2 as isize + held + 16 >= free0 as isize,
+        "free frames {free2}, {free0} before, heap holds {held}: frames lost"
+    );
     assert!(free2 + 1024 >= free0, "free frames {free2}, not back within 4 MiB of {free0}: frames not returned");
     assert!(tables >= tables0, "frames in use outside the heap's committed ones shrank ({tables0} -> {tables}): a frame was returned while still mapped");
 }
@@ -184,7 +190,12 @@ fn b_memory_limit_with_background_steps() {
     }
     let after = heap::committed_frames();
     serial_println!("  {steps} background steps: heap holds {after} frames ({} KiB)", after * 4);
-    assert!(after * FRAME <= limit + slack, "after {steps} background steps the heap holds {} KiB, limit {} KiB", after * 4, limit >> 10);
+    assert!(
+        after * FRAME <= limit + slack,
+        "after {steps} background steps the heap holds {} KiB, limit {} KiB",
+        after * 4,
+        limit >> 10
+    );
 
     // Allocating under the limit keeps the heap near it.
     let mut peak = after;
@@ -236,7 +247,12 @@ fn c_live_neighbours_survive_release_all() {
     let tables0 = table_frames();
     let released = HEAP.release_all();
     let m = HEAP.mem_stats();
-    serial_println!("  release_all with live neighbours gave back {} KiB; heap_idle {} KiB, released {} KiB", released >> 10, m.heap_idle >> 10, m.heap_released >> 10);
+    serial_println!(
+        "  release_all with live neighbours gave back {} KiB; heap_idle {} KiB, released {} KiB",
+        released >> 10,
+        m.heap_idle >> 10,
+        m.heap_released >> 10
+    );
     assert!(released >= 32 * layout.size(), "only {released} bytes released of 32 freed blocks");
     for (k, &b) in blocks.iter().enumerate().skip(1).step_by(2) {
         // SAFETY: a live 40 KiB block filled above.

@@ -111,7 +111,11 @@ fn run_on_aps(op: usize) {
     }
     let t0 = time::rdtsc();
     while DONE.load(Ordering::Acquire) < aps {
-        assert!(time::us_since(t0) < 10_000_000, "APs did not finish op {op}: {} of {aps}", DONE.load(Ordering::Acquire));
+        assert!(
+            time::us_since(t0) < 10_000_000,
+            "APs did not finish op {op}: {} of {aps}",
+            DONE.load(Ordering::Acquire)
+        );
         core::hint::spin_loop();
     }
 }
@@ -122,7 +126,13 @@ fn main(boot_info: &'static mut BootInfo) -> ! {
     let t0 = time::rdtsc();
     let madt = smp::init_bsp(boot_info).expect("smp::init_bsp");
     let ids: [u32; 8] = core::array::from_fn(|i| madt.cpus().get(i).map_or(u32::MAX, |c| c.apic_id));
-    serial_println!("MADT: {} CPUs, {} enabled, APIC IDs {:?}, LAPIC at {:#x}", madt.cpus().len(), madt.enabled_count(), &ids[..madt.cpus().len().min(8)], madt.lapic_phys);
+    serial_println!(
+        "MADT: {} CPUs, {} enabled, APIC IDs {:?}, LAPIC at {:#x}",
+        madt.cpus().len(),
+        madt.enabled_count(),
+        &ids[..madt.cpus().len().min(8)],
+        madt.lapic_phys
+    );
     let n = smp::start_aps(ap_main);
     START_MS.store(time::us_since(t0) / 1000, Ordering::Relaxed);
     serial_println!("{n} CPUs online after {} ms (init_bsp + start_aps)", START_MS.load(Ordering::Relaxed));
@@ -164,7 +174,11 @@ fn cpu_indices_are_distinct_and_dense() {
 fn percpu_data_through_gs() {
     for i in 0..smp::online() {
         assert_eq!(SEEN_GS_INDEX[i].load(Ordering::Relaxed), i as u64);
-        assert_eq!(SEEN_GS_APIC[i].load(Ordering::Relaxed), SEEN_APIC[i].load(Ordering::Relaxed), "CPU {i}: PerCpu::apic_id vs the APIC ID register");
+        assert_eq!(
+            SEEN_GS_APIC[i].load(Ordering::Relaxed),
+            SEEN_APIC[i].load(Ordering::Relaxed),
+            "CPU {i}: PerCpu::apic_id vs the APIC ID register"
+        );
         let cpu = percpu::get(i).unwrap();
         assert_eq!((cpu.index, u64::from(cpu.apic_id)), (i, SEEN_APIC[i].load(Ordering::Relaxed)));
     }
@@ -213,10 +227,15 @@ fn tlb_shootdown_is_acknowledged_and_drops_stale_entries() {
     assert_eq!(old, a);
     // SAFETY: as above, frame B is ours.
     unsafe { mapper.map_to(page, b, flags, &mut no_frames) }.unwrap().flush();
-    let before: [u64; N] = core::array::from_fn(|i| percpu::get(i).map_or(0, |c| c.shootdowns_done.load(Ordering::Relaxed)));
+    let before: [u64; N] =
+        core::array::from_fn(|i| percpu::get(i).map_or(0, |c| c.shootdowns_done.load(Ordering::Relaxed)));
     smp::tlb_shootdown(page.start_address().as_u64(), 4096);
     for i in 1..smp::online() {
-        assert_eq!(percpu::get(i).unwrap().shootdowns_done.load(Ordering::Relaxed), before[i] + 1, "CPU {i} did not ack");
+        assert_eq!(
+            percpu::get(i).unwrap().shootdowns_done.load(Ordering::Relaxed),
+            before[i] + 1,
+            "CPU {i} did not ack"
+        );
     }
     assert_eq!(percpu::this().shootdowns_done.load(Ordering::Relaxed), before[0], "the caller is not a target");
     run_on_aps(OP_READ_TEST_PAGE);

@@ -96,9 +96,7 @@ impl PallocSum {
     /// Packs the three fields.
     #[inline]
     pub const fn pack(start: usize, max: usize, end: usize) -> Self {
-        PallocSum(
-            (start as u64) | ((max as u64) << PACKED_FIELD_BITS) | ((end as u64) << (2 * PACKED_FIELD_BITS)),
-        )
+        PallocSum((start as u64) | ((max as u64) << PACKED_FIELD_BITS) | ((end as u64) << (2 * PACKED_FIELD_BITS)))
     }
     /// Free pages at the start.
     #[inline]

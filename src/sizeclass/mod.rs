@@ -79,12 +79,7 @@ pub static CLASSES: [SizeClass; NUM_SIZE_CLASSES] = CLASSES_CONST;
 
 /// [`CLASSES`] as a constant, for const evaluation (per-class tables built at compile time).
 pub const CLASSES_CONST: [SizeClass; NUM_SIZE_CLASSES] = {
-    let mut out = [SizeClass {
-        size: 0,
-        npages: 0,
-        nelems: 0,
-        divmagic: 0,
-    }; NUM_SIZE_CLASSES];
+    let mut out = [SizeClass { size: 0, npages: 0, nelems: 0, divmagic: 0 }; NUM_SIZE_CLASSES];
     let mut c = 0;
     while c < NUM_SIZE_CLASSES {
         out[c] = SizeClass {
@@ -134,10 +129,7 @@ pub fn class_for(size: usize, align: usize) -> Option<usize> {
 
 /// [`class_for`] for `align > MIN_ALIGN`.
 fn class_for_aligned(size: usize, align: usize) -> Option<usize> {
-    debug_assert!(
-        align.is_power_of_two(),
-        "alignment {align} is not a power of two"
-    );
+    debug_assert!(align.is_power_of_two(), "alignment {align} is not a power of two");
     if align > PAGE_SIZE {
         return None;
     }

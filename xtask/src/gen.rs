@@ -14,10 +14,6 @@ pub fn main(args: &[String]) -> ExitCode {
         eprintln!("writing {}: {e}", path.display());
         return ExitCode::FAILURE;
     }
-    crate::say!(
-        "{} {}",
-        if unchanged { "unchanged:" } else { "wrote" },
-        path.display()
-    );
+    crate::say!("{} {}", if unchanged { "unchanged:" } else { "wrote" }, path.display());
     ExitCode::SUCCESS
 }

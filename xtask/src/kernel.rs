@@ -13,11 +13,8 @@ use crate::setup::KernelToolchain;
 /// panic=abort, static PIE).
 pub const TARGET_SPEC: &str = "x86_64-target.json";
 /// `-Z` flags of every kernel build.
-const BUILD_STD: &[&str] = &[
-    "-Zbuild-std=core,alloc",
-    "-Zbuild-std-features=compiler-builtins-mem",
-    "-Zjson-target-spec",
-];
+const BUILD_STD: &[&str] =
+    &["-Zbuild-std=core,alloc", "-Zbuild-std-features=compiler-builtins-mem", "-Zjson-target-spec"];
 
 pub struct KernelBuilder<'a> {
     tc: &'a KernelToolchain,

@@ -141,10 +141,7 @@ fn find_qemu() -> Option<PathBuf> {
 /// Probes one candidate rustc: `Ok` if it qualifies as a kernel toolchain, else why not.
 fn probe(mut rustc_cmd: Command, origin: &str) -> Result<KernelToolchain, String> {
     let shown = proc::show(&rustc_cmd);
-    let out = rustc_cmd
-        .args(["--print", "sysroot"])
-        .output()
-        .map_err(|e| format!("{shown}: {e}"))?;
+    let out = rustc_cmd.args(["--print", "sysroot"]).output().map_err(|e| format!("{shown}: {e}"))?;
     if !out.status.success() {
         return Err(format!("{shown} --print sysroot failed"));
     }

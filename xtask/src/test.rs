@@ -114,11 +114,8 @@ pub fn main(args: &[String]) -> ExitCode {
         let verdict = if l.failed == 0 { "ok    " } else { "FAILED" };
         println!("{verdict} {}: {} passed, {} failed{}", l.what, l.passed, l.failed, note(&l.note));
     }
-    let host: (u64, u64) = sum
-        .lines
-        .iter()
-        .filter(|l| l.what.starts_with("host"))
-        .fold((0, 0), |(p, f), l| (p + l.passed, f + l.failed));
+    let host: (u64, u64) =
+        sum.lines.iter().filter(|l| l.what.starts_with("host")).fold((0, 0), |(p, f), l| (p + l.passed, f + l.failed));
     println!("host tests: {} passed, {} failed", host.0, host.1);
     println!(
         "QEMU test kernels: {} ran, {} passed, {} failed; {} test case(s) passed in them",
@@ -249,7 +246,8 @@ struct KernelSettings {
 }
 
 fn settings_of(src: &Path) -> Result<KernelSettings, String> {
-    let mut s = KernelSettings { qemu: QemuOptions::default(), firmwares: vec![Firmware::Uefi], kernel_args: Vec::new() };
+    let mut s =
+        KernelSettings { qemu: QemuOptions::default(), firmwares: vec![Firmware::Uefi], kernel_args: Vec::new() };
     let text = std::fs::read_to_string(src).map_err(|e| format!("reading {}: {e}", src.display()))?;
     for line in text.lines() {
         let line = line.trim_start();
@@ -306,11 +304,7 @@ fn qemu_kernels(tools: &Tools, sum: &mut Summary) {
         Ok(t) => t,
         Err(e) => return sum.add("QEMU test kernels (build)", 0, 1, e),
     };
-    say!(
-        "{} test kernel(s): {}",
-        tests.len(),
-        tests.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ")
-    );
+    say!("{} test kernel(s): {}", tests.len(), tests.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", "));
     for t in &tests {
         let settings = match settings_of(&t.src) {
             Ok(s) => s,
@@ -341,9 +335,8 @@ fn boot_one(
     say!("booting {what}");
     sum.qemu_ran += 1;
     let start = Instant::now();
-    let result = kb
-        .make_image(tool, elf, name, opts.firmware, kernel_args)
-        .and_then(|image| qemu::run(tools, &image, opts));
+    let result =
+        kb.make_image(tool, elf, name, opts.firmware, kernel_args).and_then(|image| qemu::run(tools, &image, opts));
     match result {
         Ok((Outcome::Success, out)) => {
             sum.qemu_passed += 1;
