@@ -12,8 +12,8 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use goheap::heap::Heap;
-use goheap::pagecache::PageCache;
+use goheap::page::heap::pagecache::PageCache;
+use goheap::page::heap::Heap;
 use goheap::source::mmap::MmapSource;
 
 const PAIRS: usize = 20_000;

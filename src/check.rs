@@ -93,9 +93,22 @@ pub fn report(b: &BadFree) -> ! {
     hook(b)
 }
 
+/// What went wrong with an object handed to `Central::flush` (the object level's batch free) (only possible for invalid frees).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlushError {
+    /// The address is in no live span of this heap.
+    NotInHeap(usize),
+    /// The span holds another class.
+    WrongClass { addr: usize, span_class: u8 },
+    /// The address is inside an object, not at its start.
+    Interior(usize),
+    /// The object was not allocated.
+    NotAllocated(usize),
+}
+
 /// A [`BadFree`] for `addr`, filled with what `heap` knows of it.
 pub(crate) fn describe<S: crate::source::PageSource>(
-    heap: &crate::heap::Heap<S>,
+    heap: &crate::page::heap::Heap<S>,
     addr: usize,
     reason: Reason,
 ) -> BadFree {
@@ -115,7 +128,7 @@ pub(crate) fn describe<S: crate::source::PageSource>(
 /// Reports `addr` through `hook`, or the process-wide hook when `None`.
 #[cold]
 pub(crate) fn report_with<S: crate::source::PageSource>(
-    heap: &crate::heap::Heap<S>,
+    heap: &crate::page::heap::Heap<S>,
     hook: Option<ReportHook>,
     addr: usize,
     reason: Reason,
@@ -130,11 +143,10 @@ pub(crate) fn report_with<S: crate::source::PageSource>(
 /// Reports an invalid object found while flushing a stock to its central list.
 #[cold]
 pub(crate) fn report_flush_error<S: crate::source::PageSource>(
-    heap: &crate::heap::Heap<S>,
+    heap: &crate::page::heap::Heap<S>,
     hook: Option<ReportHook>,
-    e: crate::central::FlushError,
+    e: FlushError,
 ) -> ! {
-    use crate::central::FlushError;
     let (addr, reason) = match e {
         FlushError::NotInHeap(a) => (a, Reason::NotInHeap),
         FlushError::WrongClass { addr, .. } => (addr, Reason::LayoutMismatch { size: 0, align: 0 }),

@@ -158,6 +158,7 @@ mod thread_slots {
     }
 
     /// Clears the thread's busy mark when the exclusive section ends (if it had a slot).
+    #[derive(Debug)]
     pub struct SlotGuard {
         slot: Option<usize>,
     }

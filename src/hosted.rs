@@ -22,6 +22,7 @@ use core::ops::Deref;
 use std::time::Duration;
 
 /// The hosted allocator: `Malloc<MmapSource, ThreadSlots>`, usable as `#[global_allocator]`.
+#[derive(Debug)]
 pub struct Hosted(Malloc<MmapSource, ThreadSlots>);
 
 /// A fixed buffer for formatting a report without allocating.

@@ -15,16 +15,32 @@
 //! | term | Go's name | module | what it is |
 //! |---|---|---|---|
 //! | page | page | this file | 8 KiB ([`PAGE_SIZE`]), the heap's unit of memory |
-//! | span | `mspan` | [`span`] | a run of pages holding objects of one size class, or one large object |
-//! | size class | size class | [`sizeclass`] | one of 67 object sizes from 8 B to 32 KiB, with its span length |
-//! | CPU cache | `mcache` | [`cpucache`] | per-CPU spans and stocks of freed objects; the lock-free fast path |
-//! | central list | `mcentral` | [`central`] | per-class spans no CPU caches, under a per-class lock |
-//! | page heap | `mheap` | [`heap`] | spans, the page-to-span map, large objects, growth |
-//! | page allocator | `pageAlloc` | [`pagealloc`] | radix tree of bitmaps and summaries over the heap's pages |
-//! | page cache | `pageCache` | [`pagecache`] | per-CPU 64-page block for small spans without the heap lock |
-//! | scavenger | `mgcscavenge` | [`scavenger`] | gives free pages back to the page source; the memory limit |
+//! | span | `mspan` | [`page::span`] | a run of pages holding objects of one size class, or one large object |
+//! | size class | size class | [`object::sizeclass`] | one of 67 object sizes from 8 B to 32 KiB, with its span length |
+//! | tiny class | `tinySpanClass` | [`object::class`] | the 16-byte blocks small requests are packed into, with their counts |
+//! | CPU cache | `mcache` | [`object::cpucache`] | per-CPU spans and stocks of freed objects; the lock-free fast path |
+//! | central list | `mcentral` | [`object::central`] | per-class spans no CPU caches, under a per-class lock |
+//! | page heap | `mheap` | [`page::heap`] | spans, the page-to-span map, large objects, growth |
+//! | page allocator | `pageAlloc` | [`page::pagealloc`] | radix tree of bitmaps and summaries over the heap's pages |
+//! | page cache | `pageCache` | [`page::heap::pagecache`] | per-CPU 64-page block for small spans without the heap lock |
+//! | scavenger | `mgcscavenge` | [`page::heap::scavenger`] | gives free pages back to the page source; the memory limit |
 //! | page source | `sys*` (`mem_*.go`) | [`source`] | reserve, commit and decommit memory |
 //! | CPU provider | the P | [`cpu`] | which CPU cache the caller may use, and the guard that makes it exclusive |
+//!
+//! ## Layout: one module per tier, dependencies pointing down
+//!
+//! | level | modules | main types |
+//! |---|---|---|
+//! | contracts | [`cpu`], [`source`] | [`CpuProvider`](cpu::CpuProvider), [`PageSource`](source::PageSource) |
+//! | page level | [`page`]: `span`, `fixalloc`, `pagealloc`, `heap` (with `pagecache`, `scavenger`) | `Span`, `PageAlloc`, `Heap` |
+//! | reports | [`check`] | `BadFree` |
+//! | object level | [`object`]: `sizeclass`, `class`, `central`, `cpucache` | `SizeClass`, `Central`, `CpuCache` |
+//! | statistics | [`stats`] | `MemStats` |
+//! | allocator | [`malloc`]: routing, `alloc`, `free`, `maintenance`, `profile`, `report`, `api` | [`Malloc`] |
+//! | adapters | `hosted` (feature `std`), `x86_64` (feature `x86_64`) | `Hosted`, `FrameSource`, `IrqCpus` |
+//!
+//! A module imports only from its own row or the rows before it in this table (so no lower tier knows a
+//! higher one, and no two modules import each other); `tests/layering.rs` checks it on every test run.
 //!
 //! ## The allocation path ([`Malloc::alloc`], Go's `mallocgc`)
 //!
@@ -93,6 +109,7 @@
 #![no_std]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
+#![warn(missing_debug_implementations)]
 
 #[cfg(any(feature = "std", test))]
 extern crate std;
@@ -104,25 +121,28 @@ pub const PAGE_SIZE: usize = 1 << PAGE_SHIFT;
 /// Largest size served by the size classes (Go's `maxSmallSize`); larger objects take the large path.
 pub const MAX_SMALL_SIZE: usize = 32 << 10;
 
-pub mod central;
-pub mod check;
+// The contracts beside the tiers: what goheap asks of the platform.
 pub mod cpu;
-pub mod cpucache;
-pub mod fixalloc;
-pub mod heap;
+pub mod source;
+
+// The tiers, bottom up (each imports only from the ones above it in this list; see "Layout" above).
+// Page level: pages, spans, the page heap.
+pub mod page;
+// Bad-free reports: used by the object level, built on the page level.
+pub mod check;
+// Object level: size classes, central lists, CPU caches.
+pub mod object;
+// Go's MemStats and metrics, read off both levels.
+pub mod stats;
+// The allocator: routing between the tiers, maintenance and reports.
+pub mod malloc;
+
+// Adapters to platforms.
 #[cfg(feature = "std")]
 pub mod hosted;
-pub mod malloc;
-pub mod pagealloc;
-pub mod pagecache;
-pub mod scavenger;
-pub mod sizeclass;
-pub mod source;
-pub mod span;
-pub mod stats;
 #[cfg(all(feature = "x86_64", target_arch = "x86_64"))]
 pub mod x86_64;
 
 #[cfg(feature = "std")]
 pub use hosted::Hosted;
-pub use malloc::Malloc;
+pub use malloc::{DebugFlags, Malloc};

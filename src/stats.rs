@@ -16,38 +16,7 @@
 //! freed); objects waiting in a CPU's stock of freed objects are free (they count in `frees`), though their
 //! span still holds them. The memory limit takes `NextGC`'s place (goheap has no GC goal).
 
-use core::sync::atomic::{AtomicU64, Ordering};
-
-/// A counter written by one owner at a time with plain stores and read by anyone.
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    /// A zero counter.
-    pub const fn new() -> Self {
-        Counter(AtomicU64::new(0))
-    }
-    /// Adds one (owner only: a load and a store, not an atomic read-modify-write).
-    #[inline(always)]
-    pub fn bump(&self) {
-        self.add(1)
-    }
-    /// Adds `n` (owner only).
-    #[inline(always)]
-    pub fn add(&self, n: u64) {
-        self.0.store(self.0.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed)
-    }
-    /// Sets the value (owner only).
-    #[inline]
-    pub fn set(&self, n: u64) {
-        self.0.store(n, Ordering::Relaxed)
-    }
-    /// Reads the value (anyone).
-    #[inline]
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
+pub use crate::object::cpucache::Counter;
 
 /// Per-size-class counts (Go's `MemStats.BySize`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -103,7 +72,7 @@ pub struct MemStats {
     /// Objects freed into spans cached by another CPU than the freeing one.
     pub remote_frees: u64,
     /// Per size class counts; index = class (0 unused).
-    pub by_size: [BySize; crate::sizeclass::NUM_SIZE_CLASSES],
+    pub by_size: [BySize; crate::object::sizeclass::NUM_SIZE_CLASSES],
 }
 
 impl Default for MemStats {
@@ -130,7 +99,7 @@ impl Default for MemStats {
             large_allocs: 0,
             large_frees: 0,
             remote_frees: 0,
-            by_size: [BySize { size: 0, mallocs: 0, frees: 0 }; crate::sizeclass::NUM_SIZE_CLASSES],
+            by_size: [BySize { size: 0, mallocs: 0, frees: 0 }; crate::object::sizeclass::NUM_SIZE_CLASSES],
         }
     }
 }

@@ -31,6 +31,7 @@ const NO_INDEX: u16 = u16::MAX;
 /// APIC ID → dense cache index (`0..MAX_CPUS`), assigned in the order CPUs register.
 ///
 /// Invariant: indices handed out are `0..count`, each to exactly one APIC ID, never reassigned.
+#[derive(Debug)]
 pub struct CpuIndexMap {
     index_of: [AtomicU16; MAX_APIC_ID],
     count: AtomicUsize,
@@ -92,6 +93,7 @@ impl CpuIndexMap {
 /// `current_index` returns the running CPU's dense cache index, or `None` before the CPU has one (early
 /// boot); it runs with interrupts off and must not allocate. A per-CPU busy flag turns a re-entrant call
 /// (an exception handler that allocates while the allocator runs) into `None`, the shared-cache path.
+#[derive(Debug)]
 pub struct IrqCpus {
     current_index: fn() -> Option<usize>,
     busy: [AtomicBool; MAX_CPUS],
@@ -105,6 +107,7 @@ impl IrqCpus {
 }
 
 /// Keeps interrupts off while alive; restores them (if they were on) and clears the busy flag on drop.
+#[derive(Debug)]
 pub struct IrqGuard<'a> {
     busy: Option<&'a AtomicBool>,
     were_enabled: bool,
@@ -169,6 +172,7 @@ unsafe impl<'a> CpuProvider for &'a IrqCpus {
 /// were unmapped and before their frames are reused.
 pub type ShootdownHook = fn(start: u64, nbytes: usize);
 
+#[derive(Debug)]
 struct FrameInner<M, F> {
     mapper: M,
     frames: F,
@@ -179,6 +183,7 @@ struct FrameInner<M, F> {
 /// A page source over a kernel's frame allocator and page tables (see the module docs).
 ///
 /// Committed memory is zeroed through `zero` (the frames as mapped) so `commit_zeroes()` is true.
+#[derive(Debug)]
 pub struct FrameSource<M, F> {
     inner: spin::Mutex<Option<FrameInner<M, F>>>,
     window_start: u64,

@@ -2,7 +2,7 @@
 //! window with it): fill a small heap with one-page spans (the most descriptors) and compare.
 #![cfg(feature = "std")]
 
-use goheap::heap::{reservation_bytes, Heap};
+use goheap::page::heap::{reservation_bytes, Heap};
 use goheap::source::mmap::MmapSource;
 
 #[test]

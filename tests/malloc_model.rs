@@ -138,8 +138,8 @@ fn every_class_reuses_memory() {
     let mut sys_after_first = 0;
     for round in 0..3 {
         let mut blocks = Vec::new();
-        for c in 1..goheap::sizeclass::NUM_SIZE_CLASSES {
-            let size = goheap::sizeclass::CLASSES[c].size as usize;
+        for c in 1..goheap::object::sizeclass::NUM_SIZE_CLASSES {
+            let size = goheap::object::sizeclass::CLASSES[c].size as usize;
             for k in 0..(64 * 1024 / size).max(2) {
                 let l = layout(size, 8);
                 let p = m.alloc(l);

@@ -125,9 +125,9 @@ fn heap_profile_samples_at_the_rate() {
         keep.push(m.alloc(layout(128 << 10, 8))); // 1 MiB of large objects
     }
     let prof = m.profile();
-    let class64 = goheap::sizeclass::class_of(64);
+    let class64 = goheap::object::sizeclass::class_of(64);
     let small = prof[class64].samples;
-    let large = prof[goheap::sizeclass::NUM_SIZE_CLASSES + 1].samples;
+    let large = prof[goheap::object::sizeclass::NUM_SIZE_CLASSES + 1].samples;
     // 1 MiB / 4 KiB = 256 expected small samples; a large object (128 KiB) is always sampled.
     assert!((128..=512).contains(&small), "{small} samples of 64 B objects, expected about 256");
     assert_eq!(large, 8);
@@ -177,7 +177,7 @@ fn sweep_returns_empty_spans() {
     m.flush_cpu_cache();
     assert_eq!(m.mem_stats().heap_inuse, inuse_full, "spans go back only when swept");
     let rep = m.background(usize::MAX, 0);
-    let span_bytes = goheap::sizeclass::CLASSES[goheap::sizeclass::class_of(64)].span_bytes() as u64;
+    let span_bytes = goheap::object::sizeclass::CLASSES[goheap::object::sizeclass::class_of(64)].span_bytes() as u64;
     assert_eq!(m.mem_stats().heap_inuse, span_bytes, "the background sweep keeps exactly one empty span");
     assert_eq!(rep.npages_swept as u64 * goheap::PAGE_SIZE as u64, inuse_full - span_bytes);
     m.release_all();

@@ -5,10 +5,10 @@
 
 use std::ptr::NonNull;
 
-use goheap::heap::{span_info, Heap};
-use goheap::pagecache::PageCache;
+use goheap::page::heap::pagecache::PageCache;
+use goheap::page::heap::{span_info, Heap};
+use goheap::page::span::Span;
 use goheap::source::bounded::BoundedSource;
-use goheap::span::Span;
 use goheap::PAGE_SIZE;
 use proptest::prelude::*;
 

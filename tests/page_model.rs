@@ -4,10 +4,10 @@
 
 use std::ptr::NonNull;
 
-use goheap::heap::{span_info, Heap};
-use goheap::pagealloc::PALLOC_CHUNK_PAGES;
+use goheap::page::heap::{span_info, Heap};
+use goheap::page::pagealloc::PALLOC_CHUNK_PAGES;
+use goheap::page::span::Span;
 use goheap::source::bounded::BoundedSource;
-use goheap::span::Span;
 use goheap::PAGE_SIZE;
 use proptest::prelude::*;
 

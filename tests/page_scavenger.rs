@@ -3,13 +3,13 @@
 
 use std::ptr::NonNull;
 
-use goheap::fixalloc::FIXALLOC_BLOCK_BYTES;
-use goheap::heap::{span_info, Heap};
-use goheap::pagealloc::{level_len, PALLOC_CHUNK_BYTES, PALLOC_CHUNK_PAGES, SUMMARY_LEVELS};
-use goheap::pagecache::PageCache;
-use goheap::scavenger::{CALLS_PER_EPOCH, PEAK_WINDOW_EPOCHS, SCAV_CHUNK_HI_OCC_PAGES};
+use goheap::page::fixalloc::FIXALLOC_BLOCK_BYTES;
+use goheap::page::heap::pagecache::PageCache;
+use goheap::page::heap::scavenger::{CALLS_PER_EPOCH, PEAK_WINDOW_EPOCHS, SCAV_CHUNK_HI_OCC_PAGES};
+use goheap::page::heap::{span_info, Heap};
+use goheap::page::pagealloc::{level_len, PALLOC_CHUNK_BYTES, PALLOC_CHUNK_PAGES, SUMMARY_LEVELS};
+use goheap::page::span::Span;
 use goheap::source::bounded::BoundedSource;
-use goheap::span::Span;
 use goheap::PAGE_SIZE;
 
 const MIB: usize = 1 << 20;

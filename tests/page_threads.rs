@@ -7,10 +7,10 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use goheap::heap::{span_info, Heap};
-use goheap::pagecache::PageCache;
+use goheap::page::heap::pagecache::PageCache;
+use goheap::page::heap::{span_info, Heap};
+use goheap::page::span::Span;
 use goheap::source::bounded::BoundedSource;
-use goheap::span::Span;
 use goheap::PAGE_SIZE;
 
 const MIB: usize = 1 << 20;
@@ -88,7 +88,8 @@ fn page_threads_no_page_handed_out_twice() {
     let stop: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
     let cross_frees: &'static AtomicUsize = Box::leak(Box::new(AtomicUsize::new(0)));
     heap.set_memory_limit(48 * MIB); // aggressive scavenging meanwhile (the workload stays near it)
-    let scav = goheap::scavenger::spawn_scavenger(heap, std::time::Duration::from_micros(200), 256 << 10, stop);
+    let scav =
+        goheap::page::heap::scavenger::spawn_scavenger(heap, std::time::Duration::from_micros(200), 256 << 10, stop);
 
     let workers: Vec<_> = (0..THREADS)
         .map(|t| {

@@ -5,8 +5,8 @@
 #![cfg(feature = "std")]
 
 use goheap::cpu::ThreadSlots;
-use goheap::cpucache::{stock_cap, stock_max, STOCK_GROW_BYTES};
-use goheap::sizeclass::{class_of, CLASSES};
+use goheap::object::cpucache::{stock_cap, stock_max, STOCK_GROW_BYTES};
+use goheap::object::sizeclass::{class_of, CLASSES};
 use goheap::source::mmap::MmapSource;
 use goheap::Malloc;
 use std::alloc::Layout;

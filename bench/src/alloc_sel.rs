@@ -60,7 +60,7 @@ mod sel {
     /// Steps of [`background`] after which the scavenger's retained goal no longer remembers the peak
     /// before the free (its window of recent in-use peaks has moved on), plus one epoch.
     pub fn scavenger_steps() -> usize {
-        (goheap::scavenger::PEAK_WINDOW_EPOCHS + 1) * goheap::scavenger::CALLS_PER_EPOCH
+        (goheap::page::heap::scavenger::PEAK_WINDOW_EPOCHS + 1) * goheap::page::heap::scavenger::CALLS_PER_EPOCH
     }
 
     pub fn stats() -> Vec<(&'static str, u64)> {

@@ -564,7 +564,7 @@ pub fn run_bsp(ncpus: usize) -> bool {
         "after release_all: {} spans ({} KiB) still in use with no live object: the central lists keep {} empty span per class even through release_all",
         hs.spans_inuse,
         hs.inuse_bytes >> 10,
-        goheap::central::KEEP_EMPTY_SPANS
+        goheap::object::central::KEEP_EMPTY_SPANS
     );
 
     let mut ok = true;

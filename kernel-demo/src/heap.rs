@@ -31,7 +31,7 @@ use bootloader_api::BootInfo;
 use core::alloc::{GlobalAlloc, Layout};
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
-use goheap::pagealloc::PALLOC_CHUNK_BYTES;
+use goheap::page::pagealloc::PALLOC_CHUNK_BYTES;
 use goheap::x86_64::{FrameSource, IrqCpus, ShootdownHook};
 use goheap::Malloc;
 use linked_list_allocator::LockedHeap;
@@ -49,8 +49,8 @@ pub const HEAP_WINDOW_START: u64 = 0x4444_0000_0000;
 /// memory QEMU is given here, so the frames run out before the arena does.
 pub const HEAP_MAX_BYTES: usize = 4 << 30;
 /// The window: everything goheap may reserve for that arena over its life (arena, metadata, span
-/// descriptors), as `goheap::heap::reservation_bytes` computes it.
-pub const HEAP_WINDOW_BYTES: u64 = goheap::heap::reservation_bytes(HEAP_MAX_BYTES) as u64;
+/// descriptors), as `goheap::page::heap::reservation_bytes` computes it.
+pub const HEAP_WINDOW_BYTES: u64 = goheap::page::heap::reservation_bytes(HEAP_MAX_BYTES) as u64;
 
 // The window must stay inside its L4 entry (512 GiB each), which nothing else maps.
 const _: () = assert!(HEAP_WINDOW_START >> 39 == (HEAP_WINDOW_START + HEAP_WINDOW_BYTES - 1) >> 39);

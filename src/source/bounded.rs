@@ -37,6 +37,7 @@ pub const TRACKED_PAGES: usize = 1 << LOG_TRACKED_PAGES;
 const TRACK_WORDS: usize = TRACKED_PAGES / 64; // 4096 words = 32 KiB
 
 /// A bounded, failure-injecting page source (see the module docs). Usable in a `static` (region mode).
+#[derive(Debug)]
 pub struct BoundedSource {
     /// Start of the region (a pointer, so `over_region` can be `const`).
     region_ptr: *mut u8,

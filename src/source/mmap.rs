@@ -63,6 +63,7 @@ fn reserve_rw() -> bool {
 }
 
 /// Anonymous-mmap page source. Usable in a `static`.
+#[derive(Debug)]
 pub struct MmapSource {
     /// Reservations are `PROT_NONE`, and decommit also `mprotect(PROT_NONE)`s (see the module docs).
     strict: bool,

@@ -56,6 +56,7 @@ pub const SOURCE_GRANULE: usize = crate::PAGE_SIZE;
 pub unsafe trait PageSource: Sync {
     /// Reserves `nbytes` of address space aligned to `align` (a power of two, at least [`SOURCE_GRANULE`]).
     /// The memory is not yet usable. `None` when the address space is exhausted.
+    #[must_use]
     fn reserve(&self, nbytes: usize, align: usize) -> Option<NonNull<u8>>;
 
     /// Makes `[addr, addr + nbytes)` usable. Returns `false` (and leaves the range as it was) when the source
@@ -63,6 +64,7 @@ pub unsafe trait PageSource: Sync {
     ///
     /// # Safety
     /// The range lies within a range returned by `reserve` and is not currently committed.
+    #[must_use]
     unsafe fn commit(&self, addr: NonNull<u8>, nbytes: usize) -> bool;
 
     /// Gives the physical memory behind `[addr, addr + nbytes)` back; the range stays reserved and must be

@@ -4,7 +4,7 @@
 //!   QEMU (serial on stdout). See `run::USAGE`.
 //! - `cargo xtask test`: every test: host tests, the no_std build, clippy, and the QEMU test kernels.
 //! - `cargo xtask setup`: only install/check what the kernel side needs.
-//! - `cargo xtask gen-size-classes`: regenerate `src/sizeclass/table.rs`.
+//! - `cargo xtask gen-size-classes`: regenerate `src/object/sizeclass/table.rs`.
 //!
 //! Each subcommand lives in its own module; add new ones beside them and a line in `main`.
 
@@ -32,7 +32,7 @@ commands:
                       build and boot the demo kernel in QEMU (see `cargo xtask run --help`)
   test                run every test: host tests, no_std build, clippy, QEMU test kernels
   setup               install/check QEMU, OVMF and the kernel toolchain only
-  gen-size-classes    regenerate src/sizeclass/table.rs from goheap's generator
+  gen-size-classes    regenerate src/object/sizeclass/table.rs from goheap's generator
   bench [--quick] [--reps N] [--only GROUP,...] [--alloc NAME,...]
                       goheap against peer allocators; regenerates BENCHMARKS.md (see `cargo xtask bench --help`)
   bench --kernel [--cpus N,...] [--reps N] [--quick]

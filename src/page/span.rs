@@ -41,6 +41,7 @@ pub enum SpanState {
 /// write, start on a line of their own. So a CPU allocating from its cached span and another CPU freeing
 /// into it (a producer and its consumer) do not pull each other's lines away on every object.
 #[repr(C, align(64))]
+#[derive(Debug)]
 pub struct Span {
     // ---- Page level: owned by the heap (see the module docs) -------------------------------------------
     /// Address of the first byte. Page aligned.
@@ -338,13 +339,20 @@ impl Span {
         // SAFETY: page-level and shape fields are immutable while the span is in use.
         unsafe {
             let off = addr - (*s).base;
-            let idx = crate::sizeclass::obj_index((*s).divmagic, off);
+            let idx = obj_index((*s).divmagic, off);
             (idx, idx * (*s).elemsize as usize == off)
         }
     }
 }
 
 /// Words of an object bitmap in use for `nelems` objects: `ceil(nelems / 64)`.
+/// Index of the object that contains byte `offset` of its span (`offset` from the span base, at most the
+/// span size), given the class's `divmagic` (Go's `mspan.divideByElemSize`): `offset / size` without a division.
+#[inline]
+pub fn obj_index(divmagic: u32, offset: usize) -> usize {
+    ((offset as u64 * divmagic as u64) >> 32) as usize
+}
+
 #[inline]
 pub(crate) const fn words_for(nelems: usize) -> usize {
     nelems.div_ceil(64)

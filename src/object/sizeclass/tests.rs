@@ -2,6 +2,7 @@
 //! classes, the lookups against linear scans, the division magic against real division, the waste bound.
 
 use super::*;
+use crate::page::span::obj_index;
 
 /// Go's published size classes (runtime/sizeclasses.go), class 0 first: the spec's "68 classes".
 const GO_CLASS_SIZES: [u32; 68] = [
@@ -27,7 +28,7 @@ fn table_is_current() {
     if committed != generated {
         let line = committed.lines().zip(generated.lines()).position(|(a, b)| a != b);
         panic!(
-            "src/sizeclass/table.rs is stale (first difference at line {}): run `cargo xtask gen-size-classes`",
+            "src/object/sizeclass/table.rs is stale (first difference at line {}): run `cargo xtask gen-size-classes`",
             line.unwrap_or_else(|| committed.lines().count().min(generated.lines().count())) + 1
         );
     }

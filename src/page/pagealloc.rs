@@ -132,7 +132,7 @@ pub fn merge_summaries(sums: &[PallocSum], log_pages: usize) -> PallocSum {
 
 /// One chunk's bitmaps (Go's `pallocData`). Bit `i % 64` of word `i / 64` is page `i` of the chunk.
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 pub struct PallocChunk {
     /// 1 = allocated (in a span, in a page cache, or taken by the scavenger).
     pub alloc: [u64; PALLOC_CHUNK_WORDS],
@@ -341,6 +341,7 @@ impl PageAllocLayout {
 }
 
 /// The page allocator (Go's `pageAlloc`). See the module docs. All fields guarded by the heap lock.
+#[derive(Debug)]
 pub struct PageAlloc {
     layout: PageAllocLayout,
     /// Base of the metadata reservation (`layout.total_bytes`); null before `init`.

@@ -28,9 +28,9 @@
 use core::ptr::NonNull;
 use core::sync::atomic::Ordering;
 
-use crate::heap::Heap;
+use crate::page::heap::Heap;
+use crate::page::span::Span;
 use crate::source::PageSource;
-use crate::span::Span;
 
 /// log2 of the pages of a cache block.
 pub const LOG_PAGE_CACHE_PAGES: usize = 6;
@@ -45,6 +45,7 @@ pub const SPAN_STASH: usize = 16;
 pub const SPAN_STASH_BATCH: usize = SPAN_STASH / 2;
 
 /// A per-CPU page cache (see the module docs).
+#[derive(Debug)]
 pub struct PageCache {
     /// First page index (from the arena base) of the held block; meaningful when `held`.
     pub(crate) base: usize,
@@ -140,6 +141,7 @@ impl PageCache {
         NonNull::new(self.spans[self.nspans])
     }
 
+    #[must_use]
     pub(crate) fn push_span(&mut self, s: NonNull<Span>) -> bool {
         if self.nspans == SPAN_STASH {
             return false;

@@ -29,6 +29,7 @@ struct FreeObj {
 }
 
 /// A fixed-size object allocator over a page source (see the module docs).
+#[derive(Debug)]
 pub struct FixAlloc {
     /// Object size: a multiple of `align`, at least a pointer.
     size: usize,

@@ -50,28 +50,14 @@
 //! - `span` is null or a span of `class` with `cached_by == index`; its object fields are the owner's;
 //! - `tiny != 0` ⇒ `tiny` is a block of a tiny span, `tiny_offset <= 16`, `tiny_nobjs >= 1`.
 
-use crate::central::{Central, ClassShape, Flushed};
-use crate::heap::Heap;
-use crate::pagecache::PageCache;
-use crate::sizeclass::{self, NUM_SIZE_CLASSES};
+use super::central::{Central, Flushed};
+use super::class::{class_shape, tiny_count, NUM_ALLOC_CLASSES, TINY_CLASS, TINY_SIZE};
+use crate::page::heap::pagecache::PageCache;
+use crate::page::heap::Heap;
+use crate::page::span::Span;
 use crate::source::PageSource;
-use crate::span::Span;
-use crate::stats::Counter;
-use crate::PAGE_SIZE;
 use core::ptr::{self, NonNull};
-use core::sync::atomic::{AtomicI8, Ordering};
-
-/// Requests smaller than this (and aligned to at most 8) take the tiny path: Go's `maxTinySize`.
-pub const TINY_SIZE: usize = 16;
-/// Allocation class of tiny blocks: one past the size classes.
-pub const TINY_CLASS: usize = NUM_SIZE_CLASSES;
-/// Allocation classes: the size classes (class 0 unused) plus the tiny class.
-pub const NUM_ALLOC_CLASSES: usize = NUM_SIZE_CLASSES + 1;
-/// Tiny blocks per span: a one-page span holds `n` 16-byte blocks and their `n` one-byte counts,
-/// `n = PAGE_SIZE / (TINY_SIZE + 1)` = 481.
-pub const TINY_BLOCKS_PER_SPAN: usize = PAGE_SIZE / (TINY_SIZE + 1);
-/// Offset of the count array in a tiny span: `TINY_BLOCKS_PER_SPAN * TINY_SIZE`.
-const TINY_COUNTS_OFFSET: usize = TINY_BLOCKS_PER_SPAN * TINY_SIZE;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 /// Bytes a class's stock may hold before half of it is flushed (with a floor and a cap in objects).
 const STOCK_BYTES: usize = 32 << 10;
@@ -82,21 +68,6 @@ const STOCK_CAP_BYTES: usize = 1 << 20;
 const STOCK_CAP_OBJS: usize = 4096;
 /// Bytes by which one cache's stocks may grow beyond their base bounds, all classes together.
 pub const STOCK_GROW_BYTES: usize = 2 << 20;
-
-/// The shape of allocation class `c` (a size class, or the tiny class).
-pub const fn class_shape(c: usize) -> ClassShape {
-    if c == TINY_CLASS {
-        ClassShape {
-            elemsize: TINY_SIZE as u32,
-            npages: 1,
-            nelems: TINY_BLOCKS_PER_SPAN as u16,
-            divmagic: (u32::MAX / TINY_SIZE as u32).wrapping_add(1),
-        }
-    } else {
-        let sc = sizeclass::CLASSES_CONST[c];
-        ClassShape { elemsize: sc.size, npages: sc.npages, nelems: sc.nelems, divmagic: sc.divmagic }
-    }
-}
 
 /// Stock bound of class `c`: `clamp(STOCK_BYTES / size, STOCK_MIN_OBJS, STOCK_MAX_OBJS)`.
 pub const fn stock_max(c: usize) -> u32 {
@@ -135,31 +106,6 @@ const STOCK_MAX: [u32; NUM_ALLOC_CLASSES] = {
     t
 };
 
-/// Zeroes the block counts of a fresh tiny span.
-///
-/// # Safety
-/// `s` is a fresh span of the tiny class that nobody else uses yet.
-pub(crate) unsafe fn init_tiny_counts(s: *mut Span) {
-    // SAFETY: the span's page is committed and ours; the counts lie inside it.
-    unsafe {
-        if (*s).needzero {
-            ptr::write_bytes(((*s).base + TINY_COUNTS_OFFSET) as *mut u8, 0, TINY_BLOCKS_PER_SPAN);
-        }
-    }
-}
-
-/// The count of the tiny block holding `addr`.
-///
-/// # Safety
-/// `addr` lies in a block of a live tiny span (tiny spans are one page, so the page is the span).
-#[inline]
-unsafe fn tiny_count(addr: usize) -> &'static AtomicI8 {
-    let page = addr & !(PAGE_SIZE - 1);
-    let block = (addr - page) / TINY_SIZE;
-    // SAFETY: the count byte lies in the same live span, and is only accessed atomically.
-    unsafe { &*((page + TINY_COUNTS_OFFSET + block) as *const AtomicI8) }
-}
-
 /// One class's part of a CPU cache.
 struct ClassCache {
     /// The span allocated from, or null. Owner only.
@@ -185,7 +131,39 @@ const fn class_caches() -> [ClassCache; NUM_ALLOC_CLASSES] {
     arr
 }
 
+/// A counter written by one owner at a time with plain stores and read by anyone.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// A zero counter.
+    pub const fn new() -> Self {
+        Counter(AtomicU64::new(0))
+    }
+    /// Adds one (owner only: a load and a store, not an atomic read-modify-write).
+    #[inline(always)]
+    pub fn bump(&self) {
+        self.add(1)
+    }
+    /// Adds `n` (owner only).
+    #[inline(always)]
+    pub fn add(&self, n: u64) {
+        self.0.store(self.0.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed)
+    }
+    /// Sets the value (owner only).
+    #[inline]
+    pub fn set(&self, n: u64) {
+        self.0.store(n, Ordering::Relaxed)
+    }
+    /// Reads the value (anyone).
+    #[inline]
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// Per-CPU counters, written by the owner with plain (non-RMW) relaxed stores and merged by readers.
+#[derive(Debug)]
 pub struct CpuStats {
     /// Objects handed out, per allocation class (tiny class: blocks).
     pub nmalloc: [Counter; NUM_ALLOC_CLASSES],
@@ -260,6 +238,7 @@ pub struct CpuCache {
 
 /// The part of a CPU's cache slot that other CPUs may read: its counters and its index. Kept outside the
 /// `CpuCache` (which its owner holds by `&mut`) so readers never alias the owner's exclusive borrow.
+#[derive(Debug)]
 pub struct CpuShared {
     /// Counters: written by the owner only (plain relaxed stores), read by anyone.
     pub stats: CpuStats,
@@ -284,6 +263,17 @@ pub(crate) struct Tiers<S: PageSource> {
     pub centrals: [Central; NUM_ALLOC_CLASSES],
     /// Where bad frees are reported (`None`: the process-wide hook).
     pub report_hook: Option<crate::check::ReportHook>,
+}
+
+/// Prints the cache's scalar state (its stocks and spans belong to whoever holds its guard).
+impl core::fmt::Debug for CpuCache {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("CpuCache")
+            .field("grown_bytes", &self.grown_bytes)
+            .field("tiny", &format_args!("{:#x}", self.tiny))
+            .field("next_sample", &self.next_sample)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for CpuCache {

@@ -32,28 +32,17 @@
 //! Lock order: a Central lock may be held while taking the heap lock (to return empty spans), never the
 //! other way round; no two Central locks are held at once.
 
-use crate::heap::Heap;
-use crate::pagecache::PageCache;
+use super::class::{init_tiny_counts, ClassShape, TINY_CLASS};
+use crate::check::FlushError;
+use crate::page::heap::pagecache::PageCache;
+use crate::page::heap::Heap;
+use crate::page::span::{Span, SpanList, NOT_CACHED};
 use crate::source::PageSource;
-use crate::span::{Span, SpanList, NOT_CACHED};
 use core::ptr::{self, NonNull};
 use spin::Mutex;
 
 /// Empty spans a class keeps when the background sweep returns the rest to the page heap.
 pub const KEEP_EMPTY_SPANS: usize = 1;
-
-/// The shape of the spans of one class.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ClassShape {
-    /// Object size in bytes.
-    pub elemsize: u32,
-    /// Span length in pages.
-    pub npages: u8,
-    /// Objects per span.
-    pub nelems: u16,
-    /// Division magic (see [`crate::sizeclass::obj_index`]).
-    pub divmagic: u32,
-}
 
 /// A doubly linked list of spans through `Span::next`/`prev`.
 struct SpanQueue {
@@ -166,19 +155,6 @@ pub struct Central {
     lock: Mutex<Lists>,
 }
 
-/// What went wrong with an object handed to [`Central::flush`] (only possible for invalid frees).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FlushError {
-    /// The address is in no live span of this heap.
-    NotInHeap(usize),
-    /// The span holds another class.
-    WrongClass { addr: usize, span_class: u8 },
-    /// The address is inside an object, not at its start.
-    Interior(usize),
-    /// The object was not allocated.
-    NotAllocated(usize),
-}
-
 /// Outcome of a flush.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flushed {
@@ -186,6 +162,13 @@ pub struct Flushed {
     pub ndeferred: usize,
     /// Of those, objects in spans cached by a CPU other than the flusher's.
     pub nremote: usize,
+}
+
+/// Prints the class and its span shape; takes no lock (the lists are the lock holder's).
+impl core::fmt::Debug for Central {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Central").field("class", &self.class).field("shape", &self.shape).finish_non_exhaustive()
+    }
 }
 
 impl Central {
@@ -237,8 +220,8 @@ impl Central {
         // SAFETY: `s` is fresh from the heap: page-level fields set, nobody else holds it.
         unsafe {
             Span::init_objects(s.as_ptr(), self.shape.elemsize, self.shape.nelems, self.shape.divmagic);
-            if self.class as usize == crate::cpucache::TINY_CLASS {
-                crate::cpucache::init_tiny_counts(s.as_ptr());
+            if self.class as usize == TINY_CLASS {
+                init_tiny_counts(s.as_ptr());
             }
         }
         Some(s)
@@ -471,7 +454,7 @@ impl Central {
                     assert_eq!((*s).list, want as u8, "span {:p} filed as {} but on {:?}", s, (*s).list, want);
                     assert_eq!((*s).cached_by, NOT_CACHED, "span {:p} on a list while cached", s);
                     assert_eq!((*s).freeindex, 0, "span {:p} on a list not materialised", s);
-                    let words = crate::span::words_for((*s).nelems as usize);
+                    let words = crate::page::span::words_for((*s).nelems as usize);
                     let used: u32 = (&(*s).alloc_bits)[..words].iter().map(|w| w.count_ones()).sum();
                     let tail = (words * 64 - (*s).nelems as usize) as u32;
                     assert_eq!(used - tail, (*s).nalloc as u32, "span {:p}: nalloc disagrees with bitmap", s);

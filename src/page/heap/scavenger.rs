@@ -48,8 +48,8 @@ use core::fmt;
 use core::ptr::NonNull;
 use core::sync::atomic::Ordering;
 
-use crate::heap::{Heap, HeapInner};
-use crate::pagealloc::{PALLOC_CHUNK_PAGES, PALLOC_CHUNK_WORDS};
+use crate::page::heap::{Heap, HeapInner};
+use crate::page::pagealloc::{PALLOC_CHUNK_PAGES, PALLOC_CHUNK_WORDS};
 use crate::source::PageSource;
 use crate::PAGE_SIZE;
 
@@ -90,6 +90,7 @@ impl ScavMode {
 }
 
 /// Scavenger bookkeeping (guarded by the heap lock).
+#[derive(Debug)]
 pub struct ScavState {
     /// Calls in the current epoch.
     calls: usize,
@@ -143,6 +144,7 @@ pub fn retained_goal(
 }
 
 /// Byte counts printed as `512 B`, `12.0 KiB`, `1.2 MiB`, `3.0 GiB`, `none` for `usize::MAX`.
+#[derive(Debug)]
 pub struct Bytes(pub usize);
 
 impl fmt::Display for Bytes {
@@ -169,7 +171,7 @@ impl<S: PageSource> Heap<S> {
     /// Logs one line when a cycle ends.
     pub fn scavenge(&self, budget_bytes: usize) -> usize {
         let mut g = self.inner.lock();
-        if g.state != crate::heap::InitState::Ready {
+        if g.state != crate::page::heap::InitState::Ready {
             return 0;
         }
         let inner = &mut *g;
@@ -322,7 +324,7 @@ impl<S: PageSource> Heap<S> {
         loop {
             let mut g = self.inner.lock();
             let inner = &mut *g;
-            if inner.state != crate::heap::InitState::Ready {
+            if inner.state != crate::page::heap::InitState::Ready {
                 return 0;
             }
             if let Some((idx, n)) = pending.take() {

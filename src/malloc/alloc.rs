@@ -1,0 +1,154 @@
+//! The allocation paths: the inlined fast path (this CPU's stock or cached span, a leaf section), the
+//! general path (tiny, small refills, sampling) and the large path.
+//!
+//! See `lib.rs` for an overview of the allocator and `malloc/mod.rs` for the guards and locks.
+
+use super::*;
+
+impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
+    /// Allocates memory for `layout`; null when out of memory. `layout.size()` may be 0 (then 1 byte is used).
+    #[inline]
+    pub fn alloc(&self, layout: Layout) -> *mut u8 {
+        self.alloc_impl::<false>(layout)
+    }
+
+    /// As [`Malloc::alloc`], with the memory zeroed (skipping memory known to be zero already).
+    #[inline]
+    pub fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        self.alloc_impl::<true>(layout)
+    }
+
+    /// Whether a request of `size` bytes aligned to `align` may take the fast paths: a size class (not tiny,
+    /// not large) at the natural alignment, no debug knob.
+    #[inline(always)]
+    pub(super) fn fast_eligible(&self, size: usize, align: usize) -> bool {
+        self.debug.is_empty()
+            && size.wrapping_sub(TINY_SIZE) <= MAX_SMALL_SIZE - TINY_SIZE
+            && align <= sizeclass::MIN_ALIGN
+    }
+
+    /// The fast path (kept small so that it inlines into callers without spilling): this CPU's stock or
+    /// cached span, else the general path. A leaf section: it calls nothing while it holds the cache, so it
+    /// needs no callee-saved registers and the provider need not mark the cache busy. An allocation that
+    /// would end the sampling countdown goes to the general path, which draws the sample.
+    #[inline(always)]
+    pub(super) fn alloc_impl<const ZERO: bool>(&self, layout: Layout) -> *mut u8 {
+        let (size, align) = (layout.size(), layout.align());
+        if self.fast_eligible(size, align) {
+            let c = sizeclass::class_of(size);
+            let (guard, idx) = self.provider.enter_leaf();
+            if let Some(i) = idx {
+                debug_assert!(i < MAX_CPUS);
+                // SAFETY: the guard makes index `i < MAX_CPUS` exclusive to us while it lives (CpuProvider
+                // contract); the reference does not outlive it, and nothing below calls out (leaf section).
+                let slot = unsafe { self.caches.get_unchecked(i) };
+                // SAFETY: as above.
+                let cache = unsafe { &mut *slot.cache.get() };
+                let left = cache.next_sample - size as isize;
+                if left >= 0 {
+                    // SAFETY: `class_of` returns a size class, below `NUM_ALLOC_CLASSES`.
+                    if let Some(p) = unsafe { cache.alloc_fast::<ZERO>(c, &slot.shared) } {
+                        cache.next_sample = left;
+                        drop(guard);
+                        #[cfg(feature = "checks")]
+                        mark_live(&self.t.heap, p);
+                        return p;
+                    }
+                }
+            }
+            drop(guard);
+        }
+        self.alloc_general::<ZERO>(layout)
+    }
+
+    /// Every allocation the fast path does not finish.
+    #[inline(never)]
+    pub(super) fn alloc_general<const ZERO: bool>(&self, layout: Layout) -> *mut u8 {
+        let (size, align) = (layout.size(), layout.align());
+        let r = self.route(size, align);
+        if r == LARGE || r == GUARDED {
+            return self.alloc_large(size, align, ZERO, r == GUARDED);
+        }
+        let e = self.enter();
+        let t = &self.t;
+        let p = if r == TINY_CLASS {
+            let p = e.cache.alloc_tiny(t, size.max(1), align, e.sh);
+            if ZERO && !p.is_null() {
+                // SAFETY: `p` is a fresh allocation of `size` bytes.
+                unsafe { ptr::write_bytes(p, 0, size) };
+            }
+            p
+        } else {
+            // SAFETY: `route` returns size classes below `NUM_SIZE_CLASSES` (or the tiny class, handled above).
+            unsafe { e.cache.alloc::<S, ZERO>(t, r, e.sh) }
+        };
+        let sampled = self.count_sample(e.cache, size);
+        let me = e.sh.index;
+        drop(e);
+        #[cfg(feature = "checks")]
+        if !p.is_null() && r != TINY_CLASS {
+            mark_live(&self.t.heap, p);
+        }
+        if sampled && !p.is_null() {
+            self.record_sample(p as usize, size, r, me);
+        }
+        p
+    }
+
+    /// The large path (and guard mode): a span of whole pages for one object.
+    #[cold]
+    pub(super) fn alloc_large(&self, size: usize, align: usize, zero: bool, guarded: bool) -> *mut u8 {
+        // Guard mode: the object ends right before a guard page, so the body must leave room to align it.
+        let npages = if guarded { npages_for(size + align - 1) + 1 } else { npages_for(size) };
+        let e = self.enter();
+        let s = if align <= PAGE_SIZE || guarded {
+            self.t.heap.alloc_span(Some(&mut e.cache.pcache), npages, 0)
+        } else {
+            self.t.heap.alloc_span_aligned(npages, align)
+        };
+        let Some(s) = s else { return ptr::null_mut() };
+        let s = s.as_ptr();
+        // SAFETY: a fresh large span is ours alone.
+        let p = unsafe {
+            Span::init_large(s);
+            let base = (*s).base;
+            let p = if guarded {
+                let guard = base + (npages - 1) * PAGE_SIZE;
+                // SAFETY: the guard page is committed, ours, and unused; it is committed again before the
+                // span goes back to the heap (`free_large`).
+                self.t.heap.source().decommit(NonNull::new_unchecked(guard as *mut u8), PAGE_SIZE);
+                ((guard - size) & !(align - 1)) as *mut u8
+            } else {
+                base as *mut u8
+            };
+            e.sh.stats.large_nmalloc.bump();
+            e.sh.stats.large_bytes_alloc.add((npages * PAGE_SIZE) as u64);
+            if zero && (*s).needzero {
+                ptr::write_bytes(p, 0, size);
+            }
+            p
+        };
+        let sampled = self.count_sample(e.cache, size);
+        let me = e.sh.index;
+        drop(e);
+        if sampled {
+            self.record_sample(p as usize, size, LARGE, me);
+        }
+        p
+    }
+}
+
+/// With `checks`: marks a freshly allocated small object live.
+#[cfg(feature = "checks")]
+#[inline]
+pub(super) fn mark_live<S: PageSource>(heap: &Heap<S>, p: *mut u8) {
+    if let Some(s) = heap.span_of(p as usize) {
+        let s = s.as_ptr();
+        // SAFETY: live span; `live_bits` are atomics.
+        unsafe {
+            let (idx, _) = Span::object_index(s, p as usize);
+            let prev = (*s).live_bits[idx / 64].fetch_or(1 << (idx % 64), Ordering::AcqRel);
+            debug_assert_eq!(prev & (1 << (idx % 64)), 0, "goheap: handed out a live object {p:p}");
+        }
+    }
+}

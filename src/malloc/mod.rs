@@ -1,0 +1,296 @@
+//! The allocator (Go's `malloc.go`, `mallocgc`): routes each request to the tiny, small or large path.
+//!
+//! See `lib.rs` for an overview of the allocator.
+//!
+//! [`Malloc`] owns every tier: the page heap, one [`Central`] per allocation class, one [`CpuCache`] per
+//! CPU index plus a shared cache behind a lock, and the [`CpuProvider`] that says which cache the caller may
+//! use. It implements [`GlobalAlloc`] and allocator-api2's `Allocator`.
+//!
+//! # Routing (the same function decides for `alloc`, `dealloc` and `realloc`)
+//! - `size < 16 && align <= 8`: tiny path (packed into 16-byte blocks);
+//! - `size <= 32 KiB` and some class's size is a multiple of `align` (`align <= 8 KiB`): small path, class
+//!   `class_for(size, align)`;
+//! - otherwise: large path, whole pages from the page heap, any alignment.
+//!
+//! # Guards and locks
+//! - `caches[i]`: only while holding the provider's guard for index `i` (interrupts off in a kernel);
+//! - `shared`: its spin lock (used when the provider gives no index: early boot, out of slots, re-entry);
+//! - `centrals[c]`: its own lock (see `central.rs`); the heap: the heap lock (see `page/heap/mod.rs`).
+//!
+//! Lock order: shared cache → central(c) → heap. A CPU guard is held across all of them.
+//!
+//! # Files, by concern
+//! - this file: the type, its construction, routing, entering a cache;
+//! - `alloc.rs`: the allocation paths (fast, general, large); `free.rs`: the free paths and `realloc`;
+//! - `maintenance.rs`: the background step, cache flushes, `release_all`, the memory limit;
+//! - `profile.rs`: heap-profile sampling; `report.rs`: per-CPU figures, `MemStats`, metrics, validation;
+//! - `api.rs`: `GlobalAlloc` and allocator-api2's `Allocator`.
+
+use crate::check::{self, Reason};
+use crate::cpu::{CpuProvider, MAX_CPUS};
+use crate::object::central::{Central, KEEP_EMPTY_SPANS};
+use crate::object::class::{class_shape, ClassShape, NUM_ALLOC_CLASSES, TINY_CLASS, TINY_SIZE};
+use crate::object::cpucache::{CpuCache, CpuShared, Tiers};
+use crate::object::sizeclass::{self, NUM_SIZE_CLASSES};
+use crate::page::heap::Heap;
+use crate::page::span::Span;
+use crate::source::PageSource;
+use crate::stats::{BySize, MemStats, Sample};
+use crate::{MAX_SMALL_SIZE, PAGE_SIZE};
+use core::alloc::{GlobalAlloc, Layout};
+use core::cell::UnsafeCell;
+use core::mem::MaybeUninit;
+use core::ptr::{self, NonNull};
+use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+
+mod alloc;
+mod api;
+mod free;
+mod maintenance;
+mod profile;
+mod report;
+
+pub use maintenance::BackgroundReport;
+use profile::Profiler;
+pub use profile::{ProfileBucket, ProfileHook, ProfileSample, DEFAULT_PROFILE_RATE};
+pub use report::CpuSummary;
+
+/// Cache index of the shared cache (marks the spans it caches).
+const SHARED_INDEX: u16 = MAX_CPUS as u16;
+
+/// Where a request goes: [`LARGE`], [`GUARDED`], [`TINY_CLASS`], or a size class.
+type Route = usize;
+/// Route of large requests.
+const LARGE: Route = 0;
+/// Route of every request in guard mode ([`DebugFlags::GUARD`]).
+const GUARDED: Route = usize::MAX;
+
+bitflags::bitflags! {
+    /// Debug knobs (Go's GODEBUG analogues). Fixed when the allocator is built ([`Malloc::with_debug`]):
+    /// they change how requests are routed, so they cannot change while objects are live.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct DebugFlags: u32 {
+        /// efence-style guard mode: every allocation gets pages of its own and ends right before a guard page
+        /// that is decommitted, so an overrun faults at once; frees are checked like large frees. Needs a
+        /// page source whose `decommit` makes memory inaccessible (`MmapSource::strict()`, a kernel source
+        /// that unmaps); slow and page-hungry, for debugging only.
+        const GUARD = 1 << 0;
+        /// No tiny path: requests under 16 B take the size classes (to measure what the tiny path saves).
+        const NO_TINY = 1 << 1;
+    }
+}
+
+/// The route of a request of `size` bytes aligned to `align`, with no debug knobs.
+#[inline(always)]
+fn route(size: usize, align: usize) -> Route {
+    if size <= MAX_SMALL_SIZE {
+        if size < TINY_SIZE && align <= 8 {
+            return TINY_CLASS;
+        }
+        if let Some(c) = sizeclass::class_for(size, align) {
+            return c;
+        }
+    }
+    LARGE
+}
+
+/// The route with debug knobs set.
+#[cold]
+fn route_debug(debug: DebugFlags, size: usize, align: usize) -> Route {
+    if debug.contains(DebugFlags::GUARD) {
+        return GUARDED;
+    }
+    if debug.contains(DebugFlags::NO_TINY) && size < TINY_SIZE {
+        return sizeclass::class_for(size.max(1), align).unwrap_or(LARGE);
+    }
+    route(size, align)
+}
+
+/// Pages for a large object of `nbytes`.
+#[inline]
+fn npages_for(nbytes: usize) -> usize {
+    nbytes.div_ceil(PAGE_SIZE).max(1)
+}
+
+/// One CPU's cache, and what other CPUs may read of it. Cache-line aligned, so neighbouring CPUs' slots
+/// never share a line.
+#[repr(align(64))]
+struct CacheSlot {
+    cache: UnsafeCell<CpuCache>,
+    shared: CpuShared,
+}
+
+impl CacheSlot {
+    const fn new(index: u16) -> Self {
+        CacheSlot { cache: UnsafeCell::new(CpuCache::new()), shared: CpuShared::new(index) }
+    }
+}
+
+/// What keeps an entered cache exclusive.
+enum Held<'a, G> {
+    /// The provider's guard for a per-CPU cache.
+    Cpu(#[allow(dead_code)] G),
+    /// The lock of the shared cache, then the provider's guard (dropped in that order: fields drop in
+    /// declaration order, so a kernel re-enables interrupts only after the lock is released).
+    Shared(#[allow(dead_code)] spin::MutexGuard<'a, ()>, #[allow(dead_code)] G),
+}
+
+/// An entered cache: exclusive to the holder until dropped.
+struct Entered<'a, G> {
+    cache: &'a mut CpuCache,
+    sh: &'a CpuShared,
+    _held: Held<'a, G>,
+}
+
+// SAFETY: slot `i` is only accessed by the holder of the provider's guard for index `i` (exclusive by the
+// `CpuProvider` contract); readers of its counters only touch atomics.
+unsafe impl Sync for CacheSlot {}
+
+/// goheap's allocator over page source `S`, with per-CPU caches chosen by `P`.
+pub struct Malloc<S: PageSource, P: CpuProvider> {
+    /// The page heap, the central lists and the report hook.
+    t: Tiers<S>,
+    caches: [CacheSlot; MAX_CPUS],
+    /// The shared cache, used under `shared_lock` by callers the provider gives no index.
+    shared: CacheSlot,
+    shared_lock: spin::Mutex<()>,
+    provider: P,
+    /// Debug knobs; immutable once built.
+    debug: DebugFlags,
+    profiler: Profiler,
+}
+
+const fn cache_slots() -> [CacheSlot; MAX_CPUS] {
+    let mut arr: [MaybeUninit<CacheSlot>; MAX_CPUS] = [const { MaybeUninit::uninit() }; MAX_CPUS];
+    let mut i = 0;
+    while i < MAX_CPUS {
+        arr[i] = MaybeUninit::new(CacheSlot::new(i as u16));
+        i += 1;
+    }
+    // SAFETY: every element was initialised by the loop; MaybeUninit<T> has T's layout.
+    unsafe { core::mem::transmute::<[MaybeUninit<CacheSlot>; MAX_CPUS], [CacheSlot; MAX_CPUS]>(arr) }
+}
+
+const fn centrals() -> [Central; NUM_ALLOC_CLASSES] {
+    let mut arr: [MaybeUninit<Central>; NUM_ALLOC_CLASSES] = [const { MaybeUninit::uninit() }; NUM_ALLOC_CLASSES];
+    let mut c = 0;
+    while c < NUM_ALLOC_CLASSES {
+        let shape = if c == 0 { ClassShape { elemsize: 0, npages: 0, nelems: 0, divmagic: 0 } } else { class_shape(c) };
+        arr[c] = MaybeUninit::new(Central::new(c as u8, shape));
+        c += 1;
+    }
+    // SAFETY: every element was initialised by the loop; MaybeUninit<T> has T's layout.
+    unsafe { core::mem::transmute::<[MaybeUninit<Central>; NUM_ALLOC_CLASSES], [Central; NUM_ALLOC_CLASSES]>(arr) }
+}
+
+impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
+    /// An allocator over `source`; nothing is reserved until the first allocation. Usable in a `static`.
+    pub const fn new(source: S, provider: P) -> Self {
+        Self::from_heap(Heap::new(source), provider)
+    }
+
+    /// As [`Malloc::new`], with the heap's reserved range bounded to `max_heap_bytes` (a kernel's heap window).
+    pub const fn with_max_bytes(source: S, provider: P, max_heap_bytes: usize) -> Self {
+        Self::from_heap(Heap::with_max_bytes(source, max_heap_bytes), provider)
+    }
+
+    const fn from_heap(heap: Heap<S>, provider: P) -> Self {
+        Malloc {
+            t: Tiers { heap, centrals: centrals(), report_hook: None },
+            caches: cache_slots(),
+            shared: CacheSlot::new(SHARED_INDEX),
+            shared_lock: spin::Mutex::new(()),
+            provider,
+            debug: DebugFlags::empty(),
+            profiler: Profiler {
+                rate: AtomicUsize::new(0),
+                hook: AtomicPtr::new(ptr::null_mut()),
+                samples: [const { AtomicU64::new(0) }; NUM_ALLOC_CLASSES + 1],
+                sampled_bytes: [const { AtomicU64::new(0) }; NUM_ALLOC_CLASSES + 1],
+            },
+        }
+    }
+
+    /// This allocator with debug knobs `flags` (see [`DebugFlags`]).
+    pub const fn with_debug(mut self, flags: DebugFlags) -> Self {
+        self.debug = flags;
+        self
+    }
+
+    /// The route of a request, honouring the debug knobs.
+    #[inline(always)]
+    fn route(&self, size: usize, align: usize) -> Route {
+        if self.debug.is_empty() {
+            route(size, align)
+        } else {
+            route_debug(self.debug, size, align)
+        }
+    }
+
+    /// This allocator reports bad frees to `hook` instead of the process-wide hook (a `#[global_allocator]`
+    /// must not unwind, so it wants a hook that aborts).
+    pub const fn with_report_hook(mut self, hook: check::ReportHook) -> Self {
+        self.t.report_hook = Some(hook);
+        self
+    }
+
+    #[cold]
+    fn report(&self, addr: usize, reason: Reason) -> ! {
+        check::report_with(&self.t.heap, self.t.report_hook, addr, reason)
+    }
+
+    /// The page heap (for its statistics, the scavenger and the memory limit).
+    pub fn heap(&self) -> &Heap<S> {
+        &self.t.heap
+    }
+
+    /// The CPU provider.
+    pub fn provider(&self) -> &P {
+        &self.provider
+    }
+
+    /// Enters the caller's cache: its CPU's under the provider's guard, else the shared one under its lock.
+    /// The cache is the caller's until the returned [`Entered`] drops.
+    #[inline(always)]
+    fn enter(&self) -> Entered<'_, P::Guard> {
+        match self.provider.enter() {
+            (guard, Some(i)) => {
+                debug_assert!(i < MAX_CPUS);
+                // SAFETY: the guard makes index `i` exclusive to us until it drops (CpuProvider contract),
+                // and `Entered` keeps the guard alive as long as the reference; `i < MAX_CPUS` by the same
+                // contract.
+                let slot = unsafe { self.caches.get_unchecked(i) };
+                // SAFETY: as above: the guard gives us slot `i`'s cache exclusively.
+                let cache = unsafe { &mut *slot.cache.get() };
+                Entered { cache, sh: &slot.shared, _held: Held::Cpu(guard) }
+            }
+            (guard, None) => self.enter_shared(guard),
+        }
+    }
+
+    #[cold]
+    fn enter_shared(&self, guard: P::Guard) -> Entered<'_, P::Guard> {
+        let lock = self.shared_lock.lock();
+        // SAFETY: the shared cache is only used under `shared_lock`, which `Entered` holds as long as the
+        // reference lives.
+        let cache = unsafe { &mut *self.shared.cache.get() };
+        Entered { cache, sh: &self.shared.shared, _held: Held::Shared(lock, guard) }
+    }
+
+    /// Runs `f` on the caller's cache (for the paths where a closure costs nothing).
+    #[inline]
+    fn with_cache<R>(&self, f: impl FnOnce(&mut CpuCache, &Tiers<S>, &CpuShared) -> R) -> R {
+        let e = self.enter();
+        f(e.cache, &self.t, e.sh)
+    }
+
+    /// Bytes actually usable at an allocation of `layout` (its class size, or its pages).
+    pub fn usable_size(&self, layout: Layout) -> usize {
+        match self.route(layout.size(), layout.align()) {
+            LARGE => npages_for(layout.size()) * PAGE_SIZE,
+            GUARDED => layout.size(),
+            TINY_CLASS => layout.size(),
+            c => sizeclass::CLASSES[c].size as usize,
+        }
+    }
+}

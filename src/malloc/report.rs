@@ -1,0 +1,152 @@
+//! Reports: per-CPU figures, Go's `MemStats` and `runtime/metrics` samples, and the consistency walk.
+//!
+//! See `lib.rs` for an overview of the allocator and `malloc/mod.rs` for the guards and locks.
+
+use super::*;
+
+/// Per-CPU figures for reports (see [`Malloc::cpu_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuSummary {
+    /// Objects allocated through this cache (small, tiny objects and large).
+    pub mallocs: u64,
+    /// Objects freed through this cache.
+    pub frees: u64,
+    /// Objects this CPU freed into spans cached by another CPU.
+    pub remote_frees: u64,
+    /// Spans taken from the central lists.
+    pub refills: u64,
+}
+
+impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
+    /// Per-CPU figures of cache index `index` (`MAX_CPUS` for the shared cache).
+    pub fn cpu_stats(&self, index: usize) -> CpuSummary {
+        let stats = self.stats_of(index);
+        let mut s = CpuSummary::default();
+        for c in 1..NUM_ALLOC_CLASSES {
+            if c != TINY_CLASS {
+                s.mallocs += stats.nmalloc[c].get();
+                s.frees += stats.nfree[c].get();
+            }
+        }
+        s.mallocs += stats.tiny_nmalloc.get() + stats.large_nmalloc.get();
+        s.frees += stats.tiny_nfree.get() + stats.large_nfree.get();
+        s.remote_frees = stats.remote_frees.get();
+        s.refills = stats.refills.get();
+        s
+    }
+
+    /// The counters of cache `index` (`MAX_CPUS`: the shared cache).
+    pub(super) fn stats_of(&self, index: usize) -> &crate::object::cpucache::CpuStats {
+        let slot = if index == MAX_CPUS { &self.shared } else { &self.caches[index] };
+        &slot.shared.stats
+    }
+
+    /// A [`MemStats`] snapshot, read without stopping other CPUs (see `stats.rs` for its consistency).
+    pub fn mem_stats(&self) -> MemStats {
+        let mut m = MemStats::default();
+        let mut nmalloc = [0u64; NUM_ALLOC_CLASSES];
+        let mut nfree = [0u64; NUM_ALLOC_CLASSES];
+        let mut large_bytes_alloc = 0u64;
+        let mut large_bytes_free = 0u64;
+        let mut used_caches = 0u64;
+        for st in (0..=MAX_CPUS).map(|i| self.stats_of(i)) {
+            for c in 1..NUM_ALLOC_CLASSES {
+                nmalloc[c] += st.nmalloc[c].get();
+                nfree[c] += st.nfree[c].get();
+            }
+            m.tiny_allocs += st.tiny_nmalloc.get();
+            m.frees += st.tiny_nfree.get();
+            m.large_allocs += st.large_nmalloc.get();
+            m.large_frees += st.large_nfree.get();
+            large_bytes_alloc += st.large_bytes_alloc.get();
+            large_bytes_free += st.large_bytes_free.get();
+            m.remote_frees += st.remote_frees.get();
+            used_caches += st.used.get();
+        }
+        for c in 1..NUM_ALLOC_CLASSES {
+            let size = class_shape(c).elemsize as u64;
+            m.total_alloc += nmalloc[c] * size;
+            m.heap_alloc += nmalloc[c].saturating_sub(nfree[c]) * size;
+            if c < NUM_SIZE_CLASSES {
+                m.mallocs += nmalloc[c];
+                m.frees += nfree[c];
+                m.by_size[c] = BySize { size: size as u32, mallocs: nmalloc[c], frees: nfree[c] };
+            }
+        }
+        m.mallocs += m.tiny_allocs + m.large_allocs;
+        m.frees += m.large_frees;
+        m.total_alloc += large_bytes_alloc;
+        m.heap_alloc += large_bytes_alloc.saturating_sub(large_bytes_free);
+        m.alloc = m.heap_alloc;
+        m.heap_objects = m.mallocs.saturating_sub(m.frees);
+
+        let h = self.t.heap.stats();
+        m.heap_inuse = h.inuse_bytes as u64;
+        m.heap_idle = (h.free_bytes + h.released_bytes) as u64;
+        m.heap_released = h.released_bytes as u64;
+        m.heap_sys = m.heap_inuse + m.heap_idle;
+        m.mspan_inuse = h.span_inuse_bytes as u64;
+        m.mspan_sys = h.span_sys_bytes as u64;
+        let cache_bytes = core::mem::size_of::<CpuCache>() as u64;
+        m.mcache_sys = cache_bytes * (MAX_CPUS as u64 + 1);
+        m.mcache_inuse = cache_bytes * used_caches;
+        m.other_sys = h.metadata_bytes as u64;
+        m.sys = m.heap_sys - m.heap_released + m.mspan_sys + m.mcache_sys + m.other_sys;
+        m.memory_limit = self.t.heap.memory_limit() as u64;
+        m
+    }
+
+    /// Fills `samples` by name, as Go's `metrics.Read` (see [`crate::stats::ALL_METRICS`]); unknown names get
+    /// `None`.
+    pub fn read_metrics(&self, samples: &mut [Sample]) {
+        let m = self.mem_stats();
+        let h = self.t.heap.stats();
+        for s in samples.iter_mut() {
+            s.value = Some(match s.name {
+                "/memory/classes/total:bytes" => m.sys,
+                "/memory/classes/heap/objects:bytes" => m.heap_alloc,
+                "/memory/classes/heap/unused:bytes" => m.heap_inuse.saturating_sub(m.heap_alloc),
+                "/memory/classes/heap/free:bytes" => m.heap_idle - m.heap_released,
+                "/memory/classes/heap/released:bytes" => m.heap_released,
+                "/memory/classes/metadata/mspan/inuse:bytes" => m.mspan_inuse,
+                "/memory/classes/metadata/mspan/free:bytes" => m.mspan_sys - m.mspan_inuse,
+                "/memory/classes/metadata/mcache/inuse:bytes" => m.mcache_inuse,
+                "/memory/classes/metadata/mcache/free:bytes" => m.mcache_sys - m.mcache_inuse,
+                "/memory/classes/metadata/other:bytes" => m.other_sys,
+                "/gc/heap/allocs:bytes" => m.total_alloc,
+                "/gc/heap/allocs:objects" => m.mallocs,
+                "/gc/heap/frees:bytes" => m.total_alloc - m.heap_alloc,
+                "/gc/heap/frees:objects" => m.frees,
+                "/gc/heap/objects:objects" => m.heap_objects,
+                "/gc/heap/tiny/allocs:objects" => m.tiny_allocs,
+                "/gc/gomemlimit:bytes" => m.memory_limit,
+                "/gc/scavenge/released:bytes" => h.scavenged_total_bytes as u64,
+                "/goheap/remote-frees:objects" => m.remote_frees,
+                _ => {
+                    s.value = None;
+                    continue;
+                }
+            });
+        }
+    }
+
+    /// Whole-allocator consistency walk (feature `validate`): the page heap, every central list.
+    #[cfg(feature = "validate")]
+    pub fn validate(&self) {
+        self.t.heap.validate();
+        for central in self.t.centrals.iter().skip(1) {
+            central.validate();
+        }
+    }
+}
+
+/// Prints the allocator's [`MemStats`] (read without stopping other CPUs), its debug knobs and its heap.
+impl<S: PageSource, P: CpuProvider> core::fmt::Debug for Malloc<S, P> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Malloc")
+            .field("debug", &self.debug)
+            .field("mem_stats", &self.mem_stats())
+            .field("heap", &self.t.heap)
+            .finish_non_exhaustive()
+    }
+}
