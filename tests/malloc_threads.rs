@@ -10,6 +10,7 @@ use goheap::source::mmap::MmapSource;
 use goheap::Malloc;
 use std::sync::mpsc;
 use std::sync::{Arc, Barrier, Mutex};
+use testkit::Rng;
 
 type M = Malloc<MmapSource, ThreadSlots>;
 
@@ -45,23 +46,13 @@ fn free(m: &M, o: Obj) {
     unsafe { m.dealloc(o.addr as *mut u8, layout(o.size, o.align)) };
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 #[test]
 fn producer_consumer_64b_and_mixed() {
     let m = new_malloc();
     for mixed in [false, true] {
         let (tx, rx) = mpsc::sync_channel::<Vec<Obj>>(64);
         let producer = std::thread::spawn(move || {
-            let mut rng = Rng(7);
+            let mut rng = Rng::new(7);
             for batch in 0..400u64 {
                 let v: Vec<Obj> = (0..64)
                     .map(|i| {
@@ -103,7 +94,7 @@ fn random_handoffs_between_threads() {
             let inboxes = inboxes.clone();
             let barrier = barrier.clone();
             std::thread::spawn(move || {
-                let mut rng = Rng(0x1234_5678 + t as u64);
+                let mut rng = Rng::new(0x1234_5678 + t as u64);
                 let mut mine: Vec<Obj> = Vec::new();
                 for round in 0..ROUNDS {
                     for i in 0..300 {

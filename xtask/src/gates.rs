@@ -4,7 +4,7 @@
 //!   root's `rustfmt.toml` (rustfmt finds it from either);
 //! - `cargo clippy ... -- -D warnings` over goheap once per feature set in [`GOHEAP_FEATURE_SETS`] (each
 //!   feature changes which code exists, so each set is linted on its own, as hermit's xtask does), then
-//!   over the other crates of the root workspace (xtask, bench).
+//!   over the other crates of the root workspace (xtask, bench, testkit).
 //!
 //! The kernel side (`kernel-demo/`) is not linted here: clippy would need the kernel toolchain's
 //! `-Zbuild-std` build; its format is checked.
@@ -48,7 +48,7 @@ pub fn all(root: &Path, cargo: impl Fn() -> Command) -> Vec<Gate> {
     let mut cmd = cargo();
     cmd.current_dir(root).args(["clippy", "-p", "goheap", "--all-targets", "--all-features", "--", "-D", "warnings"]);
     gates.push(Gate { name: "clippy -p goheap --all-targets --all-features -D warnings".into(), cmd });
-    for krate in ["xtask", "goheap-bench"] {
+    for krate in ["xtask", "goheap-bench", "testkit"] {
         let mut cmd = cargo();
         cmd.current_dir(root).args(["clippy", "-p", krate, "--all-targets", "--all-features", "--", "-D", "warnings"]);
         gates.push(Gate { name: format!("clippy -p {krate} --all-targets --all-features -D warnings"), cmd });
