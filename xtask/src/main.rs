@@ -2,7 +2,7 @@
 //!
 //! - `cargo xtask run [OPTIONS] [-- KERNEL_ARGS...]`: build the demo kernel, make a disk image and boot it in
 //!   QEMU (serial on stdout). See `run::USAGE`.
-//! - `cargo xtask test`: every test: host tests, the no_std build, clippy, and the QEMU test kernels.
+//! - `cargo xtask test`: every test: host tests, the no_std build, format and lint gates, and the QEMU test kernels.
 //! - `cargo xtask setup`: only install/check what the kernel side needs.
 //! - `cargo xtask gen-size-classes`: regenerate `src/object/sizeclass/table.rs`.
 //!
@@ -10,6 +10,7 @@
 
 mod bench;
 mod bench_kernel;
+mod gates;
 mod gen;
 mod kernel;
 mod proc;
@@ -30,7 +31,7 @@ usage: cargo xtask <command>
 commands:
   run [--bios] [--smp N] [--mem SIZE] [--release] [--timeout SECS] [--qemu-args \"ARGS\"] [-- KERNEL_ARGS...]
                       build and boot the demo kernel in QEMU (see `cargo xtask run --help`)
-  test                run every test: host tests, no_std build, clippy, QEMU test kernels
+  test                run every test: host tests, no_std build, fmt/clippy gates, QEMU test kernels
   setup               install/check QEMU, OVMF and the kernel toolchain only
   gen-size-classes    regenerate src/object/sizeclass/table.rs from goheap's generator
   bench [--quick] [--reps N] [--only GROUP,...] [--alloc NAME,...]
