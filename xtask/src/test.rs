@@ -3,7 +3,8 @@
 //! 1. set-up (install what is missing);
 //! 2. host tests: `cargo test --workspace --all-features` with the toolchain running xtask (rustup's);
 //! 3. goheap built for `x86_64-unknown-none` with the kernel toolchain (it must stay no_std);
-//! 4. clippy on goheap (`-D warnings`), if clippy is installed;
+//! 4. clippy on goheap (`-D warnings`), if clippy is installed; then a short run of each fuzz target
+//!    (`fuzz.rs`; skipped, with the reason, where the toolchain cannot fuzz);
 //! 5. QEMU: the demo kernel under UEFI and BIOS, then every test kernel in `kernel-demo/tests/*.rs`.
 //!
 //! Test kernels: each `kernel-demo/tests/NAME.rs` is one kernel (custom_test_frameworks, or
@@ -100,6 +101,11 @@ pub fn main(args: &[String]) -> ExitCode {
     clippy(&root, &mut sum);
 
     done("step 4/5 (clippy)");
+    say!("fuzz: {} s of each fuzz target (cargo xtask fuzz --time {})", crate::fuzz::TEST_SECS, crate::fuzz::TEST_SECS);
+    for (what, passed, failed, note) in crate::fuzz::test_step(&root) {
+        sum.add(what, passed, failed, note);
+    }
+    done("fuzz");
     say!("step 5/5: QEMU kernels");
     if let Some(tools) = &tools {
         qemu_kernels(tools, &mut sum);
