@@ -8,7 +8,7 @@
 
 #[path = "../fuzz/src/lib.rs"]
 #[allow(dead_code)]
-mod harness;
+mod fuzz_harness;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -48,21 +48,22 @@ fn replay(files: &[PathBuf], run: impl Fn(&[u8])) {
 fn ops_corpus_replays_clean() {
     let files = corpus("ops");
     assert!(files.len() >= 8, "the committed ops corpus is missing ({} files)", files.len());
-    replay(&files, harness::run_ops);
+    replay(&files, fuzz_harness::run_ops);
 }
 
 #[test]
 fn bad_free_corpus_replays_clean() {
     let files = corpus("bad_free");
     assert!(files.len() >= 8, "the committed bad_free corpus is missing ({} files)", files.len());
-    replay(&files, |d| harness::run_bad_free(d, false));
+    replay(&files, |d| fuzz_harness::run_bad_free(d, false));
 }
 
-/// The harness itself catches what it should: a block whose pattern changed, and a bad free that goheap
-/// reports is told apart from one it does not (so a clean replay above means something).
+/// The harness itself catches what it should (so a clean replay above means something): a block whose
+/// pattern changed, an overlapping block, and a goheap report (caught, with its address and reason), while a
+/// valid free passes through.
 #[test]
 fn harness_detects_corruption_and_reports() {
-    use harness::model::{Block, Shadow};
+    use fuzz_harness::model::{Block, Shadow};
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut buf = vec![0u64; 1024];
     let layout = std::alloc::Layout::from_size_align(8192, 8).unwrap();
@@ -76,6 +77,27 @@ fn harness_detects_corruption_and_reports() {
     assert!(r.is_err(), "a changed byte went unnoticed");
     let r = std::panic::catch_unwind(|| sh.check_free_range(b.addr + 100, b.addr + 200, "overlap"));
     assert!(r.is_err(), "an overlapping block went unnoticed");
+
+    use goheap::check::Reason;
+    fuzz_harness::report::install_panic_filter();
+    let m = Box::new(
+        goheap::Malloc::with_max_bytes(
+            goheap::source::mmap::MmapSource::new(),
+            goheap::cpu::NoCpuCache,
+            fuzz_harness::harness::ARENA_BYTES,
+        )
+        .with_report_hook(fuzz_harness::report::hook),
+    );
+    let l = std::alloc::Layout::from_size_align(64, 8).unwrap();
+    let p = m.alloc(l);
+    assert!(!p.is_null());
+    // SAFETY (test): a valid free, then the same pointer again (a double free goheap must report).
+    let first = fuzz_harness::report::catch_report(|| unsafe { m.dealloc(p, l) });
+    assert!(first.is_ok(), "a valid free was reported: {first:?}");
+    // SAFETY (test): as above.
+    let second = fuzz_harness::report::catch_report(|| unsafe { m.dealloc(p, l) });
+    let report = second.expect_err("the double free was not reported");
+    assert_eq!((report.addr, report.reason), (p as usize, Reason::DoubleFree));
 }
 
 /// Replays the file named by `GOHEAP_FUZZ_REPLAY` as target `GOHEAP_FUZZ_TARGET` (`ops` by default), for
@@ -86,7 +108,7 @@ fn replay_from_env() {
     let target = std::env::var("GOHEAP_FUZZ_TARGET").unwrap_or_else(|_| "ops".into());
     let files = [PathBuf::from(path)];
     match target.as_str() {
-        "bad_free" => replay(&files, |d| harness::run_bad_free(d, harness::known_defects_from_env())),
-        _ => replay(&files, harness::run_ops),
+        "bad_free" => replay(&files, |d| fuzz_harness::run_bad_free(d, fuzz_harness::known_defects_from_env())),
+        _ => replay(&files, fuzz_harness::run_ops),
     }
 }
