@@ -11,7 +11,7 @@
 //!
 //! When the toolchain cannot run (no rustup nightly, no sanitizer runtime, cargo-fuzz cannot be installed)
 //! it says why and exits 2; `cargo xtask test` runs a short fuzz step through [`test_step`], which reports
-//! such a machine as skipped instead.
+//! such a machine as skipped instead (a build failure of the fuzz crate is a failure there).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -31,6 +31,22 @@ bad frees issue 12 lists as undetected today.
 
 /// Seconds per target of the short run in `cargo xtask test`.
 pub const TEST_SECS: u64 = 20;
+
+/// Why nothing was fuzzed.
+enum NotRun {
+    /// The machine cannot fuzz (toolchain): a skip in `cargo xtask test`.
+    Unavailable(String),
+    /// The fuzz crate or its inputs are broken (build failure, unknown target): a failure.
+    Failed(String),
+}
+
+impl std::fmt::Display for NotRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotRun::Unavailable(e) | NotRun::Failed(e) => f.write_str(e),
+        }
+    }
+}
 
 /// How one target's run ended.
 enum Verdict {
@@ -153,10 +169,11 @@ pub fn test_step(root: &Path) -> Vec<(String, u64, u64, String)> {
                 (format!("fuzz {} ({TEST_SECS} s)", r.name), ok as u64, !ok as u64, r.summary())
             })
             .collect(),
-        Err(e) => {
+        Err(NotRun::Unavailable(e)) => {
             say!("fuzz: skipped: {e}");
             vec![("fuzz (skipped)".to_string(), 0, 0, format!("skipped: {e}"))]
         }
+        Err(NotRun::Failed(e)) => vec![("fuzz".to_string(), 0, 1, e)],
     }
 }
 
@@ -190,7 +207,8 @@ fn check_toolchain() -> Result<String, String> {
     let vv = output_of(nightly("rustc").arg("-vV"))
         .map_err(|e| format!("rustup's nightly toolchain is not usable (`rustup toolchain install nightly`): {e}"))?;
     if !vv.contains("-nightly") {
-        return Err(format!("`RUSTUP_TOOLCHAIN=nightly rustc` is not a nightly compiler (no rustup?): {}", vv.trim()));
+        let first = vv.lines().next().unwrap_or_default();
+        return Err(format!("`RUSTUP_TOOLCHAIN=nightly rustc` is not a nightly compiler (no rustup?): {first}"));
     }
     let host = vv
         .lines()
@@ -233,27 +251,27 @@ fn targets(fuzz: &Path) -> Result<Vec<String>, String> {
 }
 
 /// Builds and runs the targets (`only`, or all); `Err` when nothing could be run (toolchain, build).
-fn run(root: &Path, secs: u64, only: Option<&str>) -> Result<Vec<TargetRun>, String> {
+fn run(root: &Path, secs: u64, only: Option<&str>) -> Result<Vec<TargetRun>, NotRun> {
     let fuzz = root.join("fuzz");
-    let mut names = targets(&fuzz)?;
+    let mut names = targets(&fuzz).map_err(NotRun::Failed)?;
     if let Some(t) = only {
         if !names.iter().any(|n| n == t) {
-            return Err(format!("no fuzz target {t:?} (targets: {})", names.join(", ")));
+            return Err(NotRun::Failed(format!("no fuzz target {t:?} (targets: {})", names.join(", "))));
         }
         names = vec![t.to_string()];
     }
-    let host = check_toolchain()?;
+    let host = check_toolchain().map_err(NotRun::Unavailable)?;
     let mut build = nightly("cargo");
     build.current_dir(&fuzz).args(["fuzz", "build", "-O"]);
     say!("$ (cd fuzz && RUSTUP_TOOLCHAIN=nightly {})", proc::show(&build));
-    let status = proc::run_streaming(&mut build, "cargo fuzz build").map_err(|e| e.to_string())?;
+    let status = proc::run_streaming(&mut build, "cargo fuzz build").map_err(|e| NotRun::Failed(e.to_string()))?;
     if !status.success() {
-        return Err(format!("cargo fuzz build failed ({status}): see above"));
+        return Err(NotRun::Failed(format!("cargo fuzz build failed ({status}): see above")));
     }
     let bindir = fuzz.join("target").join(&host).join("release");
     let mut out = Vec::new();
     for name in names {
-        out.push(run_target(root, &bindir.join(&name), &name, secs)?);
+        out.push(run_target(root, &bindir.join(&name), &name, secs).map_err(NotRun::Failed)?);
     }
     Ok(out)
 }
