@@ -67,7 +67,7 @@ fn harness_detects_corruption_and_reports() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut buf = vec![0u64; 1024];
     let layout = std::alloc::Layout::from_size_align(8192, 8).unwrap();
-    let b = Block { id: 7, addr: buf.as_mut_ptr() as usize, layout };
+    let b = Block { id: 7, addr: buf.as_mut_ptr() as usize, layout, usable: 8192 };
     let mut sh = Shadow::default();
     // SAFETY (test): `buf` is 8 KiB of our own memory.
     unsafe { sh.insert(b, "test") };

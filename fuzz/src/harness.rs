@@ -220,7 +220,7 @@ impl<S: FuzzSource, P: CpuProvider> Interp<'_, S, P> {
         Layout::from_size_align(size, 1 << align_log).unwrap()
     }
 
-    /// Pages a block may take, roughly (for judging whether a null return is legitimate).
+    /// Bytes a block may take, roughly (for judging whether a null return is legitimate).
     fn footprint(&self, l: Layout) -> usize {
         match self.route(l) {
             Route::Tiny | Route::Class(_) => l.size().max(16) * 2,
@@ -311,7 +311,7 @@ impl<S: FuzzSource, P: CpuProvider> Interp<'_, S, P> {
         }
         let id = self.shadow.new_id();
         // SAFETY: goheap just handed out `p` for `l`.
-        unsafe { self.shadow.insert(Block { id, addr, layout: l }, what) };
+        unsafe { self.shadow.insert(Block { id, addr, layout: l, usable: self.m.usable_size(l) }, what) };
     }
 
     /// Picks a live block from the input, if any; `ok` filters (a few tries, then none).
@@ -356,7 +356,7 @@ impl<S: FuzzSource, P: CpuProvider> Interp<'_, S, P> {
         let addr = p as usize;
         assert!(addr % new_layout.align() == 0, "realloc({old:?}, {new_size}) returned {addr:#x}, not aligned");
         let old = self.shadow.remove(i);
-        let new = Block { id: old.id, addr, layout: new_layout };
+        let new = Block { id: old.id, addr, layout: new_layout, usable: self.m.usable_size(new_layout) };
         // SAFETY: goheap handed out `p` for `new_layout`, with the old contents moved.
         unsafe { self.shadow.moved(old, new, "realloc") };
     }
@@ -585,7 +585,7 @@ impl<S: FuzzSource, P: CpuProvider> Interp<'_, S, P> {
                 if p.is_null() {
                     return;
                 }
-                let b = Block { id: FOREIGN_ID, addr: p as usize, layout };
+                let b = Block { id: FOREIGN_ID, addr: p as usize, layout, usable: layout.size() };
                 let mut other = Shadow::default();
                 // SAFETY: a fresh block of the other heap, ours until freed below.
                 unsafe { other.insert(b, "other heap") };
@@ -614,6 +614,8 @@ impl<S: FuzzSource, P: CpuProvider> Interp<'_, S, P> {
         let b = self.shadow.blocks[i];
         let addr = b.addr + 1 + inp.u32() as usize % (b.layout.size() - 1);
         let new_size = self.layout(inp).size().max(1);
+        // realloc may allocate before it validates (the defect): freed pointers may be handed out again.
+        self.recently_freed.clear();
         // SAFETY: deliberately bad input: an interior pointer to realloc.
         let r = catch_report(|| unsafe { self.m.realloc(addr as *mut u8, b.layout, new_size) });
         match r {

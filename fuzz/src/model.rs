@@ -28,12 +28,15 @@ pub struct Block {
     pub addr: usize,
     /// The layout it was allocated with (and must be freed with).
     pub layout: Layout,
+    /// The bytes the allocator says are usable there (`Malloc::usable_size`): no other live block may
+    /// overlap them.
+    pub usable: usize,
 }
 
 impl Block {
-    /// The bytes the block occupies at least (a zero-sized request still uses one byte).
+    /// The end of the bytes the block may use (a zero-sized request still uses one byte).
     pub fn end(&self) -> usize {
-        self.addr + self.layout.size().max(1)
+        self.addr + self.usable.max(self.layout.size()).max(1)
     }
 }
 
