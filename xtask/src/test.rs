@@ -5,6 +5,8 @@
 //! 3. goheap built for `x86_64-unknown-none` with the kernel toolchain (it must stay no_std);
 //! 4. style gates (`gates.rs`): `cargo fmt --check` in both workspaces, clippy `-D warnings` over each
 //!    feature set of goheap and over xtask and bench, each a pass or a fail;
+//!    then a short run of each fuzz target (`fuzz.rs`; skipped, with the reason, where the toolchain
+//!    cannot fuzz);
 //! 5. QEMU: the demo kernel under UEFI and BIOS, then every test kernel in `kernel-demo/tests/*.rs`.
 //!
 //! Test kernels: each `kernel-demo/tests/NAME.rs` is one kernel (custom_test_frameworks, or
@@ -102,6 +104,11 @@ pub fn main(args: &[String]) -> ExitCode {
     style_gates(&root, &mut sum);
 
     done("step 4/5 (style gates)");
+    say!("fuzz: {} s of each fuzz target (cargo xtask fuzz --time {})", crate::fuzz::TEST_SECS, crate::fuzz::TEST_SECS);
+    for (what, passed, failed, note) in crate::fuzz::test_step(&root) {
+        sum.add(what, passed, failed, note);
+    }
+    done("fuzz");
     say!("step 5/5: QEMU kernels");
     if let Some(tools) = &tools {
         qemu_kernels(tools, &mut sum);
