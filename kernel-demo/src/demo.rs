@@ -26,7 +26,8 @@ use kernel_demo::background;
 use kernel_demo::frames;
 use kernel_demo::heap::{self, HEAP};
 use kernel_demo::serial_println;
-use kernel_demo::testing::Rng;
+use kernel_demo::testing;
+use testkit::Rng;
 
 /// The two CPU facts the demo needs.
 mod cpuinfo {
@@ -608,14 +609,7 @@ pub fn run_oom() -> ! {
     let mut smalls: Vec<*mut u8> = Vec::with_capacity(64 << 10);
 
     // 1 MiB blocks (large path) through `try_reserve_exact` until it fails.
-    while blocks.len() < blocks.capacity() {
-        let mut v: Vec<u8> = Vec::new();
-        if v.try_reserve_exact(1 << 20).is_err() {
-            break;
-        }
-        v.push(blocks.len() as u8);
-        blocks.push(v);
-    }
+    testing::reserve_mib_blocks(&mut blocks);
     // Then 2 KiB objects (small path) through the raw global-allocator interface until it returns null.
     while smalls.len() < smalls.capacity() {
         // SAFETY: a non-zero-size layout.
