@@ -30,18 +30,15 @@ fn make(m: &M, size: usize, align: usize, seed: u64) -> Obj {
     let p = m.alloc(layout(size, align));
     assert!(!p.is_null());
     assert_eq!(p as usize % align, 0);
-    fill(p, size, seed);
+    // SAFETY: `p` is a fresh block of `size` bytes.
+    unsafe { fill(p, size, seed) };
     Obj { addr: p as usize, size, align, seed }
 }
 
 fn free(m: &M, o: Obj) {
-    assert_eq!(
-        check(o.addr as *const u8, o.size, o.seed),
-        Ok(()),
-        "object {:#x} ({} B) was overwritten",
-        o.addr,
-        o.size
-    );
+    // SAFETY: `o` is live (made by `make`, freed only here, once) and `o.size` bytes long.
+    let contents = unsafe { check(o.addr as *const u8, o.size, o.seed) };
+    assert_eq!(contents, Ok(()), "object {:#x} ({} B) was overwritten", o.addr, o.size);
     // SAFETY (test): allocated by `m` with this layout, freed once.
     unsafe { m.dealloc(o.addr as *mut u8, layout(o.size, o.align)) };
 }
