@@ -472,3 +472,39 @@ fn page_scavenger_concurrent_steps_do_not_overshoot() {
         unsafe { h.free_span(None, s) };
     }
 }
+
+/// Nanoseconds of the fake clock below.
+static FAKE_NANOS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn fake_clock() -> u64 {
+    FAKE_NANOS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// With a clock hook, the peak window is timed: calls alone (however many) do not end an epoch, and the
+/// peak leaves the window once `PEAK_WINDOW_EPOCHS` epochs have passed since the one holding it (here
+/// ended by allocation volume at the first step: 8 MiB handed out), each `EPOCH_NANOS` long.
+#[test]
+fn page_scavenger_window_by_clock() {
+    use goheap::page::heap::scavenger::EPOCH_NANOS;
+    let h = heap(64 * MIB, usize::MAX);
+    h.set_clock(Some(fake_clock));
+    let mut spans: Vec<_> = (0..8).map(|_| h.alloc_span(None, MIB / PAGE_SIZE, 0).unwrap()).collect();
+    for s in spans.drain(1..) {
+        // SAFETY: live span, unused.
+        unsafe { h.free_span(None, s) };
+    }
+    for _ in 0..10 * CALLS_PER_EPOCH {
+        assert_eq!(h.scavenge(MIB), 0, "the clock stands still: the 8 MiB peak stays in the window");
+    }
+    for _ in 0..PEAK_WINDOW_EPOCHS - 1 {
+        FAKE_NANOS.fetch_add(EPOCH_NANOS, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(h.scavenge(MIB), 0, "the peak is still in the window");
+    }
+    FAKE_NANOS.fetch_add(EPOCH_NANOS, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(h.scavenge(MIB), MIB, "the peak left the window: the step releases its budget");
+    for s in spans {
+        // SAFETY: live span, unused.
+        unsafe { h.free_span(None, s) };
+    }
+    h.validate();
+}
