@@ -302,3 +302,33 @@ fn limit_below_live_heap_backs_off() {
     assert!(decommitted <= 64 * MIB, "{} KiB decommitted on the allocation path", decommitted >> 10);
     free_burst(&m, &live);
 }
+
+/// The same with a bounded page source instead of a bounded arena: 6 MiB of commit budget, filled with
+/// 1 KiB objects (plus metadata) and freed; a 2 MiB allocation must then succeed (before: the memory sat in
+/// the central lists and the source refused a fresh commit).
+#[test]
+fn bounded_source_freed_then_large_succeeds() {
+    use goheap::source::bounded::BoundedSource;
+    let m =
+        Box::new(Malloc::with_max_bytes(BoundedSource::with_mmap(256 * MIB, 6 * MIB), ThreadSlots::new(), 64 * MIB));
+    let mut v = Vec::new();
+    loop {
+        let p = m.alloc(layout(1024, 8));
+        if p.is_null() {
+            break;
+        }
+        v.push(p as usize);
+    }
+    assert!(v.len() * 1024 >= 4 * MIB, "only {} objects under a 6 MiB budget", v.len());
+    for &p in &v {
+        // SAFETY (test): allocated by `m` with this layout, freed once.
+        unsafe { m.dealloc(p as *mut u8, layout(1024, 8)) };
+    }
+    let p = m.alloc(layout(2 * MIB, 8));
+    assert!(!p.is_null(), "2 MiB under a 6 MiB budget with nothing live");
+    // SAFETY (test): fresh allocation of 2 MiB, freed with its layout.
+    unsafe {
+        p.write_bytes(1, 2 * MIB);
+        m.dealloc(p, layout(2 * MIB, 8));
+    }
+}
