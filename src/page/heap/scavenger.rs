@@ -240,7 +240,9 @@ impl<S: PageSource> Heap<S> {
     }
 
     /// Sets a clock (monotonic nanoseconds) by which the peak window's epochs are timed ([`EPOCH_NANOS`]);
-    /// `None` (the default): epochs end by calls and allocation volume.
+    /// `None` (the default): epochs end by calls and allocation volume. The clock is read with the heap
+    /// lock held: it must not allocate or take a lock an allocating interrupt handler could hold (a TSC or
+    /// tick-counter read is the intended kind).
     pub fn set_clock(&self, clock: Option<fn() -> u64>) {
         let mut g = self.inner.lock();
         g.scav.clock = clock;
