@@ -61,7 +61,10 @@
 //!    tiny class) when the request does not fit.
 //! 7. Large: a span of whole pages straight from the page heap, any alignment.
 //!
-//! If the page source has no memory, every step unwinds without changing state and `alloc` returns null.
+//! If the page allocator, the arena bound or the page source says no, every step unwinds without changing
+//! state; the allocator then reclaims (as Go's `mheap.alloc` does before it fails: the calling CPU's stocks,
+//! spans and page cache, every empty span of the central lists, and a flush request every other CPU honours
+//! at its next entry; see `malloc/reclaim.rs`) and retries once before `alloc` returns null.
 //!
 //! ## The free path ([`Malloc::dealloc`]; Go has none, its GC frees)
 //!
@@ -82,7 +85,11 @@
 //! The crate starts no threads. [`Malloc::background`] is called from a kernel's timer or idle path or a host
 //! thread: it folds deferred frees into the calling CPU's spans, returns empty spans from the central lists
 //! to the page heap (Go's sweeper), and runs one budgeted step of the scavenger, which decommits free pages
-//! down to a retained target steered by the recent peak and the soft memory limit (GOMEMLIMIT).
+//! down to a retained target steered by the recent peak and the soft memory limit (GOMEMLIMIT). Its pace
+//! follows allocation volume and each CPU's own calls (or a clock), not the total number of calls: a call
+//! that finds the heap idle sweeps and scavenges several budgets' worth, so an idle loop at a timer rate
+//! returns a freed burst within about a second. Above the memory limit, allocation and the background
+//! step reclaim as above (backing off while the live heap itself is above the limit).
 //!
 //! ## What was adapted from Go, and why
 //!

@@ -71,17 +71,28 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         }
         let e = self.enter();
         let t = &self.t;
-        let p = if r == TINY_CLASS {
-            let p = e.cache.alloc_tiny(t, size.max(1), align, e.sh);
-            if ZERO && !p.is_null() {
-                // SAFETY: `p` is a fresh allocation of `size` bytes.
-                unsafe { ptr::write_bytes(p, 0, size) };
+        let small = |cache: &mut CpuCache| {
+            if r == TINY_CLASS {
+                let p = cache.alloc_tiny(t, size.max(1), align, e.sh);
+                if ZERO && !p.is_null() {
+                    // SAFETY: `p` is a fresh allocation of `size` bytes.
+                    unsafe { ptr::write_bytes(p, 0, size) };
+                }
+                p
+            } else {
+                // SAFETY: `route` returns size classes below `NUM_SIZE_CLASSES` (or the tiny class, above).
+                unsafe { cache.alloc::<S, ZERO>(t, r, e.sh) }
             }
-            p
-        } else {
-            // SAFETY: `route` returns size classes below `NUM_SIZE_CLASSES` (or the tiny class, handled above).
-            unsafe { e.cache.alloc::<S, ZERO>(t, r, e.sh) }
         };
+        let mut p = small(e.cache);
+        if p.is_null() {
+            // Out of memory: give back what the allocator holds free and retry once (see `reclaim.rs`).
+            self.reclaim(e.cache, e.sh);
+            p = small(e.cache);
+        }
+        if !p.is_null() {
+            self.after_alloc_limit(e.cache, e.sh);
+        }
         let sampled = self.count_sample(e.cache, size);
         let me = e.sh.index;
         drop(e);
@@ -101,12 +112,21 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         // Guard mode: the object ends right before a guard page, so the body must leave room to align it.
         let npages = if guarded { npages_for(size + align - 1) + 1 } else { npages_for(size) };
         let e = self.enter();
-        let s = if align <= PAGE_SIZE || guarded {
-            self.t.heap.alloc_span(Some(&mut e.cache.pcache), npages, 0)
-        } else {
-            self.t.heap.alloc_span_aligned(npages, align)
+        let span = |cache: &mut CpuCache| {
+            if align <= PAGE_SIZE || guarded {
+                self.t.heap.alloc_span(Some(&mut cache.pcache), npages, 0)
+            } else {
+                self.t.heap.alloc_span_aligned(npages, align)
+            }
         };
+        let mut s = span(e.cache);
+        if s.is_none() {
+            // Out of memory: give back what the allocator holds free and retry once (see `reclaim.rs`).
+            self.reclaim(e.cache, e.sh);
+            s = span(e.cache);
+        }
         let Some(s) = s else { return ptr::null_mut() };
+        self.after_alloc_limit(e.cache, e.sh);
         let s = s.as_ptr();
         // SAFETY: a fresh large span is ours alone.
         let p = unsafe {

@@ -20,15 +20,23 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// One step of background work, for a kernel's timer or idle loop or a host thread: folds deferred frees
     /// into the calling CPU's cached spans, returns up to `max_spans` empty spans per class from the central
     /// lists to the page heap, and lets the scavenger give back up to `scavenge_budget_bytes`.
+    ///
+    /// Pacing (see `reclaim.rs`): `max_spans` and the budget hold while the heap allocates; an *idle* call
+    /// (no span allocated since this CPU's previous call) sweeps every empty span, with no per-class floor,
+    /// and sweeps and scavenges up to [`IDLE_BUDGET_FACTOR`] times the budget. Each CPU's calls count
+    /// towards the end of the scavenger's epoch on their own, so the recent-peak window does not shrink
+    /// with the number of CPUs calling. Above the memory limit, the step also reclaims (as before a failing
+    /// allocation) and releases down to the limit.
     pub fn background(&self, max_spans: usize, scavenge_budget_bytes: usize) -> BackgroundReport {
         let mut rep = BackgroundReport::default();
+        let mut pace = (crate::page::heap::scavenger::Tick::Cpu(None), scavenge_budget_bytes);
         self.with_cache(|c, t, sh| {
             rep.nfolded = c.sweep_cached(t, sh);
-            for central in t.centrals.iter().skip(1) {
-                rep.npages_swept += central.sweep(&t.heap, Some(&mut c.pcache), KEEP_EMPTY_SPANS, max_spans);
-            }
+            let (swept, tick, budget) = self.background_pacing(c, sh, max_spans, scavenge_budget_bytes);
+            rep.npages_swept = swept;
+            pace = (tick, budget);
         });
-        rep.nbytes_released = self.t.heap.scavenge(scavenge_budget_bytes);
+        rep.nbytes_released = self.t.heap.scavenge_paced(pace.1, pace.0).released;
         rep
     }
 
@@ -50,8 +58,11 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
 
     /// Go's `debug.FreeOSMemory`: flushes the calling CPU's cache (and the shared one), returns every empty
     /// span to the page heap and every free page to the page source. Returns the bytes released.
+    ///
+    /// Other CPUs' caches are asked to flush too: each does at its next entry into the allocator's general
+    /// path (see `reclaim.rs`); a later `release_all` or background step then returns what they gave back.
     pub fn release_all(&self) -> usize {
-        self.flush_cpu_cache();
+        self.with_cache(|c, _, sh| self.reclaim(c, sh));
         {
             let _lock = self.shared_lock.lock();
             // SAFETY: the shared cache is only used under `shared_lock`, which we hold.
@@ -65,7 +76,13 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     }
 
     /// Sets the soft memory limit (GOMEMLIMIT); `usize::MAX` removes it. See `scavenger.rs`.
+    /// If the total is above the new limit, reclaims at once (see `reclaim.rs`).
     pub fn set_memory_limit(&self, nbytes: usize) {
-        self.t.heap.set_memory_limit(nbytes)
+        self.t.heap.set_memory_limit(nbytes);
+        if self.t.heap.over_limit() {
+            self.with_cache(|c, _, sh| {
+                self.limit_reclaim(c, sh, true);
+            });
+        }
     }
 }

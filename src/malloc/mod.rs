@@ -23,6 +23,8 @@
 //! - this file: the type, its construction, routing, entering a cache;
 //! - `alloc.rs`: the allocation paths (fast, general, large); `free.rs`: the free paths and `realloc`;
 //! - `maintenance.rs`: the background step, cache flushes, `release_all`, the memory limit;
+//! - `reclaim.rs`: reclaim before failing, flush requests to other caches, the memory limit's reclaim and
+//!   the background step's pacing;
 //! - `profile.rs`: heap-profile sampling; `report.rs`: per-CPU figures, `MemStats`, metrics, validation;
 //! - `api.rs`: `GlobalAlloc` and allocator-api2's `Allocator`.
 
@@ -48,11 +50,13 @@ mod api;
 mod free;
 mod maintenance;
 mod profile;
+mod reclaim;
 mod report;
 
 pub use maintenance::BackgroundReport;
 use profile::Profiler;
 pub use profile::{ProfileBucket, ProfileHook, ProfileSample, DEFAULT_PROFILE_RATE};
+pub use reclaim::{limit_reclaim_base_npages, IDLE_BUDGET_FACTOR};
 pub use report::CpuSummary;
 
 /// Cache index of the shared cache (marks the spans it caches).
@@ -158,6 +162,8 @@ pub struct Malloc<S: PageSource, P: CpuProvider> {
     /// Debug knobs; immutable once built.
     debug: DebugFlags,
     profiler: Profiler,
+    /// Flush requests and background pacing (see `reclaim.rs`).
+    pacing: reclaim::Pacing,
 }
 
 const fn cache_slots() -> [CacheSlot; MAX_CPUS] {
@@ -208,6 +214,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 samples: [const { AtomicU64::new(0) }; NUM_ALLOC_CLASSES + 1],
                 sampled_bytes: [const { AtomicU64::new(0) }; NUM_ALLOC_CLASSES + 1],
             },
+            pacing: reclaim::Pacing::new(),
         }
     }
 
@@ -262,6 +269,9 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 let slot = unsafe { self.caches.get_unchecked(i) };
                 // SAFETY: as above: the guard gives us slot `i`'s cache exclusively.
                 let cache = unsafe { &mut *slot.cache.get() };
+                if self.pacing.flush_due(i) {
+                    self.honour_flush(cache, &slot.shared);
+                }
                 Entered { cache, sh: &slot.shared, _held: Held::Cpu(guard) }
             }
             (guard, None) => self.enter_shared(guard),
@@ -274,6 +284,9 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         // SAFETY: the shared cache is only used under `shared_lock`, which `Entered` holds as long as the
         // reference lives.
         let cache = unsafe { &mut *self.shared.cache.get() };
+        if self.pacing.flush_due(MAX_CPUS) {
+            self.honour_flush(cache, &self.shared.shared);
+        }
         Entered { cache, sh: &self.shared.shared, _held: Held::Shared(lock, guard) }
     }
 

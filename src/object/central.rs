@@ -398,23 +398,38 @@ impl Central {
     pub fn sweep<S: PageSource>(
         &self,
         heap: &Heap<S>,
+        pcache: Option<&mut PageCache>,
+        keep: usize,
+        max_spans: usize,
+    ) -> usize {
+        self.sweep_budget(heap, pcache, keep, max_spans, usize::MAX)
+    }
+
+    /// As [`Central::sweep`], stopping once `max_pages` pages have been returned (at least one span is
+    /// returned if any is beyond `keep`). The background step paces its sweep in pages with it.
+    pub fn sweep_budget<S: PageSource>(
+        &self,
+        heap: &Heap<S>,
         mut pcache: Option<&mut PageCache>,
         keep: usize,
         max_spans: usize,
+        max_pages: usize,
     ) -> usize {
         // Unlink the victims under the lock, free them to the heap after it (the heap lock is never taken
         // while a Central lock is held on this path, though the order would allow it).
         let mut victims: *mut Span = ptr::null_mut();
         let mut nvictims = 0;
+        let mut nvictim_pages = 0;
         {
             let mut lists = self.lock.lock();
-            while lists.empty.len > keep && nvictims < max_spans {
+            while lists.empty.len > keep && nvictims < max_spans && nvictim_pages < max_pages {
                 // SAFETY: we hold the lock; the empty list is non-empty.
                 unsafe {
                     let Some(s) = lists.empty.pop() else { break };
                     (*s).list = SpanList::None as u8;
                     (*s).next = victims;
                     victims = s;
+                    nvictim_pages += (*s).npages;
                 }
                 nvictims += 1;
             }

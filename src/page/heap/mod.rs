@@ -164,6 +164,11 @@ pub struct Heap<S: PageSource> {
     pub(crate) window_peak_npages: AtomicUsize,
     /// Pages the background scavenger holds allocated while it decommits them without the heap lock.
     pub(crate) scav_inflight_npages: AtomicUsize,
+    /// Pages handed out in spans since the heap was created (allocation volume: paces the scavenger's
+    /// peak window and the memory limit's reclaim, see `scavenger.rs`).
+    pub(crate) alloc_volume_npages: AtomicUsize,
+    /// The scavenger's epoch number (mirrors `ScavState::epoch`, readable without the heap lock).
+    pub(crate) scav_epoch: AtomicUsize,
     /// Arena and metadata reservations (set once at init).
     pub(crate) reserved_bytes: AtomicUsize,
     pub(crate) meta_reserved_bytes: AtomicUsize,
@@ -213,6 +218,8 @@ impl<S: PageSource> Heap<S> {
             retained_goal_bytes: AtomicUsize::new(0),
             window_peak_npages: AtomicUsize::new(0),
             scav_inflight_npages: AtomicUsize::new(0),
+            alloc_volume_npages: AtomicUsize::new(0),
+            scav_epoch: AtomicUsize::new(0),
             reserved_bytes: AtomicUsize::new(0),
             meta_reserved_bytes: AtomicUsize::new(0),
         }

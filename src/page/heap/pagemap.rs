@@ -36,6 +36,7 @@ impl<S: PageSource> Heap<S> {
         self.check_map(idx, npages, sp);
         let n = self.inuse_npages.fetch_add(npages, Ordering::Relaxed) + npages;
         self.epoch_peak_npages.fetch_max(n, Ordering::Relaxed);
+        self.alloc_volume_npages.fetch_add(npages, Ordering::Relaxed);
         self.spans_inuse.fetch_add(1, Ordering::Relaxed);
     }
 

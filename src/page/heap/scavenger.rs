@@ -7,8 +7,16 @@
 //! when the heap retains more than it needs:
 //! - **Retained goal** (Go's `gcPercentGoal`, adapted): there is no GC cycle and no heap goal here, so the
 //!   heap tracks its own recent peak in-use size: `peak = max(inuse peaks over the last PEAK_WINDOW_EPOCHS
-//!   epochs)`, an epoch being [`CALLS_PER_EPOCH`] calls of [`Heap::scavenge`], and
-//!   `gc_goal = peak * (100 + RETAINED_HEADROOM_PERCENT) / 100` (10% headroom, as Go's retainExtraPercent).
+//!   epochs)` and `gc_goal = peak * (100 + RETAINED_HEADROOM_PERCENT) / 100` (10% headroom, as Go's
+//!   retainExtraPercent).
+//! - **Epochs** end by allocation volume — once the heap has handed out `max(EPOCH_MIN_BYTES, window peak /
+//!   PEAK_WINDOW_EPOCHS)` in spans since the epoch began (the window is about one peak's worth of
+//!   allocation, as Go's GC cycles are) — or by time: [`EPOCH_NANOS`] with a clock hook
+//!   ([`Heap::set_clock`]), else [`CALLS_PER_EPOCH`] calls of one caller ([`Tick`]): [`Heap::scavenge`]
+//!   counts its own calls, `Malloc::background` those of each CPU separately, so the window does not
+//!   shrink with the number of CPUs calling and an idle system forgets a peak in a few dozen ticks.
+//! - **Concurrent steps** share the excess over the goal: each step claims (under the heap lock) a part
+//!   the others have not claimed, so together they do not release below the goal.
 //! - **Memory limit** (GOMEMLIMIT, spec section 7):
 //!   `limit_goal = limit * (100 - LIMIT_HEADROOM_PERCENT) / 100 - nonheap_committed` (span descriptors and
 //!   metadata count against the limit). The goal is
@@ -16,8 +24,11 @@
 //!   (every non-dense chunk, then dense ones too), otherwise *lazy* (dense chunks skipped).
 //! - **Soft limit**: allocation never fails because of the limit. After an allocation that leaves the total
 //!   above the limit, the allocating CPU releases free committed pages down to `limit_goal` (Go's
-//!   allocation-triggered scavenging) if there are any; if live data alone exceeds the limit, allocation
-//!   proceeds while the source has memory.
+//!   allocation-triggered scavenging) if there are any; if the pages in use (with the metadata) already
+//!   reach the limit goal, allocation proceeds without scavenging (*backoff*: releasing free pages then
+//!   cannot meet the limit, and the next allocations would commit them again — the thrash Go's soft limit
+//!   avoids). The allocator above adds its own reclaim for the limit (caches and central lists, paced by
+//!   allocation volume, see `malloc/reclaim.rs`) and [`Heap::release_for_limit`].
 //! - **Chunk choice**: chunks are scanned from the highest address down (allocation is lowest-address first,
 //!   so high pages are the least likely to be reused), in passes: mostly free chunks first (at most
 //!   [`SCAV_MOSTLY_FREE_PAGES`] pages allocated), then chunks that are not dense (fewer than
@@ -34,7 +45,8 @@
 //! # Invariants
 //! - A page is decommitted only while free in the page allocator and not scavenged; it is then marked
 //!   scavenged in the same critical section, so `committed_npages = grown - scav - cache_scav` holds.
-//! - `window[..]` are inuse peaks (pages) of past epochs; `calls < CALLS_PER_EPOCH`.
+//! - `window[..]` are inuse peaks (pages) of past epochs; `calls < CALLS_PER_EPOCH`;
+//!   `claimed_bytes` = Σ bytes that steps running without the lock set out to release.
 //!
 //! # Locking
 //! [`ScavState`] lives in `HeapInner`, under the heap lock. The background step and `release_all` call the
@@ -59,8 +71,16 @@ pub const RETAINED_HEADROOM_PERCENT: usize = 10;
 pub const LIMIT_HEADROOM_PERCENT: usize = 5;
 /// Epochs in the peak window.
 pub const PEAK_WINDOW_EPOCHS: usize = 4;
-/// Calls of [`Heap::scavenge`] per epoch (with a 10 ms period: 0.64 s epochs, a 2.56 s window).
-pub const CALLS_PER_EPOCH: usize = 64;
+/// Without a clock, an epoch also ends after this many calls of one caller: of [`Heap::scavenge`], or of
+/// `Malloc::background` on one CPU (each CPU counts its own calls, so the window does not shrink with the
+/// number of CPUs). At a 100 Hz idle tick: 80 ms epochs; a peak is forgotten 5 epochs (0.4 s) after it.
+pub const CALLS_PER_EPOCH: usize = 8;
+/// An epoch ends once the heap has handed out `max(EPOCH_MIN_BYTES, window peak / PEAK_WINDOW_EPOCHS)`
+/// in spans since it began (allocation volume: the window is about one peak's worth of allocation).
+pub const EPOCH_MIN_BYTES: usize = 4 << 20;
+/// With a clock hook ([`Heap::set_clock`]), an epoch lasts this long instead of [`CALLS_PER_EPOCH`] calls:
+/// 100 ms.
+pub const EPOCH_NANOS: u64 = 100_000_000;
 /// A chunk with at least this many allocated pages is dense: `512 * 31 / 32` = 496 (Go's 96.875%).
 pub const SCAV_CHUNK_HI_OCC_PAGES: usize = PALLOC_CHUNK_PAGES * 31 / 32;
 /// A chunk with at most this many allocated pages is mostly free: `512 / 4` = 128.
@@ -89,11 +109,40 @@ impl ScavMode {
     }
 }
 
+/// The pacing input of one scavenger step: what counts as the passing of time for the peak window.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Tick {
+    /// The heap counts the calls itself ([`Heap::scavenge`]: one caller, e.g. one scavenger thread).
+    Own,
+    /// The caller counts its own calls (one CPU's `Malloc::background`): `Some(e)` when it has made
+    /// [`CALLS_PER_EPOCH`] calls since it saw epoch `e` begin (ends epoch `e` if it is still current).
+    Cpu(Option<usize>),
+}
+
+/// What one scavenger step did.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct ScavStep {
+    /// Bytes given back to the source.
+    pub released: usize,
+    /// The heap still retains more than its goal (more steps, or page caches flushed, would release more).
+    pub over_goal: bool,
+}
+
 /// Scavenger bookkeeping (guarded by the heap lock).
 #[derive(Debug)]
 pub struct ScavState {
-    /// Calls in the current epoch.
+    /// Calls of [`Heap::scavenge`] in the current epoch.
     calls: usize,
+    /// The epoch number (also in `Heap::scav_epoch`), the heap's allocation volume (pages) and the clock
+    /// reading when it began.
+    epoch: usize,
+    epoch_start_volume: usize,
+    epoch_start_nanos: u64,
+    /// A clock in nanoseconds ([`Heap::set_clock`]): epochs by time instead of calls.
+    clock: Option<fn() -> u64>,
+    /// Bytes steps running without the lock have set out to release (so concurrent steps share the work
+    /// down to the goal instead of each doing all of it).
+    claimed_bytes: usize,
     /// In-use peaks (pages) of past epochs, a ring.
     window: [usize; PEAK_WINDOW_EPOCHS],
     wpos: usize,
@@ -108,6 +157,11 @@ impl ScavState {
     pub const fn new() -> Self {
         Self {
             calls: 0,
+            epoch: 0,
+            epoch_start_volume: 0,
+            epoch_start_nanos: 0,
+            clock: None,
+            claimed_bytes: 0,
             window: [0; PEAK_WINDOW_EPOCHS],
             wpos: 0,
             cycle_steps: 0,
@@ -168,23 +222,42 @@ impl fmt::Display for Bytes {
 impl<S: PageSource> Heap<S> {
     /// One background scavenger step: releases at most `budget_bytes` (rounded up to pages) of free
     /// committed pages if the heap retains more than its goal (see the module docs). Returns bytes released.
-    /// Logs one line when a cycle ends.
+    /// Logs one line when a cycle ends. For a single caller: every [`CALLS_PER_EPOCH`] calls end an epoch
+    /// (allocators with several CPUs use `Malloc::background`, which counts calls per CPU).
     pub fn scavenge(&self, budget_bytes: usize) -> usize {
+        self.scavenge_paced(budget_bytes, Tick::Own).released
+    }
+
+    /// The current epoch number of the peak window (see [`Tick::Cpu`]).
+    pub fn scav_epoch(&self) -> usize {
+        self.scav_epoch.load(Ordering::Relaxed)
+    }
+
+    /// Pages handed out in spans since the heap was created (the allocation volume that paces the peak
+    /// window).
+    pub fn alloc_volume_npages(&self) -> usize {
+        self.alloc_volume_npages.load(Ordering::Relaxed)
+    }
+
+    /// Sets a clock (monotonic nanoseconds) by which the peak window's epochs are timed ([`EPOCH_NANOS`]);
+    /// `None` (the default): epochs end by calls and allocation volume. The clock is read with the heap
+    /// lock held: it must not allocate or take a lock an allocating interrupt handler could hold (a TSC or
+    /// tick-counter read is the intended kind).
+    pub fn set_clock(&self, clock: Option<fn() -> u64>) {
+        let mut g = self.inner.lock();
+        g.scav.clock = clock;
+        g.scav.epoch_start_nanos = clock.map_or(0, |c| c());
+    }
+
+    /// One scavenger step with the caller's pacing input (see [`Tick`]).
+    pub fn scavenge_paced(&self, budget_bytes: usize, tick: Tick) -> ScavStep {
         let mut g = self.inner.lock();
         if g.state != crate::page::heap::InitState::Ready {
-            return 0;
+            return ScavStep::default();
         }
         let inner = &mut *g;
-        // Epoch bookkeeping for the peak window.
         let inuse = self.inuse_npages.load(Ordering::Relaxed);
-        inner.scav.calls += 1;
-        if inner.scav.calls >= CALLS_PER_EPOCH {
-            inner.scav.calls = 0;
-            let wpos = inner.scav.wpos;
-            inner.scav.window[wpos] = self.epoch_peak_npages.swap(inuse, Ordering::Relaxed);
-            inner.scav.wpos = (wpos + 1) % PEAK_WINDOW_EPOCHS;
-        }
-        let window_peak = inner.scav.window.iter().copied().max().unwrap_or(0);
+        let window_peak = self.advance_window_locked(&mut inner.scav, inuse, tick);
         self.window_peak_npages.store(window_peak, Ordering::Relaxed);
         let peak = window_peak.max(self.epoch_peak_npages.load(Ordering::Relaxed)).max(inuse) * PAGE_SIZE;
         let committed = self.committed_npages.load(Ordering::Relaxed) * PAGE_SIZE;
@@ -192,19 +265,20 @@ impl<S: PageSource> Heap<S> {
         let limit = self.memory_limit.load(Ordering::Relaxed);
         let (goal, mode) = retained_goal(peak, limit, nonheap, committed);
         self.retained_goal_bytes.store(goal, Ordering::Relaxed);
+        // Steps running concurrently share the excess: each claims what the others have not.
+        let excess = committed.saturating_sub(goal).saturating_sub(inner.scav.claimed_bytes);
+        let want = budget_bytes.min(excess).next_multiple_of(PAGE_SIZE);
+        inner.scav.claimed_bytes += want;
         drop(g);
-        let released = if committed > goal && budget_bytes > 0 {
-            self.scavenge_unlocked(budget_bytes.min(committed - goal), mode)
-        } else {
-            0
-        };
+        let released = if want > 0 { self.scavenge_unlocked(want, mode) } else { 0 };
         let mut g = self.inner.lock();
         let st = &mut g.scav;
+        st.claimed_bytes -= want;
         if released != 0 {
             st.cycle_steps += 1;
             st.cycle_released_bytes += released;
             st.cycle_mode = mode;
-        } else if st.cycle_steps != 0 {
+        } else if st.cycle_steps != 0 && st.claimed_bytes == 0 {
             // Nothing more to do: the cycle ends.
             let (steps, bytes, mode) = (st.cycle_steps, st.cycle_released_bytes, st.cycle_mode);
             st.cycle_steps = 0;
@@ -212,7 +286,40 @@ impl<S: PageSource> Heap<S> {
             drop(g);
             self.log_cycle(bytes, steps, goal, mode);
         }
-        released
+        let over_goal = self.committed_npages.load(Ordering::Relaxed) * PAGE_SIZE > goal;
+        ScavStep { released, over_goal }
+    }
+
+    /// Ends the epoch if it is over (by clock, by the caller's calls, or by allocation volume) and returns
+    /// the window's peak (pages). Heap lock held.
+    fn advance_window_locked(&self, st: &mut ScavState, inuse: usize, tick: Tick) -> usize {
+        let window_peak = st.window.iter().copied().max().unwrap_or(0);
+        let volume = self.alloc_volume_npages.load(Ordering::Relaxed);
+        let epoch_npages = (EPOCH_MIN_BYTES / PAGE_SIZE).max(window_peak / PEAK_WINDOW_EPOCHS);
+        let by_volume = volume.wrapping_sub(st.epoch_start_volume) >= epoch_npages;
+        let now = st.clock.map_or(0, |c| c());
+        let by_time = match st.clock {
+            Some(_) => now.wrapping_sub(st.epoch_start_nanos) >= EPOCH_NANOS,
+            None => match tick {
+                Tick::Own => {
+                    st.calls += 1;
+                    st.calls >= CALLS_PER_EPOCH
+                }
+                Tick::Cpu(Some(e)) => e == st.epoch,
+                Tick::Cpu(None) => false,
+            },
+        };
+        if !(by_volume || by_time) {
+            return window_peak;
+        }
+        st.calls = 0;
+        st.window[st.wpos] = self.epoch_peak_npages.swap(inuse, Ordering::Relaxed);
+        st.wpos = (st.wpos + 1) % PEAK_WINDOW_EPOCHS;
+        st.epoch += 1;
+        st.epoch_start_volume = volume;
+        st.epoch_start_nanos = now;
+        self.scav_epoch.store(st.epoch, Ordering::Relaxed);
+        st.window.iter().copied().max().unwrap_or(0)
     }
 
     /// Releases every free committed page not held by a page cache (Go's `debug.FreeOSMemory`; flush the
@@ -282,12 +389,44 @@ impl<S: PageSource> Heap<S> {
             return; // live data alone is over the limit: soft limit, carry on
         }
         let target = limit - limit / 100 * LIMIT_HEADROOM_PERCENT;
+        let nonheap = self.span_sys_bytes.load(Ordering::Relaxed) + self.meta_committed_bytes.load(Ordering::Relaxed);
+        if busy * PAGE_SIZE + nonheap >= target {
+            // Backoff: what is in use already reaches the limit goal, so releasing the free pages cannot
+            // meet the limit, and the next allocations would only commit them again (decommit/recommit on
+            // every allocation). The limit is soft: leave them to the background step.
+            return;
+        }
         let want = total.saturating_sub(target).min((committed - busy) * PAGE_SIZE);
         let mut g = self.inner.lock();
         let r = self.scavenge_locked(&mut g, want, ScavMode::Forced);
         drop(g);
         // No log line here: this runs inside an allocation, and a logger that allocates would re-enter it.
         self.scav_alloc_bytes.fetch_add(r, Ordering::Relaxed);
+    }
+
+    /// Whether the total committed memory is above the memory limit (a few atomic loads).
+    #[inline]
+    pub fn over_limit(&self) -> bool {
+        let limit = self.memory_limit.load(Ordering::Relaxed);
+        limit != usize::MAX && self.total_committed_bytes() > limit
+    }
+
+    /// Releases free committed pages (not held by page caches) until the total is at the memory limit's
+    /// goal (`limit - 5%`), decommitting without the heap lock. Used by the allocator's reclaim for the
+    /// limit; the caller paces it. Returns bytes released (0 without a limit).
+    pub fn release_for_limit(&self) -> usize {
+        let limit = self.memory_limit.load(Ordering::Relaxed);
+        if limit == usize::MAX {
+            return 0;
+        }
+        let target = limit - limit / 100 * LIMIT_HEADROOM_PERCENT;
+        let want = self.total_committed_bytes().saturating_sub(target);
+        if want == 0 {
+            return 0;
+        }
+        let r = self.scavenge_unlocked(want, ScavMode::Forced);
+        self.scav_alloc_bytes.fetch_add(r, Ordering::Relaxed);
+        r
     }
 
     /// Releases up to `want_bytes` (rounded up to pages) of free committed pages, choosing chunks as the

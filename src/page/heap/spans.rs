@@ -299,6 +299,7 @@ impl<S: PageSource> Heap<S> {
         self.set_map(from, extra, sp);
         let n = self.inuse_npages.fetch_add(extra, Ordering::Relaxed) + extra;
         self.epoch_peak_npages.fetch_max(n, Ordering::Relaxed);
+        self.alloc_volume_npages.fetch_add(extra, Ordering::Relaxed);
         self.after_alloc();
         true
     }

@@ -1,0 +1,225 @@
+//! Reclaim before failing, the memory limit's reclaim, and the pacing of the background step.
+//!
+//! See `lib.rs` for an overview of the allocator and `malloc/mod.rs` for the guards and locks.
+//!
+//! # Reclaim (Go's `mheap.alloc` reclaims before it fails)
+//! When the page heap says no to a span (page allocator full, arena bound reached, source out of memory:
+//! for a refill, a page-cache refill, heap growth or a large object), the allocation path calls
+//! [`Malloc::reclaim`] and retries once before returning null. Reclaim, with no goheap lock held:
+//! 1. asks every other cache to flush: `flush_epoch` is bumped, and each cache compares it with the epoch
+//!    it last flushed at whenever its owner next enters the general path (`Malloc::enter`: two relaxed
+//!    loads), flushing everything it holds if they differ. Other CPUs' caches are theirs alone (no lock
+//!    guards them), so this request is the only safe way to reach them; a *later* retry then succeeds;
+//! 2. flushes the caller's own cache: its stocks and tiny block go to the central lists, its spans back to
+//!    their central lists, its page cache to the page heap;
+//! 3. flushes the shared cache if its lock is free (`try_lock`: the caller may be its holder's interrupt);
+//! 4. returns every empty span of every central list to the page heap (no [`KEEP_EMPTY_SPANS`] floor).
+//!
+//! The retry's commit path then releases free committed pages where the source needs room
+//! (`commit_range_locked`). Lock order (shared cache → central → heap) holds: each step takes its locks
+//! one at a time.
+//!
+//! # The memory limit's reclaim
+//! After an allocation on the general path that leaves the total above the soft limit, and in the
+//! background step, the same reclaim runs and then the heap releases free pages down to the limit's goal
+//! (`Heap::release_for_limit`). On the allocation path it is paced by allocation volume: after a reclaim that
+//! left the total above the limit (the live heap is above it), the next one waits for twice as much
+//! allocation, up to `LIMIT_BACKOFF_MAX` times [`limit_reclaim_base_npages`]; one that meets the limit resets
+//! the interval. So a live heap above the limit does not decommit and recommit on every allocation (the
+//! limit is soft), and one below it is brought under it soon after.
+//!
+//! # Background pacing
+//! Each cache slot counts its own `background` calls per scavenger epoch and ends the epoch after
+//! [`CALLS_PER_EPOCH`] of them (`Tick::Cpu`), so the peak window lasts as many calls of the fastest caller
+//! whatever the number of CPUs; allocation volume (and a clock, if set) ends epochs too (see
+//! `scavenger.rs`). A call is *idle* when no span was allocated since the same slot's previous call: an
+//! idle call sweeps all empty spans (no floor, up to `IDLE_BUDGET_FACTOR` times the scavenge budget in
+//! pages), scavenges up to that much too, and flushes the caller's page cache while the heap is above its
+//! goal, so a kernel's idle loop at 100 Hz returns a freed burst within about a second.
+
+use super::*;
+use crate::page::heap::scavenger::{Tick, CALLS_PER_EPOCH};
+
+/// An idle background call may sweep and scavenge this many times its budget.
+pub const IDLE_BUDGET_FACTOR: usize = 8;
+/// Smallest allocation volume between two memory-limit reclaims on the allocation path: 2 MiB in pages.
+const LIMIT_RECLAIM_MIN_NPAGES: usize = (2 << 20) / PAGE_SIZE;
+/// The interval between memory-limit reclaims grows to at most this many times its base.
+const LIMIT_BACKOFF_MAX: usize = 64;
+
+/// Base allocation volume (pages) between memory-limit reclaims on the allocation path for limit `limit`:
+/// `max(limit / 8, 2 MiB)`.
+pub fn limit_reclaim_base_npages(limit: usize) -> usize {
+    (limit / 8 / PAGE_SIZE).max(LIMIT_RECLAIM_MIN_NPAGES)
+}
+
+/// One cache slot's pacing state; written only by the slot's owner (plain relaxed stores).
+#[repr(align(64))]
+struct CpuPacing {
+    /// The flush epoch this cache last flushed at.
+    flush_seen: AtomicUsize,
+    /// The scavenger epoch the slot's background calls are counted in, and their number.
+    bg_epoch: AtomicUsize,
+    bg_calls: AtomicUsize,
+    /// The heap's allocation volume at the slot's previous background call.
+    bg_volume: AtomicUsize,
+}
+
+/// Reclaim requests and pacing state of one allocator.
+pub(super) struct Pacing {
+    /// Bumped by every reclaim: caches that have not flushed since do so at their next general entry.
+    flush_epoch: AtomicUsize,
+    /// Per cache slot; index `MAX_CPUS` is the shared cache.
+    cpus: [CpuPacing; MAX_CPUS + 1],
+    /// Allocation volume (pages) below which the allocation path does not reclaim for the limit again,
+    /// and the current interval.
+    limit_next_npages: AtomicUsize,
+    limit_every_npages: AtomicUsize,
+}
+
+impl Pacing {
+    pub(super) const fn new() -> Self {
+        Pacing {
+            flush_epoch: AtomicUsize::new(0),
+            cpus: [const {
+                CpuPacing {
+                    flush_seen: AtomicUsize::new(0),
+                    bg_epoch: AtomicUsize::new(0),
+                    bg_calls: AtomicUsize::new(0),
+                    bg_volume: AtomicUsize::new(0),
+                }
+            }; MAX_CPUS + 1],
+            limit_next_npages: AtomicUsize::new(0),
+            limit_every_npages: AtomicUsize::new(0),
+        }
+    }
+
+    /// Whether cache `index` has a flush request pending (two relaxed loads).
+    #[inline(always)]
+    pub(super) fn flush_due(&self, index: usize) -> bool {
+        let seen = self.cpus.get(index).map_or(0, |c| c.flush_seen.load(Ordering::Relaxed));
+        self.flush_epoch.load(Ordering::Relaxed) != seen
+    }
+
+    fn cpu(&self, index: u16) -> &CpuPacing {
+        &self.cpus[(index as usize).min(MAX_CPUS)]
+    }
+}
+
+impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
+    /// Honours a flush request (see the module docs): the entered cache `cache` gives back all it holds.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn honour_flush(&self, cache: &mut CpuCache, sh: &CpuShared) {
+        let e = self.pacing.flush_epoch.load(Ordering::Relaxed);
+        self.pacing.cpu(sh.index).flush_seen.store(e, Ordering::Relaxed);
+        cache.flush_all(&self.t, sh);
+    }
+
+    /// Reclaim before failing (see the module docs): asks the other caches to flush, flushes the caller's
+    /// (entered) cache and the shared one if free, and returns every empty span to the page heap. Takes
+    /// and releases its locks one at a time; the caller holds none.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn reclaim(&self, cache: &mut CpuCache, sh: &CpuShared) {
+        let e = self.pacing.flush_epoch.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        self.pacing.cpu(sh.index).flush_seen.store(e, Ordering::Relaxed);
+        cache.flush_all(&self.t, sh);
+        if sh.index != SHARED_INDEX {
+            if let Some(_lock) = self.shared_lock.try_lock() {
+                // SAFETY: the shared cache is only used under `shared_lock`, which we hold.
+                let shared = unsafe { &mut *self.shared.cache.get() };
+                shared.flush_all(&self.t, &self.shared.shared);
+                self.pacing.cpu(SHARED_INDEX).flush_seen.store(e, Ordering::Relaxed);
+            }
+        }
+        for central in self.t.centrals.iter().skip(1) {
+            central.sweep(&self.t.heap, None, 0, usize::MAX);
+        }
+    }
+
+    /// After an allocation: the memory limit's reclaim if the total is above the limit (a few atomic loads
+    /// otherwise).
+    #[inline]
+    pub(super) fn after_alloc_limit(&self, cache: &mut CpuCache, sh: &CpuShared) {
+        if self.t.heap.over_limit() {
+            self.limit_reclaim(cache, sh, false);
+        }
+    }
+
+    /// The memory limit's reclaim (see the module docs): unless `forced`, only once the allocation volume
+    /// since the last one reaches the current interval. Returns bytes released.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn limit_reclaim(&self, cache: &mut CpuCache, sh: &CpuShared, forced: bool) -> usize {
+        let heap = &self.t.heap;
+        let volume = heap.alloc_volume_npages();
+        if !forced && volume < self.pacing.limit_next_npages.load(Ordering::Relaxed) {
+            return 0;
+        }
+        self.reclaim(cache, sh);
+        let released = heap.release_for_limit();
+        let base = limit_reclaim_base_npages(heap.memory_limit());
+        let every = if heap.over_limit() {
+            let cur = self.pacing.limit_every_npages.load(Ordering::Relaxed).max(base);
+            cur.saturating_mul(2).min(base.saturating_mul(LIMIT_BACKOFF_MAX))
+        } else {
+            base
+        };
+        self.pacing.limit_every_npages.store(every, Ordering::Relaxed);
+        self.pacing.limit_next_npages.store(volume.saturating_add(every), Ordering::Relaxed);
+        released
+    }
+
+    /// The sweep, page-cache and limit part of [`Malloc::background`] on the entered cache; returns the
+    /// pages swept, the pacing tick for the scavenger and the scavenge budget for this call.
+    pub(super) fn background_pacing(
+        &self,
+        cache: &mut CpuCache,
+        sh: &CpuShared,
+        max_spans: usize,
+        budget_bytes: usize,
+    ) -> (usize, Tick, usize) {
+        let heap = &self.t.heap;
+        let cp = self.pacing.cpu(sh.index);
+        let volume = heap.alloc_volume_npages();
+        let idle = cp.bg_volume.load(Ordering::Relaxed) == volume;
+        cp.bg_volume.store(volume, Ordering::Relaxed);
+        let epoch = heap.scav_epoch();
+        if cp.bg_epoch.load(Ordering::Relaxed) != epoch {
+            cp.bg_epoch.store(epoch, Ordering::Relaxed);
+            cp.bg_calls.store(0, Ordering::Relaxed);
+        }
+        let calls = cp.bg_calls.load(Ordering::Relaxed) + 1;
+        cp.bg_calls.store(calls, Ordering::Relaxed);
+        let tick = Tick::Cpu((calls >= CALLS_PER_EPOCH).then_some(epoch));
+        let over_limit = heap.over_limit();
+        if over_limit {
+            // Idle: meet the limit now; busy: at the allocation path's pace.
+            self.limit_reclaim(cache, sh, idle);
+        }
+        let budget = if idle { budget_bytes.saturating_mul(IDLE_BUDGET_FACTOR) } else { budget_bytes };
+        let (keep, max_spans, mut pages_left) = if idle || over_limit {
+            (0, usize::MAX, (budget / PAGE_SIZE).max(max_spans))
+        } else {
+            (KEEP_EMPTY_SPANS, max_spans, usize::MAX)
+        };
+        let mut swept = 0;
+        for central in self.t.centrals.iter().skip(1) {
+            if pages_left == 0 {
+                break;
+            }
+            let n = central.sweep_budget(heap, Some(&mut cache.pcache), keep, max_spans, pages_left);
+            pages_left = pages_left.saturating_sub(n);
+            swept += n;
+        }
+        if idle
+            && heap.committed_npages.load(Ordering::Relaxed) * PAGE_SIZE
+                > heap.retained_goal_bytes.load(Ordering::Relaxed)
+        {
+            // The scavenger cannot reach the page cache's free pages: give them to the heap.
+            heap.flush_page_cache(&mut cache.pcache);
+        }
+        (swept, tick, budget)
+    }
+}
