@@ -26,18 +26,10 @@ extern crate alloc;
 
 use alloc::alloc::{alloc, dealloc, Layout};
 use alloc::vec::Vec;
-use bootloader_api::{entry_point, BootInfo};
-use core::panic::PanicInfo;
 use kernel_demo::heap::{self, HEAP};
 use kernel_demo::{apic, background, frames, serial_println, testing};
 
-entry_point!(main, config = &kernel_demo::BOOTLOADER_CONFIG);
-
-fn main(boot_info: &'static mut BootInfo) -> ! {
-    testing::boot(boot_info);
-    test_main();
-    kernel_demo::hlt_loop()
-}
+kernel_demo::test_kernel!();
 
 const FRAME: usize = 4096;
 const SIZES: [usize; 6] = [16, 48, 96, 256, 512, 1024];
@@ -143,9 +135,4 @@ fn freed_burst_comes_back_on_32_mib() {
         heap::committed_frames(),
         frames::free_count()
     );
-}
-
-#[panic_handler]
-fn panic(info: &PanicInfo) -> ! {
-    kernel_demo::test_panic_handler(info)
 }
