@@ -70,9 +70,10 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             return self.alloc_large(size, align, ZERO, r == GUARDED);
         }
         let e = self.enter();
+        let g = e.held.guarded();
         let t = &self.t;
         let p = if r == TINY_CLASS {
-            let p = e.cache.alloc_tiny(t, size.max(1), align, e.sh);
+            let p = e.cache.alloc_tiny(t, size.max(1), align, e.sh, g);
             if ZERO && !p.is_null() {
                 // SAFETY: `p` is a fresh allocation of `size` bytes.
                 unsafe { ptr::write_bytes(p, 0, size) };
@@ -80,7 +81,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             p
         } else {
             // SAFETY: `route` returns size classes below `NUM_SIZE_CLASSES` (or the tiny class, handled above).
-            unsafe { e.cache.alloc::<S, ZERO>(t, r, e.sh) }
+            unsafe { e.cache.alloc::<S, ZERO>(t, r, e.sh, g) }
         };
         let sampled = self.count_sample(e.cache, size);
         let me = e.sh.index;
@@ -101,10 +102,11 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         // Guard mode: the object ends right before a guard page, so the body must leave room to align it.
         let npages = if guarded { npages_for(size + align - 1) + 1 } else { npages_for(size) };
         let e = self.enter();
+        let g = e.held.guarded();
         let s = if align <= PAGE_SIZE || guarded {
-            self.t.heap.alloc_span(Some(&mut e.cache.pcache), npages, 0)
+            self.t.heap.alloc_span(g, Some(&mut e.cache.pcache), npages, 0)
         } else {
-            self.t.heap.alloc_span_aligned(npages, align)
+            self.t.heap.alloc_span_aligned(g, npages, align)
         };
         let Some(s) = s else { return ptr::null_mut() };
         let s = s.as_ptr();
@@ -116,7 +118,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 let guard = base + (npages - 1) * PAGE_SIZE;
                 // SAFETY: the guard page is committed, ours, and unused; it is committed again before the
                 // span goes back to the heap (`free_large`).
-                self.t.heap.source().decommit(NonNull::new_unchecked(guard as *mut u8), PAGE_SIZE);
+                self.t.heap.src(g).decommit(NonNull::new_unchecked(guard as *mut u8), PAGE_SIZE);
                 ((guard - size) & !(align - 1)) as *mut u8
             } else {
                 base as *mut u8

@@ -22,13 +22,13 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// lists to the page heap, and lets the scavenger give back up to `scavenge_budget_bytes`.
     pub fn background(&self, max_spans: usize, scavenge_budget_bytes: usize) -> BackgroundReport {
         let mut rep = BackgroundReport::default();
-        self.with_cache(|c, t, sh| {
-            rep.nfolded = c.sweep_cached(t, sh);
+        self.with_cache(|c, t, sh, g| {
+            rep.nfolded = c.sweep_cached(t, sh, g);
             for central in t.centrals.iter().skip(1) {
-                rep.npages_swept += central.sweep(&t.heap, Some(&mut c.pcache), KEEP_EMPTY_SPANS, max_spans);
+                rep.npages_swept += central.sweep(g, &t.heap, Some(&mut c.pcache), KEEP_EMPTY_SPANS, max_spans);
             }
+            rep.nbytes_released = t.heap.scavenge(g, scavenge_budget_bytes);
         });
-        rep.nbytes_released = self.t.heap.scavenge(scavenge_budget_bytes);
         rep
     }
 
@@ -39,29 +39,31 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         if class == 0 || class >= NUM_ALLOC_CLASSES {
             return 0;
         }
-        self.with_cache(|c, _, _| c.stock_bound(class))
+        self.with_cache(|c, _, _, _| c.stock_bound(class))
     }
 
     /// Gives everything the calling CPU's cache holds back to the central lists and the page heap. A kernel
     /// calls it on every CPU before [`Malloc::release_all`] (other CPUs' caches are theirs alone).
     pub fn flush_cpu_cache(&self) {
-        self.with_cache(|c, t, sh| c.flush_all(t, sh));
+        self.with_cache(|c, t, sh, g| c.flush_all(t, sh, g));
     }
 
     /// Go's `debug.FreeOSMemory`: flushes the calling CPU's cache (and the shared one), returns every empty
     /// span to the page heap and every free page to the page source. Returns the bytes released.
     pub fn release_all(&self) -> usize {
-        self.flush_cpu_cache();
-        {
-            let _lock = self.shared_lock.lock();
+        let e = self.enter();
+        let g = e.held.guarded();
+        e.cache.flush_all(&self.t, e.sh, g);
+        if !matches!(e.held, Held::Shared(..)) {
+            let _lock = self.shared_lock.lock(g);
             // SAFETY: the shared cache is only used under `shared_lock`, which we hold.
             let shared = unsafe { &mut *self.shared.cache.get() };
-            shared.flush_all(&self.t, &self.shared.shared);
+            shared.flush_all(&self.t, &self.shared.shared, g);
         }
         for central in self.t.centrals.iter().skip(1) {
-            central.sweep(&self.t.heap, None, 0, usize::MAX);
+            central.sweep(g, &self.t.heap, None, 0, usize::MAX);
         }
-        self.t.heap.release_all()
+        self.t.heap.release_all(g)
     }
 
     /// Sets the soft memory limit (GOMEMLIMIT); `usize::MAX` removes it. See `scavenger.rs`.

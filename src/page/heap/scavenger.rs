@@ -37,7 +37,9 @@
 //! - `window[..]` are inuse peaks (pages) of past epochs; `calls < CALLS_PER_EPOCH`.
 //!
 //! # Locking
-//! [`ScavState`] lives in `HeapInner`, under the heap lock. The background step and `release_all` call the
+//! [`ScavState`] lives in `HeapInner`, under the heap lock. Every entry point takes a [`Guarded`] token: it
+//! runs inside the CPU provider's guard, so no interrupt handler on the same CPU can wait for the heap lock it
+//! holds (in a kernel, with interrupts off for the whole step: callers bound the step by its budget). The background step and `release_all` call the
 //! source's `decommit` *without* the heap lock, as Go does: under the lock a run is picked and allocated in
 //! the page allocator (`scav_inflight_npages` counts such runs), the lock is dropped for the decommit, and
 //! the run is freed as scavenged under the lock again. Scavenging on the allocation path (memory limit
@@ -48,6 +50,7 @@ use core::fmt;
 use core::ptr::NonNull;
 use core::sync::atomic::Ordering;
 
+use crate::cpu::Guarded;
 use crate::page::heap::{Heap, HeapInner};
 use crate::page::pagealloc::{PALLOC_CHUNK_PAGES, PALLOC_CHUNK_WORDS};
 use crate::source::PageSource;
@@ -169,8 +172,8 @@ impl<S: PageSource> Heap<S> {
     /// One background scavenger step: releases at most `budget_bytes` (rounded up to pages) of free
     /// committed pages if the heap retains more than its goal (see the module docs). Returns bytes released.
     /// Logs one line when a cycle ends.
-    pub fn scavenge(&self, budget_bytes: usize) -> usize {
-        let mut g = self.inner.lock();
+    pub fn scavenge(&self, guarded: Guarded<'_>, budget_bytes: usize) -> usize {
+        let mut g = self.inner.lock(guarded);
         if g.state != crate::page::heap::InitState::Ready {
             return 0;
         }
@@ -194,11 +197,11 @@ impl<S: PageSource> Heap<S> {
         self.retained_goal_bytes.store(goal, Ordering::Relaxed);
         drop(g);
         let released = if committed > goal && budget_bytes > 0 {
-            self.scavenge_unlocked(budget_bytes.min(committed - goal), mode)
+            self.scavenge_unlocked(guarded, budget_bytes.min(committed - goal), mode)
         } else {
             0
         };
-        let mut g = self.inner.lock();
+        let mut g = self.inner.lock(guarded);
         let st = &mut g.scav;
         if released != 0 {
             st.cycle_steps += 1;
@@ -217,11 +220,11 @@ impl<S: PageSource> Heap<S> {
 
     /// Releases every free committed page not held by a page cache (Go's `debug.FreeOSMemory`; flush the
     /// page caches first to include theirs). Returns bytes released; logs one line.
-    pub fn release_all(&self) -> usize {
+    pub fn release_all(&self, guarded: Guarded<'_>) -> usize {
         let mut total = 0;
         let mut steps = 0;
         loop {
-            let r = self.scavenge_unlocked(RELEASE_ALL_STEP_BYTES, ScavMode::Forced);
+            let r = self.scavenge_unlocked(guarded, RELEASE_ALL_STEP_BYTES, ScavMode::Forced);
             if r == 0 {
                 break;
             }
@@ -260,7 +263,7 @@ impl<S: PageSource> Heap<S> {
     /// Allocation-triggered scavenging (Go's, when the memory limit is exceeded): called after every
     /// successful allocation; cheap (a few atomic loads) unless the total is over the limit. Logs nothing.
     #[inline]
-    pub(crate) fn after_alloc(&self) {
+    pub(crate) fn after_alloc(&self, guarded: Guarded<'_>) {
         let limit = self.memory_limit.load(Ordering::Relaxed);
         if limit == usize::MAX {
             return;
@@ -269,11 +272,11 @@ impl<S: PageSource> Heap<S> {
         if total <= limit {
             return;
         }
-        self.scavenge_for_limit(limit, total);
+        self.scavenge_for_limit(guarded, limit, total);
     }
 
     #[cold]
-    fn scavenge_for_limit(&self, limit: usize, total: usize) {
+    fn scavenge_for_limit(&self, guarded: Guarded<'_>, limit: usize, total: usize) {
         // Free committed pages the heap can release (page caches' committed pages are not reachable).
         let committed = self.committed_npages.load(Ordering::Relaxed);
         let busy = self.inuse_npages.load(Ordering::Relaxed)
@@ -283,7 +286,7 @@ impl<S: PageSource> Heap<S> {
         }
         let target = limit - limit / 100 * LIMIT_HEADROOM_PERCENT;
         let want = total.saturating_sub(target).min((committed - busy) * PAGE_SIZE);
-        let mut g = self.inner.lock();
+        let mut g = self.inner.lock(guarded);
         let r = self.scavenge_locked(&mut g, want, ScavMode::Forced);
         drop(g);
         // No log line here: this runs inside an allocation, and a logger that allocates would re-enter it.
@@ -316,13 +319,13 @@ impl<S: PageSource> Heap<S> {
     /// run is first allocated in the page allocator (so nobody else takes it), the lock dropped, the run
     /// decommitted, and the run freed as scavenged under the lock again. Used by the background step and
     /// `release_all`. Returns bytes released.
-    pub(crate) fn scavenge_unlocked(&self, want_bytes: usize, mode: ScavMode) -> usize {
+    pub(crate) fn scavenge_unlocked(&self, guarded: Guarded<'_>, want_bytes: usize, mode: ScavMode) -> usize {
         let want = want_bytes.div_ceil(PAGE_SIZE);
         let mut released = 0;
         let mut pending: Option<(usize, usize)> = None;
         let mut cur = None;
         loop {
-            let mut g = self.inner.lock();
+            let mut g = self.inner.lock(guarded);
             let inner = &mut *g;
             if inner.state != crate::page::heap::InitState::Ready {
                 return 0;
@@ -345,7 +348,7 @@ impl<S: PageSource> Heap<S> {
             drop(g);
             // SAFETY: the run is grown and committed, and allocated to the scavenger above, so nothing else
             // uses or allocates it until it is freed (as scavenged) on the next iteration.
-            unsafe { self.source.decommit(NonNull::new_unchecked(addr as *mut u8), n * PAGE_SIZE) };
+            unsafe { self.src(guarded).decommit(NonNull::new_unchecked(addr as *mut u8), n * PAGE_SIZE) };
             pending = Some((idx, n));
         }
         let bytes = released * PAGE_SIZE;
@@ -426,8 +429,11 @@ pub fn spawn_scavenger<S: PageSource + 'static>(
     std::thread::Builder::new()
         .name("goheap-scavenger".into())
         .spawn(move || {
+            // SAFETY: a thread of our own that runs nothing but this loop; an allocating signal handler on it
+            // would be outside the host contract (see `cpu.rs`).
+            let guarded = unsafe { Guarded::new_unchecked() };
             while !stop.load(Ordering::Relaxed) {
-                heap.scavenge(budget_bytes);
+                heap.scavenge(guarded, budget_bytes);
                 std::thread::sleep(period);
             }
         })
