@@ -79,10 +79,12 @@
 //!
 //! ## Background work (the sweeper and scavenger goroutines of Go)
 //!
-//! The crate starts no threads. [`Malloc::background`] is called from a kernel's timer or idle path or a host
-//! thread: it folds deferred frees into the calling CPU's spans, returns empty spans from the central lists
-//! to the page heap (Go's sweeper), and runs one budgeted step of the scavenger, which decommits free pages
-//! down to a retained target steered by the recent peak and the soft memory limit (GOMEMLIMIT).
+//! The crate starts no threads. [`Malloc::background`] is called from a kernel's idle loop or timer interrupt
+//! or a host thread: it folds deferred frees into the calling CPU's spans, returns empty spans from the central
+//! lists to the page heap (Go's sweeper), and runs one budgeted step of the scavenger, which decommits free
+//! pages down to a retained target steered by the recent peak and the soft memory limit (GOMEMLIMIT). Like
+//! every entry point it runs inside the CPU provider's guard, so an interrupt handler may call it (see
+//! "Interrupts and signals" in [`cpu`]); the step keeps interrupts off for its length, which its budget bounds.
 //!
 //! ## What was adapted from Go, and why
 //!

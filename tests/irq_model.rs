@@ -17,8 +17,10 @@ mod common;
 use common::{layout, pattern};
 use goheap::cpu::{CpuProvider, MAX_CPUS};
 use goheap::source::mmap::MmapSource;
+use goheap::source::PageSource;
 use goheap::{DebugFlags, Malloc};
 use std::cell::Cell;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -135,7 +137,50 @@ unsafe impl CpuProvider for SigCpus {
     }
 }
 
-type M = Malloc<MmapSource, SigCpus>;
+// ---- The page source: mmap behind a spin lock, as a kernel's frame source takes its lock -------------------
+
+/// [`MmapSource`] with a spin lock around every call, as `goheap::x86_64::FrameSource` locks its page
+/// tables and frame allocator: a source call outside the guard can then deadlock with a handler too.
+#[derive(Debug)]
+struct LockedSource {
+    inner: MmapSource,
+    lock: AtomicBool,
+}
+
+impl LockedSource {
+    fn new(inner: MmapSource) -> Self {
+        LockedSource { inner, lock: AtomicBool::new(false) }
+    }
+
+    fn locked<R>(&self, f: impl FnOnce(&MmapSource) -> R) -> R {
+        while self.lock.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+            std::hint::spin_loop();
+        }
+        let r = f(&self.inner);
+        self.lock.store(false, Ordering::Release);
+        r
+    }
+}
+
+// SAFETY: forwards to `MmapSource` (which upholds the contract) one call at a time.
+unsafe impl PageSource for LockedSource {
+    fn reserve(&self, nbytes: usize, align: usize) -> Option<NonNull<u8>> {
+        self.locked(|s| s.reserve(nbytes, align))
+    }
+    unsafe fn commit(&self, addr: NonNull<u8>, nbytes: usize) -> bool {
+        // SAFETY: forwarded contract.
+        self.locked(|s| unsafe { s.commit(addr, nbytes) })
+    }
+    unsafe fn decommit(&self, addr: NonNull<u8>, nbytes: usize) {
+        // SAFETY: forwarded contract.
+        self.locked(|s| unsafe { s.decommit(addr, nbytes) })
+    }
+    fn commit_zeroes(&self) -> bool {
+        self.inner.commit_zeroes()
+    }
+}
+
+type M = Malloc<LockedSource, SigCpus>;
 
 // ---- The "interrupt handler" ------------------------------------------------------------------------------------
 
@@ -394,7 +439,10 @@ fn worker(m: &'static M, g: &'static M, seed: u64, iters: usize, validate: bool,
             }
             83..=87 => {
                 doing(5);
-                m.background(4, 1 << 20);
+                // A burst, as an idle loop calls it.
+                for _ in 0..8 {
+                    m.background(4, 256 << 10);
+                }
             }
             88..=90 => {
                 doing(6);
@@ -447,9 +495,10 @@ fn worker(m: &'static M, g: &'static M, seed: u64, iters: usize, validate: bool,
 /// under a watchdog.
 fn run(nworkers: usize, iters: usize, validate: bool) {
     install_handler();
-    let m: &'static M = Box::leak(Box::new(Malloc::with_max_bytes(MmapSource::new(), SigCpus, 1 << 30)));
+    let m: &'static M =
+        Box::leak(Box::new(Malloc::with_max_bytes(LockedSource::new(MmapSource::new()), SigCpus, 1 << 30)));
     let g: &'static M = Box::leak(Box::new(
-        Malloc::with_max_bytes(MmapSource::strict(), SigCpus, 1 << 30).with_debug(DebugFlags::GUARD),
+        Malloc::with_max_bytes(LockedSource::new(MmapSource::strict()), SigCpus, 1 << 30).with_debug(DebugFlags::GUARD),
     ));
     // Reserve both heaps before any handler runs (the first use reads a /proc file).
     for a in [m, g] {

@@ -17,9 +17,11 @@ pub struct BackgroundReport {
 }
 
 impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
-    /// One step of background work, for a kernel's timer or idle loop or a host thread: folds deferred frees
-    /// into the calling CPU's cached spans, returns up to `max_spans` empty spans per class from the central
-    /// lists to the page heap, and lets the scavenger give back up to `scavenge_budget_bytes`.
+    /// One step of background work, for a kernel's idle loop or timer interrupt or a host thread: folds
+    /// deferred frees into the calling CPU's cached spans, returns up to `max_spans` empty spans per class from
+    /// the central lists to the page heap, and lets the scavenger give back up to `scavenge_budget_bytes`.
+    /// The whole step runs inside the CPU provider's guard (interrupts off in a kernel), so it is safe from an
+    /// interrupt handler and its budget bounds the time interrupts stay off.
     pub fn background(&self, max_spans: usize, scavenge_budget_bytes: usize) -> BackgroundReport {
         let mut rep = BackgroundReport::default();
         self.with_cache(|c, t, sh, g| {
@@ -49,7 +51,8 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     }
 
     /// Go's `debug.FreeOSMemory`: flushes the calling CPU's cache (and the shared one), returns every empty
-    /// span to the page heap and every free page to the page source. Returns the bytes released.
+    /// span to the page heap and every free page to the page source. Returns the bytes released. One section
+    /// inside the CPU provider's guard: in a kernel, interrupts stay off until everything is released.
     pub fn release_all(&self) -> usize {
         let e = self.enter();
         let g = e.held.guarded();

@@ -25,8 +25,8 @@
 //!   forced — any chunk. Within a chunk, free runs are released from the top down.
 //! - [`Heap::release_all`] is Go's `debug.FreeOSMemory`: every free committed page not held by a page cache.
 //!
-//! The crate spawns no threads: a kernel calls [`Heap::scavenge`] from a timer or idle path, a host from a
-//! thread it owns; [`spawn_scavenger`] (feature `std`) is such a thread. Each *cycle* (a run of steps that
+//! The crate spawns no threads: a kernel calls [`Heap::scavenge`] (through `Malloc::background`, which
+//! supplies the guard token) from its idle loop or a timer interrupt, a host from a thread it owns; [`spawn_scavenger`] (feature `std`) is such a thread. Each *cycle* (a run of steps that
 //! released memory, ended by a step that finds nothing more to do) logs one scavtrace-like line through
 //! `log::info!`, e.g. `scav: released 1.2 MiB in 3 steps, retained 4.0 MiB (goal 4.4 MiB) of 8.1 MiB
 //! committed, limit 64 MiB (mode aggressive)`.
@@ -38,9 +38,10 @@
 //!
 //! # Locking
 //! [`ScavState`] lives in `HeapInner`, under the heap lock. Every entry point takes a [`Guarded`] token: it
-//! runs inside the CPU provider's guard, so no interrupt handler on the same CPU can wait for the heap lock it
-//! holds (in a kernel, with interrupts off for the whole step: callers bound the step by its budget). The background step and `release_all` call the
-//! source's `decommit` *without* the heap lock, as Go does: under the lock a run is picked and allocated in
+//! runs inside the CPU provider's guard, so no interrupt handler on the same CPU can wait for the heap lock
+//! it holds (in a kernel, interrupts stay off for the whole step: callers bound it by its budget). The
+//! background step and `release_all` call the source's `decommit` *without* the heap lock (still inside the
+//! guard), as Go does: under the lock a run is picked and allocated in
 //! the page allocator (`scav_inflight_npages` counts such runs), the lock is dropped for the decommit, and
 //! the run is freed as scavenged under the lock again. Scavenging on the allocation path (memory limit
 //! exceeded, or a commit failed) runs with the heap lock already held and decommits under it. The log line
