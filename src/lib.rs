@@ -31,13 +31,13 @@
 //!
 //! | level | modules | main types |
 //! |---|---|---|
-//! | contracts | [`cpu`], [`source`] | [`CpuProvider`](cpu::CpuProvider), [`PageSource`](source::PageSource) |
+//! | contracts | [`cpu`], [`source`] | [`CpuProvider`](cpu::CpuProvider), [`Guarded`](cpu::Guarded), [`PageSource`](source::PageSource) |
 //! | page level | [`page`]: `span`, `fixalloc`, `pagealloc`, `heap` (with `pagecache`, `scavenger`) | `Span`, `PageAlloc`, `Heap` |
 //! | reports | [`check`] | `BadFree` |
 //! | object level | [`object`]: `sizeclass`, `class`, `central`, `cpucache` | `SizeClass`, `Central`, `CpuCache` |
 //! | statistics | [`stats`] | `MemStats` |
 //! | allocator | [`malloc`]: routing, `alloc`, `free`, `maintenance`, `profile`, `report`, `api` | [`Malloc`] |
-//! | adapters | `hosted` (feature `std`), `x86_64` (feature `x86_64`) | `Hosted`, `FrameSource`, `IrqCpus` |
+//! | adapters | `hosted` (feature `std`), `x86_64` (feature `x86_64`) | `Hosted`, `FrameSource`, `IrqCpus`, `IrqSingle` |
 //!
 //! A module imports only from its own row or the rows before it in this table (so no lower tier knows a
 //! higher one, and no two modules import each other); `tests/layering.rs` checks it on every test run.
