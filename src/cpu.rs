@@ -44,7 +44,9 @@
 //!   A handler only runs on a CPU that holds no goheap lock, and a lock another CPU holds is released
 //!   without waiting for anything on this one. The cost: interrupts stay off for a whole operation, so a
 //!   `background` step is bounded by its budget, and `release_all` (everything at once) belongs where
-//!   latency does not matter.
+//!   latency does not matter. The scavenger's log line (through the `log` facade) is emitted after the
+//!   guard ends, in the caller's context: a handler that calls `background` or `release_all` needs a
+//!   logger that may run there.
 //! - **Not safe**: NMI and machine-check handlers (they interrupt a guard, so they could spin on a lock
 //!   their CPU holds), and any fault inside goheap (an allocator bug). The TLB shoot-down of
 //!   `goheap::x86_64::FrameSource` may use an NMI because its handler does not allocate.
@@ -93,7 +95,22 @@ impl core::fmt::Debug for Guarded<'_> {
 
 /// A spin lock that can only be taken with a [`Guarded`] token: every goheap lock is one (the heap lock,
 /// the central lists' locks, the shared cache's lock), so a path that forgot the CPU provider's guard does
-/// not compile.
+/// not compile:
+///
+/// ```compile_fail
+/// use goheap::cpu::GuardedMutex;
+/// static M: GuardedMutex<u32> = GuardedMutex::new(0);
+/// *M.lock() += 1; // no token: does not compile
+/// ```
+///
+/// ```
+/// use goheap::cpu::{Guarded, GuardedMutex};
+/// static M: GuardedMutex<u32> = GuardedMutex::new(0);
+/// // SAFETY: a doc test; no interrupt or signal handler calls goheap here.
+/// let g = unsafe { Guarded::new_unchecked() };
+/// *M.lock(g) += 1;
+/// assert_eq!(*M.lock(g), 1);
+/// ```
 pub struct GuardedMutex<T> {
     inner: spin::Mutex<T>,
 }

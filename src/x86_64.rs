@@ -220,6 +220,15 @@ unsafe impl CpuProvider for IrqSingle {
     }
 }
 
+// Both providers work by value and by reference (a compile-time check).
+const _: fn() = || {
+    fn provider<P: CpuProvider>() {}
+    provider::<IrqCpus>();
+    provider::<&IrqCpus>();
+    provider::<IrqSingle>();
+    provider::<&IrqSingle>();
+};
+
 /// Invalidates other CPUs' TLB entries for `[start, start + nbytes)` and returns once they did (e.g. by an
 /// NMI IPI, which also reaches CPUs spinning on a goheap lock with interrupts off). Called after the pages
 /// were unmapped and before their frames are reused.

@@ -24,13 +24,19 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// interrupt handler and its budget bounds the time interrupts stay off.
     pub fn background(&self, max_spans: usize, scavenge_budget_bytes: usize) -> BackgroundReport {
         let mut rep = BackgroundReport::default();
-        self.with_cache(|c, t, sh, g| {
+        let log = self.with_cache(|c, t, sh, g| {
             rep.nfolded = c.sweep_cached(t, sh, g);
             for central in t.centrals.iter().skip(1) {
                 rep.npages_swept += central.sweep(g, &t.heap, Some(&mut c.pcache), KEEP_EMPTY_SPANS, max_spans);
             }
-            rep.nbytes_released = t.heap.scavenge(g, scavenge_budget_bytes);
+            let (released, log) = t.heap.scavenge_step(g, scavenge_budget_bytes);
+            rep.nbytes_released = released;
+            log
         });
+        // The scavenger's log line, outside the guard (a logger may allocate or take locks).
+        if let Some(log) = log {
+            log.emit(&self.t.heap);
+        }
         rep
     }
 
@@ -66,7 +72,10 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         for central in self.t.centrals.iter().skip(1) {
             central.sweep(g, &self.t.heap, None, 0, usize::MAX);
         }
-        self.t.heap.release_all(g)
+        let (released, log) = self.t.heap.release_all_step(g);
+        drop(e);
+        log.emit(&self.t.heap);
+        released
     }
 
     /// Sets the soft memory limit (GOMEMLIMIT); `usize::MAX` removes it. See `scavenger.rs`.

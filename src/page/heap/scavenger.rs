@@ -45,7 +45,7 @@
 //! the page allocator (`scav_inflight_npages` counts such runs), the lock is dropped for the decommit, and
 //! the run is freed as scavenged under the lock again. Scavenging on the allocation path (memory limit
 //! exceeded, or a commit failed) runs with the heap lock already held and decommits under it. The log line
-//! is emitted with no lock held.
+//! is emitted with no lock held, and by `Malloc` after it left the CPU provider's guard.
 
 use core::fmt;
 use core::ptr::NonNull;
@@ -169,14 +169,41 @@ impl fmt::Display for Bytes {
     }
 }
 
+/// The log line of a scavenging cycle that ended, kept until the caller has left the CPU provider's guard
+/// (a logger may allocate, take its own locks or be slow: none of that belongs inside the guard).
+#[derive(Clone, Copy, Debug)]
+#[must_use]
+pub(crate) struct CycleLog {
+    released: usize,
+    steps: usize,
+    goal: usize,
+    mode: ScavMode,
+}
+
+impl CycleLog {
+    /// Emits the line (call it outside the guard).
+    pub(crate) fn emit<S: PageSource>(self, heap: &Heap<S>) {
+        heap.log_cycle(self.released, self.steps, self.goal, self.mode);
+    }
+}
+
 impl<S: PageSource> Heap<S> {
     /// One background scavenger step: releases at most `budget_bytes` (rounded up to pages) of free
     /// committed pages if the heap retains more than its goal (see the module docs). Returns bytes released.
-    /// Logs one line when a cycle ends.
+    /// Logs one line when a cycle ends (inside the caller's guard; `Malloc::background` logs after it).
     pub fn scavenge(&self, guarded: Guarded<'_>, budget_bytes: usize) -> usize {
+        let (released, log) = self.scavenge_step(guarded, budget_bytes);
+        if let Some(log) = log {
+            log.emit(self);
+        }
+        released
+    }
+
+    /// [`Heap::scavenge`], returning the log line of a cycle that ended instead of emitting it.
+    pub(crate) fn scavenge_step(&self, guarded: Guarded<'_>, budget_bytes: usize) -> (usize, Option<CycleLog>) {
         let mut g = self.inner.lock(guarded);
         if g.state != crate::page::heap::InitState::Ready {
-            return 0;
+            return (0, None);
         }
         let inner = &mut *g;
         // Epoch bookkeeping for the peak window.
@@ -204,6 +231,7 @@ impl<S: PageSource> Heap<S> {
         };
         let mut g = self.inner.lock(guarded);
         let st = &mut g.scav;
+        let mut log = None;
         if released != 0 {
             st.cycle_steps += 1;
             st.cycle_released_bytes += released;
@@ -213,15 +241,22 @@ impl<S: PageSource> Heap<S> {
             let (steps, bytes, mode) = (st.cycle_steps, st.cycle_released_bytes, st.cycle_mode);
             st.cycle_steps = 0;
             st.cycle_released_bytes = 0;
-            drop(g);
-            self.log_cycle(bytes, steps, goal, mode);
+            log = Some(CycleLog { released: bytes, steps, goal, mode });
         }
-        released
+        (released, log)
     }
 
     /// Releases every free committed page not held by a page cache (Go's `debug.FreeOSMemory`; flush the
-    /// page caches first to include theirs). Returns bytes released; logs one line.
+    /// page caches first to include theirs). Returns bytes released; logs one line (inside the caller's
+    /// guard; `Malloc::release_all` logs after it).
     pub fn release_all(&self, guarded: Guarded<'_>) -> usize {
+        let (total, log) = self.release_all_step(guarded);
+        log.emit(self);
+        total
+    }
+
+    /// [`Heap::release_all`], returning its log line instead of emitting it.
+    pub(crate) fn release_all_step(&self, guarded: Guarded<'_>) -> (usize, CycleLog) {
         let mut total = 0;
         let mut steps = 0;
         loop {
@@ -232,8 +267,7 @@ impl<S: PageSource> Heap<S> {
             total += r;
             steps += 1;
         }
-        self.log_cycle(total, steps, 0, ScavMode::Forced);
-        total
+        (total, CycleLog { released: total, steps, goal: 0, mode: ScavMode::Forced })
     }
 
     /// Sets the soft memory limit in bytes (GOMEMLIMIT semantics, see the module docs); `usize::MAX` = none.
