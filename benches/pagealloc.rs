@@ -12,9 +12,17 @@
 use std::hint::black_box;
 use std::time::Instant;
 
+use goheap::cpu::Guarded;
 use goheap::page::heap::pagecache::PageCache;
 use goheap::page::heap::Heap;
 use goheap::source::mmap::MmapSource;
+
+/// The guard token the heap's locking methods ask for: these tests run no interrupt or signal handler that
+/// calls goheap, so any thread may make one.
+fn g() -> Guarded<'static> {
+    // SAFETY: no handler that calls goheap runs on the test's threads.
+    unsafe { Guarded::new_unchecked() }
+}
 
 const PAIRS: usize = 20_000;
 const ROUNDS: usize = 21;
@@ -31,11 +39,11 @@ fn fragmented_heap() -> &'static Heap<MmapSource> {
     // 32 MiB of 1-page spans with every other one freed: 2048 one-page holes before any larger fit, so a
     // first-fit search for 8 or 64 pages must skip them (the summaries do it in O(levels)).
     let h: &'static Heap<MmapSource> = Box::leak(Box::new(Heap::with_max_bytes(MmapSource::new(), 1 << 30)));
-    let spans: Vec<_> = (0..4096).map(|_| h.alloc_span(None, 1, 0).unwrap()).collect();
+    let spans: Vec<_> = (0..4096).map(|_| h.alloc_span(g(), None, 1, 0).unwrap()).collect();
     for (i, s) in spans.into_iter().enumerate() {
         if i % 2 == 0 {
             // SAFETY: live span, unused.
-            unsafe { h.free_span(None, s) };
+            unsafe { h.free_span(g(), None, s) };
         }
     }
     h
@@ -46,10 +54,10 @@ fn run(sc: &mut Scenario) -> f64 {
     let n = sc.npages;
     let t = Instant::now();
     for _ in 0..PAIRS {
-        let s = h.alloc_span(sc.cache.as_mut(), n, 0).unwrap();
+        let s = h.alloc_span(g(), sc.cache.as_mut(), n, 0).unwrap();
         black_box(s);
         // SAFETY: the span was just allocated and nothing uses it.
-        unsafe { h.free_span(sc.cache.as_mut(), s) };
+        unsafe { h.free_span(g(), sc.cache.as_mut(), s) };
     }
     t.elapsed().as_nanos() as f64 / PAIRS as f64
 }

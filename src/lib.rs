@@ -31,13 +31,13 @@
 //!
 //! | level | modules | main types |
 //! |---|---|---|
-//! | contracts | [`cpu`], [`source`] | [`CpuProvider`](cpu::CpuProvider), [`PageSource`](source::PageSource) |
+//! | contracts | [`cpu`], [`source`] | [`CpuProvider`](cpu::CpuProvider), [`Guarded`](cpu::Guarded), [`PageSource`](source::PageSource) |
 //! | page level | [`page`]: `span`, `fixalloc`, `pagealloc`, `heap` (with `pagecache`, `scavenger`) | `Span`, `PageAlloc`, `Heap` |
 //! | reports | [`check`] | `BadFree` |
 //! | object level | [`object`]: `sizeclass`, `class`, `central`, `cpucache` | `SizeClass`, `Central`, `CpuCache` |
 //! | statistics | [`stats`] | `MemStats` |
 //! | allocator | [`malloc`]: routing, `alloc`, `free`, `maintenance`, `profile`, `report`, `api` | [`Malloc`] |
-//! | adapters | `hosted` (feature `std`), `x86_64` (feature `x86_64`) | `Hosted`, `FrameSource`, `IrqCpus` |
+//! | adapters | `hosted` (feature `std`), `x86_64` (feature `x86_64`) | `Hosted`, `FrameSource`, `IrqCpus`, `IrqSingle` |
 //!
 //! A module imports only from its own row or the rows before it in this table (so no lower tier knows a
 //! higher one, and no two modules import each other); `tests/layering.rs` checks it on every test run.
@@ -82,14 +82,16 @@
 //!
 //! ## Background work (the sweeper and scavenger goroutines of Go)
 //!
-//! The crate starts no threads. [`Malloc::background`] is called from a kernel's timer or idle path or a host
-//! thread: it folds deferred frees into the calling CPU's spans, returns empty spans from the central lists
-//! to the page heap (Go's sweeper), and runs one budgeted step of the scavenger, which decommits free pages
-//! down to a retained target steered by the recent peak and the soft memory limit (GOMEMLIMIT). Its pace
+//! The crate starts no threads. [`Malloc::background`] is called from a kernel's idle loop or timer interrupt
+//! or a host thread: it folds deferred frees into the calling CPU's spans, returns empty spans from the central
+//! lists to the page heap (Go's sweeper), and runs one budgeted step of the scavenger, which decommits free
+//! pages down to a retained target steered by the recent peak and the soft memory limit (GOMEMLIMIT). Its pace
 //! follows allocation volume and each CPU's own calls (or a clock), not the total number of calls: a call
 //! that finds the heap idle sweeps and scavenges several budgets' worth, so an idle loop at a timer rate
 //! returns a freed burst within about a second. Above the memory limit, allocation and the background
-//! step reclaim as above (backing off while the live heap itself is above the limit).
+//! step reclaim as above (backing off while the live heap itself is above the limit). Like every entry
+//! point it runs inside the CPU provider's guard, so an interrupt handler may call it (see "Interrupts and
+//! signals" in [`cpu`]); the step keeps interrupts off for its length, which its budget bounds.
 //!
 //! ## What was adapted from Go, and why
 //!

@@ -12,7 +12,12 @@
 //!   kernel supplies) and gives the frames back through `FrameDeallocator`.
 //! - [`CpuIndexMap`]: APIC ID → dense cache index, filled as CPUs start (APIC IDs need not be dense).
 //! - [`IrqCpus`]: a [`CpuProvider`] whose guard keeps interrupts off for the whole allocator operation and
-//!   whose index comes from a kernel function (typically a GS-relative per-CPU load).
+//!   whose index comes from a kernel function (typically a GS-relative per-CPU load): for SMP kernels.
+//! - [`IrqSingle`]: the same for a kernel that runs goheap on one CPU (index 0, no per-CPU data).
+//!
+//! With either, every public entry point of `Malloc` may be called from an interrupt handler (not from an
+//! NMI handler): see "Interrupts and signals" in `cpu.rs`. Both work by value (`Malloc<_, IrqSingle>`) or
+//! by reference (`Malloc<_, &'static IrqCpus>`).
 //!
 //! The data structures need no privileged instruction and are tested on the host; the instruction
 //! wrappers (`cli`, `invlpg`) only run inside the kernel.
@@ -135,37 +140,94 @@ fn irqs_off() -> bool {
 
 // SAFETY: an index is returned only to code running on that CPU with interrupts off, and only while the
 // CPU's busy flag was clear; `enter` sets the flag until the guard drops (a leaf section runs to its end
-// with interrupts off and calls nothing, so nothing on the CPU can enter in between). Another CPU never gets the same index
-// (the kernel's `current_index` is per CPU, and `CpuIndexMap` never hands an index out twice). Interrupts
-// off on one CPU plus the flag give exclusivity; Release/Acquire on the flag orders the sections.
-unsafe impl<'a> CpuProvider for &'a IrqCpus {
-    type Guard = IrqGuard<'a>;
+// with interrupts off and calls nothing, so nothing on the CPU can enter in between). Another CPU never gets
+// the same index (the kernel's `current_index` is per CPU, and `CpuIndexMap` never hands an index out
+// twice). Interrupts off on one CPU plus the flag give exclusivity; Release/Acquire on the flag orders the
+// sections. `&IrqCpus` is a provider too (the blanket impl for references).
+unsafe impl CpuProvider for IrqCpus {
+    type Guard<'a> = IrqGuard<'a>;
 
     #[inline]
-    fn enter(&self) -> (IrqGuard<'a>, Option<usize>) {
+    fn enter(&self) -> (IrqGuard<'_>, Option<usize>) {
         let were_enabled = irqs_off();
-        let this: &'a IrqCpus = self;
-        match (this.current_index)() {
-            Some(i) if i < MAX_CPUS && !this.busy[i].load(Ordering::Acquire) => {
-                this.busy[i].store(true, Ordering::Relaxed);
-                (IrqGuard { busy: Some(&this.busy[i]), were_enabled }, Some(i))
+        match (self.current_index)() {
+            Some(i) if i < MAX_CPUS && !self.busy[i].load(Ordering::Acquire) => {
+                self.busy[i].store(true, Ordering::Relaxed);
+                (IrqGuard { busy: Some(&self.busy[i]), were_enabled }, Some(i))
             }
             _ => (IrqGuard { busy: None, were_enabled }, None),
         }
     }
 
-    type LeafGuard = IrqGuard<'a>;
+    type LeafGuard<'a> = IrqGuard<'a>;
 
     /// As `enter`, with interrupts off, but reading the busy flag without setting it: a leaf section calls
     /// nothing, so only an exception handler could re-enter it, and an allocator fault is a bug either way.
     #[inline]
-    fn enter_leaf(&self) -> (IrqGuard<'a>, Option<usize>) {
+    fn enter_leaf(&self) -> (IrqGuard<'_>, Option<usize>) {
         let were_enabled = irqs_off();
-        let this: &'a IrqCpus = self;
-        let idx = (this.current_index)().filter(|&i| i < MAX_CPUS && !this.busy[i].load(Ordering::Acquire));
+        let idx = (self.current_index)().filter(|&i| i < MAX_CPUS && !self.busy[i].load(Ordering::Acquire));
         (IrqGuard { busy: None, were_enabled }, idx)
     }
 }
+
+/// A CPU provider for a kernel that runs goheap on one CPU: interrupts off for the whole operation (as
+/// [`IrqCpus`]), cache index 0, no per-CPU data needed. The interrupt-safe choice where `NoCpuCache` (which
+/// masks nothing) would hang as soon as an interrupt handler allocates.
+///
+/// Usable in a `static`, by value (`Malloc<_, IrqSingle>`) or by reference.
+#[derive(Debug)]
+pub struct IrqSingle {
+    busy: AtomicBool,
+}
+
+impl IrqSingle {
+    /// The provider.
+    ///
+    /// # Safety
+    /// Only one CPU ever calls into the allocators that use it (a uniprocessor kernel, or one whose other
+    /// CPUs never touch these heaps): cache index 0 is exclusive only because interrupts are off on the one
+    /// CPU. A kernel that starts more CPUs uses [`IrqCpus`].
+    pub const unsafe fn new() -> Self {
+        IrqSingle { busy: AtomicBool::new(false) }
+    }
+}
+
+// SAFETY: index 0 is returned only with interrupts off, on the one CPU that uses the provider (the
+// constructor's contract), and only while the busy flag is clear; `enter` sets the flag until its guard
+// drops, so a re-entrant call (an exception handler that allocates) gets `None`. A leaf section runs to its
+// end with interrupts off and calls nothing.
+unsafe impl CpuProvider for IrqSingle {
+    type Guard<'a> = IrqGuard<'a>;
+
+    #[inline]
+    fn enter(&self) -> (IrqGuard<'_>, Option<usize>) {
+        let were_enabled = irqs_off();
+        if self.busy.load(Ordering::Relaxed) {
+            return (IrqGuard { busy: None, were_enabled }, None);
+        }
+        self.busy.store(true, Ordering::Relaxed);
+        (IrqGuard { busy: Some(&self.busy), were_enabled }, Some(0))
+    }
+
+    type LeafGuard<'a> = IrqGuard<'a>;
+
+    #[inline]
+    fn enter_leaf(&self) -> (IrqGuard<'_>, Option<usize>) {
+        let were_enabled = irqs_off();
+        let idx = if self.busy.load(Ordering::Relaxed) { None } else { Some(0) };
+        (IrqGuard { busy: None, were_enabled }, idx)
+    }
+}
+
+// Both providers work by value and by reference (a compile-time check).
+const _: fn() = || {
+    fn provider<P: CpuProvider>() {}
+    provider::<IrqCpus>();
+    provider::<&IrqCpus>();
+    provider::<IrqSingle>();
+    provider::<&IrqSingle>();
+};
 
 /// Invalidates other CPUs' TLB entries for `[start, start + nbytes)` and returns once they did (e.g. by an
 /// NMI IPI, which also reaches CPUs spinning on a goheap lock with interrupts off). Called after the pages

@@ -5,12 +5,20 @@
 
 use std::ptr::NonNull;
 
+use goheap::cpu::Guarded;
 use goheap::page::heap::pagecache::PageCache;
 use goheap::page::heap::{span_info, Heap};
 use goheap::page::span::Span;
 use goheap::source::bounded::BoundedSource;
 use goheap::PAGE_SIZE;
 use proptest::prelude::*;
+
+/// The guard token the heap's locking methods ask for: these tests run no interrupt or signal handler that
+/// calls goheap, so any thread may make one.
+fn g() -> Guarded<'static> {
+    // SAFETY: no handler that calls goheap runs on the test's threads.
+    unsafe { Guarded::new_unchecked() }
+}
 
 const ARENA_BYTES: usize = 32 << 20;
 const ARENA_PAGES: usize = ARENA_BYTES / PAGE_SIZE;
@@ -65,7 +73,7 @@ fn run(ops: Vec<Op>) {
             Op::Alloc { npages, cache } => {
                 let failed_before = heap.source().failed_commits();
                 let pc = caches.get_mut(cache);
-                match heap.alloc_span(pc, npages, 3) {
+                match heap.alloc_span(g(), pc, npages, 3) {
                     Some(s) => {
                         // SAFETY: live span of this heap.
                         let i = unsafe { span_info(s) };
@@ -108,15 +116,15 @@ fn run(ops: Vec<Op>) {
                 let first = (l.base - heap.arena_base()) / PAGE_SIZE;
                 shadow[first..first + l.npages].iter_mut().for_each(|u| *u = false);
                 // SAFETY: live span of this heap, unused from now on.
-                unsafe { heap.free_span(caches.get_mut(cache), l.span) };
+                unsafe { heap.free_span(g(), caches.get_mut(cache), l.span) };
                 assert_eq!(heap.span_of(l.base), None);
             }
-            Op::Flush(c) => heap.flush_page_cache(&mut caches[c]),
+            Op::Flush(c) => heap.flush_page_cache(g(), &mut caches[c]),
             Op::Scavenge(b) => {
-                heap.scavenge(b);
+                heap.scavenge(g(), b);
             }
             Op::ReleaseAll => {
-                heap.release_all();
+                heap.release_all(g());
             }
             Op::FailNextCommit => heap.source().fail_nth_commit(1),
             Op::Budget(p) => {
@@ -125,7 +133,7 @@ fn run(ops: Vec<Op>) {
             }
             Op::Limit(l) => heap.set_memory_limit(l.unwrap_or(usize::MAX)),
         }
-        heap.validate();
+        heap.validate(g());
         let st = heap.stats();
         assert_eq!(heap.source().committed_bytes(), st.total_bytes, "step {step}: source vs heap accounting");
         let inuse: usize = live.iter().map(|l| l.npages).sum();
@@ -136,13 +144,13 @@ fn run(ops: Vec<Op>) {
     heap.source().set_budget(usize::MAX);
     for l in live {
         // SAFETY: live span of this heap.
-        unsafe { heap.free_span(None, l.span) };
+        unsafe { heap.free_span(g(), None, l.span) };
     }
     for c in caches.iter_mut() {
-        heap.flush_page_cache(c);
+        heap.flush_page_cache(g(), c);
     }
-    heap.validate();
-    heap.release_all();
+    heap.validate(g());
+    heap.release_all(g());
     let st = heap.stats();
     assert_eq!((st.inuse_bytes, st.committed_bytes, st.cached_bytes), (0, 0, 0));
     assert_eq!(heap.source().committed_bytes(), st.metadata_bytes + st.span_sys_bytes);

@@ -4,12 +4,20 @@
 
 use std::ptr::NonNull;
 
+use goheap::cpu::Guarded;
 use goheap::page::heap::{span_info, Heap};
 use goheap::page::pagealloc::PALLOC_CHUNK_PAGES;
 use goheap::page::span::Span;
 use goheap::source::bounded::BoundedSource;
 use goheap::PAGE_SIZE;
 use proptest::prelude::*;
+
+/// The guard token the heap's locking methods ask for: these tests run no interrupt or signal handler that
+/// calls goheap, so any thread may make one.
+fn g() -> Guarded<'static> {
+    // SAFETY: no handler that calls goheap runs on the test's threads.
+    unsafe { Guarded::new_unchecked() }
+}
 
 /// Arena of the heap under test: 64 MiB = 8192 pages (16 chunks).
 const ARENA_BYTES: usize = 64 << 20;
@@ -102,8 +110,8 @@ fn run(ops: Vec<Op>) {
                 let total = n + align_pages.max(1) - 1;
                 let fit = m.first_fit(total);
                 let s = match op {
-                    Op::AllocAligned(_, sh) => heap.alloc_span_aligned(n, 1 << sh),
-                    _ => heap.alloc_span(None, n, 0),
+                    Op::AllocAligned(_, sh) => heap.alloc_span_aligned(g(), n, 1 << sh),
+                    _ => heap.alloc_span(g(), None, n, 0),
                 };
                 if fit + total > ARENA_PAGES {
                     assert!(s.is_none(), "step {step}: {op:?} must fail (arena full)");
@@ -142,7 +150,7 @@ fn run(ops: Vec<Op>) {
                 // SAFETY: written at allocation; the span is live.
                 unsafe { assert_eq!(*(sbase as *const u64), sbase as u64, "step {step}: span memory clobbered") };
                 // SAFETY: live span of this heap, no longer used.
-                unsafe { heap.free_span(None, l.span) };
+                unsafe { heap.free_span(g(), None, l.span) };
                 for p in l.idx..l.idx + l.npages {
                     m.used[p] = false;
                 }
@@ -158,7 +166,7 @@ fn run(ops: Vec<Op>) {
                     if n <= old { true } else { idx + n <= ARENA_PAGES && (idx + old..idx + n).all(|p| m.is_free(p)) };
                 let (_, _, nz_before) = span_fields(live[k].span);
                 // SAFETY: live span, owned by the test.
-                let ok = unsafe { heap.resize_span_in_place(live[k].span, n) };
+                let ok = unsafe { heap.resize_span_in_place(g(), live[k].span, n) };
                 assert_eq!(ok, expect, "step {step}: resize {old} -> {n} at page {idx}");
                 if ok {
                     if n < old {
@@ -179,7 +187,7 @@ fn run(ops: Vec<Op>) {
                 }
             }
             Op::ReleaseAll => {
-                heap.release_all();
+                heap.release_all(g());
                 for p in 0..ARENA_PAGES {
                     if !m.used[p] {
                         m.dirty[p] = false;
@@ -188,7 +196,7 @@ fn run(ops: Vec<Op>) {
                 assert_eq!(heap.stats().free_bytes, 0);
             }
         }
-        heap.validate();
+        heap.validate(g());
         let st = heap.stats();
         assert_eq!(st.grown_bytes, m.grown * PAGE_SIZE, "step {step}: grown");
         let inuse: usize = live.iter().map(|l| l.npages).sum();
@@ -197,9 +205,9 @@ fn run(ops: Vec<Op>) {
     }
     for l in live {
         // SAFETY: live span of this heap.
-        unsafe { heap.free_span(None, l.span) };
+        unsafe { heap.free_span(g(), None, l.span) };
     }
-    heap.validate();
+    heap.validate(g());
 }
 
 proptest! {

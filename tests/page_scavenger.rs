@@ -3,6 +3,7 @@
 
 use std::ptr::NonNull;
 
+use goheap::cpu::Guarded;
 use goheap::page::fixalloc::FIXALLOC_BLOCK_BYTES;
 use goheap::page::heap::pagecache::PageCache;
 use goheap::page::heap::scavenger::{CALLS_PER_EPOCH, PEAK_WINDOW_EPOCHS, SCAV_CHUNK_HI_OCC_PAGES};
@@ -12,6 +13,13 @@ use goheap::page::span::Span;
 use goheap::source::bounded::BoundedSource;
 use goheap::PAGE_SIZE;
 use testkit::Rng;
+
+/// The guard token the heap's locking methods ask for: these tests run no interrupt or signal handler that
+/// calls goheap, so any thread may make one.
+fn g() -> Guarded<'static> {
+    // SAFETY: no handler that calls goheap runs on the test's threads.
+    unsafe { Guarded::new_unchecked() }
+}
 
 const MIB: usize = 1 << 20;
 
@@ -72,26 +80,26 @@ fn page_release_all_falls_to_metadata_floor() {
     for _ in 0..3000 {
         if live.len() < 400 && rng.index(3) != 0 {
             let n = if rng.index(4) == 0 { 16 + rng.index(300) } else { 1 + rng.index(12) };
-            let s = h.alloc_span(Some(&mut pc), n, 1).expect("unbounded source");
+            let s = h.alloc_span(g(), Some(&mut pc), n, 1).expect("unbounded source");
             // SAFETY: the span's memory is ours.
             unsafe { (base(s) as *mut u8).write_bytes(0x5A, n * PAGE_SIZE) };
             live.push(s);
         } else if !live.is_empty() {
             let s = live.swap_remove(rng.index(live.len()));
             // SAFETY: live span, unused.
-            unsafe { h.free_span(Some(&mut pc), s) };
+            unsafe { h.free_span(g(), Some(&mut pc), s) };
         }
     }
     for s in live.drain(..) {
         // SAFETY: live span, unused.
-        unsafe { h.free_span(Some(&mut pc), s) };
+        unsafe { h.free_span(g(), Some(&mut pc), s) };
     }
-    h.flush_page_cache(&mut pc);
-    h.validate();
+    h.flush_page_cache(g(), &mut pc);
+    h.validate(g());
     let before = h.stats();
     assert!(before.committed_bytes > 8 * MIB, "the workload must have committed heap memory");
-    let released = h.release_all();
-    h.validate();
+    let released = h.release_all(g());
+    h.validate(g());
     let st = h.stats();
     assert_eq!(released, before.committed_bytes, "release_all releases every free committed page");
     assert_eq!(st.committed_bytes, 0);
@@ -113,12 +121,12 @@ fn page_release_all_falls_to_metadata_floor() {
         assert_eq!(src.is_committed(a + p * PAGE_SIZE), Some(false), "arena page {p} still committed");
     }
     // And the heap still works.
-    let s = h.alloc_span(None, 3, 0).unwrap();
+    let s = h.alloc_span(g(), None, 3, 0).unwrap();
     // SAFETY: live span.
     assert!(!unsafe { span_info(s) }.needzero, "re-committed pages of a zeroing source are zero");
     // SAFETY: live span, unused.
-    unsafe { h.free_span(None, s) };
-    h.validate();
+    unsafe { h.free_span(g(), None, s) };
+    h.validate(g());
 }
 
 /// The same churn with and without a limit: without (and without background scavenging), committed memory
@@ -146,12 +154,12 @@ fn page_memory_limit_bounds_committed() {
         // fresh memory while the holes stay committed.
         for n in [1usize, 3, 7, 15, 31, 63, 127] {
             while live_bytes + n * PAGE_SIZE <= 12 * MIB {
-                let s = h.alloc_span(Some(&mut pc), n, 0).unwrap();
+                let s = h.alloc_span(g(), Some(&mut pc), n, 0).unwrap();
                 live.push((s, n));
                 live_bytes += n * PAGE_SIZE;
                 step += 1;
                 if limit.is_some() && step % 50 == 0 {
-                    h.scavenge(256 << 10);
+                    h.scavenge(g(), 256 << 10);
                 }
                 let total = h.source().committed_bytes();
                 assert_eq!(total, h.stats().total_bytes);
@@ -164,7 +172,7 @@ fn page_memory_limit_bounds_committed() {
             for (i, (s, k)) in live.drain(..).enumerate() {
                 if i % 2 == 0 {
                     // SAFETY: live span, unused.
-                    unsafe { h.free_span(Some(&mut pc), s) };
+                    unsafe { h.free_span(g(), Some(&mut pc), s) };
                     live_bytes -= k * PAGE_SIZE;
                 } else {
                     keep.push((s, k));
@@ -174,10 +182,10 @@ fn page_memory_limit_bounds_committed() {
         }
         for (s, _) in live {
             // SAFETY: live span, unused.
-            unsafe { h.free_span(Some(&mut pc), s) };
+            unsafe { h.free_span(g(), Some(&mut pc), s) };
         }
-        h.flush_page_cache(&mut pc);
-        h.validate();
+        h.flush_page_cache(g(), &mut pc);
+        h.validate(g());
         (worst, h.stats().scavenged_alloc_bytes)
     };
     let (unlimited_worst, _) = churn(None);
@@ -193,122 +201,122 @@ fn page_memory_limit_bounds_committed() {
 fn page_memory_limit_is_soft() {
     let h = heap(64 * MIB, usize::MAX);
     h.set_memory_limit(4 * MIB);
-    let spans: Vec<_> = (0..16).map(|_| h.alloc_span(None, 64, 0).expect("soft limit")).collect();
+    let spans: Vec<_> = (0..16).map(|_| h.alloc_span(g(), None, 64, 0).expect("soft limit")).collect();
     assert!(h.stats().total_bytes > 8 * MIB);
     for s in spans {
         // SAFETY: live span, unused.
-        unsafe { h.free_span(None, s) };
+        unsafe { h.free_span(g(), None, s) };
     }
     // Over the limit with everything free: one background step releases down to the limit goal.
-    h.scavenge(usize::MAX);
+    h.scavenge(g(), usize::MAX);
     let st = h.stats();
     assert!(st.total_bytes <= 4 * MIB, "after an aggressive step total is {} > limit", st.total_bytes);
-    h.validate();
+    h.validate(g());
 }
 
 #[test]
 fn page_source_failure_leaves_heap_consistent() {
     // Budget: room for the metadata and descriptors plus 2 MiB of heap pages.
     let h = heap(64 * MIB, usize::MAX);
-    let first = h.alloc_span(None, 1, 0).unwrap(); // initialises and grows the heap
+    let first = h.alloc_span(g(), None, 1, 0).unwrap(); // initialises and grows the heap
     let budget = h.source().committed_bytes() + 2 * MIB;
     h.source().set_budget(budget);
     let mut live = vec![first];
-    while let Some(s) = h.alloc_span(None, 16, 0) {
+    while let Some(s) = h.alloc_span(g(), None, 16, 0) {
         live.push(s);
         assert!(live.len() < 1000, "budget must run out");
     }
-    h.validate();
+    h.validate(g());
     assert!(h.source().committed_bytes() <= budget);
     assert!(h.source().failed_commits() > 0);
     let st = h.stats();
     assert_eq!(st.inuse_bytes, (1 + 16 * (live.len() - 1)) * PAGE_SIZE);
     // Smaller requests still fit in what is left (the failed one left its pages free, not leaked).
     let mut pc = PageCache::new();
-    while let Some(s) = h.alloc_span(Some(&mut pc), 1, 0) {
+    while let Some(s) = h.alloc_span(g(), Some(&mut pc), 1, 0) {
         live.push(s);
     }
-    h.validate();
+    h.validate(g());
     // Free half: later allocations succeed again (reusing committed pages or releasing them to commit).
     let half: Vec<_> = live.drain(live.len() / 2..).collect();
     for s in half {
         // SAFETY: live span, unused.
-        unsafe { h.free_span(Some(&mut pc), s) };
+        unsafe { h.free_span(g(), Some(&mut pc), s) };
     }
-    h.validate();
-    let big = h.alloc_span(None, 32, 0).expect("allocation after frees");
-    h.validate();
+    h.validate(g());
+    let big = h.alloc_span(g(), None, 32, 0).expect("allocation after frees");
+    h.validate(g());
     // SAFETY: live span, unused.
-    unsafe { h.free_span(None, big) };
+    unsafe { h.free_span(g(), None, big) };
 
     // Injected failure of the very next commit (fresh pages needed): None, nothing changes, then success.
-    h.flush_page_cache(&mut pc);
-    h.release_all();
+    h.flush_page_cache(g(), &mut pc);
+    h.release_all(g());
     h.source().set_budget(usize::MAX);
     let before = h.stats();
     h.source().fail_nth_commit(1);
-    assert!(h.alloc_span(None, 8, 0).is_none(), "the commit failed and there is nothing free to release");
-    h.validate();
+    assert!(h.alloc_span(g(), None, 8, 0).is_none(), "the commit failed and there is nothing free to release");
+    h.validate(g());
     let after = h.stats();
     assert_eq!((after.inuse_bytes, after.committed_bytes), (before.inuse_bytes, before.committed_bytes));
-    let s = h.alloc_span(None, 8, 0).expect("the next commit succeeds");
-    h.validate();
+    let s = h.alloc_span(g(), None, 8, 0).expect("the next commit succeeds");
+    h.validate(g());
     // SAFETY: live span, unused.
-    unsafe { h.free_span(None, s) };
+    unsafe { h.free_span(g(), None, s) };
     // The same through a page cache (commit outside the heap lock); release first so the cache's block
     // holds no committed free page.
-    h.release_all();
+    h.release_all(g());
     h.source().fail_all(true);
-    assert!(h.alloc_span(Some(&mut pc), 2, 0).is_none());
-    h.validate();
+    assert!(h.alloc_span(g(), Some(&mut pc), 2, 0).is_none());
+    h.validate(g());
     h.source().fail_all(false);
-    let s = h.alloc_span(Some(&mut pc), 2, 0).expect("cache path recovers");
-    h.validate();
+    let s = h.alloc_span(g(), Some(&mut pc), 2, 0).expect("cache path recovers");
+    h.validate(g());
     // SAFETY: live span, unused.
-    unsafe { h.free_span(Some(&mut pc), s) };
+    unsafe { h.free_span(g(), Some(&mut pc), s) };
     for s in live {
         // SAFETY: live span, unused.
-        unsafe { h.free_span(Some(&mut pc), s) };
+        unsafe { h.free_span(g(), Some(&mut pc), s) };
     }
-    h.flush_page_cache(&mut pc);
-    h.validate();
+    h.flush_page_cache(g(), &mut pc);
+    h.validate(g());
     assert_eq!(h.stats().inuse_bytes, 0);
 }
 
 #[test]
 fn page_growth_failure_leaves_heap_consistent() {
     let h = heap(64 * MIB, usize::MAX);
-    let s = h.alloc_span(None, 1, 0).unwrap();
+    let s = h.alloc_span(g(), None, 1, 0).unwrap();
     let grown = h.stats().grown_bytes;
     // The next allocation must grow the heap (metadata commit) and then commit pages: fail either step.
     for nth in 1..=3 {
         h.source().fail_nth_commit(nth);
-        let r = h.alloc_span(None, PALLOC_CHUNK_PAGES * 2, 0);
+        let r = h.alloc_span(g(), None, PALLOC_CHUNK_PAGES * 2, 0);
         h.source().fail_nth_commit(0);
-        h.validate();
+        h.validate(g());
         if let Some(r) = r {
             // SAFETY: live span, unused.
-            unsafe { h.free_span(None, r) };
+            unsafe { h.free_span(g(), None, r) };
         }
     }
     h.source().fail_all(true);
-    assert!(h.alloc_span(None, PALLOC_CHUNK_PAGES * 8, 0).is_none());
+    assert!(h.alloc_span(g(), None, PALLOC_CHUNK_PAGES * 8, 0).is_none());
     h.source().fail_all(false);
-    h.validate();
-    let r = h.alloc_span(None, PALLOC_CHUNK_PAGES * 8, 0).expect("growth works again");
+    h.validate(g());
+    let r = h.alloc_span(g(), None, PALLOC_CHUNK_PAGES * 8, 0).expect("growth works again");
     assert!(h.stats().grown_bytes > grown);
     // SAFETY: live spans, unused.
     unsafe {
-        h.free_span(None, r);
-        h.free_span(None, s);
+        h.free_span(g(), None, r);
+        h.free_span(g(), None, s);
     }
-    h.validate();
+    h.validate(g());
     // The arena bound: more than 64 MiB can never be allocated.
-    assert!(h.alloc_span(None, 64 * MIB / PAGE_SIZE + 1, 0).is_none());
-    let all = h.alloc_span(None, 64 * MIB / PAGE_SIZE, 0).expect("exactly the arena");
+    assert!(h.alloc_span(g(), None, 64 * MIB / PAGE_SIZE + 1, 0).is_none());
+    let all = h.alloc_span(g(), None, 64 * MIB / PAGE_SIZE, 0).expect("exactly the arena");
     // SAFETY: live span, unused.
-    unsafe { h.free_span(None, all) };
-    h.validate();
+    unsafe { h.free_span(g(), None, all) };
+    h.validate(g());
 }
 
 /// Lazy mode keeps the recent peak (plus 10%) and releases the rest only once the peak has left the
@@ -317,23 +325,23 @@ fn page_growth_failure_leaves_heap_consistent() {
 fn page_scavenger_retains_recent_peak() {
     let h = heap(128 * MIB, usize::MAX);
     // Peak: 32 MiB in 1 MiB spans.
-    let mut spans: Vec<_> = (0..32).map(|_| h.alloc_span(None, MIB / PAGE_SIZE, 0).unwrap()).collect();
+    let mut spans: Vec<_> = (0..32).map(|_| h.alloc_span(g(), None, MIB / PAGE_SIZE, 0).unwrap()).collect();
     // Free down to 4 MiB in use.
     for s in spans.drain(4..) {
         // SAFETY: live span, unused.
-        unsafe { h.free_span(None, s) };
+        unsafe { h.free_span(g(), None, s) };
     }
     let committed = h.stats().committed_bytes;
     assert_eq!(committed, 32 * MIB);
     let lines_before = my_scav_lines().len();
     // The 32 MiB peak is recent: the goal is 35.2 MiB, nothing is released.
-    assert_eq!(h.scavenge(MIB), 0);
+    assert_eq!(h.scavenge(g(), MIB), 0);
     assert_eq!(h.stats().committed_bytes, 32 * MIB);
     // After the window has passed, the goal is 4 MiB + 10%; each call releases at most its budget (the
     // 28 MiB above the goal take 28 calls of 1 MiB after the window).
     let mut calls = 0;
     while calls < CALLS_PER_EPOCH * (PEAK_WINDOW_EPOCHS + 1) + 32 {
-        let r = h.scavenge(MIB);
+        let r = h.scavenge(g(), MIB);
         assert!(r <= MIB, "released {r} with a budget of 1 MiB");
         calls += 1;
     }
@@ -347,14 +355,14 @@ fn page_scavenger_retains_recent_peak() {
     let last = lines.last().unwrap();
     eprintln!("{last}");
     assert!(last.starts_with("scav: released 27.") && last.contains("(mode lazy)"), "{last}");
-    h.validate();
+    h.validate(g());
 
     for s in spans.drain(..) {
         // SAFETY: live span, unused.
-        unsafe { h.free_span(None, s) };
+        unsafe { h.free_span(g(), None, s) };
     }
-    h.release_all();
-    h.validate();
+    h.release_all(g());
+    h.validate(g());
 }
 
 // Chunk 1 below (504 of 512 pages allocated) counts as dense.
@@ -365,18 +373,18 @@ const _: () = assert!(PALLOC_CHUNK_PAGES - 8 >= SCAV_CHUNK_HI_OCC_PAGES);
 #[test]
 fn page_scavenger_prefers_mostly_free_chunks() {
     let h = heap(64 * MIB, usize::MAX);
-    let a = h.alloc_span(None, PALLOC_CHUNK_PAGES, 0).unwrap(); // chunk 0
-    let b = h.alloc_span(None, PALLOC_CHUNK_PAGES - 8, 0).unwrap(); // chunk 1: 504 pages, dense
-    let hole = h.alloc_span(None, 8, 0).unwrap(); // chunk 1's last 8 pages
+    let a = h.alloc_span(g(), None, PALLOC_CHUNK_PAGES, 0).unwrap(); // chunk 0
+    let b = h.alloc_span(g(), None, PALLOC_CHUNK_PAGES - 8, 0).unwrap(); // chunk 1: 504 pages, dense
+    let hole = h.alloc_span(g(), None, 8, 0).unwrap(); // chunk 1's last 8 pages
     let hole_base = base(hole);
     // SAFETY: live spans, unused (a's tail).
     unsafe {
-        h.free_span(None, hole);
-        assert!(h.resize_span_in_place(a, 100)); // chunk 0: 100 pages allocated, 412 free and committed
+        h.free_span(g(), None, hole);
+        assert!(h.resize_span_in_place(g(), a, 100)); // chunk 0: 100 pages allocated, 412 free and committed
     }
     // A memory limit well below the heap makes the next step aggressive; give it a budget of 8 pages.
     h.set_memory_limit(MIB);
-    assert_eq!(h.scavenge(8 * PAGE_SIZE), 8 * PAGE_SIZE);
+    assert_eq!(h.scavenge(g(), 8 * PAGE_SIZE), 8 * PAGE_SIZE);
     let src = h.source();
     for p in 0..8 {
         assert_eq!(src.is_committed(hole_base + p * PAGE_SIZE), Some(true), "dense chunk scavenged first");
@@ -386,14 +394,14 @@ fn page_scavenger_prefers_mostly_free_chunks() {
     assert_eq!(src.is_committed(top0), Some(false));
     // With no limit and a forced release, the dense chunk's free pages go too.
     h.set_memory_limit(usize::MAX);
-    assert_eq!(h.release_all(), (412 - 8 + 8) * PAGE_SIZE);
+    assert_eq!(h.release_all(g()), (412 - 8 + 8) * PAGE_SIZE);
     assert_eq!(src.is_committed(hole_base), Some(false));
     // SAFETY: live spans, unused.
     unsafe {
-        h.free_span(None, a);
-        h.free_span(None, b);
+        h.free_span(g(), None, a);
+        h.free_span(g(), None, b);
     }
-    h.validate();
+    h.validate(g());
 }
 
 /// A page source whose `decommit` is slow, so that concurrent scavenger steps overlap.
@@ -426,14 +434,14 @@ unsafe impl goheap::source::PageSource for SlowDecommit {
 fn page_scavenger_concurrent_steps_do_not_overshoot() {
     let h: &'static Heap<SlowDecommit> =
         Box::leak(Box::new(Heap::with_max_bytes(SlowDecommit(goheap::source::mmap::MmapSource::new()), 256 * MIB)));
-    let mut spans: Vec<_> = (0..32).map(|_| h.alloc_span(None, MIB / PAGE_SIZE, 0).unwrap()).collect();
+    let mut spans: Vec<_> = (0..32).map(|_| h.alloc_span(g(), None, MIB / PAGE_SIZE, 0).unwrap()).collect();
     for s in spans.drain(4..) {
         // SAFETY: live span, unused.
-        unsafe { h.free_span(None, s) };
+        unsafe { h.free_span(g(), None, s) };
     }
     // Let the 32 MiB peak leave the window without releasing anything (budget 0).
     for _ in 0..CALLS_PER_EPOCH * (PEAK_WINDOW_EPOCHS + 2) {
-        assert_eq!(h.scavenge(0), 0);
+        assert_eq!(h.scavenge(g(), 0), 0);
     }
     let goal = h.stats().retained_goal_bytes;
     assert_eq!(goal, 4 * MIB + 4 * MIB / 100 * 10);
@@ -443,7 +451,7 @@ fn page_scavenger_concurrent_steps_do_not_overshoot() {
             let start = start.clone();
             std::thread::spawn(move || {
                 start.wait();
-                h.scavenge(8 * MIB)
+                h.scavenge(g(), 8 * MIB)
             })
         })
         .collect();
@@ -456,7 +464,7 @@ fn page_scavenger_concurrent_steps_do_not_overshoot() {
     assert!(committed <= goal + PAGE_SIZE, "the steps' budgets (64 MiB) covered the excess: {committed} left");
     for s in spans {
         // SAFETY: live span, unused.
-        unsafe { h.free_span(None, s) };
+        unsafe { h.free_span(g(), None, s) };
     }
 }
 
@@ -474,24 +482,24 @@ fn fake_clock() -> u64 {
 fn page_scavenger_window_by_clock() {
     use goheap::page::heap::scavenger::EPOCH_NANOS;
     let h = heap(64 * MIB, usize::MAX);
-    h.set_clock(Some(fake_clock));
-    let mut spans: Vec<_> = (0..8).map(|_| h.alloc_span(None, MIB / PAGE_SIZE, 0).unwrap()).collect();
+    h.set_clock(g(), Some(fake_clock));
+    let mut spans: Vec<_> = (0..8).map(|_| h.alloc_span(g(), None, MIB / PAGE_SIZE, 0).unwrap()).collect();
     for s in spans.drain(1..) {
         // SAFETY: live span, unused.
-        unsafe { h.free_span(None, s) };
+        unsafe { h.free_span(g(), None, s) };
     }
     for _ in 0..10 * CALLS_PER_EPOCH {
-        assert_eq!(h.scavenge(MIB), 0, "the clock stands still: the 8 MiB peak stays in the window");
+        assert_eq!(h.scavenge(g(), MIB), 0, "the clock stands still: the 8 MiB peak stays in the window");
     }
     for _ in 0..PEAK_WINDOW_EPOCHS - 1 {
         FAKE_NANOS.fetch_add(EPOCH_NANOS, std::sync::atomic::Ordering::Relaxed);
-        assert_eq!(h.scavenge(MIB), 0, "the peak is still in the window");
+        assert_eq!(h.scavenge(g(), MIB), 0, "the peak is still in the window");
     }
     FAKE_NANOS.fetch_add(EPOCH_NANOS, std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(h.scavenge(MIB), MIB, "the peak left the window: the step releases its budget");
+    assert_eq!(h.scavenge(g(), MIB), MIB, "the peak left the window: the step releases its budget");
     for s in spans {
         // SAFETY: live span, unused.
-        unsafe { h.free_span(None, s) };
+        unsafe { h.free_span(g(), None, s) };
     }
-    h.validate();
+    h.validate(g());
 }

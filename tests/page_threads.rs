@@ -7,11 +7,19 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use goheap::cpu::Guarded;
 use goheap::page::heap::pagecache::PageCache;
 use goheap::page::heap::{span_info, Heap};
 use goheap::page::span::Span;
 use goheap::source::bounded::BoundedSource;
 use goheap::PAGE_SIZE;
+
+/// The guard token the heap's locking methods ask for: these tests run no interrupt or signal handler that
+/// calls goheap, so any thread may make one.
+fn g() -> Guarded<'static> {
+    // SAFETY: no handler that calls goheap runs on the test's threads.
+    unsafe { Guarded::new_unchecked() }
+}
 
 const MIB: usize = 1 << 20;
 const ARENA: usize = 256 * MIB;
@@ -77,9 +85,9 @@ fn page_threads_no_page_handed_out_twice() {
     let heap: &'static Heap<BoundedSource> =
         Box::leak(Box::new(Heap::with_max_bytes(BoundedSource::with_mmap(ARENA + 32 * MIB, usize::MAX), ARENA)));
     // Initialise so the arena base is known.
-    let first = heap.alloc_span(None, 1, 0).unwrap();
+    let first = heap.alloc_span(g(), None, 1, 0).unwrap();
     // SAFETY: live span, unused.
-    unsafe { heap.free_span(None, first) };
+    unsafe { heap.free_span(g(), None, first) };
     let shadow: &'static Shadow = Box::leak(Box::new(Shadow {
         base: heap.arena_base(),
         bits: (0..ARENA / PAGE_SIZE / 64).map(|_| AtomicU64::new(0)).collect(),
@@ -108,7 +116,7 @@ fn page_threads_no_page_handed_out_twice() {
                     let (base, npages) = info(tok);
                     shadow.release(base, npages);
                     // SAFETY: the span is live and nobody else holds its token.
-                    unsafe { heap.free_span(Some(pc), tok.span()) };
+                    unsafe { heap.free_span(g(), Some(pc), tok.span()) };
                 };
                 for i in 0..OPS {
                     let r = rnd();
@@ -120,9 +128,9 @@ fn page_threads_no_page_handed_out_twice() {
                                 _ => 1 + ((r >> 16) % 10) as usize, // page cache
                             };
                             let s = if (r >> 32) % 32 == 0 {
-                                heap.alloc_span_aligned(n, 64 << 10)
+                                heap.alloc_span_aligned(g(), n, 64 << 10)
                             } else {
-                                heap.alloc_span(Some(&mut pc), n, 1)
+                                heap.alloc_span(g(), Some(&mut pc), n, 1)
                             };
                             let tok = Token(s.expect("unbounded source").as_ptr() as usize);
                             let (base, npages) = info(tok);
@@ -157,7 +165,7 @@ fn page_threads_no_page_handed_out_twice() {
                         }
                     }
                 }
-                heap.flush_page_cache(&mut pc);
+                heap.flush_page_cache(g(), &mut pc);
             })
         })
         .collect();
@@ -172,17 +180,17 @@ fn page_threads_no_page_handed_out_twice() {
         let (base, npages) = info(tok);
         shadow.release(base, npages);
         // SAFETY: live span, unused.
-        unsafe { heap.free_span(Some(&mut pc), tok.span()) };
+        unsafe { heap.free_span(g(), Some(&mut pc), tok.span()) };
     }
-    heap.flush_page_cache(&mut pc);
+    heap.flush_page_cache(g(), &mut pc);
     assert!(cross_frees.load(Ordering::Relaxed) > 100, "frees must have crossed threads");
     assert!(shadow.bits.iter().all(|w| w.load(Ordering::SeqCst) == 0));
-    heap.validate();
+    heap.validate(g());
     let st = heap.stats();
     assert_eq!(st.inuse_bytes, 0);
     assert_eq!(st.spans_inuse, 0);
     assert!(st.scavenged_total_bytes > 0, "the scavenger thread must have released memory meanwhile");
-    heap.release_all();
+    heap.release_all(g());
     assert_eq!(heap.stats().committed_bytes, 0);
-    heap.validate();
+    heap.validate(g());
 }

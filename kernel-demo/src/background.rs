@@ -2,8 +2,9 @@
 //!
 //! goheap starts no threads: a kernel calls [`goheap::Malloc::background`] now and then on each CPU. It
 //! folds frees other CPUs deferred to this CPU's spans, returns empty spans to the page heap and lets the
-//! scavenger give a bounded number of bytes back to the frame allocator. It takes goheap's locks, so it
-//! must never run inside an interrupt handler that may have interrupted a lock holder: the split here is
+//! scavenger give a bounded number of bytes back to the frame allocator. goheap's interrupt contract would
+//! allow calling it from the timer handler (it runs inside `IrqCpus`' guard, interrupts off), but a step
+//! then adds to interrupt latency and [`step`] prints on the serial console, so the split here is
 //!
 //! - [`tick`] (for a periodic timer interrupt): marks background work due on this CPU: one atomic store,
 //!   no lock, no allocation;

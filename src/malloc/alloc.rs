@@ -70,10 +70,11 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             return self.alloc_large(size, align, ZERO, r == GUARDED);
         }
         let e = self.enter();
+        let g = e.held.guarded();
         let t = &self.t;
         let small = |cache: &mut CpuCache| {
             if r == TINY_CLASS {
-                let p = cache.alloc_tiny(t, size.max(1), align, e.sh);
+                let p = cache.alloc_tiny(t, size.max(1), align, e.sh, g);
                 if ZERO && !p.is_null() {
                     // SAFETY: `p` is a fresh allocation of `size` bytes.
                     unsafe { ptr::write_bytes(p, 0, size) };
@@ -81,17 +82,17 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 p
             } else {
                 // SAFETY: `route` returns size classes below `NUM_SIZE_CLASSES` (or the tiny class, above).
-                unsafe { cache.alloc::<S, ZERO>(t, r, e.sh) }
+                unsafe { cache.alloc::<S, ZERO>(t, r, e.sh, g) }
             }
         };
         let mut p = small(e.cache);
         if p.is_null() {
             // Out of memory: give back what the allocator holds free and retry once (see `reclaim.rs`).
-            self.reclaim(e.cache, e.sh);
+            self.reclaim(e.cache, e.sh, g);
             p = small(e.cache);
         }
         if !p.is_null() {
-            self.after_alloc_limit(e.cache, e.sh);
+            self.after_alloc_limit(e.cache, e.sh, g);
         }
         let sampled = self.count_sample(e.cache, size);
         let me = e.sh.index;
@@ -112,21 +113,22 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         // Guard mode: the object ends right before a guard page, so the body must leave room to align it.
         let npages = if guarded { npages_for(size + align - 1) + 1 } else { npages_for(size) };
         let e = self.enter();
+        let g = e.held.guarded();
         let span = |cache: &mut CpuCache| {
             if align <= PAGE_SIZE || guarded {
-                self.t.heap.alloc_span(Some(&mut cache.pcache), npages, 0)
+                self.t.heap.alloc_span(g, Some(&mut cache.pcache), npages, 0)
             } else {
-                self.t.heap.alloc_span_aligned(npages, align)
+                self.t.heap.alloc_span_aligned(g, npages, align)
             }
         };
         let mut s = span(e.cache);
         if s.is_none() {
             // Out of memory: give back what the allocator holds free and retry once (see `reclaim.rs`).
-            self.reclaim(e.cache, e.sh);
+            self.reclaim(e.cache, e.sh, g);
             s = span(e.cache);
         }
         let Some(s) = s else { return ptr::null_mut() };
-        self.after_alloc_limit(e.cache, e.sh);
+        self.after_alloc_limit(e.cache, e.sh, g);
         let s = s.as_ptr();
         // SAFETY: a fresh large span is ours alone.
         let p = unsafe {
@@ -136,7 +138,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 let guard = base + (npages - 1) * PAGE_SIZE;
                 // SAFETY: the guard page is committed, ours, and unused; it is committed again before the
                 // span goes back to the heap (`free_large`).
-                self.t.heap.source().decommit(NonNull::new_unchecked(guard as *mut u8), PAGE_SIZE);
+                self.t.heap.src(g).decommit(NonNull::new_unchecked(guard as *mut u8), PAGE_SIZE);
                 ((guard - size) & !(align - 1)) as *mut u8
             } else {
                 base as *mut u8

@@ -59,12 +59,13 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         #[cfg(not(feature = "checks"))]
         let _ = checked;
         let e = self.enter();
+        let g = e.held.guarded();
         if r == TINY_CLASS {
             // SAFETY: forwarded contract: a tiny-path object.
-            unsafe { e.cache.free_tiny(&self.t, ptr, e.sh) }
+            unsafe { e.cache.free_tiny(&self.t, ptr, e.sh, g) }
         } else {
             // SAFETY: forwarded contract: an object of class `r`.
-            unsafe { e.cache.free(&self.t, r, ptr, e.sh) }
+            unsafe { e.cache.free(&self.t, r, ptr, e.sh, g) }
         }
     }
 
@@ -112,26 +113,28 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         if class != 0 {
             self.report(addr, Reason::LayoutMismatch { size: layout.size(), align: layout.align() });
         }
+        let guard_page = base + (npages - 1) * PAGE_SIZE;
         if guarded {
-            let guard = base + (npages - 1) * PAGE_SIZE;
-            if addr != (guard - layout.size()) & !(layout.align() - 1) {
+            if addr != (guard_page - layout.size()) & !(layout.align() - 1) {
                 self.report(addr, Reason::Interior);
-            }
-            // SAFETY: the guard page was decommitted by `alloc_large`; the span is the caller's.
-            let ok = unsafe { self.t.heap.source().commit(NonNull::new_unchecked(guard as *mut u8), PAGE_SIZE) };
-            if !ok {
-                // The heap believes every page of the span committed: without the guard page back, the span
-                // cannot be reused. Keep it (leaked) rather than hand out an inaccessible page later.
-                return;
             }
         } else if base != addr {
             self.report(addr, Reason::Interior);
         }
-        self.with_cache(|c, t, sh| {
+        self.with_cache(|c, t, sh, g| {
+            if guarded {
+                // SAFETY: the guard page was decommitted by `alloc_large`; the span is the caller's.
+                let ok = unsafe { t.heap.src(g).commit(NonNull::new_unchecked(guard_page as *mut u8), PAGE_SIZE) };
+                if !ok {
+                    // The heap believes every page of the span committed: without the guard page back, the
+                    // span cannot be reused. Keep it (leaked) rather than hand out an inaccessible page later.
+                    return;
+                }
+            }
             sh.stats.large_nfree.bump();
             sh.stats.large_bytes_free.add((npages * PAGE_SIZE) as u64);
             // SAFETY: the caller gives the object up; the span holds nothing else.
-            unsafe { t.heap.free_span(Some(&mut c.pcache), s) };
+            unsafe { t.heap.free_span(g, Some(&mut c.pcache), s) };
         });
     }
 
@@ -156,12 +159,16 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             if old_npages == new_npages {
                 return ptr;
             }
-            // SAFETY: the span is this large object's; the caller owns it.
-            if unsafe { self.t.heap.resize_span_in_place(s, new_npages) } {
-                self.with_cache(|_, _, sh| {
-                    sh.stats.large_bytes_free.add((old_npages * PAGE_SIZE) as u64);
-                    sh.stats.large_bytes_alloc.add((new_npages * PAGE_SIZE) as u64);
-                });
+            let resized = self.with_cache(|_, t, sh, g| {
+                // SAFETY: the span is this large object's; the caller owns it.
+                if !unsafe { t.heap.resize_span_in_place(g, s, new_npages) } {
+                    return false;
+                }
+                sh.stats.large_bytes_free.add((old_npages * PAGE_SIZE) as u64);
+                sh.stats.large_bytes_alloc.add((new_npages * PAGE_SIZE) as u64);
+                true
+            });
+            if resized {
                 return ptr;
             }
         }

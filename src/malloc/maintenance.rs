@@ -17,9 +17,11 @@ pub struct BackgroundReport {
 }
 
 impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
-    /// One step of background work, for a kernel's timer or idle loop or a host thread: folds deferred frees
-    /// into the calling CPU's cached spans, returns up to `max_spans` empty spans per class from the central
-    /// lists to the page heap, and lets the scavenger give back up to `scavenge_budget_bytes`.
+    /// One step of background work, for a kernel's idle loop or timer interrupt or a host thread: folds
+    /// deferred frees into the calling CPU's cached spans, returns up to `max_spans` empty spans per class from
+    /// the central lists to the page heap, and lets the scavenger give back up to `scavenge_budget_bytes`.
+    /// The whole step runs inside the CPU provider's guard (interrupts off in a kernel), so it is safe from an
+    /// interrupt handler and its budget bounds the time interrupts stay off.
     ///
     /// Pacing (see `reclaim.rs`): `max_spans` and the budget hold while the heap allocates; an *idle* call
     /// (no span allocated since this CPU's previous call) sweeps every empty span, with no per-class floor,
@@ -29,14 +31,18 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// allocation) and releases down to the limit.
     pub fn background(&self, max_spans: usize, scavenge_budget_bytes: usize) -> BackgroundReport {
         let mut rep = BackgroundReport::default();
-        let mut pace = (crate::page::heap::scavenger::Tick::Cpu(None), scavenge_budget_bytes);
-        self.with_cache(|c, t, sh| {
-            rep.nfolded = c.sweep_cached(t, sh);
-            let (swept, tick, budget) = self.background_pacing(c, sh, max_spans, scavenge_budget_bytes);
+        let log = self.with_cache(|c, t, sh, g| {
+            rep.nfolded = c.sweep_cached(t, sh, g);
+            let (swept, tick, budget) = self.background_pacing(c, sh, g, max_spans, scavenge_budget_bytes);
             rep.npages_swept = swept;
-            pace = (tick, budget);
+            let (step, log) = t.heap.scavenge_paced(g, budget, tick);
+            rep.nbytes_released = step.released;
+            log
         });
-        rep.nbytes_released = self.t.heap.scavenge_paced(pace.1, pace.0).released;
+        // The scavenger's log line, outside the guard (a logger may allocate or take locks).
+        if let Some(log) = log {
+            log.emit(&self.t.heap);
+        }
         rep
     }
 
@@ -47,32 +53,36 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         if class == 0 || class >= NUM_ALLOC_CLASSES {
             return 0;
         }
-        self.with_cache(|c, _, _| c.stock_bound(class))
+        self.with_cache(|c, _, _, _| c.stock_bound(class))
     }
 
     /// Gives everything the calling CPU's cache holds back to the central lists and the page heap. A kernel
     /// calls it on every CPU before [`Malloc::release_all`] (other CPUs' caches are theirs alone).
     pub fn flush_cpu_cache(&self) {
-        self.with_cache(|c, t, sh| c.flush_all(t, sh));
+        self.with_cache(|c, t, sh, g| c.flush_all(t, sh, g));
     }
 
     /// Go's `debug.FreeOSMemory`: flushes the calling CPU's cache (and the shared one), returns every empty
-    /// span to the page heap and every free page to the page source. Returns the bytes released.
+    /// span to the page heap and every free page to the page source. Returns the bytes released. One section
+    /// inside the CPU provider's guard: in a kernel, interrupts stay off until everything is released.
     ///
     /// Other CPUs' caches are asked to flush too: each does at its next entry into the allocator's general
     /// path (see `reclaim.rs`); a later `release_all` or background step then returns what they gave back.
     pub fn release_all(&self) -> usize {
-        self.with_cache(|c, _, sh| self.reclaim(c, sh));
-        {
-            let _lock = self.shared_lock.lock();
+        let e = self.enter();
+        let g = e.held.guarded();
+        if !matches!(e.held, Held::Shared(..)) {
+            let _lock = self.shared_lock.lock(g);
             // SAFETY: the shared cache is only used under `shared_lock`, which we hold.
             let shared = unsafe { &mut *self.shared.cache.get() };
-            shared.flush_all(&self.t, &self.shared.shared);
+            shared.flush_all(&self.t, &self.shared.shared, g);
         }
-        for central in self.t.centrals.iter().skip(1) {
-            central.sweep(&self.t.heap, None, 0, usize::MAX);
-        }
-        self.t.heap.release_all()
+        // This CPU's cache, the flush request to the others, every empty span of every central list.
+        self.reclaim(e.cache, e.sh, g);
+        let (released, log) = self.t.heap.release_all_step(g);
+        drop(e);
+        log.emit(&self.t.heap);
+        released
     }
 
     /// Sets the soft memory limit (GOMEMLIMIT); `usize::MAX` removes it. See `scavenger.rs`.
@@ -80,8 +90,8 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     pub fn set_memory_limit(&self, nbytes: usize) {
         self.t.heap.set_memory_limit(nbytes);
         if self.t.heap.over_limit() {
-            self.with_cache(|c, _, sh| {
-                self.limit_reclaim(c, sh, true);
+            self.with_cache(|c, _, sh, g| {
+                self.limit_reclaim(c, sh, g, true);
             });
         }
     }

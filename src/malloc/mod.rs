@@ -17,7 +17,10 @@
 //! - `shared`: its spin lock (used when the provider gives no index: early boot, out of slots, re-entry);
 //! - `centrals[c]`: its own lock (see `central.rs`); the heap: the heap lock (see `page/heap/mod.rs`).
 //!
-//! Lock order: shared cache → central(c) → heap. A CPU guard is held across all of them.
+//! Lock order: shared cache → central(c) → heap. A CPU guard is held across all of them: each lock is a
+//! [`GuardedMutex`] taken with the [`Guarded`] token of the guard (`Entered::held`), and the page source is
+//! called only with one, so every path that locks or calls the source is inside the guard by construction.
+//! The fast paths (`alloc_impl`, `dealloc`) take no lock and call nothing: they need no token.
 //!
 //! # Files, by concern
 //! - this file: the type, its construction, routing, entering a cache;
@@ -29,7 +32,7 @@
 //! - `api.rs`: `GlobalAlloc` and allocator-api2's `Allocator`.
 
 use crate::check::{self, Reason};
-use crate::cpu::{CpuProvider, MAX_CPUS};
+use crate::cpu::{CpuProvider, Guarded, GuardedMutex, MAX_CPUS};
 use crate::object::central::{Central, KEEP_EMPTY_SPANS};
 use crate::object::class::{class_shape, ClassShape, NUM_ALLOC_CLASSES, TINY_CLASS, TINY_SIZE};
 use crate::object::cpucache::{CpuCache, CpuShared, Tiers};
@@ -139,11 +142,21 @@ enum Held<'a, G> {
     Shared(#[allow(dead_code)] spin::MutexGuard<'a, ()>, #[allow(dead_code)] G),
 }
 
+impl<G> Held<'_, G> {
+    /// The token of the provider's guard held here, for as long as it is borrowed.
+    #[inline(always)]
+    fn guarded(&self) -> Guarded<'_> {
+        // SAFETY: both variants hold the provider's guard, and the token cannot outlive this borrow of it.
+        unsafe { Guarded::new_unchecked() }
+    }
+}
+
 /// An entered cache: exclusive to the holder until dropped.
 struct Entered<'a, G> {
     cache: &'a mut CpuCache,
     sh: &'a CpuShared,
-    _held: Held<'a, G>,
+    /// Borrow it (`e.held.guarded()`) for the token that the locks and the page source ask for.
+    held: Held<'a, G>,
 }
 
 // SAFETY: slot `i` is only accessed by the holder of the provider's guard for index `i` (exclusive by the
@@ -157,7 +170,7 @@ pub struct Malloc<S: PageSource, P: CpuProvider> {
     caches: [CacheSlot; MAX_CPUS],
     /// The shared cache, used under `shared_lock` by callers the provider gives no index.
     shared: CacheSlot,
-    shared_lock: spin::Mutex<()>,
+    shared_lock: GuardedMutex<()>,
     provider: P,
     /// Debug knobs; immutable once built.
     debug: DebugFlags,
@@ -205,7 +218,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             t: Tiers { heap, centrals: centrals(), report_hook: None },
             caches: cache_slots(),
             shared: CacheSlot::new(SHARED_INDEX),
-            shared_lock: spin::Mutex::new(()),
+            shared_lock: GuardedMutex::new(()),
             provider,
             debug: DebugFlags::empty(),
             profiler: Profiler {
@@ -259,7 +272,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// Enters the caller's cache: its CPU's under the provider's guard, else the shared one under its lock.
     /// The cache is the caller's until the returned [`Entered`] drops.
     #[inline(always)]
-    fn enter(&self) -> Entered<'_, P::Guard> {
+    fn enter(&self) -> Entered<'_, P::Guard<'_>> {
         match self.provider.enter() {
             (guard, Some(i)) => {
                 debug_assert!(i < MAX_CPUS);
@@ -269,32 +282,50 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 let slot = unsafe { self.caches.get_unchecked(i) };
                 // SAFETY: as above: the guard gives us slot `i`'s cache exclusively.
                 let cache = unsafe { &mut *slot.cache.get() };
+                let e = Entered { cache, sh: &slot.shared, held: Held::Cpu(guard) };
                 if self.pacing.flush_due(i) {
-                    self.honour_flush(cache, &slot.shared);
+                    self.honour_flush(e.cache, e.sh, e.held.guarded());
                 }
-                Entered { cache, sh: &slot.shared, _held: Held::Cpu(guard) }
+                e
             }
             (guard, None) => self.enter_shared(guard),
         }
     }
 
     #[cold]
-    fn enter_shared(&self, guard: P::Guard) -> Entered<'_, P::Guard> {
-        let lock = self.shared_lock.lock();
+    fn enter_shared<'a>(&'a self, guard: P::Guard<'a>) -> Entered<'a, P::Guard<'a>> {
+        // SAFETY: `guard` is the provider's guard; it goes into `Held::Shared` with the lock, which drops the
+        // lock first, so the token is not used after the guard ends.
+        let lock = self.shared_lock.lock(unsafe { Guarded::new_unchecked() });
         // SAFETY: the shared cache is only used under `shared_lock`, which `Entered` holds as long as the
         // reference lives.
         let cache = unsafe { &mut *self.shared.cache.get() };
+        let e = Entered { cache, sh: &self.shared.shared, held: Held::Shared(lock, guard) };
         if self.pacing.flush_due(MAX_CPUS) {
-            self.honour_flush(cache, &self.shared.shared);
+            self.honour_flush(e.cache, e.sh, e.held.guarded());
         }
-        Entered { cache, sh: &self.shared.shared, _held: Held::Shared(lock, guard) }
+        e
     }
 
-    /// Runs `f` on the caller's cache (for the paths where a closure costs nothing).
+    /// Runs `f` on the caller's cache (for the paths where a closure costs nothing), with the token of
+    /// the guard held.
     #[inline]
-    fn with_cache<R>(&self, f: impl FnOnce(&mut CpuCache, &Tiers<S>, &CpuShared) -> R) -> R {
+    fn with_cache<R>(&self, f: impl FnOnce(&mut CpuCache, &Tiers<S>, &CpuShared, Guarded<'_>) -> R) -> R {
         let e = self.enter();
-        f(e.cache, &self.t, e.sh)
+        f(e.cache, &self.t, e.sh, e.held.guarded())
+    }
+
+    /// Runs `f` inside the CPU provider's guard (interrupts off in a kernel) with its token, for code that
+    /// calls the page heap or the central lists directly (see [`Malloc::heap`]), e.g.
+    /// `m.with_guard(|g| m.heap().scavenge(g, 1 << 20))`. `f` may allocate from this allocator: its requests
+    /// take the shared cache while the guard marks this CPU's cache busy.
+    pub fn with_guard<R>(&self, f: impl FnOnce(Guarded<'_>) -> R) -> R {
+        let (guard, _) = self.provider.enter();
+        // SAFETY: `guard` is the provider's guard and lives until after `f` returns; the token's lifetime is
+        // bounded by this call (`f` is generic over it).
+        let r = f(unsafe { Guarded::new_unchecked() });
+        drop(guard);
+        r
     }
 
     /// Bytes actually usable at an allocation of `layout` (its class size, or its pages).

@@ -110,10 +110,10 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// Honours a flush request (see the module docs): the entered cache `cache` gives back all it holds.
     #[cold]
     #[inline(never)]
-    pub(super) fn honour_flush(&self, cache: &mut CpuCache, sh: &CpuShared) {
+    pub(super) fn honour_flush(&self, cache: &mut CpuCache, sh: &CpuShared, g: Guarded<'_>) {
         let e = self.pacing.flush_epoch.load(Ordering::Relaxed);
         self.pacing.cpu(sh.index).flush_seen.store(e, Ordering::Relaxed);
-        cache.flush_all(&self.t, sh);
+        cache.flush_all(&self.t, sh, g);
     }
 
     /// Reclaim before failing (see the module docs): asks the other caches to flush, flushes the caller's
@@ -121,29 +121,29 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// and releases its locks one at a time; the caller holds none.
     #[cold]
     #[inline(never)]
-    pub(super) fn reclaim(&self, cache: &mut CpuCache, sh: &CpuShared) {
+    pub(super) fn reclaim(&self, cache: &mut CpuCache, sh: &CpuShared, g: Guarded<'_>) {
         let e = self.pacing.flush_epoch.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
         self.pacing.cpu(sh.index).flush_seen.store(e, Ordering::Relaxed);
-        cache.flush_all(&self.t, sh);
+        cache.flush_all(&self.t, sh, g);
         if sh.index != SHARED_INDEX {
-            if let Some(_lock) = self.shared_lock.try_lock() {
+            if let Some(_lock) = self.shared_lock.try_lock(g) {
                 // SAFETY: the shared cache is only used under `shared_lock`, which we hold.
                 let shared = unsafe { &mut *self.shared.cache.get() };
-                shared.flush_all(&self.t, &self.shared.shared);
+                shared.flush_all(&self.t, &self.shared.shared, g);
                 self.pacing.cpu(SHARED_INDEX).flush_seen.store(e, Ordering::Relaxed);
             }
         }
         for central in self.t.centrals.iter().skip(1) {
-            central.sweep(&self.t.heap, None, 0, usize::MAX);
+            central.sweep(g, &self.t.heap, None, 0, usize::MAX);
         }
     }
 
     /// After an allocation: the memory limit's reclaim if the total is above the limit (a few atomic loads
     /// otherwise).
     #[inline]
-    pub(super) fn after_alloc_limit(&self, cache: &mut CpuCache, sh: &CpuShared) {
+    pub(super) fn after_alloc_limit(&self, cache: &mut CpuCache, sh: &CpuShared, g: Guarded<'_>) {
         if self.t.heap.over_limit() {
-            self.limit_reclaim(cache, sh, false);
+            self.limit_reclaim(cache, sh, g, false);
         }
     }
 
@@ -151,14 +151,14 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// since the last one reaches the current interval. Returns bytes released.
     #[cold]
     #[inline(never)]
-    pub(super) fn limit_reclaim(&self, cache: &mut CpuCache, sh: &CpuShared, forced: bool) -> usize {
+    pub(super) fn limit_reclaim(&self, cache: &mut CpuCache, sh: &CpuShared, g: Guarded<'_>, forced: bool) -> usize {
         let heap = &self.t.heap;
         let volume = heap.alloc_volume_npages();
         if !forced && volume < self.pacing.limit_next_npages.load(Ordering::Relaxed) {
             return 0;
         }
-        self.reclaim(cache, sh);
-        let released = heap.release_for_limit();
+        self.reclaim(cache, sh, g);
+        let released = heap.release_for_limit(g);
         let base = limit_reclaim_base_npages(heap.memory_limit());
         let every = if heap.over_limit() {
             let cur = self.pacing.limit_every_npages.load(Ordering::Relaxed).max(base);
@@ -177,6 +177,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         &self,
         cache: &mut CpuCache,
         sh: &CpuShared,
+        g: Guarded<'_>,
         max_spans: usize,
         budget_bytes: usize,
     ) -> (usize, Tick, usize) {
@@ -196,7 +197,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         let over_limit = heap.over_limit();
         if over_limit {
             // Idle: meet the limit now; busy: at the allocation path's pace.
-            self.limit_reclaim(cache, sh, idle);
+            self.limit_reclaim(cache, sh, g, idle);
         }
         let budget = if idle { budget_bytes.saturating_mul(IDLE_BUDGET_FACTOR) } else { budget_bytes };
         let (keep, max_spans, mut pages_left) = if idle || over_limit {
@@ -209,7 +210,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             if pages_left == 0 {
                 break;
             }
-            let n = central.sweep_budget(heap, Some(&mut cache.pcache), keep, max_spans, pages_left);
+            let n = central.sweep_budget(g, heap, Some(&mut cache.pcache), keep, max_spans, pages_left);
             pages_left = pages_left.saturating_sub(n);
             swept += n;
         }
@@ -218,7 +219,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 > heap.retained_goal_bytes.load(Ordering::Relaxed)
         {
             // The scavenger cannot reach the page cache's free pages: give them to the heap.
-            heap.flush_page_cache(&mut cache.pcache);
+            heap.flush_page_cache(g, &mut cache.pcache);
         }
         (swept, tick, budget)
     }

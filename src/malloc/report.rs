@@ -133,10 +133,12 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// Whole-allocator consistency walk (feature `validate`): the page heap, every central list.
     #[cfg(feature = "validate")]
     pub fn validate(&self) {
-        self.t.heap.validate();
-        for central in self.t.centrals.iter().skip(1) {
-            central.validate();
-        }
+        self.with_guard(|g| {
+            self.t.heap.validate(g);
+            for central in self.t.centrals.iter().skip(1) {
+                central.validate(g);
+            }
+        });
     }
 }
 

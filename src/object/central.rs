@@ -29,17 +29,20 @@
 //! - a span with `cached_by == i` is on no list and its object-level fields belong to CPU cache `i`, except
 //!   `free_bits`, which a flusher holding this lock may set.
 //!
+//! The lock is a [`GuardedMutex`]: every method that takes it (or reaches the page heap) takes a [`Guarded`]
+//! token, so it runs inside the CPU provider's guard.
+//!
 //! Lock order: a Central lock may be held while taking the heap lock (to return empty spans), never the
 //! other way round; no two Central locks are held at once.
 
 use super::class::{init_tiny_counts, ClassShape, TINY_CLASS};
 use crate::check::FlushError;
+use crate::cpu::{Guarded, GuardedMutex};
 use crate::page::heap::pagecache::PageCache;
 use crate::page::heap::Heap;
 use crate::page::span::{Span, SpanList, NOT_CACHED};
 use crate::source::PageSource;
 use core::ptr::{self, NonNull};
-use spin::Mutex;
 
 /// Empty spans a class keeps when the background sweep returns the rest to the page heap.
 pub const KEEP_EMPTY_SPANS: usize = 1;
@@ -152,7 +155,7 @@ unsafe impl Send for Lists {}
 pub struct Central {
     shape: ClassShape,
     class: u8,
-    lock: Mutex<Lists>,
+    lock: GuardedMutex<Lists>,
 }
 
 /// Outcome of a flush.
@@ -177,7 +180,11 @@ impl Central {
         Central {
             shape,
             class,
-            lock: Mutex::new(Lists { partial: SpanQueue::new(), full: SpanQueue::new(), empty: SpanQueue::new() }),
+            lock: GuardedMutex::new(Lists {
+                partial: SpanQueue::new(),
+                full: SpanQueue::new(),
+                empty: SpanQueue::new(),
+            }),
         }
     }
 
@@ -190,12 +197,13 @@ impl Central {
     /// that, from the page heap. `None` when the page heap is out of memory.
     pub fn cache_span<S: PageSource>(
         &self,
+        g: Guarded<'_>,
         heap: &Heap<S>,
         pcache: Option<&mut PageCache>,
         cpu: u16,
     ) -> Option<NonNull<Span>> {
         {
-            let mut lists = self.lock.lock();
+            let mut lists = self.lock.lock(g);
             // SAFETY: we hold the lock that guards the lists and the object fields of uncached spans.
             if let Some(s) = unsafe { lists.partial.pop().or_else(|| lists.empty.pop()) } {
                 // SAFETY: `s` came off our list, so it is live, uncached and ours until `cached_by` is set.
@@ -209,15 +217,20 @@ impl Central {
             }
         }
         // Grow without holding the class lock (Go's mcentral.grow): the heap may commit pages.
-        let s = self.grow(heap, pcache)?;
+        let s = self.grow(g, heap, pcache)?;
         // SAFETY: the span is fresh and not yet visible to anyone else.
         unsafe { (*s.as_ptr()).cached_by = cpu };
         Some(s)
     }
 
     /// Allocates and shapes a new span for this class.
-    fn grow<S: PageSource>(&self, heap: &Heap<S>, pcache: Option<&mut PageCache>) -> Option<NonNull<Span>> {
-        let s = heap.alloc_span(pcache, self.shape.npages as usize, self.class)?;
+    fn grow<S: PageSource>(
+        &self,
+        g: Guarded<'_>,
+        heap: &Heap<S>,
+        pcache: Option<&mut PageCache>,
+    ) -> Option<NonNull<Span>> {
+        let s = heap.alloc_span(g, pcache, self.shape.npages as usize, self.class)?;
         // SAFETY: `s` is fresh from the heap: page-level fields set, nobody else holds it.
         unsafe {
             Span::init_objects(s.as_ptr(), self.shape.elemsize, self.shape.nelems, self.shape.divmagic);
@@ -233,9 +246,9 @@ impl Central {
     /// # Safety
     /// `s` is a span of this class that CPU cache `cpu` caches, and the caller is that cache's owner and
     /// stops using `s` now.
-    pub unsafe fn uncache_span(&self, s: NonNull<Span>) {
+    pub unsafe fn uncache_span(&self, g: Guarded<'_>, s: NonNull<Span>) {
         let s = s.as_ptr();
-        let mut lists = self.lock.lock();
+        let mut lists = self.lock.lock(g);
         // SAFETY: under the lock no flusher can add deferred frees; the caller gives up the span, so the
         // object fields become the lock's.
         unsafe {
@@ -292,13 +305,14 @@ impl Central {
     /// The list is well formed (`n` entries).
     pub unsafe fn flush<S: PageSource>(
         &self,
+        g: Guarded<'_>,
         heap: &Heap<S>,
         mut head: *mut u8,
         n: usize,
         cpu: u16,
     ) -> Result<(Flushed, *mut u8), FlushError> {
         let mut out = Flushed::default();
-        let mut lists = self.lock.lock();
+        let mut lists = self.lock.lock(g);
         // The span being gathered and its object range `[lo, hi)`.
         let mut s: *mut Span = ptr::null_mut();
         let (mut lo, mut hi) = (0usize, 0usize);
@@ -397,18 +411,20 @@ impl Central {
     /// The background loop keeps [`KEEP_EMPTY_SPANS`]; `release_all` keeps none. Returns the pages released.
     pub fn sweep<S: PageSource>(
         &self,
+        g: Guarded<'_>,
         heap: &Heap<S>,
         pcache: Option<&mut PageCache>,
         keep: usize,
         max_spans: usize,
     ) -> usize {
-        self.sweep_budget(heap, pcache, keep, max_spans, usize::MAX)
+        self.sweep_budget(g, heap, pcache, keep, max_spans, usize::MAX)
     }
 
     /// As [`Central::sweep`], stopping once `max_pages` pages have been returned (at least one span is
     /// returned if any is beyond `keep`). The background step paces its sweep in pages with it.
     pub fn sweep_budget<S: PageSource>(
         &self,
+        g: Guarded<'_>,
         heap: &Heap<S>,
         mut pcache: Option<&mut PageCache>,
         keep: usize,
@@ -421,7 +437,7 @@ impl Central {
         let mut nvictims = 0;
         let mut nvictim_pages = 0;
         {
-            let mut lists = self.lock.lock();
+            let mut lists = self.lock.lock(g);
             while lists.empty.len > keep && nvictims < max_spans && nvictim_pages < max_pages {
                 // SAFETY: we hold the lock; the empty list is non-empty.
                 unsafe {
@@ -441,23 +457,23 @@ impl Central {
             unsafe {
                 victims = (*s).next;
                 npages += (*s).npages;
-                heap.free_span(pcache.as_deref_mut(), NonNull::new_unchecked(s));
+                heap.free_span(g, pcache.as_deref_mut(), NonNull::new_unchecked(s));
             }
         }
         npages
     }
 
     /// Counts of spans on the lists: (partial, full, empty).
-    pub fn span_counts(&self) -> (usize, usize, usize) {
-        let lists = self.lock.lock();
+    pub fn span_counts(&self, g: Guarded<'_>) -> (usize, usize, usize) {
+        let lists = self.lock.lock(g);
         (lists.partial.len, lists.full.len, lists.empty.len)
     }
 
     /// Whole-list consistency walk (feature `validate`): every span filed by its fill level, uncached,
     /// materialised, of this class, and its `nalloc` equal to the popcount of its bitmap.
     #[cfg(feature = "validate")]
-    pub fn validate(&self) {
-        let lists = self.lock.lock();
+    pub fn validate(&self, g: Guarded<'_>) {
+        let lists = self.lock.lock(g);
         for (q, want) in
             [(&lists.partial, SpanList::Partial), (&lists.full, SpanList::Full), (&lists.empty, SpanList::Empty)]
         {

@@ -52,6 +52,7 @@
 
 use super::central::{Central, Flushed};
 use super::class::{class_shape, tiny_count, NUM_ALLOC_CLASSES, TINY_CLASS, TINY_SIZE};
+use crate::cpu::Guarded;
 use crate::page::heap::pagecache::PageCache;
 use crate::page::heap::Heap;
 use crate::page::span::Span;
@@ -308,11 +309,12 @@ impl CpuCache {
         t: &Tiers<S>,
         c: usize,
         sh: &CpuShared,
+        g: Guarded<'_>,
     ) -> *mut u8 {
         // SAFETY: forwarded contract.
         match unsafe { self.alloc_fast::<ZERO>(c, sh) } {
             Some(p) => p,
-            None => self.alloc_slow::<S, ZERO>(t, c, sh),
+            None => self.alloc_slow::<S, ZERO>(t, c, sh, g),
         }
     }
 
@@ -387,7 +389,13 @@ impl CpuCache {
     }
 
     #[inline(never)]
-    fn alloc_slow<S: PageSource, const ZERO: bool>(&mut self, t: &Tiers<S>, c: usize, sh: &CpuShared) -> *mut u8 {
+    fn alloc_slow<S: PageSource, const ZERO: bool>(
+        &mut self,
+        t: &Tiers<S>,
+        c: usize,
+        sh: &CpuShared,
+        g: Guarded<'_>,
+    ) -> *mut u8 {
         sh.stats.used.set(1);
         self.classes[c].refilled = true;
         let s = self.classes[c].span;
@@ -404,11 +412,11 @@ impl CpuCache {
                     sh.stats.nmalloc[c].bump();
                     return Self::object::<ZERO>(s, idx);
                 }
-                t.centrals[c].uncache_span(NonNull::new_unchecked(s));
+                t.centrals[c].uncache_span(g, NonNull::new_unchecked(s));
             }
             self.classes[c].span = ptr::null_mut();
         }
-        let Some(s) = t.centrals[c].cache_span(&t.heap, Some(&mut self.pcache), sh.index) else {
+        let Some(s) = t.centrals[c].cache_span(g, &t.heap, Some(&mut self.pcache), sh.index) else {
             return ptr::null_mut();
         };
         sh.stats.refills.bump();
@@ -429,12 +437,19 @@ impl CpuCache {
     /// `p` was allocated from class `c` of the allocator `t` belongs to and is not used any more;
     /// `1 <= c < NUM_ALLOC_CLASSES`.
     #[inline(always)]
-    pub(crate) unsafe fn free<S: PageSource>(&mut self, t: &Tiers<S>, c: usize, p: *mut u8, sh: &CpuShared) {
+    pub(crate) unsafe fn free<S: PageSource>(
+        &mut self,
+        t: &Tiers<S>,
+        c: usize,
+        p: *mut u8,
+        sh: &CpuShared,
+        g: Guarded<'_>,
+    ) {
         // SAFETY: forwarded contract.
         if unsafe { self.free_fast(c, p, sh) } {
             return;
         }
-        self.make_room(t, c, sh);
+        self.make_room(t, c, sh, g);
         // SAFETY: forwarded contract; `make_room` left the stock below its bound.
         let pushed = unsafe { self.free_fast(c, p, sh) };
         debug_assert!(pushed, "stock still full after make_room");
@@ -444,7 +459,7 @@ impl CpuCache {
     /// the class and the cache may still grow, else flushes half the stock (bounds are at least
     /// `STOCK_MIN_OBJS`, so either way the stock ends below its bound).
     #[inline(never)]
-    fn make_room<S: PageSource>(&mut self, t: &Tiers<S>, c: usize, sh: &CpuShared) {
+    fn make_room<S: PageSource>(&mut self, t: &Tiers<S>, c: usize, sh: &CpuShared, g: Guarded<'_>) {
         let size = class_shape(c).elemsize as usize;
         let cc = &mut self.classes[c];
         let grown = (cc.max.saturating_mul(2)).min(stock_cap(c));
@@ -456,11 +471,11 @@ impl CpuCache {
             return;
         }
         let n = (cc.nstock / 2).max(1) as usize;
-        self.flush_stock(t, c, n, sh);
+        self.flush_stock(t, c, n, sh, g);
     }
 
     /// Sets class `c`'s stock bound to `max` (not below its base), flushing the objects beyond it.
-    fn set_stock_max<S: PageSource>(&mut self, t: &Tiers<S>, c: usize, max: u32, sh: &CpuShared) {
+    fn set_stock_max<S: PageSource>(&mut self, t: &Tiers<S>, c: usize, max: u32, sh: &CpuShared, g: Guarded<'_>) {
         let size = class_shape(c).elemsize as usize;
         let cc = &mut self.classes[c];
         let max = max.max(STOCK_MAX[c]);
@@ -470,7 +485,7 @@ impl CpuCache {
         }
         let excess = cc.nstock.saturating_sub(cc.max);
         if excess > 0 {
-            self.flush_stock(t, c, excess as usize, sh);
+            self.flush_stock(t, c, excess as usize, sh, g);
         }
     }
 
@@ -482,7 +497,7 @@ impl CpuCache {
     /// Flushes the `n` most recently freed objects of class `c` to the central list. An invalid object
     /// among them (a bad free the `checks` feature was not there to catch) is reported, never returned.
     #[inline(never)]
-    fn flush_stock<S: PageSource>(&mut self, t: &Tiers<S>, c: usize, n: usize, sh: &CpuShared) {
+    fn flush_stock<S: PageSource>(&mut self, t: &Tiers<S>, c: usize, n: usize, sh: &CpuShared, g: Guarded<'_>) {
         let cc = &mut self.classes[c];
         let n = n.min(cc.nstock as usize);
         if n == 0 {
@@ -490,7 +505,7 @@ impl CpuCache {
         }
         // SAFETY: the stock list has `nstock >= n` well-formed entries: objects freed to us as class `c`
         // objects of this allocator.
-        let r = unsafe { t.centrals[c].flush(&t.heap, cc.stock, n, sh.index) };
+        let r = unsafe { t.centrals[c].flush(g, &t.heap, cc.stock, n, sh.index) };
         match r {
             Ok((Flushed { nremote, .. }, rest)) => {
                 cc.stock = rest;
@@ -515,6 +530,7 @@ impl CpuCache {
         size: usize,
         align: usize,
         sh: &CpuShared,
+        g: Guarded<'_>,
     ) -> *mut u8 {
         let off = (self.tiny_offset + align - 1) & !(align - 1);
         if self.tiny != 0 && off + size <= TINY_SIZE {
@@ -523,13 +539,19 @@ impl CpuCache {
             sh.stats.tiny_nmalloc.bump();
             return (self.tiny + off) as *mut u8;
         }
-        self.alloc_tiny_block(t, size, sh)
+        self.alloc_tiny_block(t, size, sh, g)
     }
 
     #[inline(never)]
-    fn alloc_tiny_block<S: PageSource>(&mut self, t: &Tiers<S>, size: usize, sh: &CpuShared) -> *mut u8 {
+    fn alloc_tiny_block<S: PageSource>(
+        &mut self,
+        t: &Tiers<S>,
+        size: usize,
+        sh: &CpuShared,
+        g: Guarded<'_>,
+    ) -> *mut u8 {
         // SAFETY: the tiny class is an allocation class.
-        let block = unsafe { self.alloc::<S, false>(t, TINY_CLASS, sh) };
+        let block = unsafe { self.alloc::<S, false>(t, TINY_CLASS, sh, g) };
         if block.is_null() {
             return block;
         }
@@ -541,7 +563,7 @@ impl CpuCache {
             unsafe { tiny_count(block as usize) }.fetch_add(1, Ordering::AcqRel);
             return block;
         }
-        self.retire_tiny(t, sh);
+        self.retire_tiny(t, sh, g);
         self.tiny = block as usize;
         self.tiny_offset = size;
         self.tiny_nobjs = 1;
@@ -550,7 +572,7 @@ impl CpuCache {
 
     /// Retires the current tiny block: adds the objects handed out to its count, and frees the block if all
     /// of them were freed already.
-    fn retire_tiny<S: PageSource>(&mut self, t: &Tiers<S>, sh: &CpuShared) {
+    fn retire_tiny<S: PageSource>(&mut self, t: &Tiers<S>, sh: &CpuShared, g: Guarded<'_>) {
         if self.tiny == 0 {
             return;
         }
@@ -563,7 +585,7 @@ impl CpuCache {
         let count = unsafe { tiny_count(block) };
         if count.fetch_add(n, Ordering::AcqRel) + n == 0 {
             // SAFETY: every object of the block was freed; the block is a tiny-class object.
-            unsafe { self.free(t, TINY_CLASS, block as *mut u8, sh) };
+            unsafe { self.free(t, TINY_CLASS, block as *mut u8, sh, g) };
         }
     }
 
@@ -572,43 +594,43 @@ impl CpuCache {
     /// # Safety
     /// `p` was allocated by the tiny path of the allocator `t` belongs to and is not used any more.
     #[inline]
-    pub(crate) unsafe fn free_tiny<S: PageSource>(&mut self, t: &Tiers<S>, p: *mut u8, sh: &CpuShared) {
+    pub(crate) unsafe fn free_tiny<S: PageSource>(&mut self, t: &Tiers<S>, p: *mut u8, sh: &CpuShared, g: Guarded<'_>) {
         sh.stats.tiny_nfree.bump();
         // SAFETY: `p` is in a live tiny block.
         let count = unsafe { tiny_count(p as usize) };
         if count.fetch_sub(1, Ordering::AcqRel) == 1 {
             let block = (p as usize) & !(TINY_SIZE - 1);
             // SAFETY: the block was retired and all its objects are now free.
-            unsafe { self.free(t, TINY_CLASS, block as *mut u8, sh) };
+            unsafe { self.free(t, TINY_CLASS, block as *mut u8, sh, g) };
         }
     }
 
     /// Gives everything cached back: flushes every stock, retires the tiny block and returns every span to
     /// the central lists, and flushes the page cache to the heap. The cache stays usable.
-    pub(crate) fn flush_all<S: PageSource>(&mut self, t: &Tiers<S>, sh: &CpuShared) {
-        self.retire_tiny(t, sh);
+    pub(crate) fn flush_all<S: PageSource>(&mut self, t: &Tiers<S>, sh: &CpuShared, g: Guarded<'_>) {
+        self.retire_tiny(t, sh, g);
         for c in 1..NUM_ALLOC_CLASSES {
             let n = self.classes[c].nstock as usize;
-            self.flush_stock(t, c, n, sh);
-            self.set_stock_max(t, c, 0, sh);
+            self.flush_stock(t, c, n, sh, g);
+            self.set_stock_max(t, c, 0, sh, g);
             let s = self.classes[c].span;
             if !s.is_null() {
                 self.classes[c].span = ptr::null_mut();
                 // SAFETY: we cache `s` and stop using it now.
-                unsafe { t.centrals[c].uncache_span(NonNull::new_unchecked(s)) };
+                unsafe { t.centrals[c].uncache_span(g, NonNull::new_unchecked(s)) };
             }
         }
-        t.heap.flush_page_cache(&mut self.pcache);
+        t.heap.flush_page_cache(g, &mut self.pcache);
     }
 
     /// The per-CPU part of the background sweep: halves grown stock bounds (flushing what no longer fits)
     /// and folds the deferred frees of every span this cache holds. Returns the objects folded.
-    pub(crate) fn sweep_cached<S: PageSource>(&mut self, t: &Tiers<S>, sh: &CpuShared) -> usize {
+    pub(crate) fn sweep_cached<S: PageSource>(&mut self, t: &Tiers<S>, sh: &CpuShared, g: Guarded<'_>) -> usize {
         if self.grown_bytes != 0 {
             for (c, &base) in STOCK_MAX.iter().enumerate().skip(1) {
                 let max = self.classes[c].max;
                 if max > base {
-                    self.set_stock_max(t, c, max / 2, sh);
+                    self.set_stock_max(t, c, max / 2, sh, g);
                 }
             }
         }

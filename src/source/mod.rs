@@ -32,9 +32,10 @@ pub const SOURCE_GRANULE: usize = crate::PAGE_SIZE;
 /// - **Concurrency.** `commit` and `decommit` may be called on disjoint ranges from several CPUs at once,
 ///   with or without the heap lock held (the page-cache path commits outside the lock; the background
 ///   scavenger decommits outside it).
-/// - **Context.** In a kernel, calls may come with interrupts off (the per-CPU page cache path) and with
-///   goheap's spin locks held: an implementation must not sleep or take locks an interrupt handler that
-///   allocates could hold.
+/// - **Context.** Every call comes inside the CPU provider's guard (interrupts off in a kernel; see
+///   "Interrupts and signals" in `cpu.rs`), often with goheap's spin locks held: an implementation must not
+///   sleep, allocate from goheap, or take a lock that code running with interrupts on could hold on this
+///   CPU (take its own locks with interrupts off).
 /// - **Ownership.** The source owns what it reserved; the heap (which holds the source by value) uses the
 ///   ranges for its own lifetime. Dropping the heap drops the source, which may then reclaim them (the
 ///   bounded source unmaps its region), so no allocation may outlive its heap.

@@ -7,6 +7,8 @@
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicPtr, Ordering};
 
+use crate::cpu::Guarded;
+
 use super::{page_align_up, Heap, HeapInner, InitState, MAP_ENTRY_BYTES};
 use crate::page::pagealloc::{PageAllocLayout, META_PARTS, PALLOC_CHUNK_BYTES, PALLOC_CHUNK_PAGES};
 use crate::page::span::Span;
@@ -18,8 +20,8 @@ impl<S: PageSource> Heap<S> {
 
     /// Takes the heap lock, initialising the heap if needed. `None` when the source cannot reserve.
     #[must_use]
-    pub(crate) fn lock_ready(&self) -> Option<spin::MutexGuard<'_, HeapInner>> {
-        let mut g = self.inner.lock();
+    pub(crate) fn lock_ready<'a>(&'a self, guarded: Guarded<'a>) -> Option<spin::MutexGuard<'a, HeapInner>> {
+        let mut g = self.inner.lock(guarded);
         if g.state != InitState::Ready && !self.init_locked(&mut g) {
             return None;
         }

@@ -36,12 +36,14 @@
 //!   fresh for it by a source with `commit_zeroes()`).
 //!
 //! # Locking
-//! One heap lock, `inner: spin::Mutex<HeapInner>`, guards the page allocator, heap growth, the metadata
+//! One heap lock, `inner: GuardedMutex<HeapInner>` (taken only with a [`Guarded`] token, i.e. inside the CPU
+//! provider's guard: see `cpu.rs`), guards the page allocator, heap growth, the metadata
 //! reservation, the span descriptor allocator and the scavenger state. The page map entries, the arena
 //! bounds and all counters are atomics (`span_of` and `stats` take no lock). Page caches are per CPU and
 //! need no lock (see `pagecache.rs`). Page-level span fields are written by the heap while the span is not
 //! reachable through the page map (before publication, after removal), and by `resize_span_in_place` on
-//! behalf of the span's owner. The source is called with the heap lock held (commit on the heap path and
+//! behalf of the span's owner. Every method that takes the heap lock or calls the source takes a
+//! [`Guarded`] token. The source is called with the heap lock held (commit on the heap path and
 //! for growth; decommit when scavenging on the allocation path) or without it (commit on the page-cache
 //! path; decommit by the background scavenger and `release_all`, see `scavenger.rs`).
 //!
@@ -62,6 +64,7 @@ pub use stats::{span_info, HeapStats, SpanInfo};
 
 use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
+use crate::cpu::{Guarded, GuardedMutex};
 use crate::page::fixalloc::FixAlloc;
 use crate::page::pagealloc::{PageAlloc, PageAllocLayout, META_PARTS, PALLOC_CHUNK_BYTES, PALLOC_CHUNK_PAGES};
 use crate::page::span::Span;
@@ -135,7 +138,7 @@ pub struct Heap<S: PageSource> {
     pub(crate) source: S,
     pub(crate) max_heap_bytes: usize,
     /// The heap lock.
-    pub(crate) inner: spin::Mutex<HeapInner>,
+    pub(crate) inner: GuardedMutex<HeapInner>,
     // ---- Lock-free readable (written under the heap lock) ------------------------------------------------
     /// Arena base; set once at init, before `grown_bytes` becomes non-zero.
     pub(crate) arena_base: AtomicUsize,
@@ -186,7 +189,7 @@ impl<S: PageSource> Heap<S> {
         Self {
             source,
             max_heap_bytes,
-            inner: spin::Mutex::new(HeapInner {
+            inner: GuardedMutex::new(HeapInner {
                 state: InitState::Uninit,
                 arena_base: 0,
                 arena_bytes: 0,
@@ -225,8 +228,15 @@ impl<S: PageSource> Heap<S> {
         }
     }
 
-    /// The page source.
+    /// The page source, for its own statistics. goheap itself calls it only through [`Heap::src`] or with
+    /// the heap lock held (both need a [`Guarded`] token).
     pub fn source(&self) -> &S {
+        &self.source
+    }
+
+    /// The page source for a call (`commit`, `decommit`): only inside the CPU provider's guard.
+    #[inline]
+    pub(crate) fn src(&self, _guarded: Guarded<'_>) -> &S {
         &self.source
     }
 
@@ -252,26 +262,28 @@ mod tests {
 
     #[test]
     fn static_heap_default_bound() {
+        // SAFETY: a test thread; no signal handler calls goheap.
+        let g = unsafe { Guarded::new_unchecked() };
         assert_eq!(HEAP.span_of(0x1000), None, "lookups before first use");
         let mut pc = PageCache::new();
-        let s = HEAP.alloc_span(Some(&mut pc), 2, 5).unwrap();
+        let s = HEAP.alloc_span(g, Some(&mut pc), 2, 5).unwrap();
         // SAFETY: live span of HEAP.
         let i = unsafe { span_info(s) };
         assert_eq!((i.npages, i.class, i.needzero, i.in_use), (2, 5, false, true));
         assert_eq!(HEAP.stats().reserved_bytes, DEFAULT_MAX_HEAP_BYTES);
         assert_eq!(HEAP.span_of(i.base + PAGE_SIZE + 17), Some(s));
-        let big = HEAP.alloc_span_aligned(300, 2 << 20).unwrap();
+        let big = HEAP.alloc_span_aligned(g, 300, 2 << 20).unwrap();
         // SAFETY: live span of HEAP.
         assert_eq!(unsafe { span_info(big) }.base % (2 << 20), 0);
         // SAFETY: live spans, unused.
         unsafe {
-            HEAP.free_span(Some(&mut pc), s);
-            HEAP.free_span(None, big);
+            HEAP.free_span(g, Some(&mut pc), s);
+            HEAP.free_span(g, None, big);
         }
-        HEAP.flush_page_cache(&mut pc);
+        HEAP.flush_page_cache(g, &mut pc);
         assert_eq!(HEAP.stats().inuse_bytes, 0);
         assert!(HEAP.source().committed_bytes() > 0);
-        HEAP.release_all();
+        HEAP.release_all(g);
         assert_eq!(HEAP.stats().committed_bytes, 0);
     }
 }

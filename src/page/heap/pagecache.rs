@@ -28,6 +28,7 @@
 use core::ptr::NonNull;
 use core::sync::atomic::Ordering;
 
+use crate::cpu::Guarded;
 use crate::page::heap::Heap;
 use crate::page::span::Span;
 use crate::source::PageSource;
@@ -170,11 +171,11 @@ impl<S: PageSource> Heap<S> {
     /// Gives a page cache's block and stashed descriptors back to the heap (Go's `pageCache.flush`). The
     /// cache stays usable (it refills on its next use). Call it before `release_all` or `validate` to count
     /// the cached pages as free heap pages.
-    pub fn flush_page_cache(&self, pc: &mut PageCache) {
+    pub fn flush_page_cache(&self, guarded: Guarded<'_>, pc: &mut PageCache) {
         if !pc.held && pc.nspans == 0 {
             return;
         }
-        let mut g = self.inner.lock();
+        let mut g = self.inner.lock(guarded);
         let inner = &mut *g;
         if pc.held {
             inner.pa.free_from_cache(pc.base, pc.cache, pc.scav);

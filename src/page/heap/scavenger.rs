@@ -36,8 +36,8 @@
 //!   forced — any chunk. Within a chunk, free runs are released from the top down.
 //! - [`Heap::release_all`] is Go's `debug.FreeOSMemory`: every free committed page not held by a page cache.
 //!
-//! The crate spawns no threads: a kernel calls [`Heap::scavenge`] from a timer or idle path, a host from a
-//! thread it owns; [`spawn_scavenger`] (feature `std`) is such a thread. Each *cycle* (a run of steps that
+//! The crate spawns no threads: a kernel calls [`Heap::scavenge`] (through `Malloc::background`, which
+//! supplies the guard token) from its idle loop or a timer interrupt, a host from a thread it owns; [`spawn_scavenger`] (feature `std`) is such a thread. Each *cycle* (a run of steps that
 //! released memory, ended by a step that finds nothing more to do) logs one scavtrace-like line through
 //! `log::info!`, e.g. `scav: released 1.2 MiB in 3 steps, retained 4.0 MiB (goal 4.4 MiB) of 8.1 MiB
 //! committed, limit 64 MiB (mode aggressive)`.
@@ -49,17 +49,21 @@
 //!   `claimed_bytes` = Σ bytes that steps running without the lock set out to release.
 //!
 //! # Locking
-//! [`ScavState`] lives in `HeapInner`, under the heap lock. The background step and `release_all` call the
-//! source's `decommit` *without* the heap lock, as Go does: under the lock a run is picked and allocated in
+//! [`ScavState`] lives in `HeapInner`, under the heap lock. Every entry point takes a [`Guarded`] token: it
+//! runs inside the CPU provider's guard, so no interrupt handler on the same CPU can wait for the heap lock
+//! it holds (in a kernel, interrupts stay off for the whole step: callers bound it by its budget). The
+//! background step and `release_all` call the source's `decommit` *without* the heap lock (still inside the
+//! guard), as Go does: under the lock a run is picked and allocated in
 //! the page allocator (`scav_inflight_npages` counts such runs), the lock is dropped for the decommit, and
 //! the run is freed as scavenged under the lock again. Scavenging on the allocation path (memory limit
 //! exceeded, or a commit failed) runs with the heap lock already held and decommits under it. The log line
-//! is emitted with no lock held.
+//! is emitted with no lock held, and by `Malloc` after it left the CPU provider's guard.
 
 use core::fmt;
 use core::ptr::NonNull;
 use core::sync::atomic::Ordering;
 
+use crate::cpu::Guarded;
 use crate::page::heap::{Heap, HeapInner};
 use crate::page::pagealloc::{PALLOC_CHUNK_PAGES, PALLOC_CHUNK_WORDS};
 use crate::source::PageSource;
@@ -219,13 +223,36 @@ impl fmt::Display for Bytes {
     }
 }
 
+/// The log line of a scavenging cycle that ended, kept until the caller has left the CPU provider's guard
+/// (a logger may allocate, take its own locks or be slow: none of that belongs inside the guard).
+#[derive(Clone, Copy, Debug)]
+#[must_use]
+pub(crate) struct CycleLog {
+    released: usize,
+    steps: usize,
+    goal: usize,
+    mode: ScavMode,
+}
+
+impl CycleLog {
+    /// Emits the line (call it outside the guard).
+    pub(crate) fn emit<S: PageSource>(self, heap: &Heap<S>) {
+        heap.log_cycle(self.released, self.steps, self.goal, self.mode);
+    }
+}
+
 impl<S: PageSource> Heap<S> {
     /// One background scavenger step: releases at most `budget_bytes` (rounded up to pages) of free
     /// committed pages if the heap retains more than its goal (see the module docs). Returns bytes released.
-    /// Logs one line when a cycle ends. For a single caller: every [`CALLS_PER_EPOCH`] calls end an epoch
-    /// (allocators with several CPUs use `Malloc::background`, which counts calls per CPU).
-    pub fn scavenge(&self, budget_bytes: usize) -> usize {
-        self.scavenge_paced(budget_bytes, Tick::Own).released
+    /// Logs one line when a cycle ends (inside the caller's guard; `Malloc::background` logs after it). For
+    /// a single caller: every [`CALLS_PER_EPOCH`] calls end an epoch (allocators with several CPUs use
+    /// `Malloc::background`, which counts calls per CPU).
+    pub fn scavenge(&self, guarded: Guarded<'_>, budget_bytes: usize) -> usize {
+        let (step, log) = self.scavenge_paced(guarded, budget_bytes, Tick::Own);
+        if let Some(log) = log {
+            log.emit(self);
+        }
+        step.released
     }
 
     /// The current epoch number of the peak window (see [`Tick::Cpu`]).
@@ -243,17 +270,23 @@ impl<S: PageSource> Heap<S> {
     /// `None` (the default): epochs end by calls and allocation volume. The clock is read with the heap
     /// lock held: it must not allocate or take a lock an allocating interrupt handler could hold (a TSC or
     /// tick-counter read is the intended kind).
-    pub fn set_clock(&self, clock: Option<fn() -> u64>) {
-        let mut g = self.inner.lock();
+    pub fn set_clock(&self, guarded: Guarded<'_>, clock: Option<fn() -> u64>) {
+        let mut g = self.inner.lock(guarded);
         g.scav.clock = clock;
         g.scav.epoch_start_nanos = clock.map_or(0, |c| c());
     }
 
-    /// One scavenger step with the caller's pacing input (see [`Tick`]).
-    pub fn scavenge_paced(&self, budget_bytes: usize, tick: Tick) -> ScavStep {
-        let mut g = self.inner.lock();
+    /// One scavenger step with the caller's pacing input (see [`Tick`]), returning the log line of a cycle
+    /// that ended instead of emitting it (the caller emits it outside its guard).
+    pub(crate) fn scavenge_paced(
+        &self,
+        guarded: Guarded<'_>,
+        budget_bytes: usize,
+        tick: Tick,
+    ) -> (ScavStep, Option<CycleLog>) {
+        let mut g = self.inner.lock(guarded);
         if g.state != crate::page::heap::InitState::Ready {
-            return ScavStep::default();
+            return (ScavStep::default(), None);
         }
         let inner = &mut *g;
         let inuse = self.inuse_npages.load(Ordering::Relaxed);
@@ -270,10 +303,11 @@ impl<S: PageSource> Heap<S> {
         let want = budget_bytes.min(excess).next_multiple_of(PAGE_SIZE);
         inner.scav.claimed_bytes += want;
         drop(g);
-        let released = if want > 0 { self.scavenge_unlocked(want, mode) } else { 0 };
-        let mut g = self.inner.lock();
+        let released = if want > 0 { self.scavenge_unlocked(guarded, want, mode) } else { 0 };
+        let mut g = self.inner.lock(guarded);
         let st = &mut g.scav;
         st.claimed_bytes -= want;
+        let mut log = None;
         if released != 0 {
             st.cycle_steps += 1;
             st.cycle_released_bytes += released;
@@ -283,11 +317,10 @@ impl<S: PageSource> Heap<S> {
             let (steps, bytes, mode) = (st.cycle_steps, st.cycle_released_bytes, st.cycle_mode);
             st.cycle_steps = 0;
             st.cycle_released_bytes = 0;
-            drop(g);
-            self.log_cycle(bytes, steps, goal, mode);
+            log = Some(CycleLog { released: bytes, steps, goal, mode });
         }
         let over_goal = self.committed_npages.load(Ordering::Relaxed) * PAGE_SIZE > goal;
-        ScavStep { released, over_goal }
+        (ScavStep { released, over_goal }, log)
     }
 
     /// Ends the epoch if it is over (by clock, by the caller's calls, or by allocation volume) and returns
@@ -323,20 +356,27 @@ impl<S: PageSource> Heap<S> {
     }
 
     /// Releases every free committed page not held by a page cache (Go's `debug.FreeOSMemory`; flush the
-    /// page caches first to include theirs). Returns bytes released; logs one line.
-    pub fn release_all(&self) -> usize {
+    /// page caches first to include theirs). Returns bytes released; logs one line (inside the caller's
+    /// guard; `Malloc::release_all` logs after it).
+    pub fn release_all(&self, guarded: Guarded<'_>) -> usize {
+        let (total, log) = self.release_all_step(guarded);
+        log.emit(self);
+        total
+    }
+
+    /// [`Heap::release_all`], returning its log line instead of emitting it.
+    pub(crate) fn release_all_step(&self, guarded: Guarded<'_>) -> (usize, CycleLog) {
         let mut total = 0;
         let mut steps = 0;
         loop {
-            let r = self.scavenge_unlocked(RELEASE_ALL_STEP_BYTES, ScavMode::Forced);
+            let r = self.scavenge_unlocked(guarded, RELEASE_ALL_STEP_BYTES, ScavMode::Forced);
             if r == 0 {
                 break;
             }
             total += r;
             steps += 1;
         }
-        self.log_cycle(total, steps, 0, ScavMode::Forced);
-        total
+        (total, CycleLog { released: total, steps, goal: 0, mode: ScavMode::Forced })
     }
 
     /// Sets the soft memory limit in bytes (GOMEMLIMIT semantics, see the module docs); `usize::MAX` = none.
@@ -367,7 +407,7 @@ impl<S: PageSource> Heap<S> {
     /// Allocation-triggered scavenging (Go's, when the memory limit is exceeded): called after every
     /// successful allocation; cheap (a few atomic loads) unless the total is over the limit. Logs nothing.
     #[inline]
-    pub(crate) fn after_alloc(&self) {
+    pub(crate) fn after_alloc(&self, guarded: Guarded<'_>) {
         let limit = self.memory_limit.load(Ordering::Relaxed);
         if limit == usize::MAX {
             return;
@@ -376,11 +416,11 @@ impl<S: PageSource> Heap<S> {
         if total <= limit {
             return;
         }
-        self.scavenge_for_limit(limit, total);
+        self.scavenge_for_limit(guarded, limit, total);
     }
 
     #[cold]
-    fn scavenge_for_limit(&self, limit: usize, total: usize) {
+    fn scavenge_for_limit(&self, guarded: Guarded<'_>, limit: usize, total: usize) {
         // Free committed pages the heap can release (page caches' committed pages are not reachable).
         let committed = self.committed_npages.load(Ordering::Relaxed);
         let busy = self.inuse_npages.load(Ordering::Relaxed)
@@ -397,7 +437,7 @@ impl<S: PageSource> Heap<S> {
             return;
         }
         let want = total.saturating_sub(target).min((committed - busy) * PAGE_SIZE);
-        let mut g = self.inner.lock();
+        let mut g = self.inner.lock(guarded);
         let r = self.scavenge_locked(&mut g, want, ScavMode::Forced);
         drop(g);
         // No log line here: this runs inside an allocation, and a logger that allocates would re-enter it.
@@ -414,7 +454,7 @@ impl<S: PageSource> Heap<S> {
     /// Releases free committed pages (not held by page caches) until the total is at the memory limit's
     /// goal (`limit - 5%`), decommitting without the heap lock. Used by the allocator's reclaim for the
     /// limit; the caller paces it. Returns bytes released (0 without a limit).
-    pub fn release_for_limit(&self) -> usize {
+    pub fn release_for_limit(&self, guarded: Guarded<'_>) -> usize {
         let limit = self.memory_limit.load(Ordering::Relaxed);
         if limit == usize::MAX {
             return 0;
@@ -424,7 +464,7 @@ impl<S: PageSource> Heap<S> {
         if want == 0 {
             return 0;
         }
-        let r = self.scavenge_unlocked(want, ScavMode::Forced);
+        let r = self.scavenge_unlocked(guarded, want, ScavMode::Forced);
         self.scav_alloc_bytes.fetch_add(r, Ordering::Relaxed);
         r
     }
@@ -455,13 +495,13 @@ impl<S: PageSource> Heap<S> {
     /// run is first allocated in the page allocator (so nobody else takes it), the lock dropped, the run
     /// decommitted, and the run freed as scavenged under the lock again. Used by the background step and
     /// `release_all`. Returns bytes released.
-    pub(crate) fn scavenge_unlocked(&self, want_bytes: usize, mode: ScavMode) -> usize {
+    pub(crate) fn scavenge_unlocked(&self, guarded: Guarded<'_>, want_bytes: usize, mode: ScavMode) -> usize {
         let want = want_bytes.div_ceil(PAGE_SIZE);
         let mut released = 0;
         let mut pending: Option<(usize, usize)> = None;
         let mut cur = None;
         loop {
-            let mut g = self.inner.lock();
+            let mut g = self.inner.lock(guarded);
             let inner = &mut *g;
             if inner.state != crate::page::heap::InitState::Ready {
                 return 0;
@@ -484,7 +524,7 @@ impl<S: PageSource> Heap<S> {
             drop(g);
             // SAFETY: the run is grown and committed, and allocated to the scavenger above, so nothing else
             // uses or allocates it until it is freed (as scavenged) on the next iteration.
-            unsafe { self.source.decommit(NonNull::new_unchecked(addr as *mut u8), n * PAGE_SIZE) };
+            unsafe { self.src(guarded).decommit(NonNull::new_unchecked(addr as *mut u8), n * PAGE_SIZE) };
             pending = Some((idx, n));
         }
         let bytes = released * PAGE_SIZE;
@@ -565,8 +605,11 @@ pub fn spawn_scavenger<S: PageSource + 'static>(
     std::thread::Builder::new()
         .name("goheap-scavenger".into())
         .spawn(move || {
+            // SAFETY: a thread of our own that runs nothing but this loop; an allocating signal handler on it
+            // would be outside the host contract (see `cpu.rs`).
+            let guarded = unsafe { Guarded::new_unchecked() };
             while !stop.load(Ordering::Relaxed) {
-                heap.scavenge(budget_bytes);
+                heap.scavenge(guarded, budget_bytes);
                 std::thread::sleep(period);
             }
         })

@@ -8,6 +8,7 @@ use core::sync::atomic::Ordering;
 
 use super::pagecache::{bit_mask, PageCache, PAGE_CACHE_MAX_NPAGES, SPAN_STASH_BATCH};
 use super::{Heap, HeapInner};
+use crate::cpu::Guarded;
 use crate::page::span::{Span, SpanState};
 use crate::source::PageSource;
 use crate::PAGE_SIZE;
@@ -33,20 +34,26 @@ impl<S: PageSource> Heap<S> {
     /// come from `pcache` when given (no heap lock in the common case). `None` when the source is out of
     /// memory or the arena is full; the heap stays consistent.
     #[must_use]
-    pub fn alloc_span(&self, pcache: Option<&mut PageCache>, npages: usize, class: u8) -> Option<NonNull<Span>> {
+    pub fn alloc_span(
+        &self,
+        g: Guarded<'_>,
+        pcache: Option<&mut PageCache>,
+        npages: usize,
+        class: u8,
+    ) -> Option<NonNull<Span>> {
         if npages == 0 {
             return None;
         }
         let r = match pcache {
-            Some(pc) if npages < PAGE_CACHE_MAX_NPAGES => match self.alloc_from_cache(pc, npages, class) {
+            Some(pc) if npages < PAGE_CACHE_MAX_NPAGES => match self.alloc_from_cache(g, pc, npages, class) {
                 FromCache::Span(s) => Some(s),
                 FromCache::OutOfMemory => None,
-                FromCache::UseHeap => self.alloc_span_locked(Some(pc), npages, PAGE_SIZE, class),
+                FromCache::UseHeap => self.alloc_span_locked(g, Some(pc), npages, PAGE_SIZE, class),
             },
-            pc => self.alloc_span_locked(pc, npages, PAGE_SIZE, class),
+            pc => self.alloc_span_locked(g, pc, npages, PAGE_SIZE, class),
         };
         if r.is_some() {
-            self.after_alloc();
+            self.after_alloc(g);
         }
         r
     }
@@ -54,22 +61,22 @@ impl<S: PageSource> Heap<S> {
     /// A large-object span whose base is aligned to `align` bytes (a power of two; may exceed `PAGE_SIZE`,
     /// e.g. 2 MiB). Found by over-allocating `align / PAGE_SIZE - 1` extra pages and trimming them.
     #[must_use]
-    pub fn alloc_span_aligned(&self, npages: usize, align: usize) -> Option<NonNull<Span>> {
+    pub fn alloc_span_aligned(&self, g: Guarded<'_>, npages: usize, align: usize) -> Option<NonNull<Span>> {
         if npages == 0 || !align.is_power_of_two() {
             return None;
         }
-        let r = self.alloc_span_locked(None, npages, align.max(PAGE_SIZE), 0);
+        let r = self.alloc_span_locked(g, None, npages, align.max(PAGE_SIZE), 0);
         if r.is_some() {
-            self.after_alloc();
+            self.after_alloc(g);
         }
         r
     }
 
     /// The page-cache path (see [`FromCache`] for its outcomes).
-    pub(super) fn alloc_from_cache(&self, pc: &mut PageCache, npages: usize, class: u8) -> FromCache {
+    pub(super) fn alloc_from_cache(&self, g: Guarded<'_>, pc: &mut PageCache, npages: usize, class: u8) -> FromCache {
         if pc.is_empty() {
-            let Some(mut g) = self.lock_ready() else { return FromCache::UseHeap };
-            let inner = &mut *g;
+            let Some(mut lk) = self.lock_ready(g) else { return FromCache::UseHeap };
+            let inner = &mut *lk;
             // The old block (fully handed out) stays allocated in `pa`; drop it and take a new one.
             pc.held = false;
             let taken = match inner.pa.alloc_to_cache() {
@@ -100,7 +107,7 @@ impl<S: PageSource> Heap<S> {
             let k = (!(left >> i)).trailing_zeros() as usize;
             let addr = self.arena_base.load(Ordering::Relaxed) + (pc.base + i) * PAGE_SIZE;
             // SAFETY: the run is in a grown part of the arena, owned by this cache, and not committed.
-            if unsafe { self.source.commit(NonNull::new_unchecked(addr as *mut u8), k * PAGE_SIZE) } {
+            if unsafe { self.src(g).commit(NonNull::new_unchecked(addr as *mut u8), k * PAGE_SIZE) } {
                 left &= !bit_mask(i, k);
                 self.committed_npages.fetch_add(k, Ordering::Relaxed);
                 continue;
@@ -108,8 +115,8 @@ impl<S: PageSource> Heap<S> {
             let need = left.count_ones() as usize * PAGE_SIZE;
             if !retried {
                 retried = true;
-                if let Some(mut g) = self.lock_ready() {
-                    if self.release_for_commit_locked(&mut g, need) >= need {
+                if let Some(mut lk) = self.lock_ready(g) {
+                    if self.release_for_commit_locked(&mut lk, need) >= need {
                         continue;
                     }
                 }
@@ -123,9 +130,9 @@ impl<S: PageSource> Heap<S> {
         let s = match pc.pop_span() {
             Some(s) => s,
             None => {
-                let got = self.lock_ready().and_then(|mut g| {
-                    self.refill_stash_locked(&mut g, pc);
-                    drop(g);
+                let got = self.lock_ready(g).and_then(|mut lk| {
+                    self.refill_stash_locked(&mut lk, pc);
+                    drop(lk);
                     pc.pop_span()
                 });
                 match got {
@@ -162,13 +169,14 @@ impl<S: PageSource> Heap<S> {
     /// The heap path (heap lock held throughout).
     pub(super) fn alloc_span_locked(
         &self,
+        g: Guarded<'_>,
         pc: Option<&mut PageCache>,
         npages: usize,
         align: usize,
         class: u8,
     ) -> Option<NonNull<Span>> {
-        let mut g = self.lock_ready()?;
-        let inner = &mut *g;
+        let mut lk = self.lock_ready(g)?;
+        let inner = &mut *lk;
         let s = match pc.and_then(|pc| pc.pop_span()) {
             Some(s) => {
                 self.stashed_spans.fetch_sub(1, Ordering::Relaxed);
@@ -192,7 +200,7 @@ impl<S: PageSource> Heap<S> {
         }
         let needzero = !(nscav == npages && self.source.commit_zeroes());
         self.publish_span(s, idx, npages, class, needzero);
-        drop(g);
+        drop(lk);
         Some(s)
     }
 
@@ -200,7 +208,7 @@ impl<S: PageSource> Heap<S> {
     ///
     /// # Safety
     /// `span` came from this heap, is `InUse`, and nothing uses it or its memory any more.
-    pub unsafe fn free_span(&self, pcache: Option<&mut PageCache>, span: NonNull<Span>) {
+    pub unsafe fn free_span(&self, g: Guarded<'_>, pcache: Option<&mut PageCache>, span: NonNull<Span>) {
         let (idx, npages) = self.span_idx(span);
         self.set_map(idx, npages, core::ptr::null_mut());
         self.check_map(idx, npages, core::ptr::null_mut());
@@ -216,28 +224,28 @@ impl<S: PageSource> Heap<S> {
                     self.stashed_spans.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
-                let mut g = self.inner.lock();
+                let mut lk = self.inner.lock(g);
                 // SAFETY: the descriptor is Dead and unreachable now.
-                unsafe { g.spans.free(span.cast()) };
-                self.publish_span_stats(&g);
+                unsafe { lk.spans.free(span.cast()) };
+                self.publish_span_stats(&lk);
                 return;
             }
-            let mut g = self.inner.lock();
-            g.pa.free_range(idx, npages);
+            let mut lk = self.inner.lock(g);
+            lk.pa.free_range(idx, npages);
             if pc.push_span(span) {
                 self.stashed_spans.fetch_add(1, Ordering::Relaxed);
             } else {
                 // SAFETY: as above.
-                unsafe { g.spans.free(span.cast()) };
-                self.publish_span_stats(&g);
+                unsafe { lk.spans.free(span.cast()) };
+                self.publish_span_stats(&lk);
             }
             return;
         }
-        let mut g = self.inner.lock();
-        g.pa.free_range(idx, npages);
+        let mut lk = self.inner.lock(g);
+        lk.pa.free_range(idx, npages);
         // SAFETY: as above.
-        unsafe { g.spans.free(span.cast()) };
-        self.publish_span_stats(&g);
+        unsafe { lk.spans.free(span.cast()) };
+        self.publish_span_stats(&lk);
     }
 
     /// Resizes a large object's span in place: grows into the following pages if they are free (growing the
@@ -247,7 +255,7 @@ impl<S: PageSource> Heap<S> {
     /// `span` came from this heap, is `InUse`, and the caller owns it (no concurrent free or resize); on
     /// shrink, nothing uses the dropped tail any more.
     #[must_use]
-    pub unsafe fn resize_span_in_place(&self, span: NonNull<Span>, new_npages: usize) -> bool {
+    pub unsafe fn resize_span_in_place(&self, g: Guarded<'_>, span: NonNull<Span>, new_npages: usize) -> bool {
         let (idx, npages) = self.span_idx(span);
         if new_npages == npages {
             return true;
@@ -261,14 +269,14 @@ impl<S: PageSource> Heap<S> {
             self.set_map(idx + new_npages, cut, core::ptr::null_mut());
             // SAFETY: the caller owns the span; its page-level fields are ours to update (see Locking).
             unsafe { addr_of_mut!((*sp).npages).write(new_npages) };
-            let mut g = self.inner.lock();
-            g.pa.free_range(idx + new_npages, cut);
+            let mut lk = self.inner.lock(g);
+            lk.pa.free_range(idx + new_npages, cut);
             self.inuse_npages.fetch_sub(cut, Ordering::Relaxed);
             return true;
         }
         let extra = new_npages - npages;
-        let Some(mut g) = self.lock_ready() else { return false };
-        let inner = &mut *g;
+        let Some(mut lk) = self.lock_ready(g) else { return false };
+        let inner = &mut *lk;
         let from = idx + npages;
         match from.checked_add(extra) {
             Some(end) if end <= inner.arena_bytes / PAGE_SIZE => {}
@@ -295,12 +303,12 @@ impl<S: PageSource> Heap<S> {
                 addr_of_mut!((*sp).needzero).write(true);
             }
         }
-        drop(g);
+        drop(lk);
         self.set_map(from, extra, sp);
         let n = self.inuse_npages.fetch_add(extra, Ordering::Relaxed) + extra;
         self.epoch_peak_npages.fetch_max(n, Ordering::Relaxed);
         self.alloc_volume_npages.fetch_add(extra, Ordering::Relaxed);
-        self.after_alloc();
+        self.after_alloc(g);
         true
     }
 }

@@ -135,8 +135,8 @@ impl<S: PageSource> Heap<S> {
     /// Whole-structure consistency walk (feature `validate`). Call it while no other CPU uses the heap.
     /// Panics with a description of the first violation.
     #[cfg(feature = "validate")]
-    pub fn validate(&self) {
-        let g = self.inner.lock();
+    pub fn validate(&self, guarded: crate::cpu::Guarded<'_>) {
+        let g = self.inner.lock(guarded);
         if g.state != InitState::Ready {
             assert_eq!(self.grown_bytes.load(Ordering::Relaxed), 0, "heap: grown before init");
             return;
