@@ -20,8 +20,6 @@
 extern crate alloc;
 
 use alloc::alloc::Layout;
-use bootloader_api::{entry_point, BootInfo};
-use core::panic::PanicInfo;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use goheap::cpu::MAX_CPUS;
@@ -31,13 +29,7 @@ use goheap::x86_64::IrqSingle;
 use goheap::Malloc;
 use kernel_demo::{apic, serial_println, testing};
 
-entry_point!(main, config = &kernel_demo::BOOTLOADER_CONFIG);
-
-fn main(boot_info: &'static mut BootInfo) -> ! {
-    testing::boot(boot_info);
-    test_main();
-    kernel_demo::hlt_loop()
-}
+kernel_demo::test_kernel!();
 
 // ---- The page source: a region of the kernel heap ----------------------------------------------------------
 
@@ -326,9 +318,4 @@ fn every_entry_point_with_an_allocating_timer_handler() {
     // The provider always gave cache index 0: nothing went through the shared, locked cache.
     assert_eq!(M.cpu_stats(MAX_CPUS).mallocs, 0, "an allocation took the shared cache");
     assert!(M.cpu_stats(0).mallocs as usize > runs, "the handler's allocations are not counted on cache 0");
-}
-
-#[panic_handler]
-fn panic(info: &PanicInfo) -> ! {
-    kernel_demo::test_panic_handler(info)
 }
