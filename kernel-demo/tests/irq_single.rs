@@ -27,7 +27,7 @@ use goheap::page::pagealloc::PALLOC_CHUNK_BYTES;
 use goheap::source::PageSource;
 use goheap::x86_64::IrqSingle;
 use goheap::Malloc;
-use kernel_demo::{apic, serial_println, testing};
+use kernel_demo::{apic, serial_println};
 
 kernel_demo::test_kernel!();
 
