@@ -484,3 +484,21 @@ impl Central {
         }
     }
 }
+
+/// `fork()` support (see `Malloc::lock_all_for_fork`).
+#[cfg(feature = "std")]
+impl Central {
+    /// Takes this class's lock and keeps it (the guard is forgotten) until [`Central::unlock_after_fork`].
+    pub(crate) fn lock_for_fork(&self) {
+        core::mem::forget(self.lock.lock());
+    }
+
+    /// Releases the lock [`Central::lock_for_fork`] kept.
+    ///
+    /// # Safety
+    /// `lock_for_fork` was called and this is the one matching release.
+    pub(crate) unsafe fn unlock_after_fork(&self) {
+        // SAFETY: the caller's contract: the lock is held by a forgotten guard of ours.
+        unsafe { self.lock.force_unlock() }
+    }
+}

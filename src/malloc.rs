@@ -138,11 +138,17 @@ fn npages_for(nbytes: usize) -> usize {
 struct CacheSlot {
     cache: UnsafeCell<CpuCache>,
     shared: CpuShared,
+    /// The provider's `departures(i)` when this cache was last flushed as an orphan (`Malloc::flush_orphans`).
+    flushed_departures: core::sync::atomic::AtomicU32,
 }
 
 impl CacheSlot {
     const fn new(index: u16) -> Self {
-        CacheSlot { cache: UnsafeCell::new(CpuCache::new()), shared: CpuShared::new(index) }
+        CacheSlot {
+            cache: UnsafeCell::new(CpuCache::new()),
+            shared: CpuShared::new(index),
+            flushed_departures: core::sync::atomic::AtomicU32::new(0),
+        }
     }
 }
 
@@ -711,6 +717,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// lists to the page heap, and lets the scavenger give back up to `scavenge_budget_bytes`.
     pub fn background(&self, max_spans: usize, scavenge_budget_bytes: usize) -> BackgroundReport {
         let mut rep = BackgroundReport::default();
+        self.flush_orphans(ORPHANS_PER_BACKGROUND);
         self.with_cache(|c, t, sh| {
             rep.nfolded = c.sweep_cached(t, sh);
             for central in t.centrals.iter().skip(1) {
@@ -737,10 +744,12 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         self.with_cache(|c, t, sh| c.flush_all(t, sh));
     }
 
-    /// Go's `debug.FreeOSMemory`: flushes the calling CPU's cache (and the shared one), returns every empty
+    /// Go's `debug.FreeOSMemory`: flushes the calling CPU's cache, the caches that departed holders left
+    /// (host threads that exited, see `cpu.rs`) and the shared one, returns every empty
     /// span to the page heap and every free page to the page source. Returns the bytes released.
     pub fn release_all(&self) -> usize {
         self.flush_cpu_cache();
+        self.flush_orphans(usize::MAX);
         {
             let _lock = self.shared_lock.lock();
             // SAFETY: the shared cache is only used under `shared_lock`, which we hold.
@@ -995,5 +1004,74 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         let p = unsafe { self.realloc(ptr.as_ptr(), old, new.size()) };
         let p = NonNull::new(p).ok_or(AllocError)?;
         Ok(NonNull::slice_from_raw_parts(p, new.size()))
+    }
+}
+
+/// Orphaned caches one [`Malloc::background`] call flushes at most.
+const ORPHANS_PER_BACKGROUND: usize = 4;
+
+/// Orphaned caches (see `cpu.rs`: caches a departed holder left) and `fork()` support.
+impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
+    /// Flushes up to `max` orphaned caches: those whose index the provider reports more departures for than
+    /// when this allocator last flushed them, and that nobody holds now. Each is adopted first (so it is
+    /// ours alone, as under a guard), flushed to the central lists and the heap, and released. Returns the
+    /// caches flushed.
+    fn flush_orphans(&self, max: usize) -> usize {
+        // The caller's own section: a kernel's guard keeps interrupts off while we take locks; on a host it
+        // turns an allocation from inside (a logger) into a shared-cache one.
+        let (_guard, _) = self.provider.enter();
+        let mut n = 0;
+        for (i, slot) in self.caches.iter().enumerate() {
+            if n == max {
+                break;
+            }
+            if self.provider.departures(i) == slot.flushed_departures.load(Ordering::Relaxed) || !self.provider.adopt(i)
+            {
+                continue;
+            }
+            // Stable while we hold the adoption: only a holder's exit changes it.
+            let departures = self.provider.departures(i);
+            {
+                // SAFETY: the adoption makes index `i` ours alone until `release_adopted` (CpuProvider
+                // contract); the reference ends before that.
+                let cache = unsafe { &mut *slot.cache.get() };
+                cache.flush_all(&self.t, &slot.shared);
+            }
+            slot.flushed_departures.store(departures, Ordering::Relaxed);
+            // SAFETY: adopted above, not released since; the cache is no longer used.
+            unsafe { self.provider.release_adopted(i) };
+            n += 1;
+        }
+        n
+    }
+
+    /// Takes every lock of this allocator in lock order (the shared cache's, each central list's, then the
+    /// heap's) and keeps them until [`Malloc::unlock_all_after_fork`]: `fork()`'s prepare step (see
+    /// `hosted.rs`), so the child never inherits a lock another thread held. Nothing may allocate from this
+    /// allocator on this thread until then.
+    #[cfg(feature = "std")]
+    pub(crate) fn lock_all_for_fork(&self) {
+        core::mem::forget(self.shared_lock.lock());
+        for central in self.t.centrals.iter() {
+            central.lock_for_fork();
+        }
+        core::mem::forget(self.t.heap.inner.lock());
+    }
+
+    /// Releases what [`Malloc::lock_all_for_fork`] took (in the parent after `fork()`, and in the child).
+    ///
+    /// # Safety
+    /// This thread (or, in a `fork()` child, the thread that forked) called `lock_all_for_fork` and has not
+    /// unlocked since: every lock is held, by it.
+    #[cfg(feature = "std")]
+    pub(crate) unsafe fn unlock_all_after_fork(&self) {
+        // SAFETY: `lock_all_for_fork` forgot a guard of each lock; we release each once.
+        unsafe {
+            self.t.heap.inner.force_unlock();
+            for central in self.t.centrals.iter().rev() {
+                central.unlock_after_fork();
+            }
+            self.shared_lock.force_unlock();
+        }
     }
 }
