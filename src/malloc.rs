@@ -494,7 +494,10 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         // Guard mode: the object ends right before a guard page, so the body must leave room to align it.
         let npages = if guarded { npages_for(size + align - 1) + 1 } else { npages_for(size) };
         let e = self.enter();
-        let s = if align <= PAGE_SIZE || guarded {
+        let s = if zero && !guarded && align <= PAGE_SIZE && size >= FRESH_ZERO_MIN_BYTES {
+            // Fresh zero pages rather than clearing dirty ones (see `Heap::alloc_span_fresh_zero`).
+            self.t.heap.alloc_span_fresh_zero(npages).or_else(|| self.t.heap.alloc_span(None, npages, 0))
+        } else if align <= PAGE_SIZE || guarded {
             self.t.heap.alloc_span(Some(&mut e.cache.pcache), npages, 0)
         } else {
             self.t.heap.alloc_span_aligned(npages, align)
@@ -1006,6 +1009,13 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         Ok(NonNull::slice_from_raw_parts(p, new.size()))
     }
 }
+
+/// `alloc_zeroed` of at least this many bytes takes fresh zero pages from the source (decommitting dirty
+/// ones) instead of clearing them by hand, where the source zero-fills (see `Heap::alloc_span_fresh_zero`):
+/// giving the pages back and faulting in zero pages on first touch costs about what clearing them does, and
+/// pages the caller never touches cost nothing (`cargo run --release --features std --example
+/// zeroed_large` measures it).
+const FRESH_ZERO_MIN_BYTES: usize = 4 << 20;
 
 /// Orphaned caches one [`Malloc::background`] call flushes at most.
 const ORPHANS_PER_BACKGROUND: usize = 4;
