@@ -18,7 +18,18 @@
 //!   [`MAX_CPUS`] slots, and re-entrant calls, get `None` and use the shared, locked cache.
 //!
 //! Exclusivity invariant: for every index `i`, at most one live guard returned by `enter` or `enter_leaf`
-//! has index `i`.
+//! has index `i`, and none while an adoption of `i` ([`CpuProvider::adopt`]) is in progress.
+//!
+//! Departed holders (host): a thread's slot is released by a pthread TSD destructor when the thread exits,
+//! whatever the order of its TLS and TSD destructors; what the thread cached stays in the slot's caches,
+//! counted by [`CpuProvider::departures`]. The next thread to claim the slot reuses those caches; until
+//! then `Malloc::release_all` and `Malloc::background` *adopt* the free slot (claim it exclusively, as a
+//! thread would) and flush their cache of it to the central lists. A thread that found every slot taken
+//! tries again at its next general-path call after some slot was released.
+//!
+//! `fork()`: in the child only the forking thread runs; slots other threads held stay owned for good
+//! (quarantined): such a thread may have been inside a lock-free fast path with its cache half-updated
+//! when the parent forked, so no one may use or flush that cache in the child.
 //!
 //! Two kinds of section: [`CpuProvider::enter`] opens one that may call anything (the slow paths take locks,
 //! call hooks and the page source, and a logger there may allocate), so the provider must turn a re-entrant
@@ -128,6 +139,24 @@ impl<T> GuardedMutex<T> {
         self.inner.lock()
     }
 
+    /// Takes the lock and keeps it (the lock guard is forgotten) until [`GuardedMutex::force_unlock`]: for
+    /// `fork()`'s prepare step, which must hold every lock across the fork (see `hosted.rs`).
+    #[cfg(feature = "std")]
+    pub(crate) fn lock_and_keep(&self, _guarded: Guarded<'_>) {
+        core::mem::forget(self.inner.lock());
+    }
+
+    /// Releases a lock kept by [`GuardedMutex::lock_and_keep`].
+    ///
+    /// # Safety
+    /// `lock_and_keep` was called on this mutex and this is its one matching release (in a `fork()` child,
+    /// by the thread that forked).
+    #[cfg(feature = "std")]
+    pub(crate) unsafe fn force_unlock(&self) {
+        // SAFETY: the caller's contract: the lock is held by a forgotten guard of ours.
+        unsafe { self.inner.force_unlock() }
+    }
+
     /// Takes the lock if it is free, else `None` at once (for work that may be skipped, such as flushing
     /// the shared cache during a reclaim).
     #[inline]
@@ -161,6 +190,9 @@ pub const MAX_CPUS: usize = 1 << 6;
 /// (interrupt handlers in a kernel) off the CPU or thread, with or without an index.
 ///
 /// A provider works by value or by reference: `&P` is a provider whenever `P` is.
+///
+/// `adopt(i)` returns `true` only while no guard with index `i` is alive, and then no `enter`, `enter_leaf`
+/// or `adopt` returns or takes `i` until `release_adopted(i)`; adoptions hand over writes as guards do.
 pub unsafe trait CpuProvider: Sync {
     /// Held for the whole allocator operation; with an index, proof of its exclusive use. A kernel's guard
     /// keeps interrupts off, also when there is no index (so the shared cache's lock is never taken by an
@@ -185,6 +217,36 @@ pub unsafe trait CpuProvider: Sync {
     /// Asynchronous re-entry it cannot prevent (a host signal handler that allocates) is outside the
     /// contract, as it is for every `malloc` that is not async-signal-safe.
     fn enter_leaf(&self) -> (Self::LeafGuard<'_>, Option<usize>);
+
+    /// How many times a holder of index `i` went away for good (a host thread that exited), leaving what
+    /// the allocators cached under index `i` with nobody to flush it. The allocator compares it with the
+    /// count it saw when it last flushed its cache `i` (see [`CpuProvider::adopt`]). A kernel's CPUs never go
+    /// away: the default is always 0.
+    #[inline]
+    fn departures(&self, i: usize) -> u32 {
+        let _ = i;
+        0
+    }
+
+    /// Takes index `i` for a caller that is not its holder, if nobody holds it now: `true` then, and until
+    /// [`CpuProvider::release_adopted`] the caller uses index `i`'s caches exclusively (to flush what a
+    /// departed holder left there). The default never adopts.
+    #[inline]
+    fn adopt(&self, i: usize) -> bool {
+        let _ = i;
+        false
+    }
+
+    /// Ends an adoption: index `i` may be handed out again.
+    ///
+    /// # Safety
+    ///
+    /// The caller adopted `i` (`adopt(i)` returned `true`), has not released it since, and no longer uses
+    /// index `i`'s caches.
+    #[inline]
+    unsafe fn release_adopted(&self, i: usize) {
+        let _ = i;
+    }
 }
 
 // SAFETY: forwards to `P`, which upholds the contract; the guards are `P`'s.
@@ -206,6 +268,19 @@ unsafe impl<'p, P: CpuProvider + ?Sized> CpuProvider for &'p P {
     fn enter_leaf(&self) -> (P::LeafGuard<'p>, Option<usize>) {
         let p: &'p P = self;
         p.enter_leaf()
+    }
+    #[inline]
+    fn departures(&self, i: usize) -> u32 {
+        (**self).departures(i)
+    }
+    #[inline]
+    fn adopt(&self, i: usize) -> bool {
+        (**self).adopt(i)
+    }
+    #[inline]
+    unsafe fn release_adopted(&self, i: usize) {
+        // SAFETY: forwarded contract.
+        unsafe { (**self).release_adopted(i) }
     }
 }
 
@@ -239,40 +314,85 @@ pub use thread_slots::ThreadSlots;
 mod thread_slots {
     use super::{CpuProvider, MAX_CPUS};
     use core::cell::Cell;
-    use core::sync::atomic::{AtomicBool, Ordering};
+    use core::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
     /// Slot ownership, shared by every `ThreadSlots` in the process: `OWNED[i]` is true while a live thread
-    /// holds slot `i`. Set with compare-and-swap (Acquire) on claim, cleared (Release) on thread exit.
+    /// holds slot `i`, or an allocator has adopted it (see [`CpuProvider::adopt`]). Set with compare-and-swap
+    /// (Acquire) on claim and adoption, cleared (Release) on thread exit and at the end of an adoption.
     static OWNED: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
 
+    /// `DEPARTURES[i]`: how many threads released slot `i` when they exited (bumped before the Release
+    /// store that frees the slot). An allocator whose cache `i` was last flushed at another count holds an
+    /// orphaned cache there.
+    static DEPARTURES: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
+
+    /// Slots freed so far (thread exits and ended adoptions): a thread that found no free slot retries when
+    /// this changed.
+    static RELEASES: AtomicUsize = AtomicUsize::new(0);
+
+    /// The pthread key whose destructor releases a thread's slot, plus one (0: not created yet).
+    static KEY: AtomicUsize = AtomicUsize::new(0);
+
     /// Per-thread state, encoded in one word so the fast path is one TLS load and one store:
-    /// `UNCLAIMED` (never tried), `NONE_LEFT` (all slots were taken: use the shared cache),
-    /// `DEAD` (thread is exiting: use the shared cache), else `slot | BUSY?`.
+    /// `UNCLAIMED` (never tried), `NONE_LEFT_TAG | r` (all slots were taken when `RELEASES` was `r`, low
+    /// bits: use the shared cache until a slot frees), `DEAD` (the slot was released at thread exit: use the
+    /// shared cache), `CLAIMING` (a claim is in progress), else `slot | BUSY?`.
     const UNCLAIMED: usize = usize::MAX;
-    const NONE_LEFT: usize = usize::MAX - 1;
     const DEAD: usize = usize::MAX - 2;
-    /// Set while the thread is inside an exclusive section, so a re-entrant call (a logger that allocates,
-    /// a TLS destructor registration) gets `None` instead of a second guard for the same slot.
+    const CLAIMING: usize = usize::MAX - 3;
+    /// Set while the thread is inside an exclusive section, so a re-entrant call (a logger that allocates)
+    /// gets `None` instead of a second guard for the same slot.
     const BUSY: usize = 1 << 16;
+    const NONE_LEFT_TAG: usize = 1 << 20;
+    const NONE_LEFT_MASK: usize = NONE_LEFT_TAG - 1;
 
     std::thread_local! {
-        // Const-initialised and without `Drop`: reading it never allocates or registers a destructor.
+        // Const-initialised and without `Drop`: reading it never allocates or registers a destructor, and it
+        // stays readable while the thread's TLS and pthread TSD destructors run.
         static STATE: Cell<usize> = const { Cell::new(UNCLAIMED) };
-        // Touched once, when a slot is claimed, only to get a destructor that releases the slot.
-        static RELEASER: Releaser = const { Releaser };
     }
 
-    struct Releaser;
-    impl Drop for Releaser {
-        fn drop(&mut self) {
-            let _ = STATE.try_with(|s| {
-                let v = s.get();
-                s.set(DEAD);
-                if v < BUSY {
-                    // Objects and spans cached in the slot stay there for the next thread that claims it.
-                    OWNED[v].store(false, Ordering::Release);
-                }
-            });
+    /// Releases the slot of the calling thread, which is exiting (the pthread key's destructor).
+    ///
+    /// The slot is released by a pthread TSD destructor rather than a Rust TLS destructor because that works
+    /// in whatever order the thread's destructors run: TLS destructors run first (and may allocate: they keep
+    /// the slot), and a claim made by another TSD destructor sets the key again, which makes the C library
+    /// run one more round of TSD destructors (up to `PTHREAD_DESTRUCTOR_ITERATIONS` = 4 rounds; only a first
+    /// claim in the very last round would go unreleased).
+    extern "C" fn release_at_exit(_: *mut libc::c_void) {
+        let _ = STATE.try_with(|s| {
+            let v = s.get();
+            s.set(DEAD);
+            if v < BUSY {
+                // The slot's caches stay as they are: orphaned, for the next thread that claims the slot or for
+                // an allocator's `release_all`/`background`, which adopt the slot to flush them.
+                DEPARTURES[v].fetch_add(1, Ordering::Relaxed);
+                OWNED[v].store(false, Ordering::Release);
+                RELEASES.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+
+    /// The pthread key that releases slots at thread exit, created on first use; `None` if the system has
+    /// no key left.
+    fn key() -> Option<libc::pthread_key_t> {
+        let k = KEY.load(Ordering::Acquire);
+        if k != 0 {
+            return Some((k - 1) as libc::pthread_key_t);
+        }
+        let mut key: libc::pthread_key_t = 0;
+        // SAFETY: `key` is a valid out-pointer; the destructor is an `extern "C"` function that never unwinds.
+        if unsafe { libc::pthread_key_create(&mut key, Some(release_at_exit)) } != 0 {
+            return None;
+        }
+        match KEY.compare_exchange(0, key as usize + 1, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => Some(key),
+            Err(winner) => {
+                // Another thread created the key first; ours was never used.
+                // SAFETY: `key` is ours and holds no value on any thread.
+                unsafe { libc::pthread_key_delete(key) };
+                Some((winner - 1) as libc::pthread_key_t)
+            }
         }
     }
 
@@ -286,17 +406,40 @@ mod thread_slots {
             ThreadSlots
         }
 
+        /// Whether slot `i` is held now (by a live thread or an adoption). For tests and diagnostics.
+        #[doc(hidden)]
+        pub fn is_owned(i: usize) -> bool {
+            i < MAX_CPUS && OWNED[i].load(Ordering::Acquire)
+        }
+
+        /// Slots held now. For tests and diagnostics.
+        #[doc(hidden)]
+        pub fn owned_count() -> usize {
+            OWNED.iter().filter(|o| o.load(Ordering::Acquire)).count()
+        }
+
+        /// Claims a free slot for the calling thread; on success the thread's key is set so that its exit
+        /// releases the slot. Leaves the state at the slot, `NONE_LEFT_TAG | releases` or `DEAD`.
         #[cold]
         fn claim(state: &Cell<usize>) -> Option<usize> {
-            // Mark busy while claiming: registering the releaser's destructor may allocate.
-            state.set(NONE_LEFT);
+            // Mark busy while claiming: `pthread_setspecific` may allocate (not through Rust's allocator in
+            // glibc, but a re-entrant call must not claim twice anyway).
+            state.set(CLAIMING);
+            let releases = RELEASES.load(Ordering::Relaxed);
+            let Some(key) = key() else {
+                state.set(DEAD);
+                return None;
+            };
             for (i, owned) in OWNED.iter().enumerate() {
                 if !owned.load(Ordering::Relaxed)
                     && owned.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok()
                 {
-                    if RELEASER.try_with(|_| ()).is_err() {
-                        // TLS is being torn down: give the slot back at once.
+                    // Any non-null value makes the key's destructor run at thread exit.
+                    // SAFETY: `key` is a live key; the value is never dereferenced.
+                    if unsafe { libc::pthread_setspecific(key, core::ptr::dangling::<libc::c_void>()) } != 0 {
+                        // Without the destructor the slot would leak at exit: give it back.
                         owned.store(false, Ordering::Release);
+                        RELEASES.fetch_add(1, Ordering::Relaxed);
                         state.set(DEAD);
                         return None;
                     }
@@ -304,6 +447,7 @@ mod thread_slots {
                     return Some(i);
                 }
             }
+            state.set(NONE_LEFT_TAG | (releases & NONE_LEFT_MASK));
             None
         }
     }
@@ -327,8 +471,9 @@ mod thread_slots {
     // only by the owning thread's exit after its state became `DEAD`), and only while that thread's BUSY
     // mark is clear; `enter`'s guard sets the mark, so a re-entrant call on the same thread gets `None`. A
     // leaf section leaves the mark alone: by its contract nothing runs on the thread until it ends, and it
-    // gets `None` while an `enter` section holds the mark. A slot passes between threads through the
-    // Release store in `Releaser::drop` and the Acquire CAS in `claim`.
+    // gets `None` while an `enter` section holds the mark. `adopt` takes only a slot no thread owns, by the
+    // same CAS, so no thread's state names it until the adoption ends. A slot passes between holders through
+    // the Release stores that free it and the Acquire CAS that takes it.
     unsafe impl CpuProvider for ThreadSlots {
         type Guard<'a> = SlotGuard;
 
@@ -338,7 +483,10 @@ mod thread_slots {
                 .try_with(|s| {
                     let mut v = s.get();
                     if v >= BUSY {
-                        if v != UNCLAIMED {
+                        let retry = v == UNCLAIMED
+                            || (v & !NONE_LEFT_MASK == NONE_LEFT_TAG
+                                && v & NONE_LEFT_MASK != RELEASES.load(Ordering::Relaxed) & NONE_LEFT_MASK);
+                        if !retry {
                             return None;
                         }
                         v = Self::claim(s)?;
@@ -359,6 +507,23 @@ mod thread_slots {
         fn enter_leaf(&self) -> ((), Option<usize>) {
             let v = STATE.try_with(Cell::get).unwrap_or(DEAD);
             ((), if v < BUSY { Some(v) } else { None })
+        }
+
+        #[inline]
+        fn departures(&self, i: usize) -> u32 {
+            DEPARTURES.get(i).map_or(0, |d| d.load(Ordering::Relaxed))
+        }
+
+        fn adopt(&self, i: usize) -> bool {
+            i < MAX_CPUS
+                && !OWNED[i].load(Ordering::Relaxed)
+                && OWNED[i].compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok()
+        }
+
+        unsafe fn release_adopted(&self, i: usize) {
+            OWNED[i].store(false, Ordering::Release);
+            // A thread that found every slot taken (perhaps this one, adopted) tries again.
+            RELEASES.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

@@ -11,6 +11,18 @@
 //! are printed to stderr without allocating and abort the process (a global allocator must not unwind).
 //! The crate starts no thread by itself: call [`Hosted::start_background`] for a thread that runs the sweep
 //! and the scavenger periodically, or call [`Malloc::background`] from a thread of your own.
+//!
+//! # `fork()`
+//! A `Hosted` in static storage (a `#[global_allocator]`, any `static`) registers `pthread_atfork` handlers
+//! at its first allocation: before a fork the forking thread takes every lock of every registered `Hosted`
+//! (in each one's lock order: shared cache, central lists, heap), and releases them in the parent and in the
+//! child after it. So the child, whose only thread is the forking one, never inherits a lock another thread
+//! held, and can allocate. Slots of the parent's other threads stay taken in the child (see `cpu.rs`), and
+//! pages the background scavenger was decommitting without the heap lock stay allocated there: both leak
+//! in the child, bounded by what those threads cached. Up to [`MAX_FORK_SAFE`] allocators register; one on
+//! the stack or the heap (it could move or be dropped) does not, and a fork in its presence is not
+//! protected. An `atfork` prepare handler registered *before* goheap's runs after it and must not allocate
+//! through goheap (the locks are held by then).
 
 use crate::check::BadFree;
 use crate::cpu::ThreadSlots;
@@ -19,11 +31,82 @@ use crate::source::mmap::MmapSource;
 use core::alloc::{GlobalAlloc, Layout};
 use core::fmt::Write;
 use core::ops::Deref;
+use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
 
 /// The hosted allocator: `Malloc<MmapSource, ThreadSlots>`, usable as `#[global_allocator]`.
-#[derive(Debug)]
-pub struct Hosted(Malloc<MmapSource, ThreadSlots>);
+pub struct Hosted(Malloc<MmapSource, ThreadSlots>, AtomicU8);
+
+/// `Hosted` allocators that `fork()` protects at most (see the module docs).
+pub const MAX_FORK_SAFE: usize = 8;
+
+/// Fork registration state of a `Hosted` (its second field).
+const FORK_UNKNOWN: u8 = 0;
+const FORK_REGISTERING: u8 = 1;
+const FORK_DONE: u8 = 2;
+
+/// The allocators the atfork handlers lock: the first `len` entries.
+struct ForkList {
+    list: [*const Hosted; MAX_FORK_SAFE],
+    len: usize,
+}
+
+// SAFETY: the pointers name `Hosted`s in static storage (checked before registering), which are `Sync` and
+// live as long as the process.
+unsafe impl Send for ForkList {}
+
+/// The registered allocators. Its lock is taken first by the prepare handler and held across the fork.
+static FORK_LIST: spin::mutex::SpinMutex<ForkList> =
+    spin::mutex::SpinMutex::new(ForkList { list: [core::ptr::null(); MAX_FORK_SAFE], len: 0 });
+static ATFORK_REGISTERED: AtomicBool = AtomicBool::new(false);
+
+/// `pthread_atfork` prepare: takes the list's lock, then every lock of every registered allocator.
+extern "C" fn fork_prepare() {
+    let list = FORK_LIST.lock();
+    for &h in &list.list[..list.len] {
+        // SAFETY: registered pointers name `Hosted`s in static storage.
+        unsafe { (*h).0.lock_all_for_fork() };
+    }
+    // Held until `fork_parent`/`fork_child`.
+    core::mem::forget(list);
+}
+
+/// Releases what `fork_prepare` took (in the parent, or in the child where the forking thread is the only
+/// one).
+///
+/// # Safety
+/// `fork_prepare` ran on this thread (or, in the child, on the thread that forked) and nothing released
+/// its locks since.
+unsafe fn fork_release() {
+    // SAFETY: the caller's contract: the list's lock is held by the forgotten guard of `fork_prepare`, so
+    // nothing changes the list, and reading it through the lock's data pointer is ours to do.
+    let list = unsafe { &*FORK_LIST.as_mut_ptr() };
+    for &h in &list.list[..list.len] {
+        // SAFETY: registered pointers name `Hosted`s in static storage, all locked by `fork_prepare`.
+        unsafe { (*h).0.unlock_all_after_fork() };
+    }
+    // SAFETY: held by the forgotten guard of `fork_prepare`; released once.
+    unsafe { FORK_LIST.force_unlock() };
+}
+
+extern "C" fn fork_parent() {
+    // SAFETY: the C library calls it after `fork_prepare` on the forking thread.
+    unsafe { fork_release() }
+}
+
+extern "C" fn fork_child() {
+    // SAFETY: the C library calls it in the child after `fork_prepare` ran on the (same) forking thread.
+    unsafe { fork_release() }
+}
+
+/// Whether `p` lies in the static storage of a loaded object (the executable or a shared library), where a
+/// `Hosted` can neither move nor be dropped.
+fn in_static_storage(p: *const Hosted) -> bool {
+    // SAFETY: `Dl_info` is plain data; all-zero is a valid value for it.
+    let mut info: libc::Dl_info = unsafe { core::mem::zeroed() };
+    // SAFETY: `dladdr` only reads the loader's tables and writes `info`; it does not allocate.
+    unsafe { libc::dladdr(p.cast(), &mut info) != 0 && !info.dli_fbase.is_null() }
+}
 
 /// A fixed buffer for formatting a report without allocating.
 struct StackBuf {
@@ -51,7 +134,45 @@ fn abort_hook(b: &BadFree) -> ! {
 impl Hosted {
     /// The allocator; nothing is reserved until the first allocation.
     pub const fn new() -> Self {
-        Hosted(Malloc::new(MmapSource::new(), ThreadSlots::new()).with_report_hook(abort_hook))
+        Hosted(
+            Malloc::new(MmapSource::new(), ThreadSlots::new()).with_report_hook(abort_hook),
+            AtomicU8::new(FORK_UNKNOWN),
+        )
+    }
+
+    /// Registers the fork handlers for this allocator at its first allocation (see the module docs).
+    #[inline(always)]
+    fn fork_safe(&self) {
+        if self.1.load(Ordering::Acquire) != FORK_DONE {
+            self.register_fork();
+        }
+    }
+
+    #[cold]
+    fn register_fork(&self) {
+        // One thread registers; others allocate meanwhile (the registration takes no goheap lock, and
+        // waiting for it could deadlock with a thread that holds the loader's lock and allocates).
+        if self.1.compare_exchange(FORK_UNKNOWN, FORK_REGISTERING, Ordering::Acquire, Ordering::Relaxed).is_err() {
+            return;
+        }
+        if in_static_storage(self) {
+            if !ATFORK_REGISTERED.swap(true, Ordering::AcqRel) {
+                // Outside `FORK_LIST`'s lock: the C library runs the prepare handlers under a lock of its own
+                // that `pthread_atfork` takes too.
+                // SAFETY: the handlers are `extern "C"` functions that never unwind.
+                let r = unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
+                if r != 0 {
+                    ATFORK_REGISTERED.store(false, Ordering::Release);
+                }
+            }
+            let mut list = FORK_LIST.lock();
+            if list.len < MAX_FORK_SAFE {
+                let n = list.len;
+                list.list[n] = self;
+                list.len = n + 1;
+            }
+        }
+        self.1.store(FORK_DONE, Ordering::Release);
     }
 
     /// Spawns a thread that calls [`Malloc::background`] every `period`, returning empty spans to the page
@@ -84,10 +205,12 @@ impl Deref for Hosted {
 unsafe impl GlobalAlloc for Hosted {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        self.fork_safe();
         self.0.alloc(layout)
     }
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        self.fork_safe();
         self.0.alloc_zeroed(layout)
     }
     #[inline]
@@ -99,5 +222,12 @@ unsafe impl GlobalAlloc for Hosted {
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: forwarded contract.
         unsafe { self.0.realloc(ptr, layout, new_size) }
+    }
+}
+
+/// Prints the allocator (its statistics); the fork registration state is left out.
+impl core::fmt::Debug for Hosted {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_tuple("Hosted").field(&self.0).finish()
     }
 }

@@ -115,7 +115,10 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         let e = self.enter();
         let g = e.held.guarded();
         let span = |cache: &mut CpuCache| {
-            if align <= PAGE_SIZE || guarded {
+            if zero && !guarded && align <= PAGE_SIZE && size >= FRESH_ZERO_MIN_BYTES {
+                // Fresh zero pages rather than clearing dirty ones (see `Heap::alloc_span_fresh_zero`).
+                self.t.heap.alloc_span_fresh_zero(g, npages).or_else(|| self.t.heap.alloc_span(g, None, npages, 0))
+            } else if align <= PAGE_SIZE || guarded {
                 self.t.heap.alloc_span(g, Some(&mut cache.pcache), npages, 0)
             } else {
                 self.t.heap.alloc_span_aligned(g, npages, align)

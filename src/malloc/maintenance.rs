@@ -32,6 +32,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     pub fn background(&self, max_spans: usize, scavenge_budget_bytes: usize) -> BackgroundReport {
         let mut rep = BackgroundReport::default();
         let log = self.with_cache(|c, t, sh, g| {
+            self.flush_orphans(g, ORPHANS_PER_BACKGROUND);
             rep.nfolded = c.sweep_cached(t, sh, g);
             let (swept, tick, budget) = self.background_pacing(c, sh, g, max_spans, scavenge_budget_bytes);
             rep.npages_swept = swept;
@@ -66,6 +67,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// span to the page heap and every free page to the page source. Returns the bytes released. One section
     /// inside the CPU provider's guard: in a kernel, interrupts stay off until everything is released.
     ///
+    /// The caches that departed holders left (host threads that exited, see `cpu.rs`) are flushed at once.
     /// Other CPUs' caches are asked to flush too: each does at its next entry into the allocator's general
     /// path (see `reclaim.rs`); a later `release_all` or background step then returns what they gave back.
     pub fn release_all(&self) -> usize {
@@ -77,6 +79,8 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             let shared = unsafe { &mut *self.shared.cache.get() };
             shared.flush_all(&self.t, &self.shared.shared, g);
         }
+        // The caches departed holders left (host threads that exited, see `orphans.rs`).
+        self.flush_orphans(g, usize::MAX);
         // This CPU's cache, the flush request to the others, every empty span of every central list.
         self.reclaim(e.cache, e.sh, g);
         let (released, log) = self.t.heap.release_all_step(g);

@@ -52,11 +52,13 @@ mod alloc;
 mod api;
 mod free;
 mod maintenance;
+mod orphans;
 mod profile;
 mod reclaim;
 mod report;
 
 pub use maintenance::BackgroundReport;
+use orphans::{FRESH_ZERO_MIN_BYTES, ORPHANS_PER_BACKGROUND};
 use profile::Profiler;
 pub use profile::{ProfileBucket, ProfileHook, ProfileSample, DEFAULT_PROFILE_RATE};
 pub use reclaim::{limit_reclaim_base_npages, IDLE_BUDGET_FACTOR};
@@ -125,11 +127,17 @@ fn npages_for(nbytes: usize) -> usize {
 struct CacheSlot {
     cache: UnsafeCell<CpuCache>,
     shared: CpuShared,
+    /// The provider's `departures(i)` when this cache was last flushed as an orphan (see `orphans.rs`).
+    flushed_departures: core::sync::atomic::AtomicU32,
 }
 
 impl CacheSlot {
     const fn new(index: u16) -> Self {
-        CacheSlot { cache: UnsafeCell::new(CpuCache::new()), shared: CpuShared::new(index) }
+        CacheSlot {
+            cache: UnsafeCell::new(CpuCache::new()),
+            shared: CpuShared::new(index),
+            flushed_departures: core::sync::atomic::AtomicU32::new(0),
+        }
     }
 }
 

@@ -499,3 +499,21 @@ impl Central {
         }
     }
 }
+
+/// `fork()` support (see `Malloc::lock_all_for_fork`).
+#[cfg(feature = "std")]
+impl Central {
+    /// Takes this class's lock and keeps it (the guard is forgotten) until [`Central::unlock_after_fork`].
+    pub(crate) fn lock_for_fork(&self, g: Guarded<'_>) {
+        self.lock.lock_and_keep(g);
+    }
+
+    /// Releases the lock [`Central::lock_for_fork`] kept.
+    ///
+    /// # Safety
+    /// `lock_for_fork` was called and this is the one matching release.
+    pub(crate) unsafe fn unlock_after_fork(&self) {
+        // SAFETY: the caller's contract: the lock is held by a forgotten guard of ours.
+        unsafe { self.lock.force_unlock() }
+    }
+}

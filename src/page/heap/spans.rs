@@ -312,3 +312,62 @@ impl<S: PageSource> Heap<S> {
         true
     }
 }
+
+/// Large zeroed allocations: fresh zero pages instead of clearing dirty ones by hand.
+impl<S: PageSource> Heap<S> {
+    /// As [`Heap::alloc_span`] for a large object (class 0) that must read as zero, for a source whose
+    /// committed memory reads as zero ([`PageSource::commit_zeroes`]): the committed pages of the run found
+    /// are decommitted (marked scavenged) before the run is committed again, so the span comes back with
+    /// `needzero == false` and the caller skips the clear. Above some size that beats clearing: the source
+    /// drops the dirty pages at once (`MADV_DONTNEED` on a host) and the memory is zeroed page by page
+    /// when first touched, if ever. `None` as for `alloc_span` (the heap stays consistent).
+    pub fn alloc_span_fresh_zero(&self, g: Guarded<'_>, npages: usize) -> Option<NonNull<Span>> {
+        if npages == 0 || !self.source.commit_zeroes() {
+            return None;
+        }
+        let mut lock = self.lock_ready(g)?;
+        let inner = &mut *lock;
+        let s = self.new_descriptor_locked(inner)?;
+        let Some(idx) = self.alloc_pages_locked(inner, npages, PAGE_SIZE) else {
+            // SAFETY: `s` was just taken from this allocator and is unused.
+            unsafe { inner.spans.free(s.cast()) };
+            self.publish_span_stats(inner);
+            return None;
+        };
+        // Decommit every committed run of the range: the gaps between its scavenged runs.
+        let (end, mut pos) = (idx + npages, idx);
+        while pos < end {
+            let mut next = None;
+            inner.pa.for_each_scav_run(pos, end - pos, |i, k| {
+                next = Some((i, k));
+                false
+            });
+            let (gap_end, resume) = next.map_or((end, end), |(i, k)| (i, i + k));
+            if gap_end > pos {
+                let n = gap_end - pos;
+                // SAFETY: the pages are grown, committed (not scavenged) and allocated to us; nothing uses them.
+                // The heap lock is held (the page level's rule for source calls).
+                unsafe {
+                    self.source.decommit(
+                        NonNull::new_unchecked((inner.arena_base + pos * PAGE_SIZE) as *mut u8),
+                        n * PAGE_SIZE,
+                    )
+                };
+                inner.pa.set_scav(pos, n, true);
+                self.committed_npages.fetch_sub(n, Ordering::Relaxed);
+            }
+            pos = resume;
+        }
+        if !self.commit_range_locked(inner, idx, npages) {
+            inner.pa.free_range(idx, npages);
+            // SAFETY: as above.
+            unsafe { inner.spans.free(s.cast()) };
+            self.publish_span_stats(inner);
+            return None;
+        }
+        self.publish_span(s, idx, npages, 0, false);
+        drop(lock);
+        self.after_alloc(g);
+        Some(s)
+    }
+}
