@@ -4,6 +4,7 @@
 //! See `lib.rs` for an overview of the allocator and `malloc/mod.rs` for the guards and locks.
 
 use super::*;
+use crate::object::class::{stock_key_slot, STOCK_KEY_MIN_SIZE};
 
 impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// Allocates memory for `layout`; null when out of memory. `layout.size()` may be 0 (then 1 byte is used).
@@ -50,6 +51,11 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                     if let Some(p) = unsafe { cache.alloc_fast::<ZERO>(c, &slot.shared) } {
                         cache.next_sample = left;
                         drop(guard);
+                        if !ZERO {
+                            // SAFETY: `p` is ours, of a class of at least 16 bytes (the fast path's): clear
+                            // the stock key it may carry, so its free does not scan the stock.
+                            unsafe { *stock_key_slot(p) = 0 };
+                        }
                         #[cfg(feature = "checks")]
                         mark_live(&self.t.heap, p);
                         return p;
@@ -80,14 +86,23 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             p
         } else {
             // SAFETY: `route` returns size classes below `NUM_SIZE_CLASSES` (or the tiny class, handled above).
-            unsafe { e.cache.alloc::<S, ZERO>(t, r, e.sh) }
+            let p = unsafe { e.cache.alloc::<S, ZERO>(t, r, e.sh) };
+            if !ZERO && !p.is_null() && class_shape(r).elemsize as usize >= STOCK_KEY_MIN_SIZE {
+                // SAFETY: `p` is ours and has room for the stock key (cleared as in `alloc_impl`).
+                unsafe { *stock_key_slot(p) = 0 };
+            }
+            p
         };
         let sampled = self.count_sample(e.cache, size);
         let me = e.sh.index;
         drop(e);
         #[cfg(feature = "checks")]
-        if !p.is_null() && r != TINY_CLASS {
-            mark_live(&self.t.heap, p);
+        if !p.is_null() {
+            if r == TINY_CLASS {
+                mark_tiny_live(p);
+            } else {
+                mark_live(&self.t.heap, p);
+            }
         }
         if sampled && !p.is_null() {
             self.record_sample(p as usize, size, r, me);
@@ -151,4 +166,14 @@ pub(super) fn mark_live<S: PageSource>(heap: &Heap<S>, p: *mut u8) {
             debug_assert_eq!(prev & (1 << (idx % 64)), 0, "goheap: handed out a live object {p:p}");
         }
     }
+}
+
+/// With `checks`: marks a freshly allocated tiny object live in its block's live mask.
+#[cfg(feature = "checks")]
+#[inline]
+fn mark_tiny_live(p: *mut u8) {
+    // SAFETY: `p` was just handed out from a tiny block of a live tiny span; the mask is atomic.
+    let (mask, bit) = unsafe { crate::object::class::tiny_live(p as usize) };
+    let prev = mask.fetch_or(bit, Ordering::AcqRel);
+    debug_assert_eq!(prev & bit, 0, "goheap: handed out a live tiny object {p:p}");
 }

@@ -51,7 +51,9 @@
 //! - `tiny != 0` ⇒ `tiny` is a block of a tiny span, `tiny_offset <= 16`, `tiny_nobjs >= 1`.
 
 use super::central::{Central, Flushed};
-use super::class::{class_shape, tiny_count, NUM_ALLOC_CLASSES, TINY_CLASS, TINY_SIZE};
+use super::class::{
+    class_shape, stock_key_slot, tiny_count, NUM_ALLOC_CLASSES, STOCK_KEY, STOCK_KEY_MIN_SIZE, TINY_CLASS, TINY_SIZE,
+};
 use crate::page::heap::pagecache::PageCache;
 use crate::page::heap::Heap;
 use crate::page::span::Span;
@@ -358,15 +360,48 @@ impl CpuCache {
     pub(crate) unsafe fn free_fast(&mut self, c: usize, p: *mut u8, sh: &CpuShared) -> bool {
         // SAFETY: `c < NUM_ALLOC_CLASSES` (the caller's contract).
         let cc = unsafe { self.classes.get_unchecked_mut(c) };
-        if cc.nstock >= cc.max {
+        // SAFETY: the object is ours and has room for the key (the caller's contract).
+        if cc.nstock >= cc.max || unsafe { *stock_key_slot(p) } == STOCK_KEY {
             return false;
         }
-        // SAFETY: the object is free and at least 8 bytes: it can hold the link.
-        unsafe { *(p as *mut *mut u8) = cc.stock };
+        // SAFETY: forwarded contract.
+        unsafe { self.push(c, p, true, sh) };
+        true
+    }
+
+    /// Pushes `p` on class `c`'s stock (below its bound), writing the stock key if `keyed`.
+    ///
+    /// # Safety
+    /// `p` is a free object of class `c`, at least 8 bytes, and at least [`STOCK_KEY_MIN_SIZE`] if `keyed`;
+    /// `c < NUM_ALLOC_CLASSES`.
+    #[inline(always)]
+    unsafe fn push(&mut self, c: usize, p: *mut u8, keyed: bool, sh: &CpuShared) {
+        // SAFETY: `c < NUM_ALLOC_CLASSES` (the caller's contract).
+        let cc = unsafe { self.classes.get_unchecked_mut(c) };
+        // SAFETY: the object is free and at least 8 bytes (16 if keyed): it can hold the link and the key.
+        unsafe {
+            *(p as *mut *mut u8) = cc.stock;
+            if keyed {
+                *stock_key_slot(p) = STOCK_KEY;
+            }
+        }
         cc.stock = p;
         cc.nstock += 1;
         sh.stats.nfree(c).bump();
-        true
+    }
+
+    /// Whether `p` is on class `c`'s stock (a scan: only when `p` carries the stock key).
+    fn stock_contains(&self, c: usize, p: *mut u8) -> bool {
+        let cc = &self.classes[c];
+        let mut q = cc.stock;
+        for _ in 0..cc.nstock {
+            if q == p {
+                return true;
+            }
+            // SAFETY: the stock holds `nstock` well-formed links through its objects' first words.
+            q = unsafe { *(q as *mut *mut u8) };
+        }
+        false
     }
 
     /// The address of object `idx` of owned span `s`, zeroed if asked and not known fresh.
@@ -399,14 +434,18 @@ impl CpuCache {
                     return Self::object::<ZERO>(s, idx);
                 }
                 // Full: fold frees other CPUs deferred to us (the sweep of a cached span), else give it back.
-                if Span::has_deferred_frees(s) && Span::sweep(s) > 0 {
-                    let idx = Span::next_free(s).expect("swept span has a free object");
-                    sh.stats.nmalloc[c].bump();
-                    return Self::object::<ZERO>(s, idx);
+                if Span::has_deferred_frees(s) {
+                    let swept = Span::sweep(s);
+                    report_bad_sweep(t, swept.bad);
+                    if swept.nfreed > 0 {
+                        let idx = Span::next_free(s).expect("swept span has a free object");
+                        sh.stats.nmalloc[c].bump();
+                        return Self::object::<ZERO>(s, idx);
+                    }
                 }
-                t.centrals[c].uncache_span(NonNull::new_unchecked(s));
+                self.classes[c].span = ptr::null_mut();
+                report_bad_sweep(t, t.centrals[c].uncache_span(NonNull::new_unchecked(s)));
             }
-            self.classes[c].span = ptr::null_mut();
         }
         let Some(s) = t.centrals[c].cache_span(&t.heap, Some(&mut self.pcache), sh.index) else {
             return ptr::null_mut();
@@ -430,14 +469,22 @@ impl CpuCache {
     /// `1 <= c < NUM_ALLOC_CLASSES`.
     #[inline(always)]
     pub(crate) unsafe fn free<S: PageSource>(&mut self, t: &Tiers<S>, c: usize, p: *mut u8, sh: &CpuShared) {
-        // SAFETY: forwarded contract.
-        if unsafe { self.free_fast(c, p, sh) } {
-            return;
+        let keyed = class_shape(c).elemsize as usize >= STOCK_KEY_MIN_SIZE;
+        if keyed {
+            // SAFETY: forwarded contract; the class has room for the key.
+            if unsafe { self.free_fast(c, p, sh) } {
+                return;
+            }
+            // SAFETY: as above.
+            if unsafe { *stock_key_slot(p) } == STOCK_KEY && self.stock_contains(c, p) {
+                crate::check::report_with(&t.heap, t.report_hook, p as usize, crate::check::Reason::DoubleFree);
+            }
         }
-        self.make_room(t, c, sh);
+        if self.classes[c].nstock >= self.classes[c].max {
+            self.make_room(t, c, sh);
+        }
         // SAFETY: forwarded contract; `make_room` left the stock below its bound.
-        let pushed = unsafe { self.free_fast(c, p, sh) };
-        debug_assert!(pushed, "stock still full after make_room");
+        unsafe { self.push(c, p, keyed, sh) };
     }
 
     /// Class `c`'s stock is at its bound: doubles the bound if the class refilled since it last grew and
@@ -534,6 +581,8 @@ impl CpuCache {
             return block;
         }
         sh.stats.tiny_nmalloc.bump();
+        // SAFETY: a fresh 16-byte block: its second word is ours (it may hold the stock key).
+        unsafe { *stock_key_slot(block) = 0 };
         if self.tiny != 0 && size >= self.tiny_offset {
             // As Go: keep whichever block has more room left. The current one does, so the new block holds
             // just this object and is retired at once (its count becomes 1).
@@ -595,7 +644,7 @@ impl CpuCache {
             if !s.is_null() {
                 self.classes[c].span = ptr::null_mut();
                 // SAFETY: we cache `s` and stop using it now.
-                unsafe { t.centrals[c].uncache_span(NonNull::new_unchecked(s)) };
+                report_bad_sweep(t, unsafe { t.centrals[c].uncache_span(NonNull::new_unchecked(s)) });
             }
         }
         t.heap.flush_page_cache(&mut self.pcache);
@@ -618,9 +667,20 @@ impl CpuCache {
             // SAFETY: we own the cached spans' object fields.
             if !s.is_null() && unsafe { Span::has_deferred_frees(s) } {
                 // SAFETY: as above.
-                n += unsafe { Span::sweep(s) };
+                let swept = unsafe { Span::sweep(s) };
+                report_bad_sweep(t, swept.bad);
+                n += swept.nfreed;
             }
         }
         n
+    }
+}
+
+/// Reports a double free a sweep found (a deferred free of an object that was not allocated); the sweep
+/// has already dropped it, so the span's counts are exact whatever the report hook does.
+#[inline]
+fn report_bad_sweep<S: PageSource>(t: &Tiers<S>, bad: Option<usize>) {
+    if let Some(addr) = bad {
+        crate::check::report_with(&t.heap, t.report_hook, addr, crate::check::Reason::DoubleFree);
     }
 }

@@ -110,6 +110,17 @@ const _: () = {
     assert!(offset_of!(Span, free_bits) < offset_of!(Span, alloc_bits) + 8 * SPAN_BITMAP_WORDS + 64);
 };
 
+/// What [`Span::sweep`] folded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub struct Swept {
+    /// Objects freed (deferred frees of allocated objects).
+    pub nfreed: usize,
+    /// The address of an object whose deferred free found it not allocated (a double free), if any; such
+    /// frees are dropped, not counted.
+    pub bad: Option<usize>,
+}
+
 /// `cached_by` value of a span that no CPU cache holds.
 pub const NOT_CACHED: u16 = u16::MAX;
 
@@ -258,28 +269,37 @@ impl Span {
         }
     }
 
-    /// Sweeps the span: folds the deferred frees in `free_bits` into the exact bitmap. Returns how many
-    /// objects were freed. Leaves the span materialised (`freeindex == 0`).
+    /// Sweeps the span: folds the deferred frees in `free_bits` into the exact bitmap. Leaves the span
+    /// materialised (`freeindex == 0`).
+    ///
+    /// Only frees of allocated objects are folded and counted, so `nalloc` stays exact whatever arrived in
+    /// `free_bits`. A deferred free of an object that is not allocated (a double free whose first free was
+    /// folded already) is returned in [`Swept::bad`] for the caller to report, in every build.
     ///
     /// # Safety
     /// The caller owns the object-level fields of `s`.
-    pub(crate) unsafe fn sweep(s: *mut Span) -> usize {
+    pub(crate) unsafe fn sweep(s: *mut Span) -> Swept {
         // SAFETY: the caller owns the object-level fields; `free_bits` are atomics shared with flushers.
         unsafe {
             Span::materialise(s);
-            let mut nfreed = 0;
+            let mut out = Swept { nfreed: 0, bad: None };
             for w in 0..words_for((*s).nelems as usize) {
                 let fb = &(*s).free_bits[w];
                 if fb.load(Ordering::Relaxed) != 0 {
                     let f = fb.swap(0, Ordering::Acquire);
-                    debug_assert_eq!(f & !(*s).alloc_bits[w], 0, "freed object not allocated");
-                    (*s).alloc_bits[w] &= !f;
-                    nfreed += f.count_ones() as usize;
+                    let bad = f & !(*s).alloc_bits[w];
+                    if bad != 0 && out.bad.is_none() {
+                        let idx = w * 64 + bad.trailing_zeros() as usize;
+                        out.bad = Some((*s).base + idx * (*s).elemsize as usize);
+                    }
+                    let real = f & (*s).alloc_bits[w];
+                    (*s).alloc_bits[w] &= !real;
+                    out.nfreed += real.count_ones() as usize;
                 }
             }
-            (*s).nalloc -= nfreed as u16;
+            (*s).nalloc -= out.nfreed as u16;
             (*s).alloc_cache = !(*s).alloc_bits[0];
-            nfreed
+            out
         }
     }
 
