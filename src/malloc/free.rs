@@ -25,7 +25,8 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             let c = sizeclass::class_of(size);
             #[cfg(feature = "checks")]
             self.check_small_free(ptr, layout, c);
-            // A pointer outside the heap's arena never enters a stock (the general path reports it).
+            // A pointer outside the heap's arena, or misaligned, never enters a stock (the general path
+            // reports it).
             if self.in_arena(ptr as usize) {
                 let (guard, idx) = self.provider.enter_leaf();
                 if let Some(i) = idx {
@@ -47,12 +48,16 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         unsafe { self.dealloc_general(ptr, layout, fast) }
     }
 
-    /// Whether `addr` lies in the grown part of the heap's arena: two loads and a compare, the check every
-    /// small free makes before its object may enter a stock.
+    /// Whether `addr` lies in the grown part of the heap's arena and is 8-byte aligned (as every object of a
+    /// size class is): the check every small free makes before its object may enter a stock. Two loads, a
+    /// rotate, a shift and a compare: with `off = addr - arena_base` and `grown` a multiple of 8,
+    /// `off.rotate_right(3) < grown >> 3` holds exactly when `off < grown` and `off % 8 == 0` (a misaligned
+    /// offset rotates its low bits to the top, above any `grown >> 3`).
     #[inline(always)]
     pub(super) fn in_arena(&self, addr: usize) -> bool {
         let h = &self.t.heap;
-        addr.wrapping_sub(h.arena_base.load(Ordering::Relaxed)) < h.grown_bytes.load(Ordering::Relaxed)
+        let off = addr.wrapping_sub(h.arena_base.load(Ordering::Relaxed));
+        off.rotate_right(3) < h.grown_bytes.load(Ordering::Relaxed) >> 3
     }
 
     /// Every free the fast path does not finish. `checked`: the fast path already ran the `checks`.
@@ -79,7 +84,11 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         if r == TINY_CLASS {
             self.validate_small(ptr, layout, r, false);
         } else if !self.in_arena(ptr as usize) {
-            self.report(ptr as usize, Reason::NotInHeap);
+            let addr = ptr as usize;
+            if addr % sizeclass::MIN_ALIGN != 0 {
+                self.report(addr, Reason::Misaligned { align: layout.align().max(sizeclass::MIN_ALIGN) });
+            }
+            self.report(addr, Reason::NotInHeap);
         }
         let e = self.enter();
         if r == TINY_CLASS {
