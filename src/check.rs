@@ -7,14 +7,63 @@
 //! class involved. The default hook panics with that message (in a kernel the panic handler prints it; a
 //! `#[global_allocator]` must not unwind, so `Hosted` installs a hook that prints to stderr and aborts).
 //!
-//! What is caught when:
-//! - always (no feature): frees of large objects are checked (the span lookup is needed anyway): foreign
-//!   pointers, pointers inside a large object, a large object freed twice. Small objects are checked when a
-//!   CPU's stock is flushed to the central list: a pointer outside the heap, in a span of another class, or
-//!   inside an object, and an object freed twice *if both frees reach the span*;
-//! - with feature `checks`: every free is checked at the moment of the free, before the object enters a
-//!   stock: misaligned pointer, foreign pointer, interior pointer, layout whose class differs from the
-//!   span's, and double free (a per-object live bit). Without the feature none of this is on the fast path.
+//! # What is caught when
+//!
+//! In every build (no feature), at a cost of a few instructions on the fast path:
+//! - a small free whose pointer is outside the heap's arena, or not 8-byte aligned, is refused before it
+//!   enters a stock (two loads and a compare: `Malloc::dealloc`'s arena check);
+//! - a small free of an object that is on this CPU's stock already is refused (glibc tcache's key: every
+//!   stocked object carries a key in its second word; only a free that finds the key scans the stock);
+//! - a tiny free looks its span up in the page map first: a pointer in no span, in a span of another
+//!   class, or past the blocks (in the counts) is refused before any count changes;
+//! - large frees and every `realloc` are validated against the page map (span, class, object start);
+//! - when a stock is flushed to the central list each object is validated (a live span of the stock's
+//!   class, an object's start, allocated), and when a span's deferred frees are folded (its sweep) a free of
+//!   an object that is not allocated is dropped, never counted, and reported.
+//!
+//! With feature `checks`, every free is checked at the moment of the free, before it touches any state:
+//! alignment, the span, the class, the object's start, and that the object is live (a per-object live bit
+//! for small objects, a per-block live mask for tiny ones), so every cell below is reported at the free with
+//! the address, the reason and the span and class. Without the feature none of this is on the fast path.
+//!
+//! # The catalogue (tested cell by cell in `tests/bad_free_catalogue.rs`)
+//!
+//! Where the object is when it is badly freed: **stock** (freed once and still on this CPU's stock; tiny:
+//! its block freed into this CPU's stock), **this** (in a span this CPU caches; tiny: this CPU's current
+//! block; for a double free, the first free already folded into it), **other** (the same for another CPU),
+//! **uncached** (a span no CPU caches; tiny: a retired block; large objects always). Foreign pointers are
+//! in no object. "free": reported by the bad free itself. "flush": reported when the stock holding the bad
+//! pointer is flushed or the span it went to is swept (a CPU's own `flush_cpu_cache`, its stock overflowing,
+//! or `background`) — if the stock hands the pointer out first, the report comes when that allocation is
+//! freed and flushed, and until then the stock's link (and key) words were written into the memory at the
+//! pointer. "harmless": no report, and no live object changes or is handed out twice. "gap": not detected
+//! without `checks`.
+//!
+//! | kind | tier | where | `checks` | without `checks` |
+//! |---|---|---|---|---|
+//! | double free | tiny | stock, this, other, uncached | free | gap: the block's count drops early and the block may be reused under a live sibling |
+//! | double free | small | stock | free | free (stock key) |
+//! | double free | small | this, other, uncached | free | flush (the sweep or the flush finds the object not allocated) |
+//! | double free | large | uncached | free | free (no live span) |
+//! | foreign pointer (stack, static, another allocator's block) | tiny, small, large | — | free | free (arena check; tiny and large: page map) |
+//! | interior pointer | tiny | this, other, uncached | free (as "not allocated": tiny objects have no fixed size) | gap: counted as a free of the block |
+//! | interior pointer | small | this, other, uncached | free | flush |
+//! | interior pointer | large | uncached | free | free |
+//! | misaligned | tiny, small | this, other, uncached | free | free |
+//! | misaligned | large | uncached | free (interior) | free (interior) |
+//! | wrong size, smaller class | tiny (another tiny size) | this, other, uncached | harmless (the free counts the object once) | harmless |
+//! | wrong size, smaller class | small (a smaller class) | this, other, uncached | free | flush |
+//! | wrong size, smaller class | small (the tiny path) | this, other, uncached | free | free (page map) |
+//! | wrong size, larger class | tiny (a size class), small | this, other, uncached | free | flush |
+//! | wrong size, larger class | large (more pages) | uncached | harmless (the span knows its pages) | harmless |
+//! | wrong size, large vs small | tiny, small freed as large | this, other, uncached | free | free |
+//! | wrong size, large vs small | large freed as small | uncached | free | flush |
+//! | wrong alignment (same size, larger alignment) | tiny, small (another class) | this, other, uncached | free | flush |
+//! | wrong alignment | large | uncached | harmless (alignment matters only when allocating) | harmless |
+//!
+//! Not in the table, and not detectable by any allocator: a double free after the object was handed out
+//! again (it frees the new allocation). Also known: without `checks`, a double free whose first free sits on
+//! *another* CPU's stock is caught only when both reach the span (the key scan covers this CPU's stock).
 
 use core::fmt;
 use core::sync::atomic::{AtomicPtr, Ordering};

@@ -229,7 +229,7 @@ impl Central {
 
     /// Takes back span `s` from CPU cache `cpu`: folds its deferred frees and files it as partial or full.
     /// Returns the address of a deferred free of an object that was not allocated (a double free, dropped
-    /// by the sweep; see [`Span::sweep`]) for the caller to report.
+    /// by the sweep; see `Span::sweep`) for the caller to report.
     ///
     /// # Safety
     /// `s` is a span of this class that CPU cache `cpu` caches, and the caller is that cache's owner and

@@ -110,7 +110,7 @@ const _: () = {
     assert!(offset_of!(Span, free_bits) < offset_of!(Span, alloc_bits) + 8 * SPAN_BITMAP_WORDS + 64);
 };
 
-/// What [`Span::sweep`] folded.
+/// What `Span::sweep` folded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[must_use]
 pub struct Swept {
