@@ -145,6 +145,17 @@ fn metric_value(name: &str, m: &MemStats, scavenged_total_bytes: u64) -> Option<
     })
 }
 
+/// Prints the allocator's [`MemStats`] (read without stopping other CPUs), its debug knobs and its heap.
+impl<S: PageSource, P: CpuProvider> core::fmt::Debug for Malloc<S, P> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Malloc")
+            .field("debug", &self.debug)
+            .field("mem_stats", &self.mem_stats())
+            .field("heap", &self.t.heap)
+            .finish_non_exhaustive()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,16 +187,5 @@ mod tests {
         }
         assert_eq!(metric_value("/memory/classes/metadata/mspan/inuse:bytes", &m, 0), Some(5));
         assert_eq!(metric_value("/no/such:metric", &m, 0), None);
-    }
-}
-
-/// Prints the allocator's [`MemStats`] (read without stopping other CPUs), its debug knobs and its heap.
-impl<S: PageSource, P: CpuProvider> core::fmt::Debug for Malloc<S, P> {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("Malloc")
-            .field("debug", &self.debug)
-            .field("mem_stats", &self.mem_stats())
-            .field("heap", &self.t.heap)
-            .finish_non_exhaustive()
     }
 }
