@@ -26,6 +26,13 @@
 //! for small objects, a per-block live mask for tiny ones), so every cell below is reported at the free with
 //! the address, the reason and the span and class. Without the feature none of this is on the fast path.
 //!
+//! With `checks`, freed small objects are also poisoned (Go's `clobberfree`): the free fills the object,
+//! past the two words a stock uses for its link and key, with [`POISON`], and the allocation that hands the
+//! object out again verifies the pattern; a difference is reported as [`Reason::WriteAfterFree`] with the
+//! address of the first changed byte (`alloc_zeroed` clears the object instead of verifying it; tiny objects
+//! and large ones are not poisoned: a tiny block's siblings stay live, and large objects' pages go back to
+//! the page heap).
+//!
 //! # The catalogue (tested cell by cell in `tests/bad_free_catalogue.rs`)
 //!
 //! Where the object is when it is badly freed: **stock** (freed once and still on this CPU's stock; tiny:
@@ -81,9 +88,13 @@ pub enum Reason {
     Misaligned { align: usize },
     /// The layout given to `dealloc` maps to another class than the object's span.
     LayoutMismatch { size: usize, align: usize },
+    /// With `checks`: byte `offset` of the object changed while it was free (a write after free), found when
+    /// the object was handed out again. `addr` is the object's address.
+    WriteAfterFree { offset: usize },
 }
 
-/// A refused free, with what goheap knows about the address.
+/// A refused free (or, with `checks`, a write after free found when the object was handed out again), with
+/// what goheap knows about the address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BadFree {
     /// The pointer passed to `dealloc`/`realloc`.
@@ -100,8 +111,18 @@ pub struct BadFree {
 
 impl fmt::Display for BadFree {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "goheap: invalid free of {:#x}: ", self.addr)?;
+        if let Reason::WriteAfterFree { offset } = self.reason {
+            write!(
+                f,
+                "goheap: write after free at {:#x} (byte {offset} of the object at {:#x} changed while it was free)",
+                self.addr + offset,
+                self.addr
+            )?;
+        } else {
+            write!(f, "goheap: invalid free of {:#x}: ", self.addr)?;
+        }
         match self.reason {
+            Reason::WriteAfterFree { .. } => {}
             Reason::NotInHeap => write!(f, "not a live allocation of this heap (foreign pointer, or freed twice)")?,
             Reason::DoubleFree => write!(f, "double free (object is not allocated)")?,
             Reason::Interior => write!(f, "interior pointer (not the start of an object)")?,
@@ -203,4 +224,43 @@ pub(crate) fn report_flush_error<S: crate::source::PageSource>(
         FlushError::NotAllocated(a) => (a, Reason::DoubleFree),
     };
     report_with(heap, hook, addr, reason)
+}
+
+/// With `checks`: the pattern freed small objects are filled with (Go's `clobberfree` uses the same word),
+/// repeated little-endian.
+#[cfg(feature = "checks")]
+pub const POISON: u32 = 0xdead_beef;
+
+/// Bytes at the start of a freed object that the allocator itself writes while the object is free (a stock's
+/// link and key): the poison check skips them.
+#[cfg(feature = "checks")]
+pub(crate) const POISON_SKIP: usize = 2 * core::mem::size_of::<usize>();
+
+#[cfg(feature = "checks")]
+#[inline]
+fn poison_byte(i: usize) -> u8 {
+    POISON.to_le_bytes()[i % 4]
+}
+
+/// Fills bytes `[POISON_SKIP, len)` of the freed object at `p` with the poison pattern.
+///
+/// # Safety
+/// `p` is valid for writes of `len` bytes and nobody else uses them.
+#[cfg(feature = "checks")]
+pub(crate) unsafe fn poison(p: *mut u8, len: usize) {
+    for i in POISON_SKIP..len {
+        // SAFETY: `i < len` (the caller's contract).
+        unsafe { p.add(i).write(poison_byte(i)) };
+    }
+}
+
+/// The offset of the first byte in `[POISON_SKIP, len)` of the object at `p` that no longer holds the poison
+/// pattern, if any.
+///
+/// # Safety
+/// `p` is valid for reads of `len` bytes.
+#[cfg(feature = "checks")]
+pub(crate) unsafe fn poison_damage(p: *const u8, len: usize) -> Option<usize> {
+    // SAFETY: `i < len` (the caller's contract).
+    (POISON_SKIP..len).find(|&i| unsafe { p.add(i).read() } != poison_byte(i))
 }

@@ -57,7 +57,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                             unsafe { *stock_key_slot(p) = 0 };
                         }
                         #[cfg(feature = "checks")]
-                        mark_live(&self.t.heap, p);
+                        self.mark_live(p, ZERO);
                         return p;
                     }
                 }
@@ -101,7 +101,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             if r == TINY_CLASS {
                 mark_tiny_live(p);
             } else {
-                mark_live(&self.t.heap, p);
+                self.mark_live(p, ZERO);
             }
         }
         if sampled && !p.is_null() {
@@ -153,17 +153,27 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     }
 }
 
-/// With `checks`: marks a freshly allocated small object live.
-#[cfg(feature = "checks")]
-#[inline]
-pub(super) fn mark_live<S: PageSource>(heap: &Heap<S>, p: *mut u8) {
-    if let Some(s) = heap.span_of(p as usize) {
+impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
+    /// With `checks`: marks a freshly allocated small object live, and if it was freed by the user since it
+    /// was last handed out, verifies the poison pattern its free left (unless `zeroed`: `alloc_zeroed` has
+    /// cleared it already): a difference is reported as a write after free.
+    #[cfg(feature = "checks")]
+    #[inline]
+    pub(super) fn mark_live(&self, p: *mut u8, zeroed: bool) {
+        let Some(s) = self.t.heap.span_of(p as usize) else { return };
         let s = s.as_ptr();
-        // SAFETY: live span; `live_bits` are atomics.
+        // SAFETY: live span; `live_bits` and `poisoned` are atomics; the object is ours (just handed out).
         unsafe {
             let (idx, _) = Span::object_index(s, p as usize);
-            let prev = (*s).live_bits[idx / 64].fetch_or(1 << (idx % 64), Ordering::AcqRel);
-            debug_assert_eq!(prev & (1 << (idx % 64)), 0, "goheap: handed out a live object {p:p}");
+            let bit = 1u64 << (idx % 64);
+            let prev = (*s).live_bits[idx / 64].fetch_or(bit, Ordering::AcqRel);
+            debug_assert_eq!(prev & bit, 0, "goheap: handed out a live object {p:p}");
+            let was_poisoned = (*s).poisoned[idx / 64].fetch_and(!bit, Ordering::Acquire) & bit != 0;
+            if was_poisoned && !zeroed {
+                if let Some(offset) = check::poison_damage(p, (*s).elemsize as usize) {
+                    self.report(p as usize, Reason::WriteAfterFree { offset });
+                }
+            }
         }
     }
 }

@@ -153,6 +153,12 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 if was & bit == 0 {
                     bad(Reason::DoubleFree);
                 }
+                if consume {
+                    // Clobber the freed object (Go's clobberfree); the allocation that hands it out again
+                    // verifies the pattern (see `mark_live`).
+                    check::poison(ptr, (*s).elemsize as usize);
+                    (*s).poisoned[idx / 64].fetch_or(bit, Ordering::Release);
+                }
             }
         }
     }

@@ -98,6 +98,10 @@ pub struct Span {
     /// `alloc_bits`). Set on allocation, cleared on free, both atomically, so a double free is caught at once.
     #[cfg(feature = "checks")]
     pub(crate) live_bits: [AtomicU64; SPAN_BITMAP_WORDS],
+    /// With `checks`: 1 = freed by the user and filled with the poison pattern since (see `check.rs`); the
+    /// allocation that hands the object out again verifies the pattern and clears the bit.
+    #[cfg(feature = "checks")]
+    pub(crate) poisoned: [AtomicU64; SPAN_BITMAP_WORDS],
 }
 
 // The cache-line layout the struct's docs describe.
@@ -163,6 +167,7 @@ impl Span {
                 #[cfg(feature = "checks")]
                 {
                     (*s).live_bits[w] = AtomicU64::new(0);
+                    (*s).poisoned[w] = AtomicU64::new(0);
                 }
             }
             (*s).alloc_cache = !(*s).alloc_bits[0];
