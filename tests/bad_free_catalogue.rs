@@ -353,7 +353,14 @@ fn run_cell(c: &Cell) -> Result<(), String> {
         }
     };
     match (want, at_free, later) {
-        (AtFree(text), Some(msg), _) => named(&msg, text)?,
+        (AtFree(text), Some(msg), _) => {
+            named(&msg, text)?;
+            // A pointer that lies in a live span: the report names the span and its class.
+            let in_span = c.at != Nowhere && !(c.kind == DoubleFree && c.tier == Large);
+            if in_span && !(msg.contains("; span 0x") && msg.contains(", class ")) {
+                return Err(format!("report {msg:?} does not name the span and class"));
+            }
+        }
         (AtFlush(text), None, Some(msg)) => named(&msg, text)?,
         (Harmless, None, None) => {
             for &(p, lay) in &bad.live {
