@@ -47,6 +47,9 @@
 //!   `grown_bytes == Σ (max - stock_max(class)) * size(class) <= STOCK_GROW_BYTES`; every object on a
 //!   stock is allocated in its span's
 //!   bitmap (`alloc_bits`/`freeindex`) and free for the user;
+//! - every object on a stock of a class of at least 16 bytes holds `STOCK_KEY` in its second word (glibc
+//!   tcache's key: a free that finds it scans the stock for a double free); objects leave the stock with
+//!   it cleared (the allocation paths and `Central::flush` clear it);
 //! - `span` is null or a span of `class` with `cached_by == index`; its object fields are the owner's;
 //! - `tiny != 0` ⇒ `tiny` is a block of a tiny span, `tiny_offset <= 16`, `tiny_nobjs >= 1`.
 
