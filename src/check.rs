@@ -23,7 +23,7 @@
 //!
 //! With feature `checks`, every free is checked at the moment of the free, before it touches any state:
 //! alignment, the span, the class, the object's start, and that the object is live (a per-object live bit
-//! for small objects, a per-block live mask for tiny ones), so every cell below is reported at the free with
+//! for small objects, a per-block mask of live objects' first and inner bytes for tiny ones), so every cell below is reported at the free with
 //! the address, the reason and the span and class. Without the feature none of this is on the fast path.
 //!
 //! With `checks`, freed small objects are also poisoned (Go's `clobberfree`): the free fills the object,
@@ -53,7 +53,7 @@
 //! | double free | small | this, other, uncached | free | flush (the sweep or the flush finds the object not allocated) |
 //! | double free | large | uncached | free | free (no live span) |
 //! | foreign pointer (stack, static, another allocator's block) | tiny, small, large | — | free | free (arena check; tiny and large: page map) |
-//! | interior pointer | tiny | this, other, uncached | free (as "not allocated": tiny objects have no fixed size) | gap: counted as a free of the block |
+//! | interior pointer | tiny | this, other, uncached | free | gap: counted as a free of the block |
 //! | interior pointer | small | this, other, uncached | free | flush |
 //! | interior pointer | large | uncached | free | free |
 //! | misaligned | tiny, small | this, other, uncached | free | free |

@@ -122,8 +122,8 @@ fn catalogue() -> Vec<Cell> {
         }
     }
     for at in live {
-        // Interior pointers (a tiny one is "not allocated": tiny objects have no fixed size).
-        cell(Interior, Tiny, at, AtFree("not allocated"), Undetected);
+        // Interior pointers.
+        cell(Interior, Tiny, at, AtFree(INTERIOR), Undetected);
         cell(Interior, Small, at, AtFree(INTERIOR), AtFlush(INTERIOR));
         // Misaligned pointers.
         cell(Misaligned, Tiny, at, AtFree(MISALIGNED), AtFree(MISALIGNED));

@@ -288,7 +288,7 @@ mod with_checks {
         // SAFETY (test): deliberately bad.
         let q = unsafe { a.add(4) };
         let msg = report_of(|| unsafe { m.dealloc(q, l(8, 4)) });
-        expect_report(msg, q as usize, "not allocated");
+        expect_report(msg, q as usize, "interior pointer");
     }
 
     /// `realloc` of a freed tiny object is refused before it reads the object.

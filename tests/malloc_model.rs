@@ -65,7 +65,8 @@ fn run<P: goheap::cpu::CpuProvider>(m: &Malloc<MmapSource, P>, ops: &[Op]) {
                     assert!(bytes.iter().all(|&b| b == 0), "step {step}: alloc_zeroed gave non-zero memory");
                 }
                 seed += 1;
-                fill(p, size, seed);
+                // SAFETY: `p` is a fresh block of `size` bytes.
+                unsafe { fill(p, size, seed) };
                 live.insert(a, Live { size, align, seed });
             }
             Op::Free(i) => {
@@ -74,7 +75,9 @@ fn run<P: goheap::cpu::CpuProvider>(m: &Malloc<MmapSource, P>, ops: &[Op]) {
                 }
                 let a = *live.keys().nth(i % live.len()).unwrap();
                 let b = live.remove(&a).unwrap();
-                assert_eq!(check(a as *const u8, b.size, b.seed), Ok(()), "step {step}: contents of {a:#x} changed");
+                // SAFETY: `a` is a live block of `b.size` bytes (not freed yet).
+                let contents = unsafe { check(a as *const u8, b.size, b.seed) };
+                assert_eq!(contents, Ok(()), "step {step}: contents of {a:#x} changed");
                 // SAFETY (test): allocated by `m` with this layout.
                 unsafe { m.dealloc(a as *mut u8, layout(b.size, b.align)) };
             }
@@ -89,9 +92,12 @@ fn run<P: goheap::cpu::CpuProvider>(m: &Malloc<MmapSource, P>, ops: &[Op]) {
                 assert!(!p.is_null(), "step {step}: realloc failed");
                 assert_eq!(p as usize % b.align, 0, "step {step}: realloc lost alignment");
                 let kept = b.size.min(new_size);
-                assert_eq!(check(p, kept, b.seed), Ok(()), "step {step}: realloc lost contents");
+                // SAFETY: `p` is the reallocated block of `new_size >= kept` bytes.
+                let contents = unsafe { check(p, kept, b.seed) };
+                assert_eq!(contents, Ok(()), "step {step}: realloc lost contents");
                 seed += 1;
-                fill(p, new_size, seed);
+                // SAFETY: as above; nothing else uses the block.
+                unsafe { fill(p, new_size, seed) };
                 live.insert(p as usize, Live { size: new_size, align: b.align, seed });
             }
         }
@@ -100,7 +106,8 @@ fn run<P: goheap::cpu::CpuProvider>(m: &Malloc<MmapSource, P>, ops: &[Op]) {
         }
     }
     for (a, b) in std::mem::take(&mut live) {
-        assert_eq!(check(a as *const u8, b.size, b.seed), Ok(()));
+        // SAFETY: `a` is a live block of `b.size` bytes.
+        assert_eq!(unsafe { check(a as *const u8, b.size, b.seed) }, Ok(()));
         // SAFETY (test): allocated by `m` with this layout.
         unsafe { m.dealloc(a as *mut u8, layout(b.size, b.align)) };
     }
@@ -144,7 +151,8 @@ fn every_class_reuses_memory() {
                 let l = layout(size, 8);
                 let p = m.alloc(l);
                 assert!(!p.is_null());
-                fill(p, size.min(64), (c * 1000 + k) as u64);
+                // SAFETY: `p` is a fresh block of `size` bytes.
+                unsafe { fill(p, size.min(64), (c * 1000 + k) as u64) };
                 blocks.push((p, l, (c * 1000 + k) as u64));
             }
         }
@@ -154,7 +162,8 @@ fn every_class_reuses_memory() {
             blocks.swap(i, (i * 7919) % n);
         }
         for (p, l, seed) in blocks {
-            assert_eq!(check(p, l.size().min(64), seed), Ok(()));
+            // SAFETY: `p` is a live block of `l.size()` bytes.
+            assert_eq!(unsafe { check(p, l.size().min(64), seed) }, Ok(()));
             // SAFETY (test): allocated above with `l`.
             unsafe { m.dealloc(p, l) };
         }

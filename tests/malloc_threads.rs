@@ -10,6 +10,7 @@ use goheap::source::mmap::MmapSource;
 use goheap::Malloc;
 use std::sync::mpsc;
 use std::sync::{Arc, Barrier, Mutex};
+use testkit::Rng;
 
 type M = Malloc<MmapSource, ThreadSlots>;
 
@@ -29,30 +30,17 @@ fn make(m: &M, size: usize, align: usize, seed: u64) -> Obj {
     let p = m.alloc(layout(size, align));
     assert!(!p.is_null());
     assert_eq!(p as usize % align, 0);
-    fill(p, size, seed);
+    // SAFETY: `p` is a fresh block of `size` bytes.
+    unsafe { fill(p, size, seed) };
     Obj { addr: p as usize, size, align, seed }
 }
 
 fn free(m: &M, o: Obj) {
-    assert_eq!(
-        check(o.addr as *const u8, o.size, o.seed),
-        Ok(()),
-        "object {:#x} ({} B) was overwritten",
-        o.addr,
-        o.size
-    );
+    // SAFETY: `o` is live (made by `make`, freed only here, once) and `o.size` bytes long.
+    let contents = unsafe { check(o.addr as *const u8, o.size, o.seed) };
+    assert_eq!(contents, Ok(()), "object {:#x} ({} B) was overwritten", o.addr, o.size);
     // SAFETY (test): allocated by `m` with this layout, freed once.
     unsafe { m.dealloc(o.addr as *mut u8, layout(o.size, o.align)) };
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 #[test]
@@ -61,7 +49,7 @@ fn producer_consumer_64b_and_mixed() {
     for mixed in [false, true] {
         let (tx, rx) = mpsc::sync_channel::<Vec<Obj>>(64);
         let producer = std::thread::spawn(move || {
-            let mut rng = Rng(7);
+            let mut rng = Rng::new(7);
             for batch in 0..400u64 {
                 let v: Vec<Obj> = (0..64)
                     .map(|i| {
@@ -103,7 +91,7 @@ fn random_handoffs_between_threads() {
             let inboxes = inboxes.clone();
             let barrier = barrier.clone();
             std::thread::spawn(move || {
-                let mut rng = Rng(0x1234_5678 + t as u64);
+                let mut rng = Rng::new(0x1234_5678 + t as u64);
                 let mut mine: Vec<Obj> = Vec::new();
                 for round in 0..ROUNDS {
                     for i in 0..300 {

@@ -11,6 +11,7 @@ use goheap::page::pagealloc::{level_len, PALLOC_CHUNK_BYTES, PALLOC_CHUNK_PAGES,
 use goheap::page::span::Span;
 use goheap::source::bounded::BoundedSource;
 use goheap::PAGE_SIZE;
+use testkit::Rng;
 
 const MIB: usize = 1 << 20;
 
@@ -62,35 +63,21 @@ fn my_scav_lines() -> Vec<String> {
     LINES.lock().unwrap().iter().filter(|(t, l)| *t == me && l.starts_with("scav:")).map(|(_, l)| l.clone()).collect()
 }
 
-/// A small deterministic generator (xorshift) so no test depends on timing or a seed file.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 #[test]
 fn page_release_all_falls_to_metadata_floor() {
     let h = heap(256 * MIB, usize::MAX);
     let mut pc = PageCache::new();
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     let mut live = Vec::new();
     for _ in 0..3000 {
-        if live.len() < 400 && rng.below(3) != 0 {
-            let n = if rng.below(4) == 0 { 16 + rng.below(300) } else { 1 + rng.below(12) };
+        if live.len() < 400 && rng.index(3) != 0 {
+            let n = if rng.index(4) == 0 { 16 + rng.index(300) } else { 1 + rng.index(12) };
             let s = h.alloc_span(Some(&mut pc), n, 1).expect("unbounded source");
             // SAFETY: the span's memory is ours.
             unsafe { (base(s) as *mut u8).write_bytes(0x5A, n * PAGE_SIZE) };
             live.push(s);
         } else if !live.is_empty() {
-            let s = live.swap_remove(rng.below(live.len()));
+            let s = live.swap_remove(rng.index(live.len()));
             // SAFETY: live span, unused.
             unsafe { h.free_span(Some(&mut pc), s) };
         }

@@ -17,6 +17,7 @@ use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use testkit::Rng;
 
 include!("groups.rs");
 
@@ -62,35 +63,6 @@ impl Clock {
     }
     fn elapsed(&self) -> Spent {
         Spent { wall: self.wall.elapsed(), cpu: process_cpu().saturating_sub(self.cpu) }
-    }
-}
-
-/// xorshift64*: deterministic, cheap, allocation-free.
-#[derive(Clone)]
-struct Rng(u64);
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    #[inline]
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    #[inline]
-    fn below(&mut self, n: u64) -> u64 {
-        ((self.next() >> 32) * n) >> 32
-    }
-    /// Log-uniform in `lo..=hi` (small sizes more frequent, as in real programs).
-    #[inline]
-    fn log_size(&mut self, lo: usize, hi: usize) -> usize {
-        let (l, h) = ((lo as f64).ln(), (hi as f64).ln());
-        let u = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
-        ((l + u * (h - l)).exp() as usize).clamp(lo, hi)
     }
 }
 

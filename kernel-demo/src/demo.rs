@@ -26,7 +26,8 @@ use kernel_demo::background;
 use kernel_demo::frames;
 use kernel_demo::heap::{self, HEAP};
 use kernel_demo::serial_println;
-use kernel_demo::testing::Rng;
+use kernel_demo::testing;
+use testkit::Rng;
 
 /// The two CPU facts the demo needs.
 mod cpuinfo {
@@ -427,6 +428,22 @@ pub fn run_bsp(ncpus: usize) -> bool {
     let me = 0;
     SLOTS[me].apic_id.store(cpuinfo::apic_id() as u64, Ordering::Relaxed);
     SLOTS[me].cache_index.store(heap::current_cpu_index().map_or(u64::MAX, |i| i as u64), Ordering::Relaxed);
+    let g1 = phase_goheap_cold(me, n);
+    let after1 = HEAP.mem_stats();
+    print_frames("after phase 1");
+    let compare = phase_linked_list(me, n);
+    let g3 = phase_goheap_warm(me, n);
+    if compare.ran {
+        print_tsc_ratios(&compare.totals, &g1, &g3, n);
+    }
+    phase_background(n);
+    let release = phase_release(n);
+    print_report(n, &start, &after1, &release);
+    verdict(&release, compare.leftover)
+}
+
+/// Phase 1: the workload on goheap, cold; its totals over every CPU.
+fn phase_goheap_cold(me: usize, n: usize) -> WorkStats {
     phase(me, n, 0);
     let g1 = sum_phase(n, 0);
     serial_println!(
@@ -438,11 +455,20 @@ pub fn run_bsp(ncpus: usize) -> bool {
         g1.cycles / 1_000_000,
         ms(g1.cycles)
     );
-    let after1 = HEAP.mem_stats();
-    print_frames("after phase 1");
+    g1
+}
 
-    let ok_compare = heap::compare_begin(heap::CompareKind::LinkedList, COMPARE_HEAP_BYTES);
-    if !ok_compare {
+/// What phase 2 did: whether the comparison heap could be set up, its totals, and the bytes left on it.
+struct Comparison {
+    ran: bool,
+    totals: WorkStats,
+    leftover: usize,
+}
+
+/// Phase 2: the workload with the global allocator routed to a linked_list_allocator heap.
+fn phase_linked_list(me: usize, n: usize) -> Comparison {
+    let ran = heap::compare_begin(heap::CompareKind::LinkedList, COMPARE_HEAP_BYTES);
+    if !ran {
         serial_println!(
             "phase 2 skipped: goheap could not supply the {} MiB comparison area",
             COMPARE_HEAP_BYTES >> 20
@@ -452,7 +478,7 @@ pub fn run_bsp(ncpus: usize) -> bool {
     phase(me, n, 1);
     let l = sum_phase(n, 1);
     let mut leftover = 0;
-    if ok_compare {
+    if ran {
         leftover = heap::compare_end();
     }
     BARRIER.wait(n);
@@ -465,7 +491,11 @@ pub fn run_bsp(ncpus: usize) -> bool {
         ms(l.cycles),
         if leftover != 0 { " (WARNING: bytes left on the comparison heap)" } else { "" }
     );
+    Comparison { ran, totals: l, leftover }
+}
 
+/// Phase 3: the workload on goheap again, warm.
+fn phase_goheap_warm(me: usize, n: usize) -> WorkStats {
     phase(me, n, 2);
     let g3 = sum_phase(n, 2);
     serial_println!(
@@ -475,19 +505,24 @@ pub fn run_bsp(ncpus: usize) -> bool {
         g3.cycles / 1_000_000,
         ms(g3.cycles)
     );
-    if ok_compare {
-        let ratio = |g: u64| {
-            let x100 = l.cycles * 100 / g.max(1);
-            (x100 / 100, x100 % 100)
-        };
-        let (c1, c2) = ratio(g1.cycles);
-        let (w1, w2) = ratio(g3.cycles);
-        serial_println!(
-            "TSC: linked_list_allocator / goheap = {c1}.{c2:02}x (goheap cold), {w1}.{w2:02}x (goheap warm), {n} CPU(s)"
-        );
-    }
+    g3
+}
 
-    // Phase 4: background steps on every CPU.
+/// The TSC ratios of phase 2 (linked_list_allocator) against phases 1 and 3 (goheap cold and warm).
+fn print_tsc_ratios(l: &WorkStats, g1: &WorkStats, g3: &WorkStats, n: usize) {
+    let ratio = |g: u64| {
+        let x100 = l.cycles * 100 / g.max(1);
+        (x100 / 100, x100 % 100)
+    };
+    let (c1, c2) = ratio(g1.cycles);
+    let (w1, w2) = ratio(g3.cycles);
+    serial_println!(
+        "TSC: linked_list_allocator / goheap = {c1}.{c2:02}x (goheap cold), {w1}.{w2:02}x (goheap warm), {n} CPU(s)"
+    );
+}
+
+/// Phase 4: background steps on every CPU.
+fn phase_background(n: usize) {
     background::set_verbose(true);
     let frames_before_bg = heap::committed_frames();
     let t_bg = cpuinfo::rdtsc();
@@ -506,8 +541,18 @@ pub fn run_bsp(ncpus: usize) -> bool {
         frames_before_bg,
         heap::committed_frames()
     );
+}
 
-    // Phase 5: flush every cache, then release everything.
+/// goheap's statistics and the frame counts (heap-held, frame allocator's free) around `release_all`.
+struct Release {
+    before: goheap::stats::MemStats,
+    after: goheap::stats::MemStats,
+    frames_before: (usize, usize),
+    frames_after: (usize, usize),
+}
+
+/// Phase 5: flush every cache, then release everything.
+fn phase_release(n: usize) -> Release {
     HEAP.flush_cpu_cache();
     BARRIER.wait(n);
     let before = HEAP.mem_stats();
@@ -518,13 +563,19 @@ pub fn run_bsp(ncpus: usize) -> bool {
     let frames_after = (heap::committed_frames(), frames::free_count());
     print_frames("after release_all");
     serial_println!("release_all released {} KiB", released >> 10);
+    Release { before, after, frames_before, frames_after }
+}
 
+/// The report after the phases: goheap's statistics at each point, per-CPU counters, cross-CPU frees and
+/// frames.
+fn print_report(n: usize, start: &goheap::stats::MemStats, after1: &goheap::stats::MemStats, r: &Release) {
+    let (before, after, frames_before, frames_after) = (&r.before, &r.after, r.frames_before, r.frames_after);
     serial_println!();
     serial_println!("=== report ===");
-    print_mem_stats("at start", &start);
-    print_mem_stats("after phase 1 (goheap, all objects freed, caches not flushed)", &after1);
-    print_mem_stats("before release_all (all phases done, every CPU's cache flushed)", &before);
-    print_mem_stats("after release_all", &after);
+    print_mem_stats("at start", start);
+    print_mem_stats("after phase 1 (goheap, all objects freed, caches not flushed)", after1);
+    print_mem_stats("before release_all (all phases done, every CPU's cache flushed)", before);
+    print_mem_stats("after release_all", after);
     serial_println!("per CPU (goheap cache counters over the whole run; demo counts over phases 1+3):");
     let mut handed = 0;
     for (rank, slot) in SLOTS.iter().enumerate().take(n) {
@@ -566,13 +617,16 @@ pub fn run_bsp(ncpus: usize) -> bool {
         hs.inuse_bytes >> 10,
         goheap::object::central::KEEP_EMPTY_SPANS
     );
+}
 
+/// The demo's verdict: `release_all` shrank the heap and the comparison heap was left empty.
+fn verdict(r: &Release, leftover: usize) -> bool {
     let mut ok = true;
-    if before.heap_objects != 0 || after.heap_objects != 0 {
+    if r.before.heap_objects != 0 || r.after.heap_objects != 0 {
         // Objects alive outside the demo (none expected: the demo allocates nothing it keeps).
-        serial_println!("note: {} objects still live on goheap", after.heap_objects);
+        serial_println!("note: {} objects still live on goheap", r.after.heap_objects);
     }
-    if after.heap_inuse > before.heap_inuse || frames_after.0 > frames_before.0 {
+    if r.after.heap_inuse > r.before.heap_inuse || r.frames_after.0 > r.frames_before.0 {
         serial_println!("FAIL: release_all did not shrink the heap");
         ok = false;
     }
@@ -608,14 +662,7 @@ pub fn run_oom() -> ! {
     let mut smalls: Vec<*mut u8> = Vec::with_capacity(64 << 10);
 
     // 1 MiB blocks (large path) through `try_reserve_exact` until it fails.
-    while blocks.len() < blocks.capacity() {
-        let mut v: Vec<u8> = Vec::new();
-        if v.try_reserve_exact(1 << 20).is_err() {
-            break;
-        }
-        v.push(blocks.len() as u8);
-        blocks.push(v);
-    }
+    testing::reserve_mib_blocks(&mut blocks);
     // Then 2 KiB objects (small path) through the raw global-allocator interface until it returns null.
     while smalls.len() < smalls.capacity() {
         // SAFETY: a non-zero-size layout.

@@ -44,8 +44,8 @@ use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use kernel_demo::args::Args;
 use kernel_demo::heap::{self, CompareKind};
 use kernel_demo::smp::Barrier;
-use kernel_demo::testing::Rng;
 use kernel_demo::{background, serial_println, time};
+use testkit::Rng;
 
 /// Size of each peer heap (linked_list_allocator, talc): the same for both, carved out of goheap per run.
 pub const PEER_HEAP_BYTES: usize = 64 << 20;

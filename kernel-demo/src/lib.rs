@@ -10,8 +10,9 @@
 //! - CPUs: [`smp`] (BSP set-up, AP start-up, TLB shoot-down, barrier), [`percpu`] (GS-based per-CPU
 //!   data, dense CPU index), [`gdt`], [`idt`], [`apic`] (local APIC, IPIs, timer), [`acpi`] (MADT),
 //!   [`time`] (PIT/TSC delays).
-//! - [`test_runner`] and friends: the custom test framework of the test kernels; [`testing`]: helpers of
-//!   the heap test kernels (boot goheap and all CPUs, run a function on every CPU).
+//! - [`test_runner`] and friends: the custom test framework of the test kernels, [`test_kernel!`] their
+//!   entry point and panic handler; [`testing`]: helpers of the test kernels (boot goheap and all CPUs, run
+//!   a function on every CPU, judge a must-panic kernel's panic).
 #![no_std]
 #![feature(abi_x86_interrupt)]
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -39,6 +40,10 @@ use bootloader_api::config::{BootloaderConfig, Mapping};
 use core::panic::PanicInfo;
 
 pub use exit::{exit_qemu, hlt_loop, ExitCode};
+
+/// The boot protocol crate, for [`test_kernel!`]'s expansion in the test kernels.
+#[doc(hidden)]
+pub use bootloader_api as __bootloader_api;
 
 /// The bootloader configuration of every kernel here: all physical memory mapped at an offset the
 /// bootloader picks (`BootInfo::physical_memory_offset`), which the heap's page source will use.
@@ -92,4 +97,57 @@ pub fn test_panic_handler(info: &PanicInfo) -> ! {
     serial::force_unlock();
     serial_println!("[failed]");
     panic_and_fail(info)
+}
+
+/// A test kernel's entry point and panic handler: every `tests/*.rs` kernel calls this once at its root
+/// and keeps only what a macro cannot emit, its crate attributes (`#![no_std]`, `#![no_main]` and, for the
+/// custom test framework, `#![feature(custom_test_frameworks)]`, `#![test_runner(kernel_demo::test_runner)]`,
+/// `#![reexport_test_harness_main = "test_main"]`).
+///
+/// - `test_kernel!();`: a custom-test-framework kernel that boots with [`testing::boot`] (goheap as the
+///   kernel heap, every CPU online), then runs its `#[test_case]`s; a panic fails the running case.
+/// - `test_kernel!(cpus = N);`: the same, and the boot asserts that `N` CPUs came online (QEMU's `-smp`).
+/// - `test_kernel!(boot);`: the same with its own set-up, `boot: fn(&'static mut BootInfo)` (a path or
+///   a closure that captures nothing), run before the cases.
+/// - `test_kernel!(must_panic: run, on_panic: judge);`: a `harness = false` kernel that must panic:
+///   `run: fn(&'static mut BootInfo) -> !` prints its case name, does what must panic and, when it did
+///   not, exits with failure; the panic handler calls `judge: fn(&PanicInfo) -> !`, which decides (see
+///   [`testing::expect_panic_containing`]).
+#[macro_export]
+macro_rules! test_kernel {
+    () => {
+        $crate::test_kernel!(|boot_info| {
+            $crate::testing::boot(boot_info);
+        });
+    };
+    (cpus = $n:expr) => {
+        $crate::test_kernel!(|boot_info| {
+            let online = $crate::testing::boot(boot_info);
+            assert_eq!(online, $n, "QEMU runs with -smp {}", $n);
+        });
+    };
+    (must_panic: $run:path, on_panic: $judge:expr $(,)?) => {
+        $crate::__bootloader_api::entry_point!($run, config = &$crate::BOOTLOADER_CONFIG);
+
+        #[panic_handler]
+        fn __test_kernel_panic(info: &core::panic::PanicInfo) -> ! {
+            let judge: fn(&core::panic::PanicInfo) -> ! = $judge;
+            judge(info)
+        }
+    };
+    ($boot:expr $(,)?) => {
+        $crate::__bootloader_api::entry_point!(__test_kernel_main, config = &$crate::BOOTLOADER_CONFIG);
+
+        fn __test_kernel_main(boot_info: &'static mut $crate::__bootloader_api::BootInfo) -> ! {
+            let boot: fn(&'static mut $crate::__bootloader_api::BootInfo) = $boot;
+            boot(boot_info);
+            test_main();
+            $crate::hlt_loop()
+        }
+
+        #[panic_handler]
+        fn __test_kernel_panic(info: &core::panic::PanicInfo) -> ! {
+            $crate::test_panic_handler(info)
+        }
+    };
 }

@@ -1,14 +1,20 @@
-//! Helpers shared by the heap test kernels (`tests/heap_*.rs`, `smp_stress.rs`, `scavenger_frames.rs`,
-//! `oom.rs`, `percpu_caches*.rs`, the must-panic free checks).
+//! Helpers shared by the test kernels (`tests/*.rs`): the heap kernels (`heap_*.rs`, `smp_stress.rs`,
+//! `scavenger_frames.rs`, `oom.rs`, `percpu_caches*.rs`) and the must-panic kernels. Their entry point and
+//! panic handler come from [`test_kernel!`](crate::test_kernel); their random workloads use
+//! `testkit::Rng`.
 //!
 //! - [`boot`]: serial console, goheap as the kernel heap, the BSP's CPU set-up and every AP, each AP
 //!   parked in a loop that waits (halted) for work;
 //! - [`run_on_all`]: runs one `fn(cpu_index, ncpus)` on every online CPU at once (the BSP too) and returns
 //!   when all finished; [`barrier`] lines the CPUs up between phases of such a function;
 //! - [`flush_all_caches`]: every CPU gives its goheap cache back (only the owner can flush a cache);
-//! - [`MsgBuf`]: formats a panic message without the heap (for must-panic kernels' panic handlers).
+//! - [`MsgBuf`]: formats a message without the heap; [`expect_panic_containing`] and
+//!   [`expect_bad_free_report`]: the panic judges of must-panic kernels.
 //!
-//! Nothing here allocates: the tests count heap objects around it.
+//! - [`reserve_mib_blocks`]: fills the heap with 1 MiB blocks until a reservation fails (the OOM kernels
+//!   and the demo's OOM run).
+//!
+//! Nothing here allocates but [`reserve_mib_blocks`]: the tests count heap objects around it.
 
 use crate::heap::HEAP;
 use crate::percpu::PerCpu;
@@ -114,6 +120,22 @@ pub fn flush_all_caches() {
     run_on_all(|_, _| HEAP.flush_cpu_cache());
 }
 
+/// Pushes 1 MiB blocks (goheap's large-object path, through `try_reserve_exact`) into `blocks` until one
+/// cannot be had or `blocks` is full; block `i` starts with the byte `i as u8`. `blocks` is never grown (its
+/// capacity is the caller's bookkeeping, reserved before the heap runs dry). Returns whether a
+/// reservation failed.
+pub fn reserve_mib_blocks(blocks: &mut alloc::vec::Vec<alloc::vec::Vec<u8>>) -> bool {
+    while blocks.len() < blocks.capacity() {
+        let mut v = alloc::vec::Vec::new();
+        if v.try_reserve_exact(1 << 20).is_err() {
+            return true;
+        }
+        v.push(blocks.len() as u8);
+        blocks.push(v);
+    }
+    false
+}
+
 /// A fixed buffer to format a message into without the heap (a panic handler's).
 pub struct MsgBuf {
     bytes: [u8; 512],
@@ -150,46 +172,34 @@ impl core::fmt::Write for MsgBuf {
     }
 }
 
-/// A small xorshift generator for the test, demo and benchmark workloads (deterministic per seed).
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator from `seed` (any value).
-    pub const fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    /// The next value.
-    pub fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    /// A value in `0..n` (`n > 0`).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// The panic handler of a must-panic kernel that expects goheap's bad-free report: exits with success only
-/// if the message names the address stored in `addr` (non-zero) followed by `reason`, e.g.
-/// "goheap: invalid free of 0x...: double free".
-pub fn expect_bad_free_report(info: &core::panic::PanicInfo, addr: usize, reason: &str) -> ! {
+/// The panic judge of a must-panic kernel (see [`test_kernel!`](crate::test_kernel)): exits with success
+/// only if the panic message contains every string of `wants`, else with failure, printing the message
+/// either way. Formats without the heap (into a [`MsgBuf`]): the heap may be what panicked.
+pub fn expect_panic_containing(info: &core::panic::PanicInfo, wants: &[&str]) -> ! {
     use core::fmt::Write;
     crate::serial::force_unlock();
     let mut buf = MsgBuf::new();
     let _ = write!(buf, "{}", info.message());
     let msg = buf.as_str();
-    let mut want = MsgBuf::new();
-    let _ = write!(want, "goheap: invalid free of {addr:#x}: {reason}");
-    if addr != 0 && msg.contains(want.as_str()) {
+    if wants.iter().all(|w| msg.contains(w)) {
         crate::serial_println!("[ok] ({msg})");
         crate::exit_qemu(crate::ExitCode::Success)
     }
-    crate::serial_println!("[failed] unexpected panic: {msg} (wanted \"{}\")", want.as_str());
+    crate::serial_println!("[failed] unexpected panic: {msg} (wanted {wants:?})");
     crate::exit_qemu(crate::ExitCode::Failed)
+}
+
+/// The panic judge of a must-panic kernel that expects goheap's bad-free report: exits with success only
+/// if the message names the address stored in `addr` (non-zero) followed by `reason`, e.g.
+/// "goheap: invalid free of 0x...: double free".
+pub fn expect_bad_free_report(info: &core::panic::PanicInfo, addr: usize, reason: &str) -> ! {
+    use core::fmt::Write;
+    let mut want = MsgBuf::new();
+    let _ = write!(want, "goheap: invalid free of {addr:#x}: {reason}");
+    if addr == 0 {
+        crate::serial::force_unlock();
+        crate::serial_println!("[failed] panicked before the bad free: {}", info.message());
+        crate::exit_qemu(crate::ExitCode::Failed)
+    }
+    expect_panic_containing(info, &[want.as_str()])
 }

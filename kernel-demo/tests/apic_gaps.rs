@@ -14,13 +14,10 @@
 #![test_runner(kernel_demo::test_runner)]
 #![reexport_test_harness_main = "test_main"]
 
-use bootloader_api::{entry_point, BootInfo};
-use core::panic::PanicInfo;
+use bootloader_api::BootInfo;
 use core::sync::atomic::{AtomicU64, Ordering};
 use kernel_demo::percpu::{self, PerCpu, CPU_MAP};
 use kernel_demo::{apic, serial_println, smp};
-
-entry_point!(main, config = &kernel_demo::BOOTLOADER_CONFIG);
 
 const N: usize = smp::MAX_CPUS;
 /// Per dense index: the APIC ID (register) and `current_index()` the CPU saw, +1 (0 = not seen).
@@ -41,7 +38,8 @@ fn ap_main(cpu: &'static PerCpu) -> ! {
     }
 }
 
-fn main(boot_info: &'static mut BootInfo) -> ! {
+/// The set-up before the cases.
+fn boot(boot_info: &'static mut BootInfo) {
     kernel_demo::init();
     let madt = smp::init_bsp(boot_info).expect("smp::init_bsp");
     for c in madt.cpus() {
@@ -54,9 +52,9 @@ fn main(boot_info: &'static mut BootInfo) -> ! {
     let n = smp::start_aps(ap_main);
     serial_println!("{n} CPUs online");
     record();
-    test_main();
-    kernel_demo::hlt_loop()
 }
+
+kernel_demo::test_kernel!(boot);
 
 #[test_case]
 fn apic_ids_have_a_gap() {
@@ -95,9 +93,4 @@ fn shootdown_reaches_the_cpu_past_the_gap() {
     let before = percpu::get(3).unwrap().shootdowns_done.load(Ordering::Relaxed);
     smp::tlb_shootdown(0xFFFF_FF80_0000_0000, 4096);
     assert_eq!(percpu::get(3).unwrap().shootdowns_done.load(Ordering::Relaxed), before + 1);
-}
-
-#[panic_handler]
-fn panic(info: &PanicInfo) -> ! {
-    kernel_demo::test_panic_handler(info)
 }

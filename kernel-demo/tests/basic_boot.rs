@@ -1,7 +1,8 @@
 //! Test kernel: boots with the shared configuration and checks the console, the heap and the memory map.
 //!
-//! Each file in tests/ is one kernel. `cargo xtask test` builds them all and boots each in QEMU; lines
-//! starting with `//! xtask:` set its QEMU options (see xtask/src/test.rs), e.g.:
+//! Each file in tests/ is one kernel: its crate attributes, then `kernel_demo::test_kernel!` for the entry
+//! point and panic handler (here with a set-up function of its own). `cargo xtask test` builds them all and
+//! boots each in QEMU; lines starting with `//! xtask:` set its QEMU options (see xtask/src/test.rs), e.g.:
 //!
 //! xtask: smp=2 mem=128M timeout=60
 #![no_std]
@@ -13,22 +14,20 @@
 extern crate alloc;
 
 use alloc::vec::Vec;
-use bootloader_api::{entry_point, BootInfo};
-use core::panic::PanicInfo;
+use bootloader_api::BootInfo;
 use kernel_demo::memory::MemorySummary;
-
-entry_point!(main, config = &kernel_demo::BOOTLOADER_CONFIG);
 
 static mut USABLE_BYTES: u64 = 0;
 
-fn main(boot_info: &'static mut BootInfo) -> ! {
+/// The set-up before the cases.
+fn boot(boot_info: &'static mut BootInfo) {
     kernel_demo::init();
     // SAFETY: single CPU, written once before the tests run and only read by them.
     unsafe { USABLE_BYTES = MemorySummary::of(&boot_info.memory_regions).usable_bytes };
     assert!(boot_info.physical_memory_offset.into_option().is_some());
-    test_main();
-    kernel_demo::hlt_loop()
 }
+
+kernel_demo::test_kernel!(boot);
 
 #[test_case]
 fn serial_prints() {
@@ -47,9 +46,4 @@ fn memory_map_has_usable_memory() {
     let usable = unsafe { USABLE_BYTES };
     // QEMU runs with mem=128M here: most of it is usable.
     assert!(usable > 64 << 20, "only {usable} usable bytes");
-}
-
-#[panic_handler]
-fn panic(info: &PanicInfo) -> ! {
-    kernel_demo::test_panic_handler(info)
 }

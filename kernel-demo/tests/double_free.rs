@@ -10,18 +10,19 @@
 extern crate alloc;
 
 use alloc::alloc::{alloc, dealloc, Layout};
-use bootloader_api::{entry_point, BootInfo};
-use core::panic::PanicInfo;
+use bootloader_api::BootInfo;
 use core::sync::atomic::{AtomicUsize, Ordering};
 use kernel_demo::testing;
 use kernel_demo::{exit_qemu, serial_println, ExitCode};
 
-entry_point!(main, config = &kernel_demo::BOOTLOADER_CONFIG);
+kernel_demo::test_kernel!(must_panic: run, on_panic: |info| {
+    testing::expect_bad_free_report(info, ADDR.load(Ordering::SeqCst), "double free")
+});
 
 /// The address freed twice (0 until then).
 static ADDR: AtomicUsize = AtomicUsize::new(0);
 
-fn main(boot_info: &'static mut BootInfo) -> ! {
+fn run(boot_info: &'static mut BootInfo) -> ! {
     testing::boot(boot_info);
     kernel_demo::serial_print!("double_free::small_object_freed_twice...\t");
     let layout = Layout::from_size_align(48, 8).unwrap();
@@ -40,9 +41,4 @@ fn main(boot_info: &'static mut BootInfo) -> ! {
     unsafe { dealloc(core::hint::black_box(p), layout) };
     serial_println!("[failed: the double free of {p:p} was not reported]");
     exit_qemu(ExitCode::Failed)
-}
-
-#[panic_handler]
-fn panic(info: &PanicInfo) -> ! {
-    testing::expect_bad_free_report(info, ADDR.load(Ordering::SeqCst), "double free")
 }

@@ -12,20 +12,21 @@ extern crate alloc;
 
 use alloc::alloc::{dealloc, Layout};
 use alloc::boxed::Box;
-use bootloader_api::{entry_point, BootInfo};
-use core::panic::PanicInfo;
+use bootloader_api::BootInfo;
 use core::sync::atomic::{AtomicUsize, Ordering};
 use kernel_demo::testing;
 use kernel_demo::{exit_qemu, serial_println, ExitCode};
 
-entry_point!(main, config = &kernel_demo::BOOTLOADER_CONFIG);
+kernel_demo::test_kernel!(must_panic: run, on_panic: |info| {
+    testing::expect_bad_free_report(info, ADDR.load(Ordering::SeqCst), "not a live allocation of this heap")
+});
 
 /// The address freed (0 until then).
 static ADDR: AtomicUsize = AtomicUsize::new(0);
 /// Memory goheap never saw.
 static mut NOT_FROM_THE_HEAP: [u64; 4] = [1, 2, 3, 4];
 
-fn main(boot_info: &'static mut BootInfo) -> ! {
+fn run(boot_info: &'static mut BootInfo) -> ! {
     testing::boot(boot_info);
     kernel_demo::serial_print!("foreign_free::static_freed_into_goheap...\t");
     // The heap is in use (so the check is not just "heap empty").
@@ -38,9 +39,4 @@ fn main(boot_info: &'static mut BootInfo) -> ! {
     serial_println!("[failed: the free of {p:p} was not reported]");
     drop(live);
     exit_qemu(ExitCode::Failed)
-}
-
-#[panic_handler]
-fn panic(info: &PanicInfo) -> ! {
-    testing::expect_bad_free_report(info, ADDR.load(Ordering::SeqCst), "not a live allocation of this heap")
 }

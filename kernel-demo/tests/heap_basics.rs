@@ -21,18 +21,9 @@ use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
-use bootloader_api::{entry_point, BootInfo};
-use core::panic::PanicInfo;
 use kernel_demo::heap::{self, HEAP};
-use kernel_demo::testing;
 
-entry_point!(main, config = &kernel_demo::BOOTLOADER_CONFIG);
-
-fn main(boot_info: &'static mut BootInfo) -> ! {
-    testing::boot(boot_info);
-    test_main();
-    kernel_demo::hlt_loop()
-}
+kernel_demo::test_kernel!();
 
 /// The word written at word `i` of a block filled by [`fill`] with `seed`.
 fn pattern(seed: usize, i: usize) -> u64 {
@@ -245,9 +236,4 @@ fn realloc_keeps_contents() {
     }
     // SAFETY: allocated (last) with `layout`.
     unsafe { dealloc(p, layout) };
-}
-
-#[panic_handler]
-fn panic(info: &PanicInfo) -> ! {
-    kernel_demo::test_panic_handler(info)
 }

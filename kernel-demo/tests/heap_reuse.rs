@@ -19,19 +19,11 @@ extern crate alloc;
 
 use alloc::alloc::{alloc, dealloc, Layout};
 use alloc::vec::Vec;
-use bootloader_api::{entry_point, BootInfo};
-use core::panic::PanicInfo;
 use kernel_demo::heap::{self, HEAP};
-use kernel_demo::testing::{self, Rng};
 use kernel_demo::{frames, serial_println};
+use testkit::Rng;
 
-entry_point!(main, config = &kernel_demo::BOOTLOADER_CONFIG);
-
-fn main(boot_info: &'static mut BootInfo) -> ! {
-    testing::boot(boot_info);
-    test_main();
-    kernel_demo::hlt_loop()
-}
+kernel_demo::test_kernel!();
 
 const ROUNDS: usize = 64;
 const ROUND_BYTES: usize = 8 << 20;
@@ -148,9 +140,4 @@ fn many_times_the_heap_is_reused() {
     serial_println!("  {total} MiB allocated in {ROUNDS} rounds, {seq} objects");
     assert!(total >= (ROUNDS * ROUND_BYTES) as u64 >> 20, "only {total} MiB allocated");
     assert_eq!(m.heap_objects, objects_before, "live objects after freeing everything");
-}
-
-#[panic_handler]
-fn panic(info: &PanicInfo) -> ! {
-    kernel_demo::test_panic_handler(info)
 }

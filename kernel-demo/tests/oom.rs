@@ -20,18 +20,10 @@ extern crate alloc;
 use alloc::alloc::{alloc, dealloc, Layout};
 use alloc::string::String;
 use alloc::vec::Vec;
-use bootloader_api::{entry_point, BootInfo};
-use core::panic::PanicInfo;
 use kernel_demo::heap::{self, HEAP};
 use kernel_demo::{frames, serial_println, testing};
 
-entry_point!(main, config = &kernel_demo::BOOTLOADER_CONFIG);
-
-fn main(boot_info: &'static mut BootInfo) -> ! {
-    testing::boot(boot_info);
-    test_main();
-    kernel_demo::hlt_loop()
-}
+kernel_demo::test_kernel!();
 
 const BUDGET: usize = 32 << 20;
 
@@ -45,15 +37,7 @@ fn fallible_allocations_fail_and_the_heap_recovers() {
     let free0 = frames::free_count();
     frames::set_limit(frames::counts().in_use + BUDGET / 4096);
 
-    while blocks.len() < blocks.capacity() {
-        let mut v: Vec<u8> = Vec::new();
-        if v.try_reserve_exact(1 << 20).is_err() {
-            break;
-        }
-        v.push(blocks.len() as u8);
-        blocks.push(v);
-    }
-    assert!(blocks.len() < blocks.capacity(), "try_reserve_exact never failed under a 32 MiB budget");
+    assert!(testing::reserve_mib_blocks(&mut blocks), "try_reserve_exact never failed under a 32 MiB budget");
     while smalls.len() < smalls.capacity() {
         // SAFETY: non-zero size.
         let p = unsafe { alloc(small) };
@@ -120,9 +104,4 @@ fn fallible_allocations_fail_and_the_heap_recovers() {
     drop(strings);
     assert_eq!(HEAP.mem_stats().heap_objects, objects0);
     frames::set_limit(usize::MAX);
-}
-
-#[panic_handler]
-fn panic(info: &PanicInfo) -> ! {
-    kernel_demo::test_panic_handler(info)
 }

@@ -15,23 +15,9 @@ extern crate alloc;
 #[path = "common/percpu.rs"]
 mod common;
 
-use bootloader_api::{entry_point, BootInfo};
-use core::panic::PanicInfo;
-
-entry_point!(main, config = &kernel_demo::BOOTLOADER_CONFIG);
-
-fn main(boot_info: &'static mut BootInfo) -> ! {
-    kernel_demo::testing::boot(boot_info);
-    test_main();
-    kernel_demo::hlt_loop()
-}
+kernel_demo::test_kernel!();
 
 #[test_case]
 fn each_cpu_allocates_through_its_own_cache() {
     common::each_cpu_allocates_through_its_own_cache();
-}
-
-#[panic_handler]
-fn panic(info: &PanicInfo) -> ! {
-    kernel_demo::test_panic_handler(info)
 }

@@ -18,17 +18,9 @@ extern crate alloc;
 #[path = "common/percpu.rs"]
 mod common;
 
-use bootloader_api::{entry_point, BootInfo};
-use core::panic::PanicInfo;
 use kernel_demo::percpu::{self, CPU_MAP};
 
-entry_point!(main, config = &kernel_demo::BOOTLOADER_CONFIG);
-
-fn main(boot_info: &'static mut BootInfo) -> ! {
-    kernel_demo::testing::boot(boot_info);
-    test_main();
-    kernel_demo::hlt_loop()
-}
+kernel_demo::test_kernel!();
 
 #[test_case]
 fn apic_ids_have_a_gap() {
@@ -44,9 +36,4 @@ fn apic_ids_have_a_gap() {
 #[test_case]
 fn each_cpu_allocates_through_its_own_cache() {
     common::each_cpu_allocates_through_its_own_cache();
-}
-
-#[panic_handler]
-fn panic(info: &PanicInfo) -> ! {
-    kernel_demo::test_panic_handler(info)
 }

@@ -32,21 +32,13 @@
 extern crate alloc;
 
 use alloc::alloc::{alloc, dealloc, Layout};
-use bootloader_api::{entry_point, BootInfo};
-use core::panic::PanicInfo;
 use core::sync::atomic::{AtomicUsize, Ordering};
 use kernel_demo::heap::{self, HEAP};
-use kernel_demo::testing::{self, Rng};
+use kernel_demo::testing;
 use kernel_demo::{background, frames, serial_println, smp};
+use testkit::Rng;
 
-entry_point!(main, config = &kernel_demo::BOOTLOADER_CONFIG);
-
-fn main(boot_info: &'static mut BootInfo) -> ! {
-    let n = testing::boot(boot_info);
-    assert_eq!(n, 4, "QEMU runs with -smp 4");
-    test_main();
-    kernel_demo::hlt_loop()
-}
+kernel_demo::test_kernel!(cpus = 4);
 
 const FRAME: usize = 4096;
 const PER_CPU_BYTES: usize = 8 << 20;
@@ -264,9 +256,4 @@ fn c_live_neighbours_survive_release_all() {
         unsafe { dealloc(b as *mut u8, layout) };
     }
     assert!(table_frames() >= tables0, "frames in use outside the heap's committed ones shrank");
-}
-
-#[panic_handler]
-fn panic(info: &PanicInfo) -> ! {
-    kernel_demo::test_panic_handler(info)
 }

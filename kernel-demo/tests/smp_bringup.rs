@@ -12,15 +12,12 @@
 #![test_runner(kernel_demo::test_runner)]
 #![reexport_test_harness_main = "test_main"]
 
-use bootloader_api::{entry_point, BootInfo};
-use core::panic::PanicInfo;
+use bootloader_api::BootInfo;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use kernel_demo::percpu::{self, PerCpu, CPU_MAP};
 use kernel_demo::{apic, serial_println, smp, time};
 use x86_64::structures::paging::{Mapper, Page, PageTableFlags, PhysFrame, Size4KiB, Translate};
 use x86_64::{PhysAddr, VirtAddr};
-
-entry_point!(main, config = &kernel_demo::BOOTLOADER_CONFIG);
 
 const N: usize = smp::MAX_CPUS;
 /// What each CPU saw of itself: APIC ID (register), `current_index()`, `this().index`, `this().apic_id`.
@@ -120,7 +117,8 @@ fn run_on_aps(op: usize) {
     }
 }
 
-fn main(boot_info: &'static mut BootInfo) -> ! {
+/// The set-up before the cases.
+fn boot(boot_info: &'static mut BootInfo) {
     kernel_demo::init();
     PHYS_OFFSET.store(boot_info.physical_memory_offset.into_option().unwrap(), Ordering::Relaxed);
     let t0 = time::rdtsc();
@@ -138,9 +136,9 @@ fn main(boot_info: &'static mut BootInfo) -> ! {
     serial_println!("{n} CPUs online after {} ms (init_bsp + start_aps)", START_MS.load(Ordering::Relaxed));
     record();
     run_on_aps(OP_RECORD);
-    test_main();
-    kernel_demo::hlt_loop()
 }
+
+kernel_demo::test_kernel!(boot);
 
 #[test_case]
 fn all_madt_cpus_came_online() {
@@ -287,9 +285,4 @@ fn breakpoint_is_handled() {
     let before = kernel_demo::idt::BREAKPOINTS.load(Ordering::Relaxed);
     x86_64::instructions::interrupts::int3();
     assert_eq!(kernel_demo::idt::BREAKPOINTS.load(Ordering::Relaxed), before + 1);
-}
-
-#[panic_handler]
-fn panic(info: &PanicInfo) -> ! {
-    kernel_demo::test_panic_handler(info)
 }

@@ -23,22 +23,14 @@
 extern crate alloc;
 
 use alloc::alloc::{alloc, dealloc, Layout};
-use bootloader_api::{entry_point, BootInfo};
-use core::panic::PanicInfo;
 use core::sync::atomic::{AtomicU64, Ordering};
 use kernel_demo::heap::HEAP;
 use kernel_demo::smp::{self, MAX_CPUS};
-use kernel_demo::testing::{self, Rng};
+use kernel_demo::testing;
 use kernel_demo::{serial_println, time};
+use testkit::Rng;
 
-entry_point!(main, config = &kernel_demo::BOOTLOADER_CONFIG);
-
-fn main(boot_info: &'static mut BootInfo) -> ! {
-    let n = testing::boot(boot_info);
-    assert_eq!(n, 4, "QEMU runs with -smp 4");
-    test_main();
-    kernel_demo::hlt_loop()
-}
+kernel_demo::test_kernel!(cpus = 4);
 
 const OPS: usize = 3000;
 const POOL: usize = 32;
@@ -208,9 +200,4 @@ fn four_cpus_allocate_and_free_across_cpus() {
         assert!(counted >= made, "CPU {i} allocated {made} objects but its cache counted {counted}");
         assert!(CROSS_FREES[i].load(Ordering::Relaxed) > 0, "CPU {i} freed no other CPU's object");
     }
-}
-
-#[panic_handler]
-fn panic(info: &PanicInfo) -> ! {
-    kernel_demo::test_panic_handler(info)
 }

@@ -99,7 +99,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         #[cfg(feature = "checks")]
         if !p.is_null() {
             if r == TINY_CLASS {
-                mark_tiny_live(p);
+                mark_tiny_live(p, size);
             } else {
                 self.mark_live(p, ZERO);
             }
@@ -178,12 +178,12 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     }
 }
 
-/// With `checks`: marks a freshly allocated tiny object live in its block's live mask.
+/// With `checks`: marks a freshly allocated tiny object of `size` bytes live in its block's live mask.
 #[cfg(feature = "checks")]
 #[inline]
-fn mark_tiny_live(p: *mut u8) {
+fn mark_tiny_live(p: *mut u8, size: usize) {
+    let (start, inside) = crate::object::class::tiny_live_bits(p as usize, size);
     // SAFETY: `p` was just handed out from a tiny block of a live tiny span; the mask is atomic.
-    let (mask, bit) = unsafe { crate::object::class::tiny_live(p as usize) };
-    let prev = mask.fetch_or(bit, Ordering::AcqRel);
-    debug_assert_eq!(prev & bit, 0, "goheap: handed out a live tiny object {p:p}");
+    let prev = unsafe { crate::object::class::tiny_live(p as usize) }.fetch_or(start | inside, Ordering::AcqRel);
+    debug_assert_eq!(prev & (start | inside), 0, "goheap: handed out a live tiny object {p:p}");
 }

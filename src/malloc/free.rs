@@ -6,7 +6,7 @@
 use super::*;
 use crate::object::class::in_tiny_blocks;
 #[cfg(feature = "checks")]
-use crate::object::class::tiny_live;
+use crate::object::class::{tiny_live, tiny_live_bits};
 
 impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// Frees `ptr`, allocated by this allocator with `layout`.
@@ -130,11 +130,18 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 }
                 #[cfg(feature = "checks")]
                 {
-                    let (mask, bit) = tiny_live(addr);
-                    let was =
-                        if consume { mask.fetch_and(!bit, Ordering::AcqRel) } else { mask.load(Ordering::Acquire) };
-                    if was & bit == 0 {
-                        bad(Reason::DoubleFree);
+                    let mask = tiny_live(addr);
+                    let (start, inside) = tiny_live_bits(addr, layout.size());
+                    let not_live = |m: u32| {
+                        // Not the start of a live object: inside one, or freed already (or never handed out).
+                        bad(if m & (start << 16) != 0 { Reason::Interior } else { Reason::DoubleFree })
+                    };
+                    let m = mask.load(Ordering::Acquire);
+                    if m & start == 0 {
+                        not_live(m);
+                    }
+                    if consume && mask.fetch_and(!(start | inside), Ordering::AcqRel) & start == 0 {
+                        not_live(0); // a concurrent free of the same object won the race
                     }
                 }
                 #[cfg(not(feature = "checks"))]

@@ -202,6 +202,7 @@ impl Central {
                 unsafe {
                     debug_assert!((*s).nalloc < (*s).nelems && (*s).freeindex == 0);
                     (*s).list = SpanList::None as u8;
+                    Span::check(s);
                     (*s).cached_by = cpu;
                     return Some(NonNull::new_unchecked(s));
                 }

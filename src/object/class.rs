@@ -13,10 +13,11 @@
 //! `n = TINY_BLOCKS_PER_SPAN = PAGE_SIZE / (TINY_SIZE + 1)` = 481: each 16-byte block has a one-byte count at
 //! `base + TINY_COUNTS_OFFSET + block`. See `cpucache.rs` for the count protocol.
 //!
-//! With the `checks` feature each block also has a 16-bit *live mask* (bit `i`: a live tiny object starts at
-//! byte `i` of the block), after the counts, 2-byte aligned, so a tiny free of an object that is not live
-//! (a double free, an interior pointer) is reported before it touches the count:
-//! `[ blocks | counts | pad | mask 0 | ... | mask n-1 | slack ]`, `n = PAGE_SIZE / (TINY_SIZE + 3)` = 431.
+//! With the `checks` feature each block also has a 32-bit *live mask*, after the counts, 4-byte aligned: bit
+//! `i < 16` says a live tiny object starts at byte `i` of the block, bit `16 + i` that byte `i` is inside
+//! one (not its first byte). So a tiny free of an object that is not live is reported before it touches
+//! the count, as an interior pointer when a live object covers the byte, else as a double free:
+//! `[ blocks | counts | pad | mask 0 | ... | mask n-1 | slack ]`, `n = PAGE_SIZE / (TINY_SIZE + 5)` = 390.
 //!
 //! # Invariants
 //! - `class_shape(c).nelems * class_shape(c).elemsize <= class_shape(c).npages * PAGE_SIZE` for every class;
@@ -28,7 +29,7 @@ use crate::PAGE_SIZE;
 use core::ptr;
 use core::sync::atomic::AtomicI8;
 #[cfg(feature = "checks")]
-use core::sync::atomic::AtomicU16;
+use core::sync::atomic::AtomicU32;
 
 /// Requests smaller than this (and aligned to at most 8) take the tiny path: Go's `maxTinySize`.
 pub const TINY_SIZE: usize = 16;
@@ -36,22 +37,22 @@ pub const TINY_SIZE: usize = 16;
 pub const TINY_CLASS: usize = NUM_SIZE_CLASSES;
 /// Allocation classes: the size classes (class 0 unused) plus the tiny class.
 pub const NUM_ALLOC_CLASSES: usize = NUM_SIZE_CLASSES + 1;
-/// Metadata bytes per tiny block: its count, and with `checks` its 16-bit live mask.
-const TINY_META_BYTES: usize = if cfg!(feature = "checks") { 3 } else { 1 };
+/// Metadata bytes per tiny block: its count, and with `checks` its 32-bit live mask.
+const TINY_META_BYTES: usize = if cfg!(feature = "checks") { 5 } else { 1 };
 /// Tiny blocks per span: a one-page span holds `n` 16-byte blocks and their `n` one-byte counts,
-/// `n = PAGE_SIZE / (TINY_SIZE + 1)` = 481 (with `checks`, also their live masks: 431).
+/// `n = PAGE_SIZE / (TINY_SIZE + 1)` = 481 (with `checks`, also their live masks: 390).
 pub const TINY_BLOCKS_PER_SPAN: usize = PAGE_SIZE / (TINY_SIZE + TINY_META_BYTES);
 /// Offset of the count array in a tiny span: `TINY_BLOCKS_PER_SPAN * TINY_SIZE`. Bytes of the span at or
 /// above it are no object's.
 pub(crate) const TINY_COUNTS_OFFSET: usize = TINY_BLOCKS_PER_SPAN * TINY_SIZE;
 /// End of the metadata a fresh tiny span must have zeroed.
 const TINY_META_END: usize = if cfg!(feature = "checks") {
-    TINY_LIVE_OFFSET + 2 * TINY_BLOCKS_PER_SPAN
+    TINY_LIVE_OFFSET + 4 * TINY_BLOCKS_PER_SPAN
 } else {
     TINY_COUNTS_OFFSET + TINY_BLOCKS_PER_SPAN
 };
-/// Offset of the live masks (feature `checks`), 2-byte aligned after the counts.
-const TINY_LIVE_OFFSET: usize = (TINY_COUNTS_OFFSET + TINY_BLOCKS_PER_SPAN + 1) & !1;
+/// Offset of the live masks (feature `checks`), 4-byte aligned after the counts.
+const TINY_LIVE_OFFSET: usize = (TINY_COUNTS_OFFSET + TINY_BLOCKS_PER_SPAN + 3) & !3;
 
 const _: () = assert!(TINY_META_END <= PAGE_SIZE);
 
@@ -114,18 +115,28 @@ pub(crate) fn in_tiny_blocks(addr: usize) -> bool {
     addr & (PAGE_SIZE - 1) < TINY_COUNTS_OFFSET
 }
 
-/// With `checks`: the live mask of the tiny block holding `addr`, and `addr`'s bit in it.
+/// With `checks`: the live mask of the tiny block holding `addr` (see the module docs).
 ///
 /// # Safety
 /// `addr` lies in a block of a live tiny span (see [`in_tiny_blocks`]).
 #[cfg(feature = "checks")]
 #[inline]
-pub(crate) unsafe fn tiny_live(addr: usize) -> (&'static AtomicU16, u16) {
+pub(crate) unsafe fn tiny_live(addr: usize) -> &'static AtomicU32 {
     let page = addr & !(PAGE_SIZE - 1);
     let block = (addr - page) / TINY_SIZE;
-    let bit = 1u16 << (addr % TINY_SIZE);
-    // SAFETY: the mask lies in the same live span, 2-byte aligned, and is only accessed atomically.
-    (unsafe { &*((page + TINY_LIVE_OFFSET + 2 * block) as *const AtomicU16) }, bit)
+    // SAFETY: the mask lies in the same live span, 4-byte aligned, and is only accessed atomically.
+    unsafe { &*((page + TINY_LIVE_OFFSET + 4 * block) as *const AtomicU32) }
+}
+
+/// With `checks`: the live-mask bits of a tiny object of `size` bytes at `addr`: `(start, inside)`, its
+/// start bit and the bits of its other bytes (clamped to the block).
+#[cfg(feature = "checks")]
+#[inline]
+pub(crate) fn tiny_live_bits(addr: usize, size: usize) -> (u32, u32) {
+    let off = addr % TINY_SIZE;
+    let end = (off + size.max(1)).min(TINY_SIZE);
+    let bytes = |lo: usize, hi: usize| if hi > lo { ((1u32 << (hi - lo)) - 1) << lo } else { 0 };
+    (1 << off, bytes(off + 1, end) << 16)
 }
 
 /// The key a CPU stock writes into the second word of every object it holds (glibc tcache's `key`): a free

@@ -586,6 +586,10 @@ impl CpuCache {
         sh.stats.tiny_nmalloc.bump();
         // SAFETY: a fresh 16-byte block: its second word is ours (it may hold the stock key).
         unsafe { *stock_key_slot(block) = 0 };
+        // With `checks`: the block holds no live object; clear what frees with a wrong size may have left.
+        #[cfg(feature = "checks")]
+        // SAFETY: `block` is a block of a live tiny span.
+        unsafe { super::class::tiny_live(block as usize) }.store(0, Ordering::Relaxed);
         if self.tiny != 0 && size >= self.tiny_offset {
             // As Go: keep whichever block has more room left. The current one does, so the new block holds
             // just this object and is retired at once (its count becomes 1).

@@ -16,6 +16,7 @@
 //! | object level (`freeindex`, `alloc_cache`, `alloc_bits`, `nalloc`, ...) | the span's owner | owner = the CPU cache that caches it, else the holder of its class's `Central` lock |
 //! | `free_bits` | anyone holding the class's `Central` lock | atomically (fetch_or); folded by the owner |
 
+use core::ptr::{addr_of, addr_of_mut};
 use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 /// Largest object count of any span: an 8 KiB page of 8 B objects.
@@ -142,9 +143,53 @@ pub enum SpanList {
     Empty = 3,
 }
 
-// All functions below take `s: *mut Span` and follow the access discipline in the module docs: the caller
-// owns the object-level fields (it caches the span on its CPU, or holds the class's Central lock).
+/// The object-level state of one span, borrowed by its owner: the typed view through which every
+/// transition of that state is written as safe code. The shape (`nelems`) is copied in (immutable while the
+/// span is in use); `free_bits` are shared atomics.
+///
+/// Invariants (mimalloc-style equations; checked by [`SpanObjs::check`] under `validate`):
+/// - `freeindex <= nelems`, and every `alloc_bits` bit at or above `nelems` is 1;
+/// - materialised (`freeindex == 0`): `nalloc == popcount(alloc_bits) - tail`, `tail = 64 * words - nelems`;
+/// - cached (`freeindex > 0` possible): objects below `freeindex` are allocated whatever `alloc_bits` says,
+///   and `alloc_cache == !alloc_bits[freeindex / 64] >> (freeindex % 64)` unless `freeindex % 64 == 0`;
+/// - `fresh_from <= nelems`.
+pub(crate) struct SpanObjs<'a> {
+    nelems: usize,
+    alloc_cache: &'a mut u64,
+    freeindex: &'a mut u16,
+    nalloc: &'a mut u16,
+    fresh_from: &'a mut u16,
+    alloc_bits: &'a mut [u64; SPAN_BITMAP_WORDS],
+    free_bits: &'a [AtomicU64; SPAN_BITMAP_WORDS],
+}
+
 impl Span {
+    /// The object-level state of `s`, borrowed for `'a`. This is the one place that states the ownership
+    /// rule of the object-level fields; every function below goes through it.
+    ///
+    /// # Safety
+    /// `s` is a live span descriptor whose shape fields are set, and for all of `'a` the caller owns its
+    /// object-level fields and no other `SpanObjs` of `s` is live: the caller caches the span on its CPU
+    /// (holding that CPU's provider guard), or holds the class's `Central` lock while no CPU caches the span,
+    /// or the span is fresh and not yet published to any cache or list.
+    #[inline(always)]
+    pub(crate) unsafe fn objs<'a>(s: *mut Span) -> SpanObjs<'a> {
+        // SAFETY: by the caller's contract the object-level fields are ours alone for `'a`; each reference
+        // covers one field (other owners' fields of the same descriptor are not aliased), and `free_bits`
+        // are atomics, shared.
+        unsafe {
+            SpanObjs {
+                nelems: (*s).nelems as usize,
+                alloc_cache: &mut *addr_of_mut!((*s).alloc_cache),
+                freeindex: &mut *addr_of_mut!((*s).freeindex),
+                nalloc: &mut *addr_of_mut!((*s).nalloc),
+                fresh_from: &mut *addr_of_mut!((*s).fresh_from),
+                alloc_bits: &mut *addr_of_mut!((*s).alloc_bits),
+                free_bits: &*addr_of!((*s).free_bits),
+            }
+        }
+    }
+
     /// Sets up the object-level fields of a fresh small span for objects of `elemsize` bytes.
     ///
     /// # Safety
@@ -156,22 +201,18 @@ impl Span {
             (*s).elemsize = elemsize;
             (*s).divmagic = divmagic;
             (*s).nelems = nelems;
-            (*s).freeindex = 0;
-            (*s).nalloc = 0;
-            (*s).fresh_from = 0;
             (*s).cached_by = NOT_CACHED;
             (*s).list = SpanList::None as u8;
-            for w in 0..SPAN_BITMAP_WORDS {
-                (*s).alloc_bits[w] = tail_mask(nelems as usize, w);
-                (*s).free_bits[w] = AtomicU64::new(0);
-                #[cfg(feature = "checks")]
-                {
-                    (*s).live_bits[w] = AtomicU64::new(0);
-                    (*s).poisoned[w] = AtomicU64::new(0);
-                }
+            #[cfg(feature = "checks")]
+            for (l, p) in (*s).live_bits.iter().zip(&(*s).poisoned) {
+                l.store(0, Ordering::Relaxed);
+                p.store(0, Ordering::Relaxed);
             }
-            (*s).alloc_cache = !(*s).alloc_bits[0];
         }
+        // SAFETY: as above; the shape is set.
+        unsafe { Span::objs(s) }.init();
+        // SAFETY: as above.
+        unsafe { Span::check(s) };
     }
 
     /// Sets up the object-level fields of a large-object span (one object filling the span).
@@ -195,117 +236,37 @@ impl Span {
     /// up (then [`Span::next_free`] refills it). Counts the object in `nalloc`.
     ///
     /// # Safety
-    /// The caller owns the object-level fields of `s` (see the module docs).
+    /// As for [`Span::objs`]: the caller owns the object-level fields of `s`.
     #[inline(always)]
     pub(crate) unsafe fn next_free_fast(s: *mut Span) -> Option<usize> {
-        // SAFETY: the caller owns the object-level fields.
-        unsafe {
-            let cache = (*s).alloc_cache;
-            let bit = cache.trailing_zeros() as u16; // 64 when no free object is cached
-            if bit < 64 {
-                let idx = (*s).freeindex + bit;
-                if idx < (*s).nelems {
-                    let next = idx + 1;
-                    // At a word boundary the next word must be loaded: leave that to the slow path.
-                    if next % 64 != 0 {
-                        (*s).alloc_cache = (cache >> bit) >> 1;
-                        (*s).freeindex = next;
-                        (*s).nalloc += 1;
-                        return Some(idx as usize);
-                    }
-                }
-            }
-            None
-        }
+        // SAFETY: forwarded contract.
+        unsafe { Span::objs(s) }.next_free_fast()
     }
 
-    /// Go's `nextFreeIndex` plus the allocation: the lowest free object at or above `freeindex`, scanning
-    /// `alloc_bits` and reloading `alloc_cache`; `None` when the span is full (then `freeindex == nelems`).
+    /// Go's `nextFreeIndex` plus the allocation; see [`SpanObjs::next_free`].
     ///
     /// # Safety
-    /// The caller owns the object-level fields of `s`.
+    /// As for [`Span::objs`].
     pub(crate) unsafe fn next_free(s: *mut Span) -> Option<usize> {
-        // SAFETY: the caller owns the object-level fields.
-        unsafe {
-            let nelems = (*s).nelems as usize;
-            let mut idx = (*s).freeindex as usize;
-            while idx < nelems {
-                let w = idx / 64;
-                let used = (*s).alloc_bits[w] | low_mask(idx % 64);
-                if used != !0 {
-                    let found = w * 64 + (!used).trailing_zeros() as usize;
-                    if found >= nelems {
-                        break;
-                    }
-                    let next = found + 1;
-                    (*s).freeindex = next as u16;
-                    (*s).alloc_cache = if next % 64 == 0 { 0 } else { !(*s).alloc_bits[w] >> (next % 64) };
-                    (*s).nalloc += 1;
-                    return Some(found);
-                }
-                idx = (w + 1) * 64;
-            }
-            (*s).freeindex = nelems as u16;
-            (*s).alloc_cache = 0;
-            None
-        }
+        // SAFETY: forwarded contract.
+        let found = unsafe { Span::objs(s) }.next_free();
+        // SAFETY: forwarded contract.
+        unsafe { Span::check(s) };
+        found
     }
 
-    /// Makes `alloc_bits` exact (sets the bits below `freeindex`, which the fast path left stale), remembers
-    /// the high-water mark for `alloc_zeroed`, and rewinds `freeindex` to 0.
+    /// Folds the deferred frees; see [`SpanObjs::sweep`].
     ///
     /// # Safety
-    /// The caller owns the object-level fields of `s`.
-    pub(crate) unsafe fn materialise(s: *mut Span) {
-        // SAFETY: the caller owns the object-level fields.
-        unsafe {
-            let fi = (*s).freeindex as usize;
-            for w in 0..fi / 64 {
-                (*s).alloc_bits[w] = !0;
-            }
-            if fi % 64 != 0 {
-                (*s).alloc_bits[fi / 64] |= low_mask(fi % 64);
-            }
-            if (*s).freeindex > (*s).fresh_from {
-                (*s).fresh_from = (*s).freeindex;
-            }
-            (*s).freeindex = 0;
-            (*s).alloc_cache = !(*s).alloc_bits[0];
-        }
-    }
-
-    /// Sweeps the span: folds the deferred frees in `free_bits` into the exact bitmap. Leaves the span
-    /// materialised (`freeindex == 0`).
-    ///
-    /// Only frees of allocated objects are folded and counted, so `nalloc` stays exact whatever arrived in
-    /// `free_bits`. A deferred free of an object that is not allocated (a double free whose first free was
-    /// folded already) is returned in [`Swept::bad`] for the caller to report, in every build.
-    ///
-    /// # Safety
-    /// The caller owns the object-level fields of `s`.
+    /// As for [`Span::objs`].
     pub(crate) unsafe fn sweep(s: *mut Span) -> Swept {
-        // SAFETY: the caller owns the object-level fields; `free_bits` are atomics shared with flushers.
-        unsafe {
-            Span::materialise(s);
-            let mut out = Swept { nfreed: 0, bad: None };
-            for w in 0..words_for((*s).nelems as usize) {
-                let fb = &(*s).free_bits[w];
-                if fb.load(Ordering::Relaxed) != 0 {
-                    let f = fb.swap(0, Ordering::Acquire);
-                    let bad = f & !(*s).alloc_bits[w];
-                    if bad != 0 && out.bad.is_none() {
-                        let idx = w * 64 + bad.trailing_zeros() as usize;
-                        out.bad = Some((*s).base + idx * (*s).elemsize as usize);
-                    }
-                    let real = f & (*s).alloc_bits[w];
-                    (*s).alloc_bits[w] &= !real;
-                    out.nfreed += real.count_ones() as usize;
-                }
-            }
-            (*s).nalloc -= out.nfreed as u16;
-            (*s).alloc_cache = !(*s).alloc_bits[0];
-            out
-        }
+        // SAFETY: forwarded contract.
+        let (nfreed, bad) = unsafe { Span::objs(s) }.sweep();
+        // SAFETY: forwarded contract.
+        unsafe { Span::check(s) };
+        // SAFETY: the shape fields are immutable while the span is in use.
+        let bad = bad.map(|idx| unsafe { (*s).base + idx * (*s).elemsize as usize });
+        Swept { nfreed, bad }
     }
 
     /// Whether frees wait in `free_bits` (a racy hint: a flusher may be adding one right now).
@@ -313,34 +274,22 @@ impl Span {
     /// # Safety
     /// `s` is a live descriptor.
     pub(crate) unsafe fn has_deferred_frees(s: *mut Span) -> bool {
-        // SAFETY: only atomic fields are read.
-        unsafe {
-            let n = words_for((*s).nelems as usize);
-            (&(*s).free_bits)[..n].iter().any(|w| w.load(Ordering::Relaxed) != 0)
-        }
+        // SAFETY: only the immutable shape and atomic fields are read.
+        let (n, free_bits) = unsafe { (words_for((*s).nelems as usize), &*addr_of!((*s).free_bits)) };
+        free_bits[..n].iter().any(|w| w.load(Ordering::Relaxed) != 0)
     }
 
-    /// Frees the objects `mask` of bitmap word `w` of an uncached span at once (a batch of frees under the
-    /// class's Central lock). On error, frees nothing and returns the bits of `mask` that are not allocated.
+    /// Frees a batch of objects of an uncached span at once; see [`SpanObjs::free_uncached_mask`].
     ///
     /// # Safety
-    /// The caller holds the class's Central lock and the span is uncached; `w < words_for(nelems)`,
-    /// `mask != 0`, no bit at or above `nelems`.
+    /// As for [`Span::objs`] (the caller holds the class's Central lock and the span is uncached);
+    /// `w < words_for(nelems)`, `mask != 0`, no bit at or above `nelems`.
     pub(crate) unsafe fn free_uncached_mask(s: *mut Span, w: usize, mask: u64) -> Result<(), u64> {
-        // SAFETY: the Central lock gives the caller the object-level fields of an uncached span.
-        unsafe {
-            debug_assert_eq!((*s).freeindex, 0);
-            let word = (*s).alloc_bits[w];
-            if word & mask != mask {
-                return Err(mask & !word);
-            }
-            (*s).alloc_bits[w] = word & !mask;
-            (*s).nalloc -= mask.count_ones() as u16;
-            if w == 0 {
-                (*s).alloc_cache = !(*s).alloc_bits[0];
-            }
-            Ok(())
-        }
+        // SAFETY: forwarded contract.
+        let r = unsafe { Span::objs(s) }.free_uncached_mask(w, mask);
+        // SAFETY: forwarded contract.
+        unsafe { Span::check(s) };
+        r
     }
 
     /// Records frees of the objects `mask` of bitmap word `w` of a span some CPU caches (a batch of frees,
@@ -351,8 +300,8 @@ impl Span {
     /// `w < words_for(nelems)`.
     pub(crate) unsafe fn defer_free_mask(s: *mut Span, w: usize, mask: u64) -> u64 {
         // SAFETY: `free_bits` are atomics; the descriptor is live while its span is in use.
-        let prev = unsafe { (*s).free_bits[w].fetch_or(mask, Ordering::Release) };
-        prev & mask
+        let free_bits = unsafe { &*addr_of!((*s).free_bits) };
+        free_bits[w].fetch_or(mask, Ordering::Release) & mask
     }
 
     /// The index of the object containing `addr`, and whether `addr` is that object's first byte.
@@ -362,15 +311,186 @@ impl Span {
     #[inline]
     pub(crate) unsafe fn object_index(s: *mut Span, addr: usize) -> (usize, bool) {
         // SAFETY: page-level and shape fields are immutable while the span is in use.
-        unsafe {
-            let off = addr - (*s).base;
-            let idx = obj_index((*s).divmagic, off);
-            (idx, idx * (*s).elemsize as usize == off)
+        let (base, divmagic, elemsize) = unsafe { ((*s).base, (*s).divmagic, (*s).elemsize as usize) };
+        let off = addr - base;
+        let idx = obj_index(divmagic, off);
+        (idx, idx * elemsize == off)
+    }
+
+    /// With `validate` (mimalloc's expensive check level): checks the object-level invariants of `s` (see
+    /// [`SpanObjs`]); compiled out otherwise. Called after every transition of a span's object state but the
+    /// inlined fast path: shaping, a slow-path allocation, a sweep (fold, uncache), a batch free into an
+    /// uncached span, and when a central list hands the span to a CPU.
+    ///
+    /// # Safety
+    /// As for [`Span::objs`].
+    #[inline(always)]
+    pub(crate) unsafe fn check(s: *mut Span) {
+        #[cfg(feature = "validate")]
+        // SAFETY: forwarded contract.
+        unsafe { Span::objs(s) }.check(s);
+        #[cfg(not(feature = "validate"))]
+        let _ = s;
+    }
+}
+
+impl SpanObjs<'_> {
+    /// A fresh span: no object allocated, `alloc_bits` set only past `nelems`, no deferred frees.
+    fn init(self) {
+        *self.freeindex = 0;
+        *self.nalloc = 0;
+        *self.fresh_from = 0;
+        for (w, (a, f)) in self.alloc_bits.iter_mut().zip(self.free_bits).enumerate() {
+            *a = tail_mask(self.nelems, w);
+            f.store(0, Ordering::Relaxed);
+        }
+        *self.alloc_cache = !self.alloc_bits[0];
+    }
+
+    /// Go's `nextFreeFast` (see [`Span::next_free_fast`]).
+    #[inline(always)]
+    fn next_free_fast(self) -> Option<usize> {
+        let cache = *self.alloc_cache;
+        let bit = cache.trailing_zeros() as u16; // 64 when no free object is cached
+        if bit < 64 {
+            let idx = *self.freeindex + bit;
+            if (idx as usize) < self.nelems {
+                let next = idx + 1;
+                // At a word boundary the next word must be loaded: leave that to the slow path.
+                if next % 64 != 0 {
+                    *self.alloc_cache = (cache >> bit) >> 1;
+                    *self.freeindex = next;
+                    *self.nalloc += 1;
+                    return Some(idx as usize);
+                }
+            }
+        }
+        None
+    }
+
+    /// Go's `nextFreeIndex` plus the allocation: the lowest free object at or above `freeindex`, scanning
+    /// `alloc_bits` and reloading `alloc_cache`; `None` when the span is full (then `freeindex == nelems`).
+    fn next_free(self) -> Option<usize> {
+        let nelems = self.nelems;
+        let mut idx = *self.freeindex as usize;
+        while idx < nelems {
+            let w = idx / 64;
+            let used = self.alloc_bits[w] | low_mask(idx % 64);
+            if used != !0 {
+                let found = w * 64 + (!used).trailing_zeros() as usize;
+                if found >= nelems {
+                    break;
+                }
+                let next = found + 1;
+                *self.freeindex = next as u16;
+                *self.alloc_cache = if next % 64 == 0 { 0 } else { !self.alloc_bits[w] >> (next % 64) };
+                *self.nalloc += 1;
+                return Some(found);
+            }
+            idx = (w + 1) * 64;
+        }
+        *self.freeindex = nelems as u16;
+        *self.alloc_cache = 0;
+        None
+    }
+
+    /// Makes `alloc_bits` exact (sets the bits below `freeindex`, which the fast path left stale), remembers
+    /// the high-water mark for `alloc_zeroed`, and rewinds `freeindex` to 0.
+    fn materialise(&mut self) {
+        let fi = *self.freeindex as usize;
+        for w in &mut self.alloc_bits[..fi / 64] {
+            *w = !0;
+        }
+        if fi % 64 != 0 {
+            self.alloc_bits[fi / 64] |= low_mask(fi % 64);
+        }
+        if *self.freeindex > *self.fresh_from {
+            *self.fresh_from = *self.freeindex;
+        }
+        *self.freeindex = 0;
+        *self.alloc_cache = !self.alloc_bits[0];
+    }
+
+    /// Sweeps the span: folds the deferred frees in `free_bits` into the exact bitmap. Returns how many
+    /// objects were freed and the index of one deferred free of an object that was not allocated, if any.
+    /// Leaves the span materialised (`freeindex == 0`).
+    ///
+    /// Only frees of allocated objects are folded and counted, so `nalloc` stays exact whatever arrived in
+    /// `free_bits`; a free of an object that is not allocated (a double free whose first free was folded
+    /// already) is dropped and returned for the caller to report, in every build.
+    fn sweep(mut self) -> (usize, Option<usize>) {
+        self.materialise();
+        let (mut nfreed, mut bad) = (0, None);
+        for (w, (a, fb)) in self.alloc_bits.iter_mut().zip(self.free_bits).take(words_for(self.nelems)).enumerate() {
+            if fb.load(Ordering::Relaxed) != 0 {
+                let f = fb.swap(0, Ordering::Acquire);
+                let not_allocated = f & !*a;
+                if not_allocated != 0 && bad.is_none() {
+                    bad = Some(w * 64 + not_allocated.trailing_zeros() as usize);
+                }
+                let real = f & *a;
+                *a &= !real;
+                nfreed += real.count_ones() as usize;
+            }
+        }
+        *self.nalloc -= nfreed as u16;
+        *self.alloc_cache = !self.alloc_bits[0];
+        (nfreed, bad)
+    }
+
+    /// Frees the objects `mask` of bitmap word `w` of an uncached span at once (a batch of frees under the
+    /// class's Central lock). On error, frees nothing and returns the bits of `mask` that are not allocated.
+    fn free_uncached_mask(self, w: usize, mask: u64) -> Result<(), u64> {
+        debug_assert_eq!(*self.freeindex, 0);
+        let word = self.alloc_bits[w];
+        if word & mask != mask {
+            return Err(mask & !word);
+        }
+        self.alloc_bits[w] = word & !mask;
+        *self.nalloc -= mask.count_ones() as u16;
+        if w == 0 {
+            *self.alloc_cache = !self.alloc_bits[0];
+        }
+        Ok(())
+    }
+
+    /// Asserts the invariants in [`SpanObjs`]'s docs (`s` names the span in the message).
+    #[cfg(feature = "validate")]
+    fn check(&self, s: *mut Span) {
+        let (n, fi) = (self.nelems, *self.freeindex as usize);
+        let words = words_for(n);
+        assert!(fi <= n, "span {s:p}: freeindex {fi} > nelems {n}");
+        assert!(*self.fresh_from as usize <= n, "span {s:p}: fresh_from past nelems");
+        for (w, a) in self.alloc_bits.iter().enumerate() {
+            let tail = tail_mask(n, w);
+            assert_eq!(a & tail, tail, "span {s:p}: alloc_bits word {w} clears a bit past nelems");
+        }
+        if fi == 0 {
+            let used: u32 = self.alloc_bits[..words].iter().map(|w| w.count_ones()).sum();
+            let tail = (words * 64 - n) as u32;
+            assert_eq!(used - tail, *self.nalloc as u32, "span {s:p}: nalloc disagrees with the bitmap");
+        } else {
+            // Objects below `freeindex` count as allocated: the stale bits below it are not counted twice.
+            let mut used = fi as u32;
+            for (w, a) in self.alloc_bits[..words].iter().enumerate() {
+                let lo = w * 64;
+                let below = if fi >= lo + 64 {
+                    !0
+                } else if fi <= lo {
+                    0
+                } else {
+                    low_mask(fi - lo)
+                };
+                used += (a & !below & !tail_mask(n, w)).count_ones();
+            }
+            assert_eq!(used, *self.nalloc as u32, "span {s:p}: nalloc disagrees with freeindex and the bitmap");
+            if fi % 64 != 0 {
+                assert_eq!(*self.alloc_cache, !self.alloc_bits[fi / 64] >> (fi % 64), "span {s:p}: stale alloc_cache");
+            }
         }
     }
 }
 
-/// Words of an object bitmap in use for `nelems` objects: `ceil(nelems / 64)`.
 /// Index of the object that contains byte `offset` of its span (`offset` from the span base, at most the
 /// span size), given the class's `divmagic` (Go's `mspan.divideByElemSize`): `offset / size` without a division.
 #[inline]
@@ -378,6 +498,7 @@ pub fn obj_index(divmagic: u32, offset: usize) -> usize {
     ((offset as u64 * divmagic as u64) >> 32) as usize
 }
 
+/// Words of an object bitmap in use for `nelems` objects: `ceil(nelems / 64)`.
 #[inline]
 pub(crate) const fn words_for(nelems: usize) -> usize {
     nelems.div_ceil(64)

@@ -4,17 +4,23 @@
 use std::alloc::Layout;
 
 /// Fills `len` bytes at `p` with a pattern derived from `seed`.
-pub fn fill(p: *mut u8, len: usize, seed: u64) {
+///
+/// # Safety
+/// `p` is valid for writes of `len` bytes (a live block of at least `len` bytes that nothing else uses).
+pub unsafe fn fill(p: *mut u8, len: usize, seed: u64) {
     for i in 0..len {
-        // SAFETY (test): `p` is valid for `len` bytes.
+        // SAFETY: `i < len` and `p` is valid for `len` bytes of writes (caller's contract).
         unsafe { *p.add(i) = pattern(seed, i) };
     }
 }
 
 /// Checks the pattern written by `fill`; returns the first bad offset.
-pub fn check(p: *const u8, len: usize, seed: u64) -> Result<(), usize> {
+///
+/// # Safety
+/// `p` is valid for reads of `len` bytes (a live block of at least `len` bytes).
+pub unsafe fn check(p: *const u8, len: usize, seed: u64) -> Result<(), usize> {
     for i in 0..len {
-        // SAFETY (test): `p` is valid for `len` bytes.
+        // SAFETY: `i < len` and `p` is valid for `len` bytes of reads (caller's contract).
         if unsafe { *p.add(i) } != pattern(seed, i) {
             return Err(i);
         }

@@ -743,215 +743,306 @@ impl<'a> Table<'a> {
     }
 }
 
-/// Regenerates BENCHMARKS.md and the ratio chart (ratios.svg) from the records.
+/// Regenerates BENCHMARKS.md and the ratio chart (ratios.svg) from the records, section by section.
 fn report(root: &Path, out_to: &Out, recs: &[Record]) -> Result<(), String> {
-    let lp = out_to.link_prefix;
     let meta = recs.iter().find(|r| r.get("meta").is_some()).cloned().unwrap_or_default();
-    // frag's state depends on how far the fill got: a repetition cut short by the cap is left out when the
-    // same allocator has complete ones.
+    let recs = without_superseded_frag(recs);
+    let r = Report::new(&recs, &meta, out_to.link_prefix);
+
+    let mut md = String::new();
+    r.machine_and_run(&mut md);
+    r.allocators(&mut md, root);
+    r.headline(&mut md);
+    let chart_rows = r.summary(&mut md);
+    r.callgrind(&mut md);
+    // The in-QEMU comparison (`cargo xtask bench --kernel`), from its own results file.
+    md.push_str(&crate::bench_kernel::section(root));
+    r.per_workload(&mut md);
+    r.unfinished_runs(&mut md);
+    let notes_path = root.join("bench").join("NOTES.md");
+    if let Ok(notes) = std::fs::read_to_string(&notes_path) {
+        let _ = writeln!(md, "{}", notes.trim_end());
+    }
+
+    let md_path = out_to.md.join("BENCHMARKS.md");
+    std::fs::write(&md_path, md).map_err(|e| format!("{}: {e}", md_path.display()))?;
+    let svg_path = out_to.results.join("ratios.svg");
+    std::fs::write(&svg_path, chart(&chart_rows, &r.peers)).map_err(|e| format!("{}: {e}", svg_path.display()))?;
+    say!("wrote {} and {}", md_path.display(), svg_path.display());
+    Ok(())
+}
+
+/// The records without the superseded frag runs: frag's state depends on how far the fill got, so a
+/// repetition cut short by the cap is left out when the same allocator has complete ones.
+fn without_superseded_frag(recs: &[Record]) -> Vec<Record> {
     let complete_frag: BTreeSet<&str> = recs
         .iter()
         .filter(|r| text(r, "workload") == Some("frag") && r.get("partial") == Some(&Val::Bool(false)))
         .filter_map(|r| text(r, "alloc"))
         .collect();
-    let recs: Vec<Record> = recs
-        .iter()
+    recs.iter()
         .filter(|r| {
             !(text(r, "workload") == Some("frag")
                 && r.get("partial") == Some(&Val::Bool(true))
                 && text(r, "alloc").is_some_and(|a| complete_frag.contains(a)))
         })
         .cloned()
-        .collect();
-    let recs = &recs[..];
-    let t = Table::new(recs);
-    let allocs: Vec<&str> = ALLOCATORS.iter().map(|a| a.0).filter(|a| t.by.keys().any(|(_, x)| x == a)).collect();
-    let peers: Vec<&str> = allocs.iter().copied().filter(|a| *a != "goheap").collect();
-    let workloads: Vec<&str> = WORKLOADS.iter().map(|w| w.0).filter(|w| t.by.keys().any(|(x, _)| x == w)).collect();
-    let errors: Vec<&Record> = recs.iter().filter(|r| r.get("error").is_some()).collect();
+        .collect()
+}
 
-    // goheap/peer ratio of median ns/op; None when either side is missing or was cut short by the cap in a
-    // workload whose state depends on how far it got (frag).
-    let ratio_of = |w: &str, p: &str, k: &str| -> Option<f64> {
-        let g = t.stat(w, "goheap", k)?;
-        let x = t.stat(w, p, k)?;
-        if w == "frag" && (t.partial(w, p) || t.partial(w, "goheap")) {
+/// A peer's name as the report prints it (glibc for the system allocator).
+fn peer_name(p: &str) -> &str {
+    if p == "system" {
+        "glibc"
+    } else {
+        p
+    }
+}
+
+/// The largest ratio of `(peer, ratio)` pairs: goheap against its best peer.
+fn max_ratio<'p>(pairs: impl Iterator<Item = (&'p str, f64)>) -> Option<(&'p str, f64)> {
+    pairs.max_by(|a, b| a.1.partial_cmp(&b.1).unwrap_or(std::cmp::Ordering::Equal))
+}
+
+/// What every section of the report reads: the records by (workload, allocator), the run's metadata, and
+/// the allocators and workloads present, in the report's order.
+struct Report<'a> {
+    t: Table<'a>,
+    meta: &'a Record,
+    /// The prefix of links to the raw results and the chart.
+    lp: &'a str,
+    allocs: Vec<&'static str>,
+    peers: Vec<&'static str>,
+    workloads: Vec<&'static str>,
+    errors: Vec<&'a Record>,
+}
+
+impl<'a> Report<'a> {
+    fn new(recs: &'a [Record], meta: &'a Record, lp: &'a str) -> Self {
+        let t = Table::new(recs);
+        let allocs: Vec<&str> = ALLOCATORS.iter().map(|a| a.0).filter(|a| t.by.keys().any(|(_, x)| x == a)).collect();
+        let peers = allocs.iter().copied().filter(|a| *a != "goheap").collect();
+        let workloads = WORKLOADS.iter().map(|w| w.0).filter(|w| t.by.keys().any(|(x, _)| x == w)).collect();
+        let errors = recs.iter().filter(|r| r.get("error").is_some()).collect();
+        Report { t, meta, lp, allocs, peers, workloads, errors }
+    }
+
+    /// goheap/peer ratio of the medians of `k`; None when either side is missing or was cut short by the cap
+    /// in a workload whose state depends on how far it got (frag).
+    fn ratio_of(&self, w: &str, p: &str, k: &str) -> Option<f64> {
+        let g = self.t.stat(w, "goheap", k)?;
+        let x = self.t.stat(w, p, k)?;
+        if w == "frag" && (self.t.partial(w, p) || self.t.partial(w, "goheap")) {
             return None;
         }
         Some(g.med / x.med)
-    };
-    let ratio = |w: &str, p: &str| ratio_of(w, p, "ns_per_op");
-    let cpu_ratio = |w: &str, p: &str| ratio_of(w, p, "cpu_ns_per_op");
-
-    let mut md = String::new();
-    let m = |k: &str| text(&meta, &format!("machine {k}")).unwrap_or("?").to_string();
-    let mnum = |k: &str| num(&meta, k).map(|v| v.to_string()).unwrap_or_else(|| "?".into());
-    let _ = writeln!(md, "# Benchmarks: goheap::Hosted and the allocators users would pick instead\n");
-    let _ = writeln!(
-        md,
-        "Generated by `cargo xtask bench{}` (issue 7); do not edit by hand. Raw results (one JSON line per \
-         workload, allocator and repetition): [`{lp}latest.jsonl`]({lp}latest.jsonl); the benchmark source: \
-         `bench/src/main.rs`, the runner: `xtask/src/bench.rs`.\n",
-        text(&meta, "args")
-            .filter(|s| !s.is_empty())
-            .map(|s| format!(" {s}"))
-            .unwrap_or_default()
-            .trim_start_matches(" bench")
-    );
-    let _ = writeln!(md, "## Machine and run\n");
-    let _ = writeln!(md, "| | |\n|---|---|");
-    for k in ["nproc", "CPU", "memory", "OS", "rustc", "gcc", "glibc", "date (UTC)"] {
-        let _ = writeln!(md, "| {k} | {} |", m(k));
     }
-    let _ = writeln!(
-        md,
-        "| load average (1/5/15 min) before / after | {} / {} |",
-        text(&meta, "load_before").unwrap_or("?"),
-        text(&meta, "load_after").unwrap_or("?")
-    );
-    let reps = match (num(&meta, "reps"), num(&meta, "reps_asked")) {
-        (Some(d), Some(a)) if d < a => format!("{d} of {a} asked (time budget)"),
-        _ => mnum("reps"),
-    };
-    let _ =
-        writeln!(md, "| repetitions, scale, cap per group run | {}, {}, {} s |", reps, mnum("scale"), mnum("cap_secs"));
-    let _ = writeln!(
-        md,
-        "| wall time of `cargo xtask bench` | {} s (build {} s, runs {} s, callgrind {} s) |\n",
-        mnum("total_secs"),
-        mnum("build_secs"),
-        mnum("run_secs"),
-        mnum("callgrind_secs")
-    );
-    let _ = writeln!(
-        md,
-        "The machine is shared (other builds ran during the measurement: see the load average), so absolute \
-         times are noisy. Every allocator ran every workload in its own process, interleaved (repetition 1: \
-         A B C …, repetition 2: B C … A), and the comparisons are **ratios of medians measured side by side in \
-         this one run**. Absolute medians are in the per-workload tables for reference only.\n"
-    );
 
-    let _ = writeln!(md, "## Allocators\n");
-    let _ = writeln!(md, "| name | what | crate versions |\n|---|---|---|");
-    let versions = locked_versions(&root.join("Cargo.lock"), PEER_CRATES);
-    for (a, what) in ALLOCATORS {
-        let v: Vec<String> = versions
-            .iter()
-            .filter(|(n, _)| match *a {
-                "mimalloc" => n.contains("mimalloc"),
-                "jemalloc" => n.contains("jemalloc"),
-                "snmalloc" => n.contains("snmalloc"),
-                "rpmalloc" => n.contains("rpmalloc"),
-                "talc" => n == "talc",
-                "llalloc" => n == "linked_list_allocator",
-                "buddy" => n == "buddy_system_allocator",
-                _ => false,
-            })
-            .map(|(n, v)| format!("{n} {v}"))
-            .collect();
-        let status = if allocs.contains(a) {
-            String::new()
-        } else if let Some(Val::Str(e)) = meta.get(&format!("not_built {a}")) {
-            format!(" **not built here:** `{}`", e.lines().last().unwrap_or("").replace('|', "\\|"))
-        } else {
-            " (not in this run)".into()
+    /// goheap/peer ratio of median ns/op (wall time).
+    fn ratio(&self, w: &str, p: &str) -> Option<f64> {
+        self.ratio_of(w, p, "ns_per_op")
+    }
+
+    /// goheap/peer ratio of median CPU ns/op.
+    fn cpu_ratio(&self, w: &str, p: &str) -> Option<f64> {
+        self.ratio_of(w, p, "cpu_ns_per_op")
+    }
+
+    /// The peer goheap compares worst against in `w` by wall time, and that ratio.
+    fn best(&self, w: &str) -> Option<(&'static str, f64)> {
+        max_ratio(self.peers.iter().filter_map(|p| self.ratio(w, p).map(|r| (*p, r))))
+    }
+
+    /// The same by CPU time.
+    fn best_cpu(&self, w: &str) -> Option<(&'static str, f64)> {
+        max_ratio(self.peers.iter().filter_map(|p| self.cpu_ratio(w, p).map(|r| (*p, r))))
+    }
+
+    /// The title, the introduction and the machine-and-run table.
+    fn machine_and_run(&self, md: &mut String) {
+        let (meta, lp) = (self.meta, self.lp);
+        let m = |k: &str| text(meta, &format!("machine {k}")).unwrap_or("?").to_string();
+        let mnum = |k: &str| num(meta, k).map(|v| v.to_string()).unwrap_or_else(|| "?".into());
+        let _ = writeln!(md, "# Benchmarks: goheap::Hosted and the allocators users would pick instead\n");
+        let _ = writeln!(
+            md,
+            "Generated by `cargo xtask bench{}` (issue 7); do not edit by hand. Raw results (one JSON line per \
+             workload, allocator and repetition): [`{lp}latest.jsonl`]({lp}latest.jsonl); the benchmark source: \
+             `bench/src/main.rs`, the runner: `xtask/src/bench.rs`.\n",
+            text(meta, "args")
+                .filter(|s| !s.is_empty())
+                .map(|s| format!(" {s}"))
+                .unwrap_or_default()
+                .trim_start_matches(" bench")
+        );
+        let _ = writeln!(md, "## Machine and run\n");
+        let _ = writeln!(md, "| | |\n|---|---|");
+        for k in ["nproc", "CPU", "memory", "OS", "rustc", "gcc", "glibc", "date (UTC)"] {
+            let _ = writeln!(md, "| {k} | {} |", m(k));
+        }
+        let _ = writeln!(
+            md,
+            "| load average (1/5/15 min) before / after | {} / {} |",
+            text(meta, "load_before").unwrap_or("?"),
+            text(meta, "load_after").unwrap_or("?")
+        );
+        let reps = match (num(meta, "reps"), num(meta, "reps_asked")) {
+            (Some(d), Some(a)) if d < a => format!("{d} of {a} asked (time budget)"),
+            _ => mnum("reps"),
         };
-        let _ = writeln!(md, "| {a} | {what}{status} | {} |", v.join(", "));
+        let _ = writeln!(
+            md,
+            "| repetitions, scale, cap per group run | {}, {}, {} s |",
+            reps,
+            mnum("scale"),
+            mnum("cap_secs")
+        );
+        let _ = writeln!(
+            md,
+            "| wall time of `cargo xtask bench` | {} s (build {} s, runs {} s, callgrind {} s) |\n",
+            mnum("total_secs"),
+            mnum("build_secs"),
+            mnum("run_secs"),
+            mnum("callgrind_secs")
+        );
+        let _ = writeln!(
+            md,
+            "The machine is shared (other builds ran during the measurement: see the load average), so absolute \
+             times are noisy. Every allocator ran every workload in its own process, interleaved (repetition 1: \
+             A B C …, repetition 2: B C … A), and the comparisons are **ratios of medians measured side by side in \
+             this one run**. Absolute medians are in the per-workload tables for reference only.\n"
+        );
     }
-    let _ = writeln!(
-        md,
-        "\nThe arena allocators (talc, linked_list_allocator, buddy_system_allocator) are `no_std` heaps over \
-         one region; here they get a 16 GiB `MAP_NORESERVE` mapping claimed on first use (untouched pages cost \
-         nothing). They never return memory to the OS and their locks are global.\n"
-    );
 
-    // Headline: the figures the issue steers by, computed from this run.
-    let best = |w: &str| -> Option<(&str, f64)> {
-        peers
-            .iter()
-            .filter_map(|p| ratio(w, p).map(|r| (*p, r)))
-            .max_by(|a, b| a.1.partial_cmp(&b.1).unwrap_or(std::cmp::Ordering::Equal))
-    };
-    let rs = |w: &str, ps: &[&str]| -> String {
-        let v: Vec<String> = ps
-            .iter()
-            .filter_map(|p| {
-                ratio(w, p).map(|r| format!("{} {}", if *p == "system" { "glibc" } else { p }, fmt_ratio(r)))
-            })
-            .collect();
-        if v.is_empty() {
-            "not measured in this run".into()
-        } else {
-            v.join(", ")
-        }
-    };
-    let _ = writeln!(md, "## Headline (goheap / peer, medians of this run; < 1: goheap faster or smaller)\n");
-    let rc = |w: &str, ps: &[&str]| -> String {
-        let v: Vec<String> = ps
-            .iter()
-            .filter_map(|p| {
-                cpu_ratio(w, p).map(|r| format!("{} {}", if *p == "system" { "glibc" } else { p }, fmt_ratio(r)))
-            })
-            .collect();
-        if v.is_empty() {
-            "not measured".into()
-        } else {
-            v.join(", ")
-        }
-    };
-    let _ = writeln!(
-        md,
-        "- 64 B alloc+free pair: {} (by CPU time: {}).",
-        rs("pair-64", &["jemalloc", "mimalloc", "system", "talc"]),
-        rc("pair-64", &["jemalloc", "mimalloc", "system", "talc"])
-    );
-    let _ = writeln!(
-        md,
-        "- Cross-thread producer/consumer, 64 B: {} (by CPU time: {}); 8–2048 B: {} (by CPU time: {}).",
-        rs("prodcons-64", &["rpmalloc", "snmalloc", "mimalloc", "system"]),
-        rc("prodcons-64", &["rpmalloc", "snmalloc", "mimalloc", "system"]),
-        rs("prodcons-8-2048", &["rpmalloc", "snmalloc", "mimalloc", "system"]),
-        rc("prodcons-8-2048", &["rpmalloc", "snmalloc", "mimalloc", "system"])
-    );
-    let (mut within, mut over) = (Vec::new(), Vec::new());
-    for w in &workloads {
-        if let Some((p, r)) = best(w) {
-            if r <= 1.25 {
-                within.push(format!("{w} ({r:.2} vs {p})"));
+    /// The allocators: what each is, its crate versions, and whether it ran.
+    fn allocators(&self, md: &mut String, root: &Path) {
+        let _ = writeln!(md, "## Allocators\n");
+        let _ = writeln!(md, "| name | what | crate versions |\n|---|---|---|");
+        let versions = locked_versions(&root.join("Cargo.lock"), PEER_CRATES);
+        for (a, what) in ALLOCATORS {
+            let v: Vec<String> = versions
+                .iter()
+                .filter(|(n, _)| match *a {
+                    "mimalloc" => n.contains("mimalloc"),
+                    "jemalloc" => n.contains("jemalloc"),
+                    "snmalloc" => n.contains("snmalloc"),
+                    "rpmalloc" => n.contains("rpmalloc"),
+                    "talc" => n == "talc",
+                    "llalloc" => n == "linked_list_allocator",
+                    "buddy" => n == "buddy_system_allocator",
+                    _ => false,
+                })
+                .map(|(n, v)| format!("{n} {v}"))
+                .collect();
+            let status = if self.allocs.contains(a) {
+                String::new()
+            } else if let Some(Val::Str(e)) = self.meta.get(&format!("not_built {a}")) {
+                format!(" **not built here:** `{}`", e.lines().last().unwrap_or("").replace('|', "\\|"))
             } else {
-                over.push(format!("{w} ({r:.2} vs {p})"));
+                " (not in this run)".into()
+            };
+            let _ = writeln!(md, "| {a} | {what}{status} | {} |", v.join(", "));
+        }
+        let _ = writeln!(
+            md,
+            "\nThe arena allocators (talc, linked_list_allocator, buddy_system_allocator) are `no_std` heaps over \
+             one region; here they get a 16 GiB `MAP_NORESERVE` mapping claimed on first use (untouched pages cost \
+             nothing). They never return memory to the OS and their locks are global.\n"
+        );
+    }
+
+    /// `peer ratio, ...` of workload `w` against the peers `ps` by `ratio` (wall or CPU time), or `none`.
+    fn ratio_list(&self, w: &str, ps: &[&str], ratio: fn(&Self, &str, &str) -> Option<f64>, none: &str) -> String {
+        let v: Vec<String> =
+            ps.iter().filter_map(|p| ratio(self, w, p).map(|r| format!("{} {}", peer_name(p), fmt_ratio(r)))).collect();
+        if v.is_empty() {
+            none.into()
+        } else {
+            v.join(", ")
+        }
+    }
+
+    /// The headline: the figures the issue steers by, computed from this run.
+    fn headline(&self, md: &mut String) {
+        let rs = |w: &str, ps: &[&str]| self.ratio_list(w, ps, Self::ratio, "not measured in this run");
+        let rc = |w: &str, ps: &[&str]| self.ratio_list(w, ps, Self::cpu_ratio, "not measured");
+        let _ = writeln!(md, "## Headline (goheap / peer, medians of this run; < 1: goheap faster or smaller)\n");
+        let pair_peers = ["jemalloc", "mimalloc", "system", "talc"];
+        let _ = writeln!(
+            md,
+            "- 64 B alloc+free pair: {} (by CPU time: {}).",
+            rs("pair-64", &pair_peers),
+            rc("pair-64", &pair_peers)
+        );
+        let cross_peers = ["rpmalloc", "snmalloc", "mimalloc", "system"];
+        let _ = writeln!(
+            md,
+            "- Cross-thread producer/consumer, 64 B: {} (by CPU time: {}); 8–2048 B: {} (by CPU time: {}).",
+            rs("prodcons-64", &cross_peers),
+            rc("prodcons-64", &cross_peers),
+            rs("prodcons-8-2048", &cross_peers),
+            rc("prodcons-8-2048", &cross_peers)
+        );
+        let (mut within, mut over) = (Vec::new(), Vec::new());
+        for w in &self.workloads {
+            if let Some((p, r)) = self.best(w) {
+                if r <= 1.25 {
+                    within.push(format!("{w} ({r:.2} vs {p})"));
+                } else {
+                    over.push(format!("{w} ({r:.2} vs {p})"));
+                }
             }
         }
-    }
-    let _ = writeln!(
-        md,
-        "- Against the best peer of each workload, goheap is within 1.25× on {} of {} workloads; over 1.25× on: {}.",
-        within.len(),
-        within.len() + over.len(),
-        if over.is_empty() { "none".to_string() } else { over.join(", ") }
-    );
-    let over_cpu: Vec<String> = workloads
-        .iter()
-        .filter_map(|w| {
-            peers
+        let _ = writeln!(
+            md,
+            "- Against the best peer of each workload, goheap is within 1.25× on {} of {} workloads; over 1.25× on: {}.",
+            within.len(),
+            within.len() + over.len(),
+            if over.is_empty() { "none".to_string() } else { over.join(", ") }
+        );
+        let over_cpu: Vec<String> = self
+            .workloads
+            .iter()
+            .filter_map(|w| self.best_cpu(w).filter(|(_, r)| *r > 1.25).map(|(p, r)| format!("{w} ({r:.2} vs {p})")))
+            .collect();
+        let _ = writeln!(
+            md,
+            "- The same by CPU time: over 1.25× of the best peer on {} workloads: {}.",
+            over_cpu.len(),
+            if over_cpu.is_empty() { "none".to_string() } else { over_cpu.join(", ") }
+        );
+        let mv = self.group_rss_ratios("mimalloc");
+        if !mv.is_empty() {
+            let mut m2 = mv.clone();
+            let _ = writeln!(
+                md,
+                "- Peak RSS against mimalloc over the {} workload groups: median {}, range {}–{}; groups over 1.1×: {}.",
+                mv.len(),
+                fmt_ratio(median(&mut m2)),
+                fmt_ratio(mv[0]),
+                fmt_ratio(mv[mv.len() - 1]),
+                mv.iter().filter(|r| **r > 1.1).count()
+            );
+        }
+        let cg_of = |a: &str| self.t.stat("callgrind-pair-64", a, "instr_per_pair").map(|s| s.med);
+        if let Some(g) = cg_of("goheap") {
+            let others: Vec<String> = ["jemalloc", "mimalloc", "system"]
                 .iter()
-                .filter_map(|p| cpu_ratio(w, p).map(|r| (*p, r)))
-                .max_by(|a, b| a.1.partial_cmp(&b.1).unwrap_or(std::cmp::Ordering::Equal))
-                .filter(|(_, r)| *r > 1.25)
-                .map(|(p, r)| format!("{w} ({r:.2} vs {p})"))
-        })
-        .collect();
-    let _ = writeln!(
-        md,
-        "- The same by CPU time: over 1.25× of the best peer on {} workloads: {}.",
-        over_cpu.len(),
-        if over_cpu.is_empty() { "none".to_string() } else { over_cpu.join(", ") }
-    );
-    let rss_vs = |p: &str| -> Vec<f64> {
+                .filter_map(|a| cg_of(a).map(|v| format!("{} {v:.0}", peer_name(a))))
+                .collect();
+            let _ = writeln!(md, "- Instructions per 64 B pair (callgrind): goheap {g:.0}; {}.", others.join(", "));
+        }
+        let _ = writeln!(md);
+    }
+
+    /// goheap/peer peak RSS of each workload group (from the group's last workload), sorted.
+    fn group_rss_ratios(&self, p: &str) -> Vec<f64> {
+        let t = &self.t;
         let mut v: Vec<f64> = GROUPS
             .iter()
             .filter_map(|g| {
-                let last = workloads
+                let last = self
+                    .workloads
                     .iter()
                     .rev()
                     .find(|w| t.recs(w, "goheap").first().and_then(|r| text(r, "group")) == Some(*g))?;
@@ -960,68 +1051,67 @@ fn report(root: &Path, out_to: &Out, recs: &[Record]) -> Result<(), String> {
             .collect();
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v
-    };
-    let mv = rss_vs("mimalloc");
-    if !mv.is_empty() {
-        let mut m2 = mv.clone();
+    }
+
+    /// The header and separator of a table with one column per peer, after `| workload |` and, with
+    /// `best`, a `goheap / best peer` column.
+    fn peer_columns(&self, best: bool) -> (String, String) {
+        let (mut hdr, mut sep) = if best {
+            ("| workload | goheap / best peer |".to_string(), "|---|---|".to_string())
+        } else {
+            ("| workload |".to_string(), "|---|".to_string())
+        };
+        for p in &self.peers {
+            let _ = write!(hdr, " {p} |");
+            sep.push_str("---:|");
+        }
+        (hdr, sep)
+    }
+
+    /// The summary: goheap/peer ratio tables by wall time (also the chart's rows, returned), by CPU time and
+    /// by peak RSS.
+    fn summary(&self, md: &mut String) -> Vec<(String, Vec<(String, f64)>)> {
+        let (lp, t) = (self.lp, &self.t);
+        let _ = writeln!(md, "## Summary: goheap / peer, median time per operation\n");
         let _ = writeln!(
             md,
-            "- Peak RSS against mimalloc over the {} workload groups: median {}, range {}–{}; groups over 1.1×: {}.",
-            mv.len(),
-            fmt_ratio(median(&mut m2)),
-            fmt_ratio(mv[0]),
-            fmt_ratio(mv[mv.len() - 1]),
-            mv.iter().filter(|r| **r > 1.1).count()
+            "Each cell is goheap's median ns/op divided by the peer's: **< 1 means goheap is faster**, > 1 slower. \
+             `*`: at least one run of either side hit the time cap (the ratio is still over the operations done). \
+             The chart plots the same ratios on a log scale.\n"
         );
-    }
-    let cg_of = |a: &str| t.stat("callgrind-pair-64", a, "instr_per_pair").map(|s| s.med);
-    if let Some(g) = cg_of("goheap") {
-        let others: Vec<String> = ["jemalloc", "mimalloc", "system"]
-            .iter()
-            .filter_map(|a| cg_of(a).map(|v| format!("{} {v:.0}", if *a == "system" { "glibc" } else { a })))
-            .collect();
-        let _ = writeln!(md, "- Instructions per 64 B pair (callgrind): goheap {g:.0}; {}.", others.join(", "));
-    }
-    let _ = writeln!(md);
-
-    // Summary.
-    let _ = writeln!(md, "## Summary: goheap / peer, median time per operation\n");
-    let _ = writeln!(
-        md,
-        "Each cell is goheap's median ns/op divided by the peer's: **< 1 means goheap is faster**, > 1 slower. \
-         `*`: at least one run of either side hit the time cap (the ratio is still over the operations done). \
-         The chart plots the same ratios on a log scale.\n"
-    );
-    let _ = writeln!(md, "![goheap/peer time ratios]({lp}ratios.svg)\n");
-    let mut hdr = "| workload | goheap / best peer |".to_string();
-    let mut sep = "|---|---|".to_string();
-    for p in &peers {
-        let _ = write!(hdr, " {p} |");
-        sep.push_str("---:|");
-    }
-    let _ = writeln!(md, "{hdr}\n{sep}");
-    let mut chart_rows: Vec<(String, Vec<(String, f64)>)> = Vec::new();
-    for w in &workloads {
-        let mut row = match best(w) {
-            Some((p, r)) => format!("| {w} | {} ({p}) |", fmt_ratio(r)),
-            None => format!("| {w} | – |"),
-        };
-        let mut pts = Vec::new();
-        for p in &peers {
-            match ratio(w, p) {
-                Some(r) => {
-                    let star = if t.partial(w, p) || t.partial(w, "goheap") { "*" } else { "" };
-                    let _ = write!(row, " {}{star} |", fmt_ratio(r));
-                    pts.push((p.to_string(), r));
+        let _ = writeln!(md, "![goheap/peer time ratios]({lp}ratios.svg)\n");
+        let (hdr, sep) = self.peer_columns(true);
+        let _ = writeln!(md, "{hdr}\n{sep}");
+        let mut chart_rows: Vec<(String, Vec<(String, f64)>)> = Vec::new();
+        for w in &self.workloads {
+            let mut row = match self.best(w) {
+                Some((p, r)) => format!("| {w} | {} ({p}) |", fmt_ratio(r)),
+                None => format!("| {w} | – |"),
+            };
+            let mut pts = Vec::new();
+            for p in &self.peers {
+                match self.ratio(w, p) {
+                    Some(r) => {
+                        let star = if t.partial(w, p) || t.partial(w, "goheap") { "*" } else { "" };
+                        let _ = write!(row, " {}{star} |", fmt_ratio(r));
+                        pts.push((p.to_string(), r));
+                    }
+                    None => row.push_str(" – |"),
                 }
-                None => row.push_str(" – |"),
             }
+            let _ = writeln!(md, "{row}");
+            chart_rows.push((w.to_string(), pts));
         }
-        let _ = writeln!(md, "{row}");
-        chart_rows.push((w.to_string(), pts));
+        self.summary_cpu(md);
+        self.summary_rss(md);
+        chart_rows
     }
-    // The same by CPU time.
-    if workloads.iter().any(|w| t.stat(w, "goheap", "cpu_ns_per_op").is_some()) {
+
+    /// The summary's ratios by CPU time, if the run measured it.
+    fn summary_cpu(&self, md: &mut String) {
+        if !self.workloads.iter().any(|w| self.t.stat(w, "goheap", "cpu_ns_per_op").is_some()) {
+            return;
+        }
         let _ = writeln!(
             md,
             "\nThe same ratios by **CPU time** per operation (the process's CPU time, all threads, over all its \
@@ -1029,18 +1119,15 @@ fn report(root: &Path, out_to: &Out, recs: &[Record]) -> Result<(), String> {
              these move less from run to run on a shared machine; for multi-threaded workloads they include \
              time spent spinning while waiting for the other thread (prodcons, larson's hand-offs).\n"
         );
+        let (hdr, sep) = self.peer_columns(true);
         let _ = writeln!(md, "{hdr}\n{sep}");
-        for w in &workloads {
-            let best_cpu = peers
-                .iter()
-                .filter_map(|p| cpu_ratio(w, p).map(|r| (*p, r)))
-                .max_by(|a, b| a.1.partial_cmp(&b.1).unwrap_or(std::cmp::Ordering::Equal));
-            let mut row = match best_cpu {
+        for w in &self.workloads {
+            let mut row = match self.best_cpu(w) {
                 Some((p, r)) => format!("| {w} | {} ({p}) |", fmt_ratio(r)),
                 None => format!("| {w} | – |"),
             };
-            for p in &peers {
-                match cpu_ratio(w, p) {
+            for p in &self.peers {
+                match self.cpu_ratio(w, p) {
                     Some(r) => {
                         let _ = write!(row, " {} |", fmt_ratio(r));
                     }
@@ -1050,44 +1137,55 @@ fn report(root: &Path, out_to: &Out, recs: &[Record]) -> Result<(), String> {
             let _ = writeln!(md, "{row}");
         }
     }
-    // Peak RSS summary.
-    let _ = writeln!(
-        md,
-        "\nPeak RSS, goheap / peer (median ru_maxrss of each workload group's process; < 1: goheap smaller):\n"
-    );
-    let (hdr, sep) = (hdr.replace(" goheap / best peer |", ""), sep.replacen("|---|", "|", 1));
-    let _ = writeln!(md, "{hdr}\n{sep}");
-    let groups_seen: Vec<(String, String)> = workloads
-        .iter()
-        .filter_map(|w| {
-            t.by.get(&(w.to_string(), "goheap".into()))
-                .and_then(|v| v.first())
-                .map(|r| (text(r, "group").unwrap_or(w).to_string(), w.to_string()))
-        })
-        .collect();
-    let mut done_groups = BTreeSet::new();
-    for (g, w) in &groups_seen {
-        if !done_groups.insert(g.clone()) {
-            continue;
-        }
-        // The last workload of a group carries the group's peak.
-        let last = groups_seen.iter().rev().find(|(g2, _)| g2 == g).map(|x| x.1.as_str()).unwrap_or(w);
-        let mut row = format!("| {g} (`{last}`) |");
-        for p in &peers {
-            match (t.stat(last, "goheap", "peak_rss_kb"), t.stat(last, p, "peak_rss_kb")) {
-                (Some(a), Some(b)) => {
-                    let _ = write!(row, " {} |", fmt_ratio(a.med / b.med));
-                }
-                _ => row.push_str(" – |"),
+
+    /// The summary's peak RSS ratios, one row per workload group.
+    fn summary_rss(&self, md: &mut String) {
+        let t = &self.t;
+        let _ = writeln!(
+            md,
+            "\nPeak RSS, goheap / peer (median ru_maxrss of each workload group's process; < 1: goheap smaller):\n"
+        );
+        let (hdr, sep) = self.peer_columns(false);
+        let _ = writeln!(md, "{hdr}\n{sep}");
+        let groups_seen: Vec<(String, String)> = self
+            .workloads
+            .iter()
+            .filter_map(|w| {
+                t.by.get(&(w.to_string(), "goheap".into()))
+                    .and_then(|v| v.first())
+                    .map(|r| (text(r, "group").unwrap_or(w).to_string(), w.to_string()))
+            })
+            .collect();
+        let mut done_groups = BTreeSet::new();
+        for (g, w) in &groups_seen {
+            if !done_groups.insert(g.clone()) {
+                continue;
             }
+            // The last workload of a group carries the group's peak.
+            let last = groups_seen.iter().rev().find(|(g2, _)| g2 == g).map(|x| x.1.as_str()).unwrap_or(w);
+            let mut row = format!("| {g} (`{last}`) |");
+            for p in &self.peers {
+                match (t.stat(last, "goheap", "peak_rss_kb"), t.stat(last, p, "peak_rss_kb")) {
+                    (Some(a), Some(b)) => {
+                        let _ = write!(row, " {} |", fmt_ratio(a.med / b.med));
+                    }
+                    _ => row.push_str(" – |"),
+                }
+            }
+            let _ = writeln!(md, "{row}");
         }
-        let _ = writeln!(md, "{row}");
     }
 
-    // Callgrind.
-    let cg: Vec<(&str, f64)> =
-        allocs.iter().filter_map(|a| t.stat("callgrind-pair-64", a, "instr_per_pair").map(|s| (*a, s.med))).collect();
-    if !cg.is_empty() {
+    /// The fast-path guard: instructions per 64 B pair under callgrind, if measured.
+    fn callgrind(&self, md: &mut String) {
+        let cg: Vec<(&str, f64)> = self
+            .allocs
+            .iter()
+            .filter_map(|a| self.t.stat("callgrind-pair-64", a, "instr_per_pair").map(|s| (*a, s.med)))
+            .collect();
+        if cg.is_empty() {
+            return;
+        }
         let _ = writeln!(md, "\n## Fast-path guard: instructions per 64 B alloc+free pair (callgrind)\n");
         let _ = writeln!(
             md,
@@ -1102,25 +1200,39 @@ fn report(root: &Path, out_to: &Out, recs: &[Record]) -> Result<(), String> {
         }
     }
 
-    // The in-QEMU comparison (`cargo xtask bench --kernel`), from its own results file.
-    md.push_str(&crate::bench_kernel::section(root));
-
-    // Per workload.
-    let _ = writeln!(md, "\n## Per workload\n");
-    let _ = writeln!(
-        md,
-        "ns/op is wall time per operation; for multi-threaded workloads, wall time × threads / all operations \
-         (the per-thread cost while running in parallel). Medians and min–max over the repetitions (n). Peak \
-         RSS is the process's ru_maxrss (the whole group's process, which ran the workloads listed before it \
-         too).\n"
-    );
-    for (w, what) in WORKLOADS {
-        if !workloads.contains(w) {
-            continue;
+    /// One subsection per workload: its table, and the memory tables of the workloads that have them.
+    fn per_workload(&self, md: &mut String) {
+        let _ = writeln!(md, "\n## Per workload\n");
+        let _ = writeln!(
+            md,
+            "ns/op is wall time per operation; for multi-threaded workloads, wall time × threads / all operations \
+             (the per-thread cost while running in parallel). Medians and min–max over the repetitions (n). Peak \
+             RSS is the process's ru_maxrss (the whole group's process, which ran the workloads listed before it \
+             too).\n"
+        );
+        for (w, what) in WORKLOADS {
+            if !self.workloads.contains(w) {
+                continue;
+            }
+            let _ = writeln!(md, "### {w}\n\n{what}.\n");
+            self.workload_table(md, w);
+            let has_live = self.allocs.iter().any(|a| self.t.stat(w, a, "live_bytes").is_some());
+            if has_live && *w != "frag" {
+                self.held_against_live(md, w);
+            }
+            if *w == "frag" {
+                self.frag_give_back(md, w);
+            }
+            let _ = writeln!(md);
         }
-        let _ = writeln!(md, "### {w}\n\n{what}.\n");
-        let lat = *w == "latency-8t";
-        let floor = allocs.iter().any(|a| t.stat(w, a, "floor_ns_per_op").is_some());
+    }
+
+    /// A workload's main table: time, CPU time and peak RSS per allocator (latency percentiles for
+    /// latency-8t, the pipeline floor where measured).
+    fn workload_table(&self, md: &mut String, w: &str) {
+        let t = &self.t;
+        let lat = w == "latency-8t";
+        let floor = self.allocs.iter().any(|a| t.stat(w, a, "floor_ns_per_op").is_some());
         let mut h = "| allocator | ns/op median | min–max | n | goheap/peer | CPU ns/op median | CPU goheap/peer | \
                      peak RSS MiB | RSS goheap/peer |"
             .to_string();
@@ -1135,19 +1247,20 @@ fn report(root: &Path, out_to: &Out, recs: &[Record]) -> Result<(), String> {
         }
         let _ = writeln!(md, "{h}\n{s}");
         let g_rss = t.stat(w, "goheap", "peak_rss_kb");
-        for a in &allocs {
+        for a in &self.allocs {
             let Some(st) = t.stat(w, a, "ns_per_op") else {
                 continue;
             };
             let rss = t.stat(w, a, "peak_rss_kb");
             let star = if t.partial(w, a) { " (capped)" } else { "" };
-            let r = if *a == "goheap" { "".into() } else { ratio(w, a).map(fmt_ratio).unwrap_or("–".into()) };
+            let r = if *a == "goheap" { "".into() } else { self.ratio(w, a).map(fmt_ratio).unwrap_or("–".into()) };
             let rr = match (g_rss, rss) {
                 (Some(g), Some(x)) if *a != "goheap" => fmt_ratio(g.med / x.med),
                 _ => "".into(),
             };
             let cpu = t.stat(w, a, "cpu_ns_per_op").map(|x| fmt_num(x.med)).unwrap_or_default();
-            let cr = if *a == "goheap" { "".into() } else { cpu_ratio(w, a).map(fmt_ratio).unwrap_or("–".into()) };
+            let cr =
+                if *a == "goheap" { "".into() } else { self.cpu_ratio(w, a).map(fmt_ratio).unwrap_or("–".into()) };
             let mut row = format!(
                 "| {a}{star} | {} | {}–{} | {} | {r} | {cpu} | {cr} | {} | {rr} |",
                 fmt_num(st.med),
@@ -1167,91 +1280,97 @@ fn report(root: &Path, out_to: &Out, recs: &[Record]) -> Result<(), String> {
             }
             let _ = writeln!(md, "{row}");
         }
-        // Memory held against live bytes.
-        let has_live = allocs.iter().any(|a| t.stat(w, a, "live_bytes").is_some());
-        if has_live && *w != "frag" {
-            let _ = writeln!(
-                md,
-                "\nHeld against live, at the workload's live point (all objects still allocated): live = bytes the \
-                 benchmark holds; RSS = the process's resident set then. For goheap, its own MemStats: \
-                 heap_inuse (pages of in-use spans), heap_sys − heap_released (pages held from the OS), \
-                 heap_alloc (its live bytes, class-rounded).\n"
-            );
-            let _ = writeln!(
-                md,
-                "| allocator | live MiB | RSS MiB | RSS / live | goheap heap_inuse MiB | held (sys − released) MiB | heap_alloc MiB | held / live |\n|---|---:|---:|---:|---:|---:|---:|---:|"
-            );
-            for a in &allocs {
-                let Some(live) = t.stat(w, a, "live_bytes") else { continue };
-                let rss = t.stat(w, a, "rss_live_kb").map(|x| x.med * 1024.0).unwrap_or(f64::NAN);
-                let f = |k: &str| t.stat(w, a, k).map(|x| x.med).unwrap_or(f64::NAN);
-                let held = f("gh_heap_sys") - f("gh_heap_released");
-                let mb = |x: f64| if x.is_finite() { format!("{:.1}", x / (1 << 20) as f64) } else { "".into() };
-                let _ = writeln!(
-                    md,
-                    "| {a} | {} | {} | {} | {} | {} | {} | {} |",
-                    mb(live.med),
-                    mb(rss),
-                    fmt_ratio(rss / live.med),
-                    mb(f("gh_heap_inuse")),
-                    mb(held),
-                    mb(f("gh_heap_alloc")),
-                    if held.is_finite() { fmt_ratio(held / live.med) } else { "".into() }
-                );
-            }
-        }
-        if *w == "frag" {
-            let _ = writeln!(
-                md,
-                "\nRSS against live bytes after freeing 90% (medians; MiB). goheap only: \"1 step\": one \
-                 `background(usize::MAX, usize::MAX)` (sweep every class, scavenge without byte budget); \
-                 \"scavenger ran\": that step repeated until the scavenger's window of recent in-use peaks has \
-                 moved past the pre-free peak (what the `Hosted::start_background` thread does over that many \
-                 periods). \"after trim\": the allocator's own give-back call where it has one (goheap \
-                 `release_all()`, glibc `malloc_trim(0)`, mimalloc `mi_collect(true)`, jemalloc \
-                 `arena.<all>.purge`). goheap held = heap_sys − heap_released from its MemStats.\n"
-            );
-            let _ = writeln!(
-                md,
-                "| allocator | filled | live | RSS full | RSS after free | 1 step | scavenger ran | after trim | trim | \
-                 after-trim RSS / live | goheap held: after free / scavenger ran / trim |\n\
-                 |---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"
-            );
-            for a in &allocs {
-                let f = |k: &str| t.stat(w, a, k).map(|x| x.med).unwrap_or(f64::NAN);
-                let mb = |x: f64| if x.is_finite() { format!("{:.1}", x / (1 << 20) as f64) } else { "".into() };
-                let kb = |x: f64| mb(x * 1024.0);
-                let trim = t.recs(w, a).first().and_then(|r| text(r, "trim")).unwrap_or("");
-                let held = |p: &str| f(&format!("{p}gh_heap_sys")) - f(&format!("{p}gh_heap_released"));
-                let star = if t.partial(w, a) { " (capped)" } else { "" };
-                let _ = writeln!(
-                    md,
-                    "| {a}{star} | {} | {} | {} | {} | {} | {} | {} | {trim} | {} | {} |",
-                    mb(f("filled_bytes")),
-                    mb(f("live_bytes")),
-                    kb(f("rss_full_kb")),
-                    kb(f("rss_after_free_kb")),
-                    kb(f("rss_after_background_kb")),
-                    kb(f("rss_after_scavenger_kb")),
-                    kb(f("rss_after_trim_kb")),
-                    fmt_ratio(f("rss_after_trim_kb") * 1024.0 / f("live_bytes")),
-                    if held("after_free_").is_finite() {
-                        format!(
-                            "{} / {} / {}",
-                            mb(held("after_free_")),
-                            mb(held("after_scavenger_")),
-                            mb(held("after_trim_"))
-                        )
-                    } else {
-                        "".into()
-                    }
-                );
-            }
-        }
-        let _ = writeln!(md);
     }
 
-    if !errors.is_empty() {
+    /// Memory held against live bytes at the workload's live point.
+    fn held_against_live(&self, md: &mut String, w: &str) {
+        let t = &self.t;
+        let _ = writeln!(
+            md,
+            "\nHeld against live, at the workload's live point (all objects still allocated): live = bytes the \
+             benchmark holds; RSS = the process's resident set then. For goheap, its own MemStats: \
+             heap_inuse (pages of in-use spans), heap_sys − heap_released (pages held from the OS), \
+             heap_alloc (its live bytes, class-rounded).\n"
+        );
+        let _ = writeln!(
+            md,
+            "| allocator | live MiB | RSS MiB | RSS / live | goheap heap_inuse MiB | held (sys − released) MiB | heap_alloc MiB | held / live |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for a in &self.allocs {
+            let Some(live) = t.stat(w, a, "live_bytes") else { continue };
+            let rss = t.stat(w, a, "rss_live_kb").map(|x| x.med * 1024.0).unwrap_or(f64::NAN);
+            let f = |k: &str| t.stat(w, a, k).map(|x| x.med).unwrap_or(f64::NAN);
+            let held = f("gh_heap_sys") - f("gh_heap_released");
+            let _ = writeln!(
+                md,
+                "| {a} | {} | {} | {} | {} | {} | {} | {} |",
+                mib_of_bytes(live.med),
+                mib_of_bytes(rss),
+                fmt_ratio(rss / live.med),
+                mib_of_bytes(f("gh_heap_inuse")),
+                mib_of_bytes(held),
+                mib_of_bytes(f("gh_heap_alloc")),
+                if held.is_finite() { fmt_ratio(held / live.med) } else { "".into() }
+            );
+        }
+    }
+
+    /// frag: RSS against live bytes after freeing 90%, after each allocator's give-back.
+    fn frag_give_back(&self, md: &mut String, w: &str) {
+        let t = &self.t;
+        let _ = writeln!(
+            md,
+            "\nRSS against live bytes after freeing 90% (medians; MiB). goheap only: \"1 step\": one \
+             `background(usize::MAX, usize::MAX)` (sweep every class, scavenge without byte budget); \
+             \"scavenger ran\": that step repeated until the scavenger's window of recent in-use peaks has \
+             moved past the pre-free peak (what the `Hosted::start_background` thread does over that many \
+             periods). \"after trim\": the allocator's own give-back call where it has one (goheap \
+             `release_all()`, glibc `malloc_trim(0)`, mimalloc `mi_collect(true)`, jemalloc \
+             `arena.<all>.purge`). goheap held = heap_sys − heap_released from its MemStats.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| allocator | filled | live | RSS full | RSS after free | 1 step | scavenger ran | after trim | trim | \
+             after-trim RSS / live | goheap held: after free / scavenger ran / trim |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"
+        );
+        for a in &self.allocs {
+            let f = |k: &str| t.stat(w, a, k).map(|x| x.med).unwrap_or(f64::NAN);
+            let mb = mib_of_bytes;
+            let kb = |x: f64| mb(x * 1024.0);
+            let trim = t.recs(w, a).first().and_then(|r| text(r, "trim")).unwrap_or("");
+            let held = |p: &str| f(&format!("{p}gh_heap_sys")) - f(&format!("{p}gh_heap_released"));
+            let star = if t.partial(w, a) { " (capped)" } else { "" };
+            let _ = writeln!(
+                md,
+                "| {a}{star} | {} | {} | {} | {} | {} | {} | {} | {trim} | {} | {} |",
+                mb(f("filled_bytes")),
+                mb(f("live_bytes")),
+                kb(f("rss_full_kb")),
+                kb(f("rss_after_free_kb")),
+                kb(f("rss_after_background_kb")),
+                kb(f("rss_after_scavenger_kb")),
+                kb(f("rss_after_trim_kb")),
+                fmt_ratio(f("rss_after_trim_kb") * 1024.0 / f("live_bytes")),
+                if held("after_free_").is_finite() {
+                    format!(
+                        "{} / {} / {}",
+                        mb(held("after_free_")),
+                        mb(held("after_scavenger_")),
+                        mb(held("after_trim_"))
+                    )
+                } else {
+                    "".into()
+                }
+            );
+        }
+    }
+
+    /// The runs killed at the time limit or failing, if any.
+    fn unfinished_runs(&self, md: &mut String) {
+        if self.errors.is_empty() {
+            return;
+        }
         let _ = writeln!(md, "## Runs that did not finish\n");
         let _ = writeln!(
             md,
@@ -1259,7 +1378,7 @@ fn report(root: &Path, out_to: &Out, recs: &[Record]) -> Result<(), String> {
              workloads have no entry above.\n"
         );
         let _ = writeln!(md, "| group | allocator | repetition | what happened |\n|---|---|---:|---|");
-        for r in &errors {
+        for r in &self.errors {
             let _ = writeln!(
                 md,
                 "| {} | {} | {} | {} |",
@@ -1271,18 +1390,15 @@ fn report(root: &Path, out_to: &Out, recs: &[Record]) -> Result<(), String> {
         }
         let _ = writeln!(md);
     }
+}
 
-    let notes_path = root.join("bench").join("NOTES.md");
-    if let Ok(notes) = std::fs::read_to_string(&notes_path) {
-        let _ = writeln!(md, "{}", notes.trim_end());
+/// Bytes in MiB with one decimal, or empty if not a number.
+fn mib_of_bytes(x: f64) -> String {
+    if x.is_finite() {
+        format!("{:.1}", x / (1 << 20) as f64)
+    } else {
+        String::new()
     }
-
-    let md_path = out_to.md.join("BENCHMARKS.md");
-    std::fs::write(&md_path, md).map_err(|e| format!("{}: {e}", md_path.display()))?;
-    let svg_path = out_to.results.join("ratios.svg");
-    std::fs::write(&svg_path, chart(&chart_rows, &peers)).map_err(|e| format!("{}: {e}", svg_path.display()))?;
-    say!("wrote {} and {}", md_path.display(), svg_path.display());
-    Ok(())
 }
 
 /// Colours of the peers in the chart.

@@ -2,14 +2,17 @@
 //!
 //! - `cargo xtask run [OPTIONS] [-- KERNEL_ARGS...]`: build the demo kernel, make a disk image and boot it in
 //!   QEMU (serial on stdout). See `run::USAGE`.
-//! - `cargo xtask test`: every test: host tests, the no_std build, clippy, and the QEMU test kernels.
+//! - `cargo xtask test`: every test: host tests, the no_std build, format and lint gates, and the QEMU test kernels.
 //! - `cargo xtask setup`: only install/check what the kernel side needs.
 //! - `cargo xtask gen-size-classes`: regenerate `src/object/sizeclass/table.rs`.
+//! - `cargo xtask fuzz [--time SECS] [TARGET]`: run the fuzz targets in `fuzz/` (see `fuzz.rs`).
 //!
 //! Each subcommand lives in its own module; add new ones beside them and a line in `main`.
 
 mod bench;
 mod bench_kernel;
+mod fuzz;
+mod gates;
 mod gen;
 mod kernel;
 mod proc;
@@ -30,7 +33,7 @@ usage: cargo xtask <command>
 commands:
   run [--bios] [--smp N] [--mem SIZE] [--release] [--timeout SECS] [--qemu-args \"ARGS\"] [-- KERNEL_ARGS...]
                       build and boot the demo kernel in QEMU (see `cargo xtask run --help`)
-  test                run every test: host tests, no_std build, clippy, QEMU test kernels
+  test                run every test: host tests, no_std build, fmt/clippy gates, QEMU test kernels
   setup               install/check QEMU, OVMF and the kernel toolchain only
   gen-size-classes    regenerate src/object/sizeclass/table.rs from goheap's generator
   bench [--quick] [--reps N] [--only GROUP,...] [--alloc NAME,...]
@@ -38,6 +41,8 @@ commands:
   bench --kernel [--cpus N,...] [--reps N] [--quick]
                       the same in the demo kernel in QEMU, against linked_list_allocator and talc heaps
                       (see `cargo xtask bench --kernel --help`)
+  fuzz [--time SECS] [TARGET]
+                      run the fuzz targets in fuzz/ (nightly, cargo-fuzz, AddressSanitizer) for SECS each
 ";
 
 /// The repository root (the workspace that holds xtask/).
@@ -78,6 +83,7 @@ fn main() -> ExitCode {
         },
         "gen-size-classes" => gen::main(&rest),
         "bench" => bench::main(&rest),
+        "fuzz" => fuzz::main(&rest),
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
             ExitCode::SUCCESS

@@ -4,7 +4,10 @@
 //! 2. host tests: `cargo test --workspace --all-features` with the toolchain running xtask (rustup's), then
 //!    `cargo test -p goheap --features std` (goheap's default build, without `checks`);
 //! 3. goheap built for `x86_64-unknown-none` with the kernel toolchain (it must stay no_std);
-//! 4. clippy on goheap (`-D warnings`), if clippy is installed;
+//! 4. style gates (`gates.rs`): `cargo fmt --check` in both workspaces, clippy `-D warnings` over each
+//!    feature set of goheap and over xtask and bench, each a pass or a fail;
+//!    then a short run of each fuzz target (`fuzz.rs`; skipped, with the reason, where the toolchain
+//!    cannot fuzz);
 //! 5. QEMU: the demo kernel under UEFI and BIOS, then every test kernel in `kernel-demo/tests/*.rs`.
 //!
 //! Test kernels: each `kernel-demo/tests/NAME.rs` is one kernel (custom_test_frameworks, or
@@ -24,6 +27,7 @@ use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::gates;
 use crate::kernel::{KernelBuilder, TestKernel};
 use crate::qemu::{self, Firmware, Outcome, QemuOptions};
 use crate::setup::{self, Tools};
@@ -97,10 +101,15 @@ pub fn main(args: &[String]) -> ExitCode {
     }
 
     done("step 3/5 (no_std build)");
-    say!("step 4/5: clippy");
-    clippy(&root, &mut sum);
+    say!("step 4/5: style gates (rustfmt --check, clippy -D warnings per feature set and crate)");
+    style_gates(&root, &mut sum);
 
-    done("step 4/5 (clippy)");
+    done("step 4/5 (style gates)");
+    say!("fuzz: {} s of each fuzz target (cargo xtask fuzz --time {})", crate::fuzz::TEST_SECS, crate::fuzz::TEST_SECS);
+    for (what, passed, failed, note) in crate::fuzz::test_step(&root) {
+        sum.add(what, passed, failed, note);
+    }
+    done("fuzz");
     say!("step 5/5: QEMU kernels");
     if let Some(tools) = &tools {
         qemu_kernels(tools, &mut sum);
@@ -226,26 +235,11 @@ fn nostd_build(root: &Path, tools: &Tools) -> Result<String, String> {
     }
 }
 
-fn clippy(root: &Path, sum: &mut Summary) {
-    let available = host_cargo(root)
-        .args(["clippy", "--version"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !available {
-        say!("clippy is not installed (`rustup component add clippy`): skipped");
-        return;
+fn style_gates(root: &Path, sum: &mut Summary) {
+    for mut gate in gates::all(root, || host_cargo(root)) {
+        let r = gates::run(&mut gate);
+        sum.check(&gate.name, r);
     }
-    let mut cmd = host_cargo(root);
-    cmd.args(["clippy", "-p", "goheap", "--all-targets", "--all-features", "--", "-D", "warnings"]);
-    say!("$ {}", proc::show(&cmd));
-    let r = match proc::run_streaming(&mut cmd, "clippy") {
-        Ok(s) if s.success() => Ok(String::new()),
-        Ok(s) => Err(format!("clippy -D warnings failed ({s}): see above")),
-        Err(e) => Err(format!("cannot run clippy: {e}")),
-    };
-    sum.check("clippy -p goheap --all-targets --all-features -D warnings", r);
 }
 
 /// Per-kernel settings from `//! xtask:` lines (see the module docs).

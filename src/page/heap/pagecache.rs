@@ -118,6 +118,7 @@ impl PageCache {
         let scav = self.scav & mask;
         self.cache &= !mask;
         self.scav &= !mask;
+        self.check();
         Some((self.base + i, scav, mask))
     }
 
@@ -126,6 +127,19 @@ impl PageCache {
         debug_assert!(self.cache & mask == 0 && scav & !mask == 0);
         self.cache |= mask;
         self.scav |= scav;
+        self.check();
+    }
+
+    /// With `validate` (the expensive check level): `scav ⊆ cache`, no free page without a held block, the
+    /// stash within bounds. Compiled out otherwise.
+    #[inline(always)]
+    fn check(&self) {
+        #[cfg(feature = "validate")]
+        {
+            assert_eq!(self.scav & !self.cache, 0, "page cache: scavenged pages that are not free");
+            assert!(self.held || self.cache == 0, "page cache: free pages without a block");
+            assert!(self.nspans <= SPAN_STASH, "page cache: stash overflow");
+        }
     }
 
     /// Whether the pages `[idx, idx + npages)` lie in the held block.

@@ -33,6 +33,7 @@ impl<S: PageSource> Heap<S> {
             addr_of_mut!((*sp).state).write(AtomicU8::new(SpanState::InUse as u8));
         }
         self.set_map(idx, npages, sp);
+        self.check_map(idx, npages, sp);
         let n = self.inuse_npages.fetch_add(npages, Ordering::Relaxed) + npages;
         self.epoch_peak_npages.fetch_max(n, Ordering::Relaxed);
         self.spans_inuse.fetch_add(1, Ordering::Relaxed);
@@ -45,6 +46,33 @@ impl<S: PageSource> Heap<S> {
             // SAFETY: `p` is a grown page, so its map entry is committed; entries are atomics.
             unsafe { (*map.add(p)).store(s, Ordering::Release) };
         }
+    }
+
+    /// With `validate` (the expensive check level): asserts that the page map entries of pages
+    /// `[idx, idx + n)` hold `s` (after a publication) or null (after a free), and that a published span is
+    /// `InUse` with the page-level fields the map implies. Compiled out otherwise.
+    #[inline(always)]
+    pub(super) fn check_map(&self, idx: usize, n: usize, s: *mut Span) {
+        #[cfg(feature = "validate")]
+        {
+            let map = self.map_base.load(Ordering::Relaxed);
+            for p in idx..idx + n {
+                // SAFETY: as in `set_map`.
+                let e = unsafe { (*map.add(p)).load(Ordering::Relaxed) };
+                assert_eq!(e, s, "heap: page map entry {p} is {e:p}, expected {s:p}");
+            }
+            if !s.is_null() {
+                let base = self.arena_base.load(Ordering::Relaxed) + idx * PAGE_SIZE;
+                // SAFETY: `s` was just published by us; its page-level fields are stable while it is in use.
+                let (b, np, st) = unsafe { ((*s).base, (*s).npages, (*s).state.load(Ordering::Relaxed)) };
+                assert!(
+                    b == base && np == n && st == SpanState::InUse as u8,
+                    "heap: span {s:p} published inconsistently"
+                );
+            }
+        }
+        #[cfg(not(feature = "validate"))]
+        let _ = (idx, n, s);
     }
 
     /// `(page index of the span's first page, npages)`.

@@ -203,6 +203,7 @@ impl<S: PageSource> Heap<S> {
     pub unsafe fn free_span(&self, pcache: Option<&mut PageCache>, span: NonNull<Span>) {
         let (idx, npages) = self.span_idx(span);
         self.set_map(idx, npages, core::ptr::null_mut());
+        self.check_map(idx, npages, core::ptr::null_mut());
         // SAFETY: the span is live (caller contract); `state` is an atomic field read lock-free elsewhere.
         unsafe { (*span.as_ptr()).state.store(SpanState::Dead as u8, Ordering::Release) };
         self.inuse_npages.fetch_sub(npages, Ordering::Relaxed);
