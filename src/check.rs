@@ -7,14 +7,70 @@
 //! class involved. The default hook panics with that message (in a kernel the panic handler prints it; a
 //! `#[global_allocator]` must not unwind, so `Hosted` installs a hook that prints to stderr and aborts).
 //!
-//! What is caught when:
-//! - always (no feature): frees of large objects are checked (the span lookup is needed anyway): foreign
-//!   pointers, pointers inside a large object, a large object freed twice. Small objects are checked when a
-//!   CPU's stock is flushed to the central list: a pointer outside the heap, in a span of another class, or
-//!   inside an object, and an object freed twice *if both frees reach the span*;
-//! - with feature `checks`: every free is checked at the moment of the free, before the object enters a
-//!   stock: misaligned pointer, foreign pointer, interior pointer, layout whose class differs from the
-//!   span's, and double free (a per-object live bit). Without the feature none of this is on the fast path.
+//! # What is caught when
+//!
+//! In every build (no feature), at a cost of a few instructions on the fast path:
+//! - a small free whose pointer is outside the heap's arena, or not 8-byte aligned, is refused before it
+//!   enters a stock (two loads and a compare: `Malloc::dealloc`'s arena check);
+//! - a small free of an object that is on this CPU's stock already is refused (glibc tcache's key: every
+//!   stocked object carries a key in its second word; only a free that finds the key scans the stock);
+//! - a tiny free looks its span up in the page map first: a pointer in no span, in a span of another
+//!   class, or past the blocks (in the counts) is refused before any count changes;
+//! - large frees and every `realloc` are validated against the page map (span, class, object start);
+//! - when a stock is flushed to the central list each object is validated (a live span of the stock's
+//!   class, an object's start, allocated), and when a span's deferred frees are folded (its sweep) a free of
+//!   an object that is not allocated is dropped, never counted, and reported.
+//!
+//! With feature `checks`, every free is checked at the moment of the free, before it touches any state:
+//! alignment, the span, the class, the object's start, and that the object is live (a per-object live bit
+//! for small objects, a per-block mask of live objects' first and inner bytes for tiny ones), so every cell below is reported at the free with
+//! the address, the reason and the span and class. Without the feature none of this is on the fast path.
+//!
+//! With `checks`, freed small objects are also poisoned (Go's `clobberfree`): the free fills the object,
+//! past the two words a stock uses for its link and key, with [`POISON`], and the allocation that hands the
+//! object out again verifies the pattern; a difference is reported as [`Reason::WriteAfterFree`] with the
+//! address of the first changed byte (`alloc_zeroed` clears the object instead of verifying it; tiny objects
+//! and large ones are not poisoned: a tiny block's siblings stay live, and large objects' pages go back to
+//! the page heap).
+//!
+//! # The catalogue (tested cell by cell in `tests/bad_free_catalogue.rs`)
+//!
+//! Where the object is when it is badly freed: **stock** (freed once and still on this CPU's stock; tiny:
+//! its block freed into this CPU's stock), **this** (in a span this CPU caches; tiny: this CPU's current
+//! block; for a double free, the first free already folded into it), **other** (the same for another CPU),
+//! **uncached** (a span no CPU caches; tiny: a retired block; large objects always). Foreign pointers are
+//! in no object. "free": reported by the bad free itself. "flush": reported when the stock holding the bad
+//! pointer is flushed or the span it went to is swept (a CPU's own `flush_cpu_cache`, its stock overflowing,
+//! or `background`) — if the stock hands the pointer out first, the report comes when that allocation is
+//! freed and flushed, and until then the stock's link (and key) words were written into the memory at the
+//! pointer. "harmless": no report, and no live object changes or is handed out twice. "gap": not detected
+//! without `checks`.
+//!
+//! | kind | tier | where | `checks` | without `checks` |
+//! |---|---|---|---|---|
+//! | double free | tiny | stock, this, other, uncached | free | gap: the block's count drops early and the block may be reused under a live sibling |
+//! | double free | small | stock | free | free (stock key) |
+//! | double free | small | this, other, uncached | free | flush (the sweep or the flush finds the object not allocated) |
+//! | double free | large | uncached | free | free (no live span) |
+//! | foreign pointer (stack, static, another allocator's block) | tiny, small, large | — | free | free (arena check; tiny and large: page map) |
+//! | interior pointer | tiny | this, other, uncached | free | gap: counted as a free of the block |
+//! | interior pointer | small | this, other, uncached | free | flush |
+//! | interior pointer | large | uncached | free | free |
+//! | misaligned | tiny, small | this, other, uncached | free | free |
+//! | misaligned | large | uncached | free (interior) | free (interior) |
+//! | wrong size, smaller class | tiny (another tiny size) | this, other, uncached | harmless (the free counts the object once) | harmless |
+//! | wrong size, smaller class | small (a smaller class) | this, other, uncached | free | flush |
+//! | wrong size, smaller class | small (the tiny path) | this, other, uncached | free | free (page map) |
+//! | wrong size, larger class | tiny (a size class), small | this, other, uncached | free | flush |
+//! | wrong size, larger class | large (more pages) | uncached | harmless (the span knows its pages) | harmless |
+//! | wrong size, large vs small | tiny, small freed as large | this, other, uncached | free | free |
+//! | wrong size, large vs small | large freed as small | uncached | free | flush |
+//! | wrong alignment (same size, larger alignment) | tiny, small (another class) | this, other, uncached | free | flush |
+//! | wrong alignment | large | uncached | harmless (alignment matters only when allocating) | harmless |
+//!
+//! Not in the table, and not detectable by any allocator: a double free after the object was handed out
+//! again (it frees the new allocation). Also known: without `checks`, a double free whose first free sits on
+//! *another* CPU's stock is caught only when both reach the span (the key scan covers this CPU's stock).
 
 use core::fmt;
 use core::sync::atomic::{AtomicPtr, Ordering};
@@ -32,9 +88,13 @@ pub enum Reason {
     Misaligned { align: usize },
     /// The layout given to `dealloc` maps to another class than the object's span.
     LayoutMismatch { size: usize, align: usize },
+    /// With `checks`: byte `offset` of the object changed while it was free (a write after free), found when
+    /// the object was handed out again. `addr` is the object's address.
+    WriteAfterFree { offset: usize },
 }
 
-/// A refused free, with what goheap knows about the address.
+/// A refused free (or, with `checks`, a write after free found when the object was handed out again), with
+/// what goheap knows about the address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BadFree {
     /// The pointer passed to `dealloc`/`realloc`.
@@ -51,8 +111,18 @@ pub struct BadFree {
 
 impl fmt::Display for BadFree {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "goheap: invalid free of {:#x}: ", self.addr)?;
+        if let Reason::WriteAfterFree { offset } = self.reason {
+            write!(
+                f,
+                "goheap: write after free at {:#x} (byte {offset} of the object at {:#x} changed while it was free)",
+                self.addr + offset,
+                self.addr
+            )?;
+        } else {
+            write!(f, "goheap: invalid free of {:#x}: ", self.addr)?;
+        }
         match self.reason {
+            Reason::WriteAfterFree { .. } => {}
             Reason::NotInHeap => write!(f, "not a live allocation of this heap (foreign pointer, or freed twice)")?,
             Reason::DoubleFree => write!(f, "double free (object is not allocated)")?,
             Reason::Interior => write!(f, "interior pointer (not the start of an object)")?,
@@ -154,4 +224,43 @@ pub(crate) fn report_flush_error<S: crate::source::PageSource>(
         FlushError::NotAllocated(a) => (a, Reason::DoubleFree),
     };
     report_with(heap, hook, addr, reason)
+}
+
+/// With `checks`: the pattern freed small objects are filled with (Go's `clobberfree` uses the same word),
+/// repeated little-endian.
+#[cfg(feature = "checks")]
+pub const POISON: u32 = 0xdead_beef;
+
+/// Bytes at the start of a freed object that the allocator itself writes while the object is free (a stock's
+/// link and key): the poison check skips them.
+#[cfg(feature = "checks")]
+pub(crate) const POISON_SKIP: usize = 2 * core::mem::size_of::<usize>();
+
+#[cfg(feature = "checks")]
+#[inline]
+fn poison_byte(i: usize) -> u8 {
+    POISON.to_le_bytes()[i % 4]
+}
+
+/// Fills bytes `[POISON_SKIP, len)` of the freed object at `p` with the poison pattern.
+///
+/// # Safety
+/// `p` is valid for writes of `len` bytes and nobody else uses them.
+#[cfg(feature = "checks")]
+pub(crate) unsafe fn poison(p: *mut u8, len: usize) {
+    for i in POISON_SKIP..len {
+        // SAFETY: `i < len` (the caller's contract).
+        unsafe { p.add(i).write(poison_byte(i)) };
+    }
+}
+
+/// The offset of the first byte in `[POISON_SKIP, len)` of the object at `p` that no longer holds the poison
+/// pattern, if any.
+///
+/// # Safety
+/// `p` is valid for reads of `len` bytes.
+#[cfg(feature = "checks")]
+pub(crate) unsafe fn poison_damage(p: *const u8, len: usize) -> Option<usize> {
+    // SAFETY: `i < len` (the caller's contract).
+    (POISON_SKIP..len).find(|&i| unsafe { p.add(i).read() } != poison_byte(i))
 }

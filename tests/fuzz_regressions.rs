@@ -108,12 +108,12 @@ fn replay_known_defect(name: &str) {
 
 // Issue 12's defects, as `bad_free` finds them with GOHEAP_FUZZ_KNOWN_DEFECTS=1 (inputs minimized by libFuzzer
 // or written by hand in the harness's format; `GOHEAP_FUZZ_TRACE=1` with `replay_from_env` shows each
-// operation). Each fails today; remove its `ignore` with the fix (`cargo test -- --ignored` runs them).
+// operation). Each failed before issue 12's fixes (branch c-badinput); the docs below describe the defect as it
+// was, and each case now checks the report the fuzz harness expects.
 
 /// A tiny object (1 B) freed twice with `checks` on: the second free is not reported (the tiny path checks
 /// no live bit; the block's count goes negative and the block can be reused while a sibling lives).
 #[test]
-#[ignore = "issue 12: tiny double free not detected yet"]
 fn known_defect_tiny_double_free() {
     replay_known_defect("tiny-double-free");
 }
@@ -121,7 +121,6 @@ fn known_defect_tiny_double_free() {
 /// `dealloc(p + 1, Layout(7, 1))` of a tiny object with `checks` on: accepted (the tiny path returns before
 /// the interior check), the block's count is decremented for an object that is still live.
 #[test]
-#[ignore = "issue 12: tiny interior pointer not detected yet"]
 fn known_defect_tiny_interior_pointer() {
     replay_known_defect("tiny-interior");
 }
@@ -132,7 +131,6 @@ fn known_defect_tiny_interior_pointer() {
 /// then reports at the free; where the new block follows the span, the copy overlaps its source: the fuzzer
 /// saw `copy_nonoverlapping`'s precondition fail and AddressSanitizer report the copy.)
 #[test]
-#[ignore = "issue 12: realloc does not validate its pointer yet"]
 fn known_defect_realloc_large_interior_pointer() {
     replay_known_defect("realloc-large-interior");
 }
@@ -140,7 +138,6 @@ fn known_defect_realloc_large_interior_pointer() {
 /// `realloc(p + 1, Layout(7, 1), 1016)` of a tiny object: moved to a 1016 B block and the interior pointer
 /// "freed" on the unchecked tiny path, so the original object's block count is corrupted, unreported.
 #[test]
-#[ignore = "issue 12: realloc does not validate its pointer yet (tiny path)"]
 fn known_defect_realloc_tiny_interior_pointer() {
     replay_known_defect("realloc-tiny-interior");
 }

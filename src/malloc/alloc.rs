@@ -4,6 +4,7 @@
 //! See `lib.rs` for an overview of the allocator and `malloc/mod.rs` for the guards and locks.
 
 use super::*;
+use crate::object::class::{stock_key_slot, STOCK_KEY_MIN_SIZE};
 
 impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// Allocates memory for `layout`; null when out of memory. `layout.size()` may be 0 (then 1 byte is used).
@@ -50,8 +51,13 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                     if let Some(p) = unsafe { cache.alloc_fast::<ZERO>(c, &slot.shared) } {
                         cache.next_sample = left;
                         drop(guard);
+                        if !ZERO {
+                            // SAFETY: `p` is ours, of a class of at least 16 bytes (the fast path's): clear
+                            // the stock key it may carry, so its free does not scan the stock.
+                            unsafe { *stock_key_slot(p) = 0 };
+                        }
                         #[cfg(feature = "checks")]
-                        mark_live(&self.t.heap, p);
+                        self.mark_live(p, ZERO);
                         return p;
                     }
                 }
@@ -82,7 +88,12 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 p
             } else {
                 // SAFETY: `route` returns size classes below `NUM_SIZE_CLASSES` (or the tiny class, above).
-                unsafe { cache.alloc::<S, ZERO>(t, r, e.sh, g) }
+                let p = unsafe { cache.alloc::<S, ZERO>(t, r, e.sh, g) };
+                if !ZERO && !p.is_null() && class_shape(r).elemsize as usize >= STOCK_KEY_MIN_SIZE {
+                    // SAFETY: `p` is ours and has room for the stock key (cleared as in `alloc_impl`).
+                    unsafe { *stock_key_slot(p) = 0 };
+                }
+                p
             }
         };
         let mut p = small(e.cache);
@@ -98,8 +109,12 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         let me = e.sh.index;
         drop(e);
         #[cfg(feature = "checks")]
-        if !p.is_null() && r != TINY_CLASS {
-            mark_live(&self.t.heap, p);
+        if !p.is_null() {
+            if r == TINY_CLASS {
+                mark_tiny_live(p, size);
+            } else {
+                self.mark_live(p, ZERO);
+            }
         }
         if sampled && !p.is_null() {
             self.record_sample(p as usize, size, r, me);
@@ -163,17 +178,37 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     }
 }
 
-/// With `checks`: marks a freshly allocated small object live.
-#[cfg(feature = "checks")]
-#[inline]
-pub(super) fn mark_live<S: PageSource>(heap: &Heap<S>, p: *mut u8) {
-    if let Some(s) = heap.span_of(p as usize) {
+impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
+    /// With `checks`: marks a freshly allocated small object live, and if it was freed by the user since it
+    /// was last handed out, verifies the poison pattern its free left (unless `zeroed`: `alloc_zeroed` has
+    /// cleared it already): a difference is reported as a write after free.
+    #[cfg(feature = "checks")]
+    #[inline]
+    pub(super) fn mark_live(&self, p: *mut u8, zeroed: bool) {
+        let Some(s) = self.t.heap.span_of(p as usize) else { return };
         let s = s.as_ptr();
-        // SAFETY: live span; `live_bits` are atomics.
+        // SAFETY: live span; `live_bits` and `poisoned` are atomics; the object is ours (just handed out).
         unsafe {
             let (idx, _) = Span::object_index(s, p as usize);
-            let prev = (*s).live_bits[idx / 64].fetch_or(1 << (idx % 64), Ordering::AcqRel);
-            debug_assert_eq!(prev & (1 << (idx % 64)), 0, "goheap: handed out a live object {p:p}");
+            let bit = 1u64 << (idx % 64);
+            let prev = (*s).live_bits[idx / 64].fetch_or(bit, Ordering::AcqRel);
+            debug_assert_eq!(prev & bit, 0, "goheap: handed out a live object {p:p}");
+            let was_poisoned = (*s).poisoned[idx / 64].fetch_and(!bit, Ordering::Acquire) & bit != 0;
+            if was_poisoned && !zeroed {
+                if let Some(offset) = check::poison_damage(p, (*s).elemsize as usize) {
+                    self.report(p as usize, Reason::WriteAfterFree { offset });
+                }
+            }
         }
     }
+}
+
+/// With `checks`: marks a freshly allocated tiny object of `size` bytes live in its block's live mask.
+#[cfg(feature = "checks")]
+#[inline]
+fn mark_tiny_live(p: *mut u8, size: usize) {
+    let (start, inside) = crate::object::class::tiny_live_bits(p as usize, size);
+    // SAFETY: `p` was just handed out from a tiny block of a live tiny span; the mask is atomic.
+    let prev = unsafe { crate::object::class::tiny_live(p as usize) }.fetch_or(start | inside, Ordering::AcqRel);
+    debug_assert_eq!(prev & (start | inside), 0, "goheap: handed out a live tiny object {p:p}");
 }

@@ -4,6 +4,9 @@
 //! See `lib.rs` for an overview of the allocator and `malloc/mod.rs` for the guards and locks.
 
 use super::*;
+use crate::object::class::in_tiny_blocks;
+#[cfg(feature = "checks")]
+use crate::object::class::{tiny_live, tiny_live_bits};
 
 impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// Frees `ptr`, allocated by this allocator with `layout`.
@@ -22,22 +25,39 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             let c = sizeclass::class_of(size);
             #[cfg(feature = "checks")]
             self.check_small_free(ptr, layout, c);
-            let (guard, idx) = self.provider.enter_leaf();
-            if let Some(i) = idx {
-                // SAFETY: as in `alloc_impl`: index `i` is ours while the guard lives (a leaf section).
-                let slot = unsafe { self.caches.get_unchecked(i) };
-                // SAFETY: as above.
-                let cache = unsafe { &mut *slot.cache.get() };
-                // SAFETY: forwarded contract: `ptr` is a class-`c` object of ours; `c` is a size class.
-                if unsafe { cache.free_fast(c, ptr, &slot.shared) } {
-                    drop(guard);
-                    return;
+            // A pointer outside the heap's arena, or misaligned, never enters a stock (the general path
+            // reports it).
+            if self.in_arena(ptr as usize) {
+                let (guard, idx) = self.provider.enter_leaf();
+                if let Some(i) = idx {
+                    // SAFETY: as in `alloc_impl`: index `i` is ours while the guard lives (a leaf section).
+                    let slot = unsafe { self.caches.get_unchecked(i) };
+                    // SAFETY: as above.
+                    let cache = unsafe { &mut *slot.cache.get() };
+                    // SAFETY: forwarded contract: `ptr` is a class-`c` object of ours (at least 16 bytes: the
+                    // fast path serves no smaller class); `c` is a size class.
+                    if unsafe { cache.free_fast(c, ptr, &slot.shared) } {
+                        drop(guard);
+                        return;
+                    }
                 }
+                drop(guard);
             }
-            drop(guard);
         }
         // SAFETY: forwarded contract.
         unsafe { self.dealloc_general(ptr, layout, fast) }
+    }
+
+    /// Whether `addr` lies in the grown part of the heap's arena and is 8-byte aligned (as every object of a
+    /// size class is): the check every small free makes before its object may enter a stock. Two loads, a
+    /// rotate, a shift and a compare: with `off = addr - arena_base` and `grown` a multiple of 8,
+    /// `off.rotate_right(3) < grown >> 3` holds exactly when `off < grown` and `off % 8 == 0` (a misaligned
+    /// offset rotates its low bits to the top, above any `grown >> 3`).
+    #[inline(always)]
+    pub(super) fn in_arena(&self, addr: usize) -> bool {
+        let h = &self.t.heap;
+        let off = addr.wrapping_sub(h.arena_base.load(Ordering::Relaxed));
+        off.rotate_right(3) < h.grown_bytes.load(Ordering::Relaxed) >> 3
     }
 
     /// Every free the fast path does not finish. `checked`: the fast path already ran the `checks`.
@@ -58,10 +78,22 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         }
         #[cfg(not(feature = "checks"))]
         let _ = checked;
+        // Without `checks`, the checks every build makes: the count a tiny free decrements must be a tiny
+        // block's, and a small object must lie in the heap's arena before it enters a stock.
+        #[cfg(not(feature = "checks"))]
+        if r == TINY_CLASS {
+            self.validate_small(ptr, layout, r, false);
+        } else if !self.in_arena(ptr as usize) {
+            let addr = ptr as usize;
+            if addr % sizeclass::MIN_ALIGN != 0 {
+                self.report(addr, Reason::Misaligned { align: layout.align().max(sizeclass::MIN_ALIGN) });
+            }
+            self.report(addr, Reason::NotInHeap);
+        }
         let e = self.enter();
         let g = e.held.guarded();
         if r == TINY_CLASS {
-            // SAFETY: forwarded contract: a tiny-path object.
+            // SAFETY: forwarded contract: a tiny-path object (in a tiny span's blocks, checked above).
             unsafe { e.cache.free_tiny(&self.t, ptr, e.sh, g) }
         } else {
             // SAFETY: forwarded contract: an object of class `r`.
@@ -69,9 +101,18 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         }
     }
 
-    /// With `checks`: validates a small or tiny free before it touches any state.
+    /// With `checks`: validates a small or tiny free before it touches any state, and marks the object
+    /// free (so a second free is caught).
     #[cfg(feature = "checks")]
     pub(super) fn check_small_free(&self, ptr: *mut u8, layout: Layout, r: Route) {
+        self.validate_small(ptr, layout, r, true)
+    }
+
+    /// Validates `ptr` as a small or tiny object of route `r` (a size class or [`TINY_CLASS`]) for `layout`:
+    /// aligned, in a live span of that class, at an object's start (tiny: in the span's blocks, not its
+    /// counts). With `checks` also that the object is live; `consume` then marks it free (a free; a
+    /// `realloc` only looks). Reports and does not return on failure.
+    pub(super) fn validate_small(&self, ptr: *mut u8, layout: Layout, r: Route, consume: bool) {
         let addr = ptr as usize;
         let bad = |reason| -> ! { self.report(addr, reason) };
         if addr % layout.align() != 0 {
@@ -79,23 +120,78 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         }
         let Some(s) = self.t.heap.span_of(addr) else { bad(Reason::NotInHeap) };
         let s = s.as_ptr();
-        // SAFETY: live span; shape fields immutable while in use; `live_bits` are atomics.
+        // SAFETY: live span; shape fields immutable while in use; live bits and masks are atomics.
         unsafe {
             if (*s).class as usize != r {
                 bad(Reason::LayoutMismatch { size: layout.size(), align: layout.align() });
             }
             if r == TINY_CLASS {
-                return; // tiny objects share blocks: only the block's count knows them (see cpucache.rs)
+                if !in_tiny_blocks(addr) {
+                    bad(Reason::Interior);
+                }
+                #[cfg(feature = "checks")]
+                {
+                    let mask = tiny_live(addr);
+                    let (start, inside) = tiny_live_bits(addr, layout.size());
+                    let not_live = |m: u32| {
+                        // Not the start of a live object: inside one, or freed already (or never handed out).
+                        bad(if m & (start << 16) != 0 { Reason::Interior } else { Reason::DoubleFree })
+                    };
+                    let m = mask.load(Ordering::Acquire);
+                    if m & start == 0 {
+                        not_live(m);
+                    }
+                    if consume && mask.fetch_and(!(start | inside), Ordering::AcqRel) & start == 0 {
+                        not_live(0); // a concurrent free of the same object won the race
+                    }
+                }
+                #[cfg(not(feature = "checks"))]
+                let _ = consume;
+                return;
             }
             let (idx, exact) = Span::object_index(s, addr);
-            if !exact {
+            if !exact || idx >= (*s).nelems as usize {
                 bad(Reason::Interior);
             }
-            let bit = 1u64 << (idx % 64);
-            if (*s).live_bits[idx / 64].fetch_and(!bit, Ordering::AcqRel) & bit == 0 {
-                bad(Reason::DoubleFree);
+            #[cfg(feature = "checks")]
+            {
+                let bit = 1u64 << (idx % 64);
+                let w = &(*s).live_bits[idx / 64];
+                let was = if consume { w.fetch_and(!bit, Ordering::AcqRel) } else { w.load(Ordering::Acquire) };
+                if was & bit == 0 {
+                    bad(Reason::DoubleFree);
+                }
+                if consume {
+                    // Clobber the freed object (Go's clobberfree); the allocation that hands it out again
+                    // verifies the pattern (see `mark_live`).
+                    check::poison(ptr, (*s).elemsize as usize);
+                    (*s).poisoned[idx / 64].fetch_or(bit, Ordering::Release);
+                }
             }
         }
+    }
+
+    /// The span of large object `ptr` freed (or reallocated) with `layout`, validated: in a live large span,
+    /// at the object's start (in guard mode: where `alloc_large` put it). Reports and does not return on
+    /// failure.
+    fn large_span(&self, ptr: *mut u8, layout: Layout, guarded: bool) -> NonNull<Span> {
+        let addr = ptr as usize;
+        let Some(s) = self.t.heap.span_of(addr) else { self.report(addr, Reason::NotInHeap) };
+        // SAFETY: live span; its shape fields are immutable while in use.
+        let (base, class, npages) = unsafe { ((*s.as_ptr()).base, (*s.as_ptr()).class, (*s.as_ptr()).npages) };
+        if class != 0 {
+            self.report(addr, Reason::LayoutMismatch { size: layout.size(), align: layout.align() });
+        }
+        let start = if guarded {
+            let guard = base + (npages - 1) * PAGE_SIZE;
+            (guard.wrapping_sub(layout.size())) & !(layout.align() - 1)
+        } else {
+            base
+        };
+        if addr != start {
+            self.report(addr, Reason::Interior);
+        }
+        s
     }
 
     /// Frees a large object.
@@ -103,24 +199,10 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// # Safety
     /// As for [`Malloc::dealloc`].
     pub(super) unsafe fn free_large(&self, ptr: *mut u8, layout: Layout, guarded: bool) {
-        let addr = ptr as usize;
-        let s = match self.t.heap.span_of(addr) {
-            Some(s) => s,
-            None => self.report(addr, Reason::NotInHeap),
-        };
+        let s = self.large_span(ptr, layout, guarded);
         // SAFETY: live span; its shape fields are immutable while in use.
-        let (base, class, npages) = unsafe { ((*s.as_ptr()).base, (*s.as_ptr()).class, (*s.as_ptr()).npages) };
-        if class != 0 {
-            self.report(addr, Reason::LayoutMismatch { size: layout.size(), align: layout.align() });
-        }
+        let (base, npages) = unsafe { ((*s.as_ptr()).base, (*s.as_ptr()).npages) };
         let guard_page = base + (npages - 1) * PAGE_SIZE;
-        if guarded {
-            if addr != (guard_page - layout.size()) & !(layout.align() - 1) {
-                self.report(addr, Reason::Interior);
-            }
-        } else if base != addr {
-            self.report(addr, Reason::Interior);
-        }
         self.with_cache(|c, t, sh, g| {
             if guarded {
                 // SAFETY: the guard page was decommitted by `alloc_large`; the span is the caller's.
@@ -142,17 +224,28 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// size maps to the same class, or for a large object when the heap can grow or shrink its span in place;
     /// otherwise allocate, copy, free. Null (and the old allocation intact) when out of memory.
     ///
+    /// `ptr` is validated against `layout` first, in every build, as a `checks` free would validate it (a
+    /// live span of `layout`'s class, the object's start; with `checks`, a live object): bad input is
+    /// reported before anything is read, copied or resized.
+    ///
     /// # Safety
     /// `ptr` was returned by this allocator for `layout`; `new_size` rounded up to `layout.align()` does not
     /// overflow `isize`.
     pub unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let align = layout.align();
         let (old_r, new_r) = (self.route(layout.size(), align), self.route(new_size, align));
+        // Validate as a free would (before reading the object or resizing anything); the free at the end of
+        // the copy path then checks again.
+        let large = if old_r == LARGE || old_r == GUARDED {
+            Some(self.large_span(ptr, layout, old_r == GUARDED))
+        } else {
+            self.validate_small(ptr, layout, old_r, false);
+            None
+        };
         if old_r == new_r && old_r != TINY_CLASS && old_r != LARGE && old_r != GUARDED {
             return ptr;
         }
-        if old_r == LARGE && new_r == LARGE {
-            let Some(s) = self.t.heap.span_of(ptr as usize) else { self.report(ptr as usize, Reason::NotInHeap) };
+        if let (Some(s), LARGE, LARGE) = (large, old_r, new_r) {
             // SAFETY: live span.
             let old_npages = unsafe { (*s.as_ptr()).npages };
             let new_npages = npages_for(new_size);

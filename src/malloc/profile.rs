@@ -33,6 +33,10 @@ pub struct ProfileBucket {
 /// Go's default `MemProfileRate`: one sample per 512 KiB allocated on average.
 pub const DEFAULT_PROFILE_RATE: usize = 512 << 10;
 
+/// Largest profile rate: `2 * rate` (the draw's range) still fits the countdown, a non-negative `isize`
+/// (2^62 on 64-bit targets). [`Malloc::set_profile_rate`] clamps to it.
+pub(super) const MAX_PROFILE_RATE: usize = (isize::MAX as usize >> 1) + 1;
+
 /// With profiling off, a CPU rechecks the rate after this many bytes.
 pub(super) const PROFILE_RECHECK_BYTES: isize = 64 << 20;
 
@@ -50,8 +54,10 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// Sets the heap-profile sampling rate (Go's `MemProfileRate`): on average one sample per `rate` bytes
     /// allocated; 0 turns sampling off. Each CPU picks a change up at its next sample (or within 64 MiB of
     /// allocation when sampling was off), so set it early for an exact rate.
+    /// Rates above 2^62 (2^30 on 32-bit targets) are clamped to it: the draw needs `2 * rate` to fit the
+    /// countdown, a non-negative `isize`.
     pub fn set_profile_rate(&self, rate: usize) {
-        self.profiler.rate.store(rate, Ordering::Relaxed);
+        self.profiler.rate.store(rate.min(MAX_PROFILE_RATE), Ordering::Relaxed);
     }
 
     /// Calls `hook` for every sample (outside every allocator lock and guard; the hook may allocate).
@@ -81,7 +87,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// Draws the next sampling distance; returns whether the allocation that ran out is sampled.
     #[cold]
     pub(super) fn resample(&self, c: &mut CpuCache) -> bool {
-        let rate = self.profiler.rate.load(Ordering::Relaxed);
+        let rate = self.profiler.rate.load(Ordering::Relaxed).min(MAX_PROFILE_RATE);
         if rate == 0 {
             c.next_sample = PROFILE_RECHECK_BYTES;
             return false;
@@ -93,6 +99,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         x ^= x >> 7;
         x ^= x << 17;
         c.sample_rng = x;
+        // `2 * rate <= 2^63` (as u64) and the remainder is below it, so it fits a non-negative isize.
         c.next_sample = (x % (2 * rate as u64)) as isize;
         true
     }

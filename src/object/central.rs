@@ -35,7 +35,7 @@
 //! Lock order: a Central lock may be held while taking the heap lock (to return empty spans), never the
 //! other way round; no two Central locks are held at once.
 
-use super::class::{init_tiny_counts, ClassShape, TINY_CLASS};
+use super::class::{init_tiny_counts, stock_key_slot, ClassShape, STOCK_KEY_MIN_SIZE, TINY_CLASS};
 use crate::check::FlushError;
 use crate::cpu::{Guarded, GuardedMutex};
 use crate::page::heap::pagecache::PageCache;
@@ -242,20 +242,23 @@ impl Central {
     }
 
     /// Takes back span `s` from CPU cache `cpu`: folds its deferred frees and files it as partial or full.
+    /// Returns the address of a deferred free of an object that was not allocated (a double free, dropped
+    /// by the sweep; see `Span::sweep`) for the caller to report.
     ///
     /// # Safety
     /// `s` is a span of this class that CPU cache `cpu` caches, and the caller is that cache's owner and
     /// stops using `s` now.
-    pub unsafe fn uncache_span(&self, g: Guarded<'_>, s: NonNull<Span>) {
+    pub unsafe fn uncache_span(&self, g: Guarded<'_>, s: NonNull<Span>) -> Option<usize> {
         let s = s.as_ptr();
         let mut lists = self.lock.lock(g);
         // SAFETY: under the lock no flusher can add deferred frees; the caller gives up the span, so the
         // object fields become the lock's.
         unsafe {
             debug_assert_ne!((*s).cached_by, NOT_CACHED);
-            Span::sweep(s);
+            let swept = Span::sweep(s);
             (*s).cached_by = NOT_CACHED;
             self.file(&mut lists, s);
+            swept.bad
         }
     }
 
@@ -312,6 +315,7 @@ impl Central {
         cpu: u16,
     ) -> Result<(Flushed, *mut u8), FlushError> {
         let mut out = Flushed::default();
+        let keyed = self.shape.elemsize as usize >= STOCK_KEY_MIN_SIZE;
         let mut lists = self.lock.lock(g);
         // The span being gathered and its object range `[lo, hi)`.
         let mut s: *mut Span = ptr::null_mut();
@@ -355,6 +359,11 @@ impl Central {
             if mask & bit != 0 {
                 // The same object twice in this flush.
                 return Err(FlushError::NotAllocated(addr));
+            }
+            if keyed {
+                // SAFETY: `obj` is an object of this class (checked above), still ours until it is folded.
+                // Objects of keyed classes carry the stock key in their second word; it leaves the stock here.
+                unsafe { *stock_key_slot(obj) = 0 };
             }
             mask |= bit;
         }

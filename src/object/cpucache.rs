@@ -47,11 +47,16 @@
 //!   `grown_bytes == Σ (max - stock_max(class)) * size(class) <= STOCK_GROW_BYTES`; every object on a
 //!   stock is allocated in its span's
 //!   bitmap (`alloc_bits`/`freeindex`) and free for the user;
+//! - every object on a stock of a class of at least 16 bytes holds `STOCK_KEY` in its second word (glibc
+//!   tcache's key: a free that finds it scans the stock for a double free); objects leave the stock with
+//!   it cleared (the allocation paths and `Central::flush` clear it);
 //! - `span` is null or a span of `class` with `cached_by == index`; its object fields are the owner's;
 //! - `tiny != 0` ⇒ `tiny` is a block of a tiny span, `tiny_offset <= 16`, `tiny_nobjs >= 1`.
 
 use super::central::{Central, Flushed};
-use super::class::{class_shape, tiny_count, NUM_ALLOC_CLASSES, TINY_CLASS, TINY_SIZE};
+use super::class::{
+    class_shape, stock_key_slot, tiny_count, NUM_ALLOC_CLASSES, STOCK_KEY, STOCK_KEY_MIN_SIZE, TINY_CLASS, TINY_SIZE,
+};
 use crate::cpu::Guarded;
 use crate::page::heap::pagecache::PageCache;
 use crate::page::heap::Heap;
@@ -360,15 +365,48 @@ impl CpuCache {
     pub(crate) unsafe fn free_fast(&mut self, c: usize, p: *mut u8, sh: &CpuShared) -> bool {
         // SAFETY: `c < NUM_ALLOC_CLASSES` (the caller's contract).
         let cc = unsafe { self.classes.get_unchecked_mut(c) };
-        if cc.nstock >= cc.max {
+        // SAFETY: the object is ours and has room for the key (the caller's contract).
+        if cc.nstock >= cc.max || unsafe { *stock_key_slot(p) } == STOCK_KEY {
             return false;
         }
-        // SAFETY: the object is free and at least 8 bytes: it can hold the link.
-        unsafe { *(p as *mut *mut u8) = cc.stock };
+        // SAFETY: forwarded contract.
+        unsafe { self.push(c, p, true, sh) };
+        true
+    }
+
+    /// Pushes `p` on class `c`'s stock (below its bound), writing the stock key if `keyed`.
+    ///
+    /// # Safety
+    /// `p` is a free object of class `c`, at least 8 bytes, and at least [`STOCK_KEY_MIN_SIZE`] if `keyed`;
+    /// `c < NUM_ALLOC_CLASSES`.
+    #[inline(always)]
+    unsafe fn push(&mut self, c: usize, p: *mut u8, keyed: bool, sh: &CpuShared) {
+        // SAFETY: `c < NUM_ALLOC_CLASSES` (the caller's contract).
+        let cc = unsafe { self.classes.get_unchecked_mut(c) };
+        // SAFETY: the object is free and at least 8 bytes (16 if keyed): it can hold the link and the key.
+        unsafe {
+            *(p as *mut *mut u8) = cc.stock;
+            if keyed {
+                *stock_key_slot(p) = STOCK_KEY;
+            }
+        }
         cc.stock = p;
         cc.nstock += 1;
         sh.stats.nfree(c).bump();
-        true
+    }
+
+    /// Whether `p` is on class `c`'s stock (a scan: only when `p` carries the stock key).
+    fn stock_contains(&self, c: usize, p: *mut u8) -> bool {
+        let cc = &self.classes[c];
+        let mut q = cc.stock;
+        for _ in 0..cc.nstock {
+            if q == p {
+                return true;
+            }
+            // SAFETY: the stock holds `nstock` well-formed links through its objects' first words.
+            q = unsafe { *(q as *mut *mut u8) };
+        }
+        false
     }
 
     /// The address of object `idx` of owned span `s`, zeroed if asked and not known fresh.
@@ -407,14 +445,18 @@ impl CpuCache {
                     return Self::object::<ZERO>(s, idx);
                 }
                 // Full: fold frees other CPUs deferred to us (the sweep of a cached span), else give it back.
-                if Span::has_deferred_frees(s) && Span::sweep(s) > 0 {
-                    let idx = Span::next_free(s).expect("swept span has a free object");
-                    sh.stats.nmalloc[c].bump();
-                    return Self::object::<ZERO>(s, idx);
+                if Span::has_deferred_frees(s) {
+                    let swept = Span::sweep(s);
+                    report_bad_sweep(t, swept.bad);
+                    if swept.nfreed > 0 {
+                        let idx = Span::next_free(s).expect("swept span has a free object");
+                        sh.stats.nmalloc[c].bump();
+                        return Self::object::<ZERO>(s, idx);
+                    }
                 }
-                t.centrals[c].uncache_span(g, NonNull::new_unchecked(s));
+                self.classes[c].span = ptr::null_mut();
+                report_bad_sweep(t, t.centrals[c].uncache_span(g, NonNull::new_unchecked(s)));
             }
-            self.classes[c].span = ptr::null_mut();
         }
         let Some(s) = t.centrals[c].cache_span(g, &t.heap, Some(&mut self.pcache), sh.index) else {
             return ptr::null_mut();
@@ -445,14 +487,22 @@ impl CpuCache {
         sh: &CpuShared,
         g: Guarded<'_>,
     ) {
-        // SAFETY: forwarded contract.
-        if unsafe { self.free_fast(c, p, sh) } {
-            return;
+        let keyed = class_shape(c).elemsize as usize >= STOCK_KEY_MIN_SIZE;
+        if keyed {
+            // SAFETY: forwarded contract; the class has room for the key.
+            if unsafe { self.free_fast(c, p, sh) } {
+                return;
+            }
+            // SAFETY: as above.
+            if unsafe { *stock_key_slot(p) } == STOCK_KEY && self.stock_contains(c, p) {
+                crate::check::report_with(&t.heap, t.report_hook, p as usize, crate::check::Reason::DoubleFree);
+            }
         }
-        self.make_room(t, c, sh, g);
+        if self.classes[c].nstock >= self.classes[c].max {
+            self.make_room(t, c, sh, g);
+        }
         // SAFETY: forwarded contract; `make_room` left the stock below its bound.
-        let pushed = unsafe { self.free_fast(c, p, sh) };
-        debug_assert!(pushed, "stock still full after make_room");
+        unsafe { self.push(c, p, keyed, sh) };
     }
 
     /// Class `c`'s stock is at its bound: doubles the bound if the class refilled since it last grew and
@@ -556,6 +606,12 @@ impl CpuCache {
             return block;
         }
         sh.stats.tiny_nmalloc.bump();
+        // SAFETY: a fresh 16-byte block: its second word is ours (it may hold the stock key).
+        unsafe { *stock_key_slot(block) = 0 };
+        // With `checks`: the block holds no live object; clear what frees with a wrong size may have left.
+        #[cfg(feature = "checks")]
+        // SAFETY: `block` is a block of a live tiny span.
+        unsafe { super::class::tiny_live(block as usize) }.store(0, Ordering::Relaxed);
         if self.tiny != 0 && size >= self.tiny_offset {
             // As Go: keep whichever block has more room left. The current one does, so the new block holds
             // just this object and is retired at once (its count becomes 1).
@@ -617,7 +673,7 @@ impl CpuCache {
             if !s.is_null() {
                 self.classes[c].span = ptr::null_mut();
                 // SAFETY: we cache `s` and stop using it now.
-                unsafe { t.centrals[c].uncache_span(g, NonNull::new_unchecked(s)) };
+                report_bad_sweep(t, unsafe { t.centrals[c].uncache_span(g, NonNull::new_unchecked(s)) });
             }
         }
         t.heap.flush_page_cache(g, &mut self.pcache);
@@ -640,9 +696,20 @@ impl CpuCache {
             // SAFETY: we own the cached spans' object fields.
             if !s.is_null() && unsafe { Span::has_deferred_frees(s) } {
                 // SAFETY: as above.
-                n += unsafe { Span::sweep(s) };
+                let swept = unsafe { Span::sweep(s) };
+                report_bad_sweep(t, swept.bad);
+                n += swept.nfreed;
             }
         }
         n
+    }
+}
+
+/// Reports a double free a sweep found (a deferred free of an object that was not allocated); the sweep
+/// has already dropped it, so the span's counts are exact whatever the report hook does.
+#[inline]
+fn report_bad_sweep<S: PageSource>(t: &Tiers<S>, bad: Option<usize>) {
+    if let Some(addr) = bad {
+        crate::check::report_with(&t.heap, t.report_hook, addr, crate::check::Reason::DoubleFree);
     }
 }

@@ -99,6 +99,10 @@ pub struct Span {
     /// `alloc_bits`). Set on allocation, cleared on free, both atomically, so a double free is caught at once.
     #[cfg(feature = "checks")]
     pub(crate) live_bits: [AtomicU64; SPAN_BITMAP_WORDS],
+    /// With `checks`: 1 = freed by the user and filled with the poison pattern since (see `check.rs`); the
+    /// allocation that hands the object out again verifies the pattern and clears the bit.
+    #[cfg(feature = "checks")]
+    pub(crate) poisoned: [AtomicU64; SPAN_BITMAP_WORDS],
 }
 
 // The cache-line layout the struct's docs describe.
@@ -110,6 +114,17 @@ const _: () = {
     assert!(offset_of!(Span, free_bits) >= offset_of!(Span, alloc_bits) + 8 * SPAN_BITMAP_WORDS);
     assert!(offset_of!(Span, free_bits) < offset_of!(Span, alloc_bits) + 8 * SPAN_BITMAP_WORDS + 64);
 };
+
+/// What `Span::sweep` folded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub struct Swept {
+    /// Objects freed (deferred frees of allocated objects).
+    pub nfreed: usize,
+    /// The address of an object whose deferred free found it not allocated (a double free), if any; such
+    /// frees are dropped, not counted.
+    pub bad: Option<usize>,
+}
 
 /// `cached_by` value of a span that no CPU cache holds.
 pub const NOT_CACHED: u16 = u16::MAX;
@@ -189,8 +204,9 @@ impl Span {
             (*s).cached_by = NOT_CACHED;
             (*s).list = SpanList::None as u8;
             #[cfg(feature = "checks")]
-            for w in &(*s).live_bits {
-                w.store(0, Ordering::Relaxed);
+            for (l, p) in (*s).live_bits.iter().zip(&(*s).poisoned) {
+                l.store(0, Ordering::Relaxed);
+                p.store(0, Ordering::Relaxed);
             }
         }
         // SAFETY: as above; the shape is set.
@@ -243,12 +259,14 @@ impl Span {
     ///
     /// # Safety
     /// As for [`Span::objs`].
-    pub(crate) unsafe fn sweep(s: *mut Span) -> usize {
+    pub(crate) unsafe fn sweep(s: *mut Span) -> Swept {
         // SAFETY: forwarded contract.
-        let nfreed = unsafe { Span::objs(s) }.sweep();
+        let (nfreed, bad) = unsafe { Span::objs(s) }.sweep();
         // SAFETY: forwarded contract.
         unsafe { Span::check(s) };
-        nfreed
+        // SAFETY: the shape fields are immutable while the span is in use.
+        let bad = bad.map(|idx| unsafe { (*s).base + idx * (*s).elemsize as usize });
+        Swept { nfreed, bad }
     }
 
     /// Whether frees wait in `free_bits` (a racy hint: a flusher may be adding one right now).
@@ -394,21 +412,30 @@ impl SpanObjs<'_> {
     }
 
     /// Sweeps the span: folds the deferred frees in `free_bits` into the exact bitmap. Returns how many
-    /// objects were freed. Leaves the span materialised (`freeindex == 0`).
-    fn sweep(mut self) -> usize {
+    /// objects were freed and the index of one deferred free of an object that was not allocated, if any.
+    /// Leaves the span materialised (`freeindex == 0`).
+    ///
+    /// Only frees of allocated objects are folded and counted, so `nalloc` stays exact whatever arrived in
+    /// `free_bits`; a free of an object that is not allocated (a double free whose first free was folded
+    /// already) is dropped and returned for the caller to report, in every build.
+    fn sweep(mut self) -> (usize, Option<usize>) {
         self.materialise();
-        let mut nfreed = 0;
-        for (a, fb) in self.alloc_bits.iter_mut().zip(self.free_bits).take(words_for(self.nelems)) {
+        let (mut nfreed, mut bad) = (0, None);
+        for (w, (a, fb)) in self.alloc_bits.iter_mut().zip(self.free_bits).take(words_for(self.nelems)).enumerate() {
             if fb.load(Ordering::Relaxed) != 0 {
                 let f = fb.swap(0, Ordering::Acquire);
-                debug_assert_eq!(f & !*a, 0, "freed object not allocated");
-                *a &= !f;
-                nfreed += f.count_ones() as usize;
+                let not_allocated = f & !*a;
+                if not_allocated != 0 && bad.is_none() {
+                    bad = Some(w * 64 + not_allocated.trailing_zeros() as usize);
+                }
+                let real = f & *a;
+                *a &= !real;
+                nfreed += real.count_ones() as usize;
             }
         }
         *self.nalloc -= nfreed as u16;
         *self.alloc_cache = !self.alloc_bits[0];
-        nfreed
+        (nfreed, bad)
     }
 
     /// Frees the objects `mask` of bitmap word `w` of an uncached span at once (a batch of frees under the
