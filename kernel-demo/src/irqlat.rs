@@ -51,7 +51,8 @@ pub enum Kind {
     Background = 6,
     /// `Malloc::release_all`: everything free given back to the page source.
     ReleaseAll = 7,
-    /// `Malloc::set_memory_limit` lowering the limit: scavenging down to it.
+    /// `Malloc::set_memory_limit` lowering the limit, and the background steps that then scavenge toward it
+    /// (goheap's `set_memory_limit` only sets the goal).
     Limit = 8,
 }
 

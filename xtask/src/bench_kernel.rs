@@ -249,7 +249,9 @@ fn run(o: &Opts) -> Result<(), String> {
     let tool = kb.build_image_tool()?;
     let features: &[&str] = if o.checks { &["checks"] } else { &[] };
     let kernel = kb.build_demo_with_features(true, features, "kernel-demo-kbench")?;
-    let image = kb.make_image(&tool, &kernel, "kbench", Firmware::Uefi, &o.kernel_args())?;
+    // Separate names per mode, so a TCG and an -icount run can share the build directory.
+    let tag = if o.icount { "-icount" } else { "" };
+    let image = kb.make_image(&tool, &kernel, &format!("kbench{tag}"), Firmware::Uefi, &o.kernel_args())?;
     let build_secs = t_build.elapsed().as_secs_f64();
 
     let mut lines: Vec<Record> = Vec::new();
@@ -290,7 +292,7 @@ fn run(o: &Opts) -> Result<(), String> {
         let mut features = features.to_vec();
         features.push("irq-latency");
         let kernel = kb.build_demo_with_features(true, &features, "kernel-demo-kbench-lat")?;
-        let image = kb.make_image(&tool, &kernel, "kbench-lat", Firmware::Uefi, &o.latency_args())?;
+        let image = kb.make_image(&tool, &kernel, &format!("kbench-lat{tag}"), Firmware::Uefi, &o.latency_args())?;
         say!("kernel bench: latency kernel built in {}", proc::fmt_duration(t_build.elapsed()));
         for &cpus in &o.cpus {
             let opts = QemuOptions {
@@ -346,17 +348,17 @@ fn run(o: &Opts) -> Result<(), String> {
     let mut all = vec![meta];
     all.extend(lines);
 
+    if o.icount {
+        // Repeatability: the counts against the published -icount run's (any configuration may check).
+        if let Ok(prev) = std::fs::read_to_string(icount_path(&root)) {
+            let prev: Vec<Record> = prev.lines().filter_map(parse_line).collect();
+            let check = crate::kbench_report::repeat_check(&prev, &all);
+            say!("kernel bench: {check}");
+            all[0].insert("repeat_check".into(), Val::Str(check));
+        }
+    }
     if o.published() {
         let path = if o.icount { icount_path(&root) } else { results_path(&root) };
-        if o.icount {
-            // Repeatability: the counts against the previous published run's, if it measured the same code.
-            if let Ok(prev) = std::fs::read_to_string(&path) {
-                let prev: Vec<Record> = prev.lines().filter_map(parse_line).collect();
-                let check = crate::kbench_report::repeat_check(&prev, &all);
-                say!("kernel bench: against the previous -icount run: {check}");
-                all[0].insert("repeat_check".into(), Val::Str(check));
-            }
-        }
         let text: String = all.iter().map(|r| to_line(r) + "\n").collect();
         std::fs::create_dir_all(path.parent().expect("has a parent")).map_err(|e| e.to_string())?;
         std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;

@@ -26,7 +26,8 @@
 //! spinning on a lock is), `ops` all threads' operations. The xtask reports only ratios of medians from
 //! the same process, by CPU time.
 //!
-//! Usage: `goheap-kproxy [--threads 1,2] [--reps N] [--quick]`.
+//! Usage: `goheap-kproxy [--threads 1,2] [--reps N] [--quick] [--alloc NAME] [--workload NAME]` (the last
+//! two restrict the run to one allocator or workload, e.g. under callgrind).
 
 use std::alloc::Layout;
 use std::hint::black_box;
@@ -595,6 +596,8 @@ fn main() {
     let mut threads = vec![1usize, 2];
     let mut reps = 11usize;
     let mut quick = false;
+    let mut only_alloc: Option<String> = None;
+    let mut only_workload: Option<String> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -605,8 +608,13 @@ fn main() {
             }
             "--reps" => reps = it.next().and_then(|v| v.parse().ok()).expect("--reps N"),
             "--quick" => quick = true,
+            "--alloc" => only_alloc = it.next().cloned(),
+            "--workload" => only_workload = it.next().cloned(),
             other => {
-                eprintln!("usage: goheap-kproxy [--threads 1,2] [--reps N] [--quick] (unknown {other:?})");
+                eprintln!(
+                    "usage: goheap-kproxy [--threads 1,2] [--reps N] [--quick] [--alloc NAME] [--workload NAME] \
+                     (unknown {other:?})"
+                );
                 std::process::exit(2);
             }
         }
@@ -621,17 +629,21 @@ fn main() {
         threads.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","),
         AREA_BYTES >> 20
     );
+    let allocs: Vec<Alloc> =
+        ALLOCS.iter().copied().filter(|a| only_alloc.as_deref().is_none_or(|o| o == a.name())).collect();
+    let workloads: Vec<Workload> =
+        WORKLOADS.iter().copied().filter(|w| only_workload.as_deref().is_none_or(|o| o == w.name())).collect();
     for &n in &threads {
         // Warm-up: every workload once on every allocator (page faults, goheap's first spans), not reported.
-        for w in WORKLOADS.iter().copied().filter(|w| w.runs_on(n)) {
-            for a in ALLOCS {
+        for w in workloads.iter().copied().filter(|w| w.runs_on(n)) {
+            for &a in &allocs {
                 run(w, a, n, true);
             }
         }
         for rep in 0..reps {
-            for w in WORKLOADS.iter().copied().filter(|w| w.runs_on(n)) {
-                for k in 0..ALLOCS.len() {
-                    let a = ALLOCS[(k + rep) % ALLOCS.len()];
+            for w in workloads.iter().copied().filter(|w| w.runs_on(n)) {
+                for k in 0..allocs.len() {
+                    let a = allocs[(k + rep) % allocs.len()];
                     let ((ns, cpu_ns), ops) = run(w, a, n, quick);
                     println!(
                         "{{\"kproxy\":true,\"threads\":{n},\"workload\":\"{}\",\"alloc\":\"{}\",\"rep\":{rep},\"ns\":{ns},\"cpu_ns\":{cpu_ns},\"ops\":{ops}}}",
