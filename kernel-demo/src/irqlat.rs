@@ -248,6 +248,35 @@ pub fn skipped(ncpus: usize) -> u64 {
     SKIPPED.iter().take(ncpus.min(MAX_CPUS)).map(|s| s.load(Ordering::Relaxed)).sum()
 }
 
+/// A short report on the serial console (the demo's report): per call kind and section type with any
+/// sections, their number, mean and longest stretch in TSC ticks; one line saying how to get it when the
+/// kernel was built without the feature.
+pub fn print_report(ncpus: usize) {
+    if !ENABLED {
+        crate::serial_println!(
+            "interrupts-off stretches inside goheap: not measured in this build (kernel-demo feature `irq-latency`; \
+             `cargo xtask bench --kernel` measures them)"
+        );
+        return;
+    }
+    crate::serial_println!("interrupts-off stretches inside goheap, by call kind (TSC ticks; leaf = fast path):");
+    for kind in Kind::ALL {
+        for leaf in [true, false] {
+            let (s, _) = summary(kind, leaf, ncpus);
+            if s.count > 0 {
+                crate::serial_println!(
+                    "  {:<17} {:<4} {:>9} sections, mean {:>8}, max {:>10}",
+                    kind.name(),
+                    if leaf { "leaf" } else { "full" },
+                    s.count,
+                    s.sum / s.count,
+                    s.max
+                );
+            }
+        }
+    }
+}
+
 #[cfg(feature = "irq-latency")]
 pub use measured::{MeasuredCpus, MeasuredGuard};
 
