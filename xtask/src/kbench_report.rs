@@ -338,7 +338,7 @@ impl Lat {
 /// What a (kind, section) row is, for people.
 fn row_name(kind: &str, section: &str) -> String {
     let leaf = section == "leaf";
-    match kind {
+    let name: String = match kind {
         "small-alloc" if leaf => "small alloc, fast path".into(),
         "small-alloc" => "small alloc, refill / general path".into(),
         "small-free" if leaf => "small free, fast path".into(),
@@ -351,6 +351,12 @@ fn row_name(kind: &str, section: &str) -> String {
         "set-memory-limit" => "`set_memory_limit` (limit 4 MiB above the live heap)".into(),
         "other" => format!("untagged ({section})"),
         k => format!("{k} ({section})"),
+    };
+    // Kinds other than small alloc/free can have leaf sections too (a small free inside a realloc, say).
+    if leaf && !kind.starts_with("small-") && kind != "other" {
+        format!("{name}: its fast-path sections")
+    } else {
+        name
     }
 }
 
@@ -410,8 +416,12 @@ pub(crate) fn latency_section(icount: &[Record], tcg: &[Record]) -> String {
          rounds. \"Whole call\" is the longest call of that kind in the latency phase, guard or not: where it \
          is far above the longest section, most of the call ran with interrupts on. Under -icount the figures \
          are instructions (at 4 CPUs the shared clock also counts the other CPUs' instructions during a \
-         stretch: an upper bound); under TCG, TSC ticks of host time (noisy). Bucket `<2^b` holds stretches \
-         of 2^(b-1) to 2^b - 1.\n",
+         stretch: an upper bound); under TCG, TSC ticks of host time: a virtual CPU is a host thread that the \
+         loaded host deschedules at any instruction, so TCG maxima (even of a fast path) are mostly host \
+         preemption, and only the body of those histograms means anything. Bucket `<2^b` holds stretches of \
+         2^(b-1) to 2^b - 1. A section on one CPU also grows while it spins on a goheap lock that another \
+         CPU holds (at 4 CPUs the other CPUs' background steps wait for the heap lock while the first CPU \
+         commits or releases large runs).\n",
     );
     for (recs, unit, mode) in sets {
         let lats = lat_lines(recs);
