@@ -59,7 +59,11 @@ pub fn step() -> Option<BackgroundReport> {
     if !heap::goheap_ready() {
         return None;
     }
+    // Tagged for the interrupt-latency figures (`irqlat`; nothing without its feature).
+    let was = crate::irqlat::kind();
+    crate::irqlat::set_kind(crate::irqlat::Kind::Background);
     let rep = HEAP.background(MAX_SPANS, SCAVENGE_BUDGET);
+    crate::irqlat::set_kind(was);
     STEPS.fetch_add(1, Ordering::Relaxed);
     if rep.nbytes_released > 0 {
         let before = RELEASED.fetch_add(rep.nbytes_released, Ordering::Relaxed);

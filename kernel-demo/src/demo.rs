@@ -617,6 +617,7 @@ fn print_report(n: usize, start: &goheap::stats::MemStats, after1: &goheap::stat
         hs.inuse_bytes >> 10,
         goheap::object::central::KEEP_EMPTY_SPANS
     );
+    kernel_demo::irqlat::print_report(n);
 }
 
 /// The demo's verdict: `release_all` shrank the heap and the comparison heap was left empty.

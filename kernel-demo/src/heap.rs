@@ -9,8 +9,8 @@
 //! - **goheap** ([`HEAP`]): every allocation after [`init_goheap`], on every CPU. goheap never allocates
 //!   from itself or from the early heap: its metadata comes straight from its page source.
 //! - **Comparison heap** (only while [`compare_begin`] .. [`compare_end`] run): a peer allocator over one
-//!   area of a given size, chosen at [`compare_begin`] ([`CompareKind`]: `linked_list_allocator` or
-//!   talc), for measuring the same workload on another heap (the demo's phase 2, the `--bench` kernel
+//!   area of a given size, chosen at [`compare_begin`] ([`CompareKind`]: `linked_list_allocator`,
+//!   talc, or the empty allocator that measures the harness's own cost), for measuring the same workload on another heap (the demo's phase 2, the `--bench` kernel
 //!   bench). Its area is one large goheap allocation; frees of its objects go to it by address.
 //!
 //! The global allocator picks the heap for `alloc` by a mode flag and for `dealloc` by address (early
@@ -71,20 +71,34 @@ pub const SHOOTDOWN: Option<ShootdownHook> = Some(crate::apic::tlb_shootdown);
 
 /// goheap's page source type in this kernel.
 pub type Source = FrameSource<OffsetPageTable<'static>, Frames>;
+/// goheap's CPU provider in this kernel: `IrqCpus`, or with the feature `irq-latency` the same wrapped in
+/// `crate::irqlat::MeasuredCpus`, which times every interrupts-off section.
+#[cfg(not(feature = "irq-latency"))]
+pub type Cpus = &'static IrqCpus;
+/// goheap's CPU provider in this kernel (see the other definition).
+#[cfg(feature = "irq-latency")]
+pub type Cpus = crate::irqlat::MeasuredCpus;
+
 /// goheap as this kernel instantiates it.
-pub type KernelHeap = Malloc<Source, &'static IrqCpus>;
+pub type KernelHeap = Malloc<Source, Cpus>;
 
 static CPUS: IrqCpus = IrqCpus::new(current_cpu_index);
+
+#[cfg(not(feature = "irq-latency"))]
+const PROVIDER: Cpus = &CPUS;
+#[cfg(feature = "irq-latency")]
+const PROVIDER: Cpus = crate::irqlat::MeasuredCpus::new(&CPUS);
 
 /// The kernel heap. Statistics, `background`, `flush_cpu_cache`, `release_all` and the memory limit are
 /// reached through it.
 pub static HEAP: KernelHeap =
-    Malloc::with_max_bytes(FrameSource::new(HEAP_WINDOW_START, HEAP_WINDOW_BYTES, SHOOTDOWN), &CPUS, HEAP_MAX_BYTES);
+    Malloc::with_max_bytes(FrameSource::new(HEAP_WINDOW_START, HEAP_WINDOW_BYTES, SHOOTDOWN), PROVIDER, HEAP_MAX_BYTES);
 
 const MODE_EARLY: u8 = 0;
 const MODE_GOHEAP: u8 = 1;
 const MODE_COMPARE_LL: u8 = 2;
 const MODE_COMPARE_TALC: u8 = 3;
+const MODE_COMPARE_EMPTY: u8 = 4;
 /// Which heap serves `alloc` (frees go by address).
 static MODE: AtomicU8 = AtomicU8::new(MODE_EARLY);
 
@@ -99,6 +113,12 @@ pub enum CompareKind {
     /// talc's `Talck` (size-binned free lists with boundary tags) under a `spinning_top` spin lock: the
     /// configuration of the host benchmark.
     Talc,
+    /// The *empty allocator*: a per-CPU bump pointer that wraps around in its CPU's share of the area, with
+    /// a free that does nothing. Not a heap (blocks are reused after a wrap while still "live"); it measures
+    /// what the bench harness and the global allocator's dispatch cost around an allocator, so the kernel
+    /// bench can subtract it (`kbench.rs`). Its own cost (a `gs:` load, an align-up, a compare, a store) is
+    /// about ten instructions per allocation.
+    Empty,
 }
 
 impl CompareKind {
@@ -107,6 +127,7 @@ impl CompareKind {
         match self {
             CompareKind::LinkedList => "llalloc",
             CompareKind::Talc => "talc",
+            CompareKind::Empty => "empty",
         }
     }
 }
@@ -124,6 +145,32 @@ static TALC_HEAP: spin::Mutex<Option<(usize, usize)>> = spin::Mutex::new(None);
 /// is empty exactly when its allocated extent is back to this (see [`compare_end`]).
 static TALC_BASELINE_END: AtomicUsize = AtomicUsize::new(0);
 
+/// CPUs with their own part of the empty allocator's area (others share the last part).
+const EMPTY_CPUS: usize = 16;
+/// Each CPU's bump offset in its part of the area (written only by that CPU: plain load and store).
+static EMPTY_OFF: [AtomicUsize; EMPTY_CPUS] = [const { AtomicUsize::new(0) }; EMPTY_CPUS];
+/// Bytes of each CPU's part (the area's size / [`EMPTY_CPUS`]).
+static EMPTY_PART: AtomicUsize = AtomicUsize::new(0);
+
+/// The empty allocator's `alloc` ([`CompareKind::Empty`]): the next `layout`-aligned bytes of this CPU's
+/// part, wrapping to its start when they do not fit; null if the block is larger than a part.
+#[inline]
+fn empty_alloc(layout: Layout) -> *mut u8 {
+    let cpu = crate::percpu::current_index().unwrap_or(0).min(EMPTY_CPUS - 1);
+    let part = EMPTY_PART.load(Ordering::Relaxed);
+    let off = EMPTY_OFF[cpu].load(Ordering::Relaxed);
+    let (size, align) = (layout.size(), layout.align());
+    let mut start = (off + align - 1) & !(align - 1);
+    if start + size > part {
+        if size > part {
+            return core::ptr::null_mut();
+        }
+        start = 0;
+    }
+    EMPTY_OFF[cpu].store(start + size, Ordering::Relaxed);
+    (COMPARE_START.load(Ordering::Relaxed) + cpu * part + start) as *mut u8
+}
+
 /// The global allocator: dispatches to the early heap, goheap or the comparison heap (module docs).
 pub struct KernelAllocator;
 
@@ -135,14 +182,15 @@ enum Owner {
     Early,
     CompareLl,
     CompareTalc,
+    CompareEmpty,
     Goheap,
 }
 
 fn compare_owner(mode: u8) -> Owner {
-    if mode == MODE_COMPARE_TALC {
-        Owner::CompareTalc
-    } else {
-        Owner::CompareLl
+    match mode {
+        MODE_COMPARE_TALC => Owner::CompareTalc,
+        MODE_COMPARE_EMPTY => Owner::CompareEmpty,
+        _ => Owner::CompareLl,
     }
 }
 
@@ -179,7 +227,9 @@ fn current_owner() -> Owner {
 // the comparison area are disjoint from each other and from goheap's window (the comparison area is a
 // goheap allocation, but while it is registered goheap hands none of its bytes to anyone else), and the
 // comparison area records which peer allocator owns it until it is unregistered. Each allocator is itself
-// a sound GlobalAlloc.
+// a sound GlobalAlloc, except the empty allocator, whose blocks may overlap earlier ones after its bump
+// pointer wraps: it is only routed to through the `unsafe fn compare_begin_empty`, whose caller promises
+// that until `compare_end` nothing allocates that relies on such blocks being disjoint.
 unsafe impl GlobalAlloc for KernelAllocator {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
@@ -189,6 +239,7 @@ unsafe impl GlobalAlloc for KernelAllocator {
             Owner::CompareLl => unsafe { COMPARE_LL.alloc(layout) },
             // SAFETY: as above.
             Owner::CompareTalc => unsafe { COMPARE_TALC.alloc(layout) },
+            Owner::CompareEmpty => empty_alloc(layout),
             // SAFETY: as above.
             Owner::Early => unsafe { EARLY.alloc(layout) },
         }
@@ -203,6 +254,14 @@ unsafe impl GlobalAlloc for KernelAllocator {
             Owner::CompareLl => unsafe { COMPARE_LL.alloc_zeroed(layout) },
             // SAFETY: as above.
             Owner::CompareTalc => unsafe { COMPARE_TALC.alloc_zeroed(layout) },
+            Owner::CompareEmpty => {
+                let p = empty_alloc(layout);
+                if !p.is_null() {
+                    // SAFETY: `p` is `layout.size()` bytes of the registered area.
+                    unsafe { core::ptr::write_bytes(p, 0, layout.size()) };
+                }
+                p
+            }
             // SAFETY: as above.
             Owner::Early => unsafe { EARLY.alloc_zeroed(layout) },
         }
@@ -218,6 +277,8 @@ unsafe impl GlobalAlloc for KernelAllocator {
             Owner::CompareLl => unsafe { COMPARE_LL.dealloc(ptr, layout) },
             // SAFETY: as above, for the area talc owns.
             Owner::CompareTalc => unsafe { COMPARE_TALC.dealloc(ptr, layout) },
+            // The empty allocator frees nothing.
+            Owner::CompareEmpty => {}
             // SAFETY: `ptr` lies in the early array, so the early heap allocated it with `layout`.
             Owner::Early => unsafe { EARLY.dealloc(ptr, layout) },
         }
@@ -298,8 +359,25 @@ pub fn committed_frames() -> usize {
 /// Routes all new allocations to a fresh comparison heap of `kind` over `bytes`, carved out of goheap as
 /// one large allocation, for a measurement. Call on one CPU while the others wait (none may be
 /// allocating); returns false if goheap could not supply the area, or if an earlier comparison area is
-/// still registered because objects of its run are alive (see [`compare_end`]).
+/// still registered because objects of its run are alive (see [`compare_end`]), or if `kind` is
+/// [`CompareKind::Empty`] (see [`compare_begin_empty`]).
 pub fn compare_begin(kind: CompareKind, bytes: usize) -> bool {
+    kind != CompareKind::Empty && begin(kind, bytes)
+}
+
+/// As [`compare_begin`] for the empty allocator ([`CompareKind::Empty`]): a bump pointer per CPU in its
+/// sixteenth of `bytes`, wrapping around; frees do nothing.
+///
+/// # Safety
+/// Until [`compare_end`], every allocation (on any CPU) is made by code that tolerates a block overlapping
+/// blocks its CPU allocated more than `bytes / 16` bytes earlier, even live ones: code that writes its
+/// blocks but never relies on reading back what it wrote before that much allocation happened (the kernel
+/// bench's workloads). Nothing else may allocate meanwhile (interrupt handlers included).
+pub unsafe fn compare_begin_empty(bytes: usize) -> bool {
+    begin(CompareKind::Empty, bytes)
+}
+
+fn begin(kind: CompareKind, bytes: usize) -> bool {
     if COMPARE_END.load(Ordering::Acquire) != 0 {
         return false;
     }
@@ -342,6 +420,13 @@ pub fn compare_begin(kind: CompareKind, bytes: usize) -> bool {
             TALC_BASELINE_END.store(baseline_end, Ordering::Release);
             MODE_COMPARE_TALC
         }
+        CompareKind::Empty => {
+            for off in &EMPTY_OFF {
+                off.store(0, Ordering::Relaxed);
+            }
+            EMPTY_PART.store(bytes / EMPTY_CPUS & !4095, Ordering::Relaxed);
+            MODE_COMPARE_EMPTY
+        }
     };
     COMPARE_OWNER.store(mode, Ordering::Release);
     COMPARE_START.store(area as usize, Ordering::Release);
@@ -354,8 +439,11 @@ pub fn compare_begin(kind: CompareKind, bytes: usize) -> bool {
 /// extent from the end of its metadata to the end of its highest live chunk (0 exactly when it is empty:
 /// talc coalesces free chunks, so with nothing live the top gap reaches down to its metadata).
 fn compare_used() -> usize {
-    if COMPARE_OWNER.load(Ordering::Acquire) == MODE_COMPARE_LL {
-        return COMPARE_LL.lock().used();
+    match COMPARE_OWNER.load(Ordering::Acquire) {
+        MODE_COMPARE_LL => return COMPARE_LL.lock().used(),
+        // Frees nothing, holds nothing: its area may go back at once.
+        MODE_COMPARE_EMPTY => return 0,
+        _ => {}
     }
     let t = COMPARE_TALC.lock();
     let Some((base, acme)) = *TALC_HEAP.lock() else { return 0 };

@@ -42,7 +42,8 @@ use core::alloc::Layout;
 use core::hint::black_box;
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use kernel_demo::args::Args;
-use kernel_demo::heap::{self, CompareKind};
+use kernel_demo::heap::{self, CompareKind, HEAP};
+use kernel_demo::irqlat::{self, Kind};
 use kernel_demo::smp::Barrier;
 use kernel_demo::{background, serial_println, time};
 use testkit::Rng;
@@ -66,21 +67,28 @@ const BATCH: usize = 1000;
 pub const WSET_SLOTS: usize = 1024;
 /// Slots of each producer/consumer ring (`prodcons-64`).
 const RING_SLOTS: usize = 1024;
+/// goheap's largest small object (larger ones are large objects: whole pages from the page heap).
+const MAX_SMALL: usize = 32 << 10;
 
-/// The allocators measured, in the order of repetition 0.
+/// The allocators measured, in the order of repetition 0. `Empty` is the harness's own cost: the empty
+/// allocator of `heap.rs` (a per-CPU bump pointer, frees do nothing) through the same loop and dispatch,
+/// which the xtask subtracts from the others' instruction counts.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Alloc {
     Goheap,
     Peer(CompareKind),
+    Empty,
 }
 
-const ALLOCS: [Alloc; 3] = [Alloc::Goheap, Alloc::Peer(CompareKind::LinkedList), Alloc::Peer(CompareKind::Talc)];
+const ALLOCS: [Alloc; 4] =
+    [Alloc::Goheap, Alloc::Peer(CompareKind::LinkedList), Alloc::Peer(CompareKind::Talc), Alloc::Empty];
 
 impl Alloc {
     fn name(self) -> &'static str {
         match self {
             Alloc::Goheap => "goheap",
             Alloc::Peer(k) => k.name(),
+            Alloc::Empty => "empty",
         }
     }
 }
@@ -126,6 +134,9 @@ impl Workload {
 /// Settings of this boot, fixed by the BSP before the APs are released.
 static NCPUS: AtomicUsize = AtomicUsize::new(1);
 static QUICK: AtomicBool = AtomicBool::new(false);
+/// `--bench-latency`: goheap alone (the kernel must be built with the `irq-latency` feature), then the
+/// latency phase ([`latency_phase`]) and the `irqlat` histograms.
+static LATENCY: AtomicBool = AtomicBool::new(false);
 /// Set by the BSP before each repetition's barrier: whether that repetition runs.
 static CONTINUE: AtomicBool = AtomicBool::new(true);
 static GO: AtomicBool = AtomicBool::new(false);
@@ -237,6 +248,7 @@ fn layout(size: usize) -> Layout {
 /// peer heap of [`PEER_HEAP_BYTES`] is far larger than any workload's peak).
 #[inline]
 fn alloc_block(l: Layout) -> *mut u8 {
+    irqlat::set_kind(if l.size() <= MAX_SMALL { Kind::SmallAlloc } else { Kind::LargeAlloc });
     // SAFETY: `l` has a non-zero size.
     let p = unsafe { alloc::alloc::alloc(l) };
     if p.is_null() {
@@ -251,6 +263,7 @@ fn alloc_block(l: Layout) -> *mut u8 {
 /// `p` came from `alloc_block(l)` and is not used afterwards.
 #[inline]
 unsafe fn free_block(p: *mut u8, l: Layout) {
+    irqlat::set_kind(if l.size() <= MAX_SMALL { Kind::SmallFree } else { Kind::LargeFree });
     // SAFETY: the caller's contract.
     unsafe { alloc::alloc::dealloc(black_box(p), l) }
 }
@@ -474,9 +487,13 @@ fn schedule(me: usize, n: usize, reps: usize, mut on_bsp: impl FnMut(Step) -> bo
         if !CONTINUE.load(Ordering::Acquire) {
             break;
         }
+        let latency = LATENCY.load(Ordering::Relaxed);
         for w in WORKLOADS.iter().copied().filter(|w| w.runs_on(n)) {
             for k in 0..ALLOCS.len() {
                 let a = ALLOCS[(k + rep) % ALLOCS.len()];
+                if latency && a != Alloc::Goheap {
+                    continue;
+                }
                 if me == 0 {
                     on_bsp(Step::Before(w, a));
                 }
@@ -549,6 +566,12 @@ pub fn run_bsp(ncpus: usize, args: &Args) -> ! {
     let n = ncpus.clamp(1, MAX_BENCH_CPUS);
     let reps = parse_reps(args);
     let quick = args.has("--bench-quick");
+    let latency = args.has("--bench-latency");
+    if latency && !irqlat::ENABLED {
+        serial_println!("kbench: --bench-latency needs a kernel built with the `irq-latency` feature");
+        kernel_demo::exit_qemu(kernel_demo::ExitCode::Failed)
+    }
+    LATENCY.store(latency, Ordering::Release);
     NCPUS.store(n, Ordering::Release);
     REPS.store(reps, Ordering::Release);
     QUICK.store(quick, Ordering::Release);
@@ -556,6 +579,7 @@ pub fn run_bsp(ncpus: usize, args: &Args) -> ! {
     background::set_verbose(false);
     // Before the APs are released: it routes the global allocator to peer heaps for a moment.
     self_check();
+    irqlat::reset();
     GO.store(true, Ordering::Release);
     let checks = cfg!(feature = "checks");
     serial_println!(
@@ -564,9 +588,10 @@ pub fn run_bsp(ncpus: usize, args: &Args) -> ! {
         PEER_HEAP_BYTES >> 20
     );
     serial_println!(
-        "KBENCH {{\"meta\":true,\"cpus\":{n},\"checks\":{checks},\"reps\":{reps},\"heap_mib\":{},\"cap_ms\":{},\"quick\":{quick},\"wset_slots\":{WSET_SLOTS}}}",
+        "KBENCH {{\"meta\":true,\"cpus\":{n},\"checks\":{checks},\"reps\":{reps},\"heap_mib\":{},\"cap_ms\":{},\"quick\":{quick},\"wset_slots\":{WSET_SLOTS},\"latency\":{latency},\"tsc_per_ms\":{}}}",
         PEER_HEAP_BYTES >> 20,
-        if quick { CAP_MS / 4 } else { CAP_MS }
+        if quick { CAP_MS / 4 } else { CAP_MS },
+        time::tsc_per_ms().unwrap_or(0)
     );
 
     let t_start = time::rdtsc();
@@ -589,19 +614,29 @@ pub fn run_bsp(ncpus: usize, args: &Args) -> ! {
             for ring in RINGS.iter().take(n) {
                 ring.reset();
             }
-            if let Alloc::Peer(kind) = a {
-                if !heap::compare_begin(kind, PEER_HEAP_BYTES) {
-                    panic!(
-                        "kbench: could not set up the {} heap of {} MiB for {}",
-                        kind.name(),
-                        PEER_HEAP_BYTES >> 20,
-                        w.name()
-                    );
-                }
+            let ok = match a {
+                Alloc::Goheap => true,
+                Alloc::Peer(kind) => heap::compare_begin(kind, PEER_HEAP_BYTES),
+                // SAFETY: until `compare_end` (Step::After) only the workloads allocate, on the bench's CPUs
+                // (interrupt handlers do not allocate); they write their blocks and read back only the
+                // prodcons token, of blocks still in a ring: at most RING_SLOTS × 64 B = 64 KiB per CPU
+                // allocated since, far below the empty allocator's wrap-around (PEER_HEAP_BYTES / 16).
+                Alloc::Empty => unsafe { heap::compare_begin_empty(PEER_HEAP_BYTES) },
+            };
+            if !ok {
+                panic!(
+                    "kbench: could not set up the {} heap of {} MiB for {}",
+                    a.name(),
+                    PEER_HEAP_BYTES >> 20,
+                    w.name()
+                );
             }
             true
         }
         Step::After(rep, w, a) => {
+            if a == Alloc::Empty {
+                heap::compare_end();
+            }
             if let Alloc::Peer(kind) = a {
                 let left = heap::compare_end();
                 if left != 0 {
@@ -628,8 +663,14 @@ pub fn run_bsp(ncpus: usize, args: &Args) -> ! {
             true
         }
     });
+    if latency {
+        latency_phase();
+        print_latency(n);
+    }
     serial_println!("KBENCH {{\"done\":true,\"cpus\":{n},\"reps\":{reps_done}}}");
-    summary(n, reps_done);
+    if !latency {
+        summary(n, reps_done);
+    }
     if failed {
         serial_println!("kbench: FAILED (see above)");
         kernel_demo::exit_qemu(kernel_demo::ExitCode::Failed)
@@ -672,5 +713,179 @@ fn summary(n: usize, reps: usize) {
         let (l1, l2) = ratio(med[1]);
         let (t1, t2) = ratio(med[2]);
         serial_println!("  {:<14} goheap/llalloc {l1}.{l2:02}   goheap/talc {t1}.{t2:02}", w.name());
+    }
+}
+
+/// Longest whole call per kind in the latency phase (TSC ticks), guard or not: for calls that do part of
+/// their work outside goheap's guard, the bound the interrupts-off stretch would reach if all of it ran
+/// inside.
+static CALL_MAX: [AtomicU64; irqlat::KINDS] = [const { AtomicU64::new(0) }; irqlat::KINDS];
+
+/// Runs `f` tagged `kind` and keeps its whole duration's maximum.
+fn timed_call<R>(kind: Kind, f: impl FnOnce() -> R) -> R {
+    irqlat::set_kind(kind);
+    let t0 = time::rdtsc();
+    let r = f();
+    let dt = time::rdtsc() - t0;
+    let m = &CALL_MAX[kind as usize];
+    m.store(m.load(Ordering::Relaxed).max(dt), Ordering::Relaxed);
+    irqlat::set_kind(Kind::Other);
+    r
+}
+
+/// The latency phase of `--bench-latency`, on the BSP while the other CPUs idle (their background steps
+/// are recorded too): the goheap calls the workloads do not make, so that every kind's longest
+/// interrupts-off stretch is measured: large objects of 64 KiB to 64 MiB (fresh ones commit their frames,
+/// then reused), realloc growing a block from 8 B to 16 MiB and back, background steps after many frees,
+/// `release_all`, and a memory limit far below the heap's retained memory (`set_memory_limit`, then the 16
+/// background steps that scavenge toward it, all tagged [`Kind::Limit`]).
+fn latency_phase() {
+    for round in 0..3u8 {
+        // Large objects; round 0 and 2 after a release_all: their frames are committed inside the call.
+        for shift in [16, 18, 20, 22, 24, 26] {
+            let size = 1usize << shift;
+            let l = layout(size);
+            let p = timed_call(Kind::LargeAlloc, || alloc_block(l));
+            // SAFETY: a fresh block of `size` bytes, freed once right after.
+            unsafe {
+                touch(p, size, round);
+                timed_call(Kind::LargeFree, || free_block(p, l));
+            }
+        }
+        // realloc: 8 B doubling to 16 MiB (small in place or moved, then large), then halving back.
+        let mut size = 8usize;
+        let mut p = alloc_block(layout(size));
+        while size < 16 << 20 {
+            // SAFETY: `p` is live with `layout(size)`; the new size is non-zero.
+            p = timed_call(Kind::Realloc, || unsafe { alloc::alloc::realloc(p, layout(size), size * 2) });
+            assert!(!p.is_null(), "kbench: realloc to {} B failed", size * 2);
+            size *= 2;
+            // SAFETY: live block of `size` bytes.
+            unsafe { touch(p, size, round) };
+        }
+        while size > 8 {
+            // SAFETY: as above.
+            p = timed_call(Kind::Realloc, || unsafe { alloc::alloc::realloc(p, layout(size), size / 2) });
+            assert!(!p.is_null(), "kbench: realloc to {} B failed", size / 2);
+            size /= 2;
+        }
+        // SAFETY: `p` is live with `layout(8)`.
+        unsafe { free_block(p, layout(8)) };
+        // Many small objects freed at once, then background steps (sweeping the emptied spans, scavenging).
+        let mut blocks = alloc::vec::Vec::with_capacity(20_000);
+        let mut rng = Rng::new(0x1A7E_0000 + round as u64);
+        for _ in 0..20_000 {
+            let size = wset_size(&mut rng);
+            blocks.push((alloc_block(layout(size)), size));
+        }
+        for (p, size) in blocks.drain(..) {
+            // SAFETY: allocated above with `layout(size)`, freed once.
+            unsafe { free_block(p, layout(size)) };
+        }
+        drop(blocks);
+        for _ in 0..64 {
+            timed_call(Kind::Background, background::step);
+        }
+        // A memory limit far below what the heap retains, then none again.
+        let big = layout(64 << 20);
+        let p = alloc_block(big);
+        // SAFETY: a fresh 64 MiB block, freed once.
+        unsafe {
+            touch(p, 64 << 20, round);
+            free_block(p, big);
+        }
+        // goheap's set_memory_limit only sets the goal; the scavenger reaches it in the background steps
+        // that follow, which are tagged as limit scavenging here.
+        let in_use = HEAP.mem_stats().heap_alloc as usize;
+        timed_call(Kind::Limit, || HEAP.set_memory_limit(in_use + (4 << 20)));
+        for _ in 0..16 {
+            timed_call(Kind::Limit, || HEAP.background(background::MAX_SPANS, background::SCAVENGE_BUDGET));
+        }
+        timed_call(Kind::Limit, || HEAP.set_memory_limit(usize::MAX));
+        if round != 1 {
+            timed_call(Kind::ReleaseAll, || HEAP.release_all());
+        }
+    }
+}
+
+/// Prints the `irqlat` figures: per call kind and section type, one `KBENCH {"lat":true,...}` line with
+/// count, sum, max, each CPU's max and the log2 histogram as comma-separated strings (the xtask's reader
+/// takes flat objects) (bucket b: stretches of 2^(b-1) to 2^b - 1
+/// ticks, bucket 0: 0), and one `{"call":true,...}` line per kind with the longest whole call of the
+/// latency phase. Also a short table for people.
+fn print_latency(n: usize) {
+    use core::fmt::Write as _;
+    serial_println!("kbench latency: longest interrupts-off stretch inside goheap per call kind (TSC ticks)");
+    for kind in Kind::ALL {
+        for leaf in [true, false] {
+            let (s, per_cpu) = irqlat::summary(kind, leaf, n);
+            if s.count == 0 {
+                continue;
+            }
+            let mut hist = heapless_string();
+            let last = s.hist.iter().rposition(|&h| h != 0).unwrap_or(0);
+            for (b, h) in s.hist.iter().enumerate().take(last + 1) {
+                let _ = write!(hist, "{}{h}", if b == 0 { "" } else { "," });
+            }
+            let mut cpus = heapless_string();
+            for (i, m) in per_cpu.iter().enumerate().take(n.min(irqlat::MAX_CPUS)) {
+                let _ = write!(cpus, "{}{m}", if i == 0 { "" } else { "," });
+            }
+            serial_println!(
+                "KBENCH {{\"lat\":true,\"cpus\":{n},\"kind\":\"{}\",\"section\":\"{}\",\"count\":{},\"sum\":{},\"max\":{},\"cpu_max\":\"{}\",\"hist\":\"{}\"}}",
+                kind.name(),
+                if leaf { "leaf" } else { "full" },
+                s.count,
+                s.sum,
+                s.max,
+                cpus.as_str(),
+                hist.as_str()
+            );
+            serial_println!(
+                "  {:<17} {:<4} {:>9} sections, mean {:>7}, p99 < {:>9}, max {:>10}",
+                kind.name(),
+                if leaf { "leaf" } else { "full" },
+                s.count,
+                s.sum / s.count,
+                s.quantile_upper(990) + 1,
+                s.max
+            );
+        }
+    }
+    for kind in Kind::ALL {
+        let m = CALL_MAX[kind as usize].load(Ordering::Relaxed);
+        if m != 0 {
+            serial_println!("KBENCH {{\"call\":true,\"cpus\":{n},\"kind\":\"{}\",\"max\":{m}}}", kind.name());
+        }
+    }
+    serial_println!("KBENCH {{\"lat_skipped\":true,\"cpus\":{n},\"nested\":{}}}", irqlat::skipped(n));
+}
+
+/// A small fixed-capacity string for building a line without allocating (the histogram lines are printed
+/// after the runs, but the measured heap should not see the printing).
+fn heapless_string() -> FixedStr {
+    FixedStr { buf: [0; 1024], len: 0 }
+}
+
+struct FixedStr {
+    buf: [u8; 1024],
+    len: usize,
+}
+
+impl FixedStr {
+    fn as_str(&self) -> &str {
+        core::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+}
+
+impl core::fmt::Write for FixedStr {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let end = self.len + s.len();
+        if end > self.buf.len() {
+            return Err(core::fmt::Error);
+        }
+        self.buf[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
     }
 }

@@ -29,6 +29,7 @@ pub mod frames;
 pub mod gdt;
 pub mod heap;
 pub mod idt;
+pub mod irqlat;
 pub mod memory;
 pub mod percpu;
 pub mod serial;

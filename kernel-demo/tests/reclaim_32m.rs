@@ -26,7 +26,7 @@ extern crate alloc;
 
 use alloc::alloc::{alloc, dealloc, Layout};
 use alloc::vec::Vec;
-use kernel_demo::heap::{self, HEAP};
+use kernel_demo::heap;
 use kernel_demo::{apic, background, frames, serial_println};
 
 kernel_demo::test_kernel!();

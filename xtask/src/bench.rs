@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 const USAGE: &str = "\
 usage: cargo xtask bench [--quick] [--reps N] [--only GROUP,...] [--alloc NAME,...] [--scale F] [--cap SECS]
-                         [--no-callgrind] [--report-only] [--kernel]
+                         [--no-callgrind] [--report-only] [--kernel] [--kproxy]
 
   --quick         smoke run: 2 repetitions, scale 0.05, short caps, short callgrind runs
                   (--quick, --only and --alloc write their report to target/bench/report/, not BENCHMARKS.md)
@@ -41,6 +41,8 @@ usage: cargo xtask bench [--quick] [--reps N] [--only GROUP,...] [--alloc NAME,.
   --report-only   regenerate BENCHMARKS.md from bench/results/latest.jsonl without running anything
   --kernel        the in-QEMU subset instead: goheap against linked_list_allocator and talc heaps in the
                   demo kernel at 1 and 4 CPUs (see `cargo xtask bench --kernel --help`)
+  --kproxy        the kernel workloads natively on the host instead, goheap with a kernel-shaped provider
+                  against the kernel's peer heaps (see `cargo xtask bench --kproxy --help`)
 
 groups: pair batch wset1 wset2 rust larson prodcons64 prodcons-mixed rptest large latency frag
 allocators: goheap system mimalloc jemalloc snmalloc rpmalloc talc llalloc buddy
@@ -207,6 +209,9 @@ fn parse(args: &[String]) -> Result<Opts, String> {
 pub fn main(args: &[String]) -> ExitCode {
     if args.iter().any(|a| a == "--kernel") {
         return crate::bench_kernel::main(args);
+    }
+    if args.iter().any(|a| a == "--kproxy") {
+        return crate::kproxy::main(args);
     }
     let opts = match parse(args) {
         Ok(o) => o,
@@ -757,6 +762,8 @@ fn report(root: &Path, out_to: &Out, recs: &[Record]) -> Result<(), String> {
     r.callgrind(&mut md);
     // The in-QEMU comparison (`cargo xtask bench --kernel`), from its own results file.
     md.push_str(&crate::bench_kernel::section(root));
+    // The kernel workloads on the host (`cargo xtask bench --kproxy`), from its own results file.
+    md.push_str(&crate::kproxy::section(root));
     r.per_workload(&mut md);
     r.unfinished_runs(&mut md);
     let notes_path = root.join("bench").join("NOTES.md");

@@ -25,14 +25,21 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 pub const USAGE: &str = "\
-usage: cargo xtask bench --kernel [--cpus N,...] [--reps N] [--quick] [--checks] [--timeout SECS] [--report-only]
+usage: cargo xtask bench --kernel [--icount] [--no-latency] [--cpus N,...] [--reps N] [--quick] [--checks]
+                                  [--timeout SECS] [--report-only]
 
 Boots the demo kernel (release, `-- --bench`) in QEMU once per CPU count and measures goheap against
 linked_list_allocator and talc heaps of the same size (64 MiB) in the same boot, repetitions interleaved.
 Writes bench/results/kernel.jsonl and regenerates BENCHMARKS.md (its \"Kernel (QEMU)\" section).
 
+  --icount        boot with QEMU's `-icount shift=0`: the TSC advances by one per guest instruction, so the
+                  figures are instructions per operation, repeatable from run to run; results go to
+                  bench/results/kernel-icount.jsonl (default 3 repetitions)
+  --no-latency    skip the interrupt-latency boots (a second kernel built with kernel-demo's `irq-latency`
+                  feature, booted with `--bench --bench-latency` at each CPU count: goheap alone, every
+                  interrupts-off section inside goheap timed, per call kind)
   --cpus N,...    CPU counts, one boot each (default 1,4)
-  --reps N        interleaved repetitions per boot (default 7)
+  --reps N        interleaved repetitions per boot (default 7; 3 with --icount)
   --quick         smoke run: a tenth of the operations, 2 repetitions
   --checks        build goheap with its `checks` feature (every free verified), as `cargo xtask run` does
   --timeout SECS  kill a boot after SECS seconds (default 360)
@@ -42,10 +49,16 @@ Writes bench/results/kernel.jsonl and regenerates BENCHMARKS.md (its \"Kernel (Q
 Takes about 2-3 minutes here once built (the 4-CPU boot most of it).
 ";
 
-/// The published configuration's CPU counts, its repetitions, and the fewest a published run may have.
+/// The published configuration's CPU counts, its repetitions, and the fewest a published run may have
+/// (under `-icount` every repetition after the first gives nearly the same count: fewer suffice).
 const DEFAULT_CPUS: &[u32] = &[1, 4];
 const DEFAULT_REPS: usize = 7;
 const MIN_PUBLISHED_REPS: usize = 5;
+const DEFAULT_ICOUNT_REPS: usize = 3;
+const MIN_PUBLISHED_ICOUNT_REPS: usize = 3;
+/// QEMU's arguments for instruction counting: virtual time advances 2^0 ns per instruction, so the TSC
+/// (which follows virtual time) counts instructions.
+const ICOUNT_ARGS: &[&str] = &["-icount", "shift=0"];
 /// Memory of each boot: the kernel, goheap's working sets and one 64 MiB peer heap at a time.
 const MEM: &str = "512M";
 /// The prefix of the kernel's result lines on serial.
@@ -77,18 +90,41 @@ struct Opts {
     checks: bool,
     timeout: Duration,
     report_only: bool,
+    icount: bool,
+    latency: bool,
 }
 
 impl Opts {
     /// Whether this run's results replace the published ones.
     fn published(&self) -> bool {
-        self.cpus == DEFAULT_CPUS && self.reps >= MIN_PUBLISHED_REPS && !self.quick && !self.checks
+        let min = if self.icount { MIN_PUBLISHED_ICOUNT_REPS } else { MIN_PUBLISHED_REPS };
+        self.cpus == DEFAULT_CPUS && self.reps >= min && !self.quick && !self.checks && self.latency
     }
 
-    /// The kernel arguments of a bench boot.
+    /// The kernel arguments of a latency boot (one repetition of goheap's runs, then the latency phase).
+    fn latency_args(&self) -> Vec<String> {
+        let mut a = vec!["--bench".to_string(), "--bench-latency".into(), "--bench-reps=1".into()];
+        if self.quick || self.icount {
+            a.push("--bench-quick".into());
+        }
+        a
+    }
+
+    /// QEMU's extra arguments.
+    fn qemu_extra(&self) -> Vec<String> {
+        if self.icount {
+            ICOUNT_ARGS.iter().map(|s| s.to_string()).collect()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// The kernel arguments of a bench boot. Under `-icount` the runs are a tenth as long (the kernel's
+    /// `--bench-quick`): a count per operation is exact after a few thousand operations, and emulation with
+    /// `-icount` is slower.
     fn kernel_args(&self) -> Vec<String> {
         let mut a = vec!["--bench".to_string(), format!("--bench-reps={}", self.reps)];
-        if self.quick {
+        if self.quick || self.icount {
             a.push("--bench-quick".into());
         }
         a
@@ -105,6 +141,8 @@ fn parse(args: &[String]) -> Result<Option<Opts>, String> {
         checks: false,
         timeout: Duration::from_secs(360),
         report_only: false,
+        icount: false,
+        latency: true,
     };
     let mut reps = None;
     let mut it = args.iter();
@@ -142,11 +180,19 @@ fn parse(args: &[String]) -> Result<Option<Opts>, String> {
                 o.timeout = Duration::from_secs(s);
             }
             "--report-only" => o.report_only = true,
+            "--icount" => o.icount = true,
+            "--no-latency" => o.latency = false,
             "-h" | "--help" => return Ok(None),
             other => return Err(format!("unknown option {other:?} (with --kernel)")),
         }
     }
-    o.reps = reps.unwrap_or(if o.quick { 2 } else { DEFAULT_REPS });
+    o.reps = reps.unwrap_or(if o.quick {
+        2
+    } else if o.icount {
+        DEFAULT_ICOUNT_REPS
+    } else {
+        DEFAULT_REPS
+    });
     Ok(Some(o))
 }
 
@@ -172,9 +218,14 @@ pub fn main(args: &[String]) -> ExitCode {
     }
 }
 
-/// The published results file.
+/// The published results file (TCG timing).
 fn results_path(root: &Path) -> PathBuf {
     root.join("bench").join("results").join("kernel.jsonl")
+}
+
+/// The published results file of `--icount` (instruction counts).
+fn icount_path(root: &Path) -> PathBuf {
+    root.join("bench").join("results").join("kernel-icount.jsonl")
 }
 
 /// Regenerates BENCHMARKS.md from the committed host and kernel results (the host report's
@@ -198,15 +249,27 @@ fn run(o: &Opts) -> Result<(), String> {
     let tool = kb.build_image_tool()?;
     let features: &[&str] = if o.checks { &["checks"] } else { &[] };
     let kernel = kb.build_demo_with_features(true, features, "kernel-demo-kbench")?;
-    let image = kb.make_image(&tool, &kernel, "kbench", Firmware::Uefi, &o.kernel_args())?;
+    // Separate names per mode, so a TCG and an -icount run can share the build directory.
+    let tag = if o.icount { "-icount" } else { "" };
+    let image = kb.make_image(&tool, &kernel, &format!("kbench{tag}"), Firmware::Uefi, &o.kernel_args())?;
     let build_secs = t_build.elapsed().as_secs_f64();
 
     let mut lines: Vec<Record> = Vec::new();
     let mut boot_secs = Vec::new();
     for &cpus in &o.cpus {
-        let opts =
-            QemuOptions { firmware: Firmware::Uefi, smp: cpus, mem: MEM.into(), timeout: o.timeout, extra: Vec::new() };
-        say!("kernel bench: booting with {cpus} CPU(s), {} repetitions (timeout {} s)", o.reps, o.timeout.as_secs());
+        let opts = QemuOptions {
+            firmware: Firmware::Uefi,
+            smp: cpus,
+            mem: MEM.into(),
+            timeout: o.timeout,
+            extra: o.qemu_extra(),
+        };
+        say!(
+            "kernel bench: booting with {cpus} CPU(s), {} repetitions{} (timeout {} s)",
+            o.reps,
+            if o.icount { ", -icount shift=0" } else { "" },
+            o.timeout.as_secs()
+        );
         let t = Instant::now();
         let (outcome, output) = qemu::run(&tools, &image, &opts)?;
         let secs = t.elapsed().as_secs_f64();
@@ -220,6 +283,37 @@ fn run(o: &Opts) -> Result<(), String> {
         say!("kernel bench: {cpus} CPU(s): {} runs in {}", recs.len() - 2, proc::fmt_duration(t.elapsed()));
         boot_secs.push((cpus, secs));
         lines.extend(recs);
+    }
+
+    // The latency boots: a kernel whose goheap provider times every interrupts-off section.
+    let mut latency_secs = Vec::new();
+    if o.latency {
+        let t_build = Instant::now();
+        let mut features = features.to_vec();
+        features.push("irq-latency");
+        let kernel = kb.build_demo_with_features(true, &features, "kernel-demo-kbench-lat")?;
+        let image = kb.make_image(&tool, &kernel, &format!("kbench-lat{tag}"), Firmware::Uefi, &o.latency_args())?;
+        say!("kernel bench: latency kernel built in {}", proc::fmt_duration(t_build.elapsed()));
+        for &cpus in &o.cpus {
+            let opts = QemuOptions {
+                firmware: Firmware::Uefi,
+                smp: cpus,
+                mem: MEM.into(),
+                timeout: o.timeout,
+                extra: o.qemu_extra(),
+            };
+            say!("kernel bench: latency boot with {cpus} CPU(s)");
+            let t = Instant::now();
+            let (outcome, output) = qemu::run(&tools, &image, &opts)?;
+            let secs = t.elapsed().as_secs_f64();
+            if outcome != Outcome::Success {
+                return Err(format!("the {cpus}-CPU latency boot failed: {}; nothing written", outcome.describe()));
+            }
+            let recs = latency_records(collect(&output, cpus)?);
+            say!("kernel bench: latency, {cpus} CPU(s): {} lines in {}", recs.len(), proc::fmt_duration(t.elapsed()));
+            latency_secs.push((cpus, secs));
+            lines.extend(recs);
+        }
     }
 
     let mut meta = Record::new();
@@ -246,13 +340,26 @@ fn run(o: &Opts) -> Result<(), String> {
     for (cpus, secs) in &boot_secs {
         meta.insert(format!("boot_secs_{cpus}"), Val::Num(secs.round()));
     }
+    for (cpus, secs) in &latency_secs {
+        meta.insert(format!("latency_boot_secs_{cpus}"), Val::Num(secs.round()));
+    }
+    meta.insert("icount".into(), Val::Bool(o.icount));
     meta.insert("total_secs".into(), Val::Num(t_all.elapsed().as_secs_f64().round()));
     let mut all = vec![meta];
     all.extend(lines);
-    let text: String = all.iter().map(|r| to_line(r) + "\n").collect();
 
+    if o.icount {
+        // Repeatability: the counts against the published -icount run's (any configuration may check).
+        if let Ok(prev) = std::fs::read_to_string(icount_path(&root)) {
+            let prev: Vec<Record> = prev.lines().filter_map(parse_line).collect();
+            let check = crate::kbench_report::repeat_check(&prev, &all);
+            say!("kernel bench: {check}");
+            all[0].insert("repeat_check".into(), Val::Str(check));
+        }
+    }
     if o.published() {
-        let path = results_path(&root);
+        let path = if o.icount { icount_path(&root) } else { results_path(&root) };
+        let text: String = all.iter().map(|r| to_line(r) + "\n").collect();
         std::fs::create_dir_all(path.parent().expect("has a parent")).map_err(|e| e.to_string())?;
         std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
         say!("wrote {}", path.display());
@@ -261,16 +368,26 @@ fn run(o: &Opts) -> Result<(), String> {
         let dir = root.join("target").join("bench").join("report");
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let (jsonl, md) = (dir.join("kernel.jsonl"), dir.join("KERNEL.md"));
+        let text: String = all.iter().map(|r| to_line(r) + "\n").collect();
         std::fs::write(&jsonl, text).map_err(|e| format!("{}: {e}", jsonl.display()))?;
-        std::fs::write(&md, section_from(&all, "target/bench/report/kernel.jsonl"))
-            .map_err(|e| format!("{}: {e}", md.display()))?;
+        let raw = "target/bench/report/kernel.jsonl";
+        let body = if o.icount {
+            crate::kbench_report::icount_section(&all, &[], raw) + &crate::kbench_report::latency_section(&all, &[])
+        } else {
+            section_from(&all, raw) + &crate::kbench_report::latency_section(&[], &all)
+        };
+        std::fs::write(&md, body).map_err(|e| format!("{}: {e}", md.display()))?;
         say!(
             "not the published configuration: wrote {} and {} (BENCHMARKS.md untouched)",
             jsonl.display(),
             md.display()
         );
     }
-    print!("{}", table(&Runs::from_records(&all)));
+    if o.icount {
+        print!("{}", crate::kbench_report::icount_tables(&all));
+    } else {
+        print!("{}", table(&Runs::from_records(&all)));
+    }
     say!("kernel bench done in {}", proc::fmt_duration(t_all.elapsed()));
     Ok(())
 }
@@ -331,31 +448,49 @@ fn collect(output: &str, cpus: u32) -> Result<Vec<Record>, String> {
     Ok(recs)
 }
 
+/// Whether a record comes from a latency boot (see [`latency_records`]).
+pub(crate) fn is_latency(r: &Record) -> bool {
+    text(r, "boot") == Some("latency")
+}
+
+/// A latency boot's records, kept for the report: its goheap runs are dropped (the timing provider
+/// slows them, so they are not comparable), the rest is tagged `"boot":"latency"`.
+fn latency_records(recs: Vec<Record>) -> Vec<Record> {
+    recs.into_iter()
+        .filter(|r| !r.contains_key("workload"))
+        .map(|mut r| {
+            r.insert("boot".into(), Val::Str("latency".into()));
+            r
+        })
+        .collect()
+}
+
 /// One run of one workload on one heap, from a `KBENCH` line.
 #[derive(Debug, Clone, PartialEq)]
-struct Run {
-    cpus: u32,
-    workload: String,
-    alloc: String,
-    rep: u32,
+pub(crate) struct Run {
+    pub(crate) cpus: u32,
+    pub(crate) workload: String,
+    pub(crate) alloc: String,
+    pub(crate) rep: u32,
     /// TSC cycles per operation (of the slowest CPU's time, over all CPUs' operations).
-    cost: f64,
-    capped: bool,
+    pub(crate) cost: f64,
+    pub(crate) capped: bool,
 }
 
 /// All runs of a results file, plus its description lines.
-struct Runs {
-    runs: Vec<Run>,
+pub(crate) struct Runs {
+    pub(crate) runs: Vec<Run>,
     /// The `{"run":true}` line (empty if absent).
-    meta: Record,
+    pub(crate) meta: Record,
     /// The kernel's meta lines, one per boot.
-    boots: Vec<Record>,
+    pub(crate) boots: Vec<Record>,
 }
 
 impl Runs {
-    fn from_records(recs: &[Record]) -> Self {
+    pub(crate) fn from_records(recs: &[Record]) -> Self {
+        let recs: Vec<&Record> = recs.iter().filter(|r| !is_latency(r)).collect();
         let mut runs = Vec::new();
-        for r in recs {
+        for r in recs.iter().copied() {
             let (Some(cpus), Some(w), Some(a), Some(rep), Some(cycles), Some(ops)) =
                 (num(r, "cpus"), text(r, "workload"), text(r, "alloc"), num(r, "rep"), num(r, "cycles"), num(r, "ops"))
             else {
@@ -373,18 +508,18 @@ impl Runs {
                 capped: r.get("capped") == Some(&Val::Bool(true)),
             });
         }
-        let meta = recs.iter().find(|r| r.contains_key("run")).cloned().unwrap_or_default();
-        let boots = recs.iter().filter(|r| r.contains_key("meta")).cloned().collect();
+        let meta = recs.iter().find(|r| r.contains_key("run")).map(|r| (*r).clone()).unwrap_or_default();
+        let boots = recs.iter().filter(|r| r.contains_key("meta")).map(|r| (*r).clone()).collect();
         Runs { runs, meta, boots }
     }
 
     /// CPU counts, ascending.
-    fn cpus(&self) -> Vec<u32> {
+    pub(crate) fn cpus(&self) -> Vec<u32> {
         self.runs.iter().map(|r| r.cpus).collect::<BTreeSet<_>>().into_iter().collect()
     }
 
     /// Workloads in the order the kernel ran them.
-    fn workloads(&self) -> Vec<&str> {
+    pub(crate) fn workloads(&self) -> Vec<&str> {
         let mut v: Vec<&str> = Vec::new();
         for r in &self.runs {
             if !v.contains(&r.workload.as_str()) {
@@ -399,7 +534,7 @@ impl Runs {
     }
 
     /// goheap against `peer` on `w` at `cpus` CPUs.
-    fn cell(&self, cpus: u32, w: &str, peer: &str) -> Option<Cell> {
+    pub(crate) fn cell(&self, cpus: u32, w: &str, peer: &str) -> Option<Cell> {
         let g: Vec<&Run> = self.of(cpus, w, "goheap").collect();
         let p: Vec<&Run> = self.of(cpus, w, peer).collect();
         if g.is_empty() || p.is_empty() {
@@ -429,9 +564,9 @@ impl Runs {
 
 /// goheap/peer for one workload and CPU count.
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Cell {
+pub(crate) struct Cell {
     /// Ratio of the medians (goheap / peer; < 1: goheap faster).
-    ratio: f64,
+    pub(crate) ratio: f64,
     /// Smallest and largest ratio of one repetition's pair of runs.
     lo: f64,
     hi: f64,
@@ -442,7 +577,7 @@ struct Cell {
 }
 
 impl Cell {
-    fn show(&self) -> String {
+    pub(crate) fn show(&self) -> String {
         let star = if self.capped { "*" } else { "" };
         if self.lo.is_finite() && self.hi.is_finite() {
             format!("{:.2}{star} ({:.2}–{:.2})", self.ratio, self.lo, self.hi)
@@ -486,9 +621,15 @@ fn table(runs: &Runs) -> String {
 /// The "Kernel (QEMU)" section of BENCHMARKS.md from the committed `bench/results/kernel.jsonl`; empty if
 /// there is none.
 pub fn section(root: &Path) -> String {
-    let Ok(text) = std::fs::read_to_string(results_path(root)) else { return String::new() };
-    let recs: Vec<Record> = text.lines().filter_map(parse_line).collect();
-    section_from(&recs, "bench/results/kernel.jsonl")
+    let read = |p: PathBuf| -> Vec<Record> {
+        std::fs::read_to_string(p).map(|t| t.lines().filter_map(parse_line).collect()).unwrap_or_default()
+    };
+    let tcg = read(results_path(root));
+    let icount = read(icount_path(root));
+    let mut md = section_from(&tcg, "bench/results/kernel.jsonl");
+    md.push_str(&crate::kbench_report::icount_section(&icount, &tcg, "bench/results/kernel-icount.jsonl"));
+    md.push_str(&crate::kbench_report::latency_section(&icount, &tcg));
+    md
 }
 
 /// The section from the records of one `--kernel` run, whose raw lines are at `raw` (repository-relative).
@@ -572,7 +713,7 @@ fn section_from(recs: &[Record], raw: &str) -> String {
                 let c = num(b, "cpus").unwrap_or(0.0);
                 let done = recs
                     .iter()
-                    .find(|r| r.contains_key("done") && num(r, "cpus") == Some(c))
+                    .find(|r| r.contains_key("done") && num(r, "cpus") == Some(c) && !is_latency(r))
                     .and_then(|r| num(r, "reps"));
                 format!("{} ({c} CPU{})", done.map_or("?".into(), |d| d.to_string()), if c == 1.0 { "" } else { "s" })
             })
@@ -672,6 +813,20 @@ mod tests {
         assert!(!parse(&s(&["--kernel", "--reps", "4"])).unwrap().unwrap().published());
         assert_eq!(parse(&s(&["--kernel", "--timeout", "90"])).unwrap().unwrap().timeout, Duration::from_secs(90));
 
+        // -icount: 3 repetitions published, runs a tenth as long, QEMU counts instructions.
+        let i = parse(&s(&["--kernel", "--icount"])).unwrap().unwrap();
+        assert_eq!((i.reps, i.icount, i.latency), (3, true, true));
+        assert!(i.published());
+        assert_eq!(i.kernel_args(), s(&["--bench", "--bench-reps=3", "--bench-quick"]));
+        assert_eq!(i.qemu_extra(), s(&["-icount", "shift=0"]));
+        assert_eq!(i.latency_args(), s(&["--bench", "--bench-latency", "--bench-reps=1", "--bench-quick"]));
+        assert!(!parse(&s(&["--kernel", "--icount", "--reps", "2"])).unwrap().unwrap().published());
+        // TCG: no extra QEMU arguments, full-length runs; without the latency boots nothing is published.
+        let t = parse(&s(&["--kernel"])).unwrap().unwrap();
+        assert!(t.qemu_extra().is_empty());
+        assert_eq!(t.latency_args(), s(&["--bench", "--bench-latency", "--bench-reps=1"]));
+        assert!(!parse(&s(&["--kernel", "--no-latency"])).unwrap().unwrap().published());
+
         assert_eq!(parse(&s(&["--kernel", "--help"])), Ok(None));
         for bad in [
             &["--cpus", "0"][..],
@@ -703,6 +858,24 @@ mod tests {
         assert!(collect(&OUTPUT.replace("KBENCH {\"done\"", "{\"done\""), 2).unwrap_err().contains("done"));
         assert!(collect(&OUTPUT.replace("\"ops\":100,", "\"ops\":,"), 2).is_err());
         assert!(collect("nothing\n", 2).is_err());
+    }
+
+    #[test]
+    fn latency_boot_records_are_tagged_and_runs_dropped() {
+        let recs = collect(
+            &OUTPUT.replace(
+                "kbench: done",
+                "KBENCH {\"lat\":true,\"cpus\":2,\"kind\":\"small-alloc\",\"section\":\"leaf\",\"count\":1,\"sum\":9,\"max\":9,\"cpu_max\":\"9,0\",\"hist\":\"0,0,0,0,1\"}",
+            ),
+            2,
+        )
+        .unwrap();
+        let lat = latency_records(recs);
+        // meta, done and the latency line stay; the goheap run (slowed by the timing) goes.
+        assert_eq!(lat.len(), 3);
+        assert!(lat.iter().all(|r| is_latency(r) && !r.contains_key("workload")));
+        assert!(Runs::from_records(&lat).runs.is_empty() && Runs::from_records(&lat).boots.is_empty());
+        assert_eq!(crate::kbench_report::lat_lines(&lat).len(), 1);
     }
 
     fn run_line(cpus: u32, w: &str, a: &str, rep: u32, cycles: u64, ops: u64, capped: bool) -> Record {
