@@ -527,6 +527,7 @@ impl<S: FuzzSource, P: CpuProvider> Interp<'_, S, P> {
                     b.addr
                 );
                 // Accepted as the block's own free.
+                trace!("accepted: {wl:?} ({rw:?}) frees {:#x} ({:?}, {ro:?})", b.addr, b.layout);
                 let idx = self.shadow.blocks.iter().position(|x| x.addr == b.addr).unwrap();
                 self.shadow.remove(idx);
                 self.recently_freed.push(Freed { addr: b.addr, layout: b.layout, route: ro });
