@@ -140,7 +140,8 @@ impl Hosted {
         )
     }
 
-    /// Registers the fork handlers for this allocator at its first allocation (see the module docs).
+    /// Registers the fork handlers for this allocator at its first allocation (see the module docs). Called
+    /// on the general path only (`Malloc::alloc_hooked`): the first allocation always takes it.
     #[inline(always)]
     fn fork_safe(&self) {
         if self.1.load(Ordering::Acquire) != FORK_DONE {
@@ -205,13 +206,11 @@ impl Deref for Hosted {
 unsafe impl GlobalAlloc for Hosted {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        self.fork_safe();
-        self.0.alloc(layout)
+        self.0.alloc_hooked::<false>(layout, || self.fork_safe())
     }
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        self.fork_safe();
-        self.0.alloc_zeroed(layout)
+        self.0.alloc_hooked::<true>(layout, || self.fork_safe())
     }
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {

@@ -34,6 +34,14 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// would end the sampling countdown goes to the general path, which draws the sample.
     #[inline(always)]
     pub(super) fn alloc_impl<const ZERO: bool>(&self, layout: Layout) -> *mut u8 {
+        self.alloc_hooked::<ZERO>(layout, || {})
+    }
+
+    /// [`Malloc::alloc_impl`], calling `slow` before the general path and never on the fast path: the hosted
+    /// allocator registers its `fork()` handlers there (the first allocation of an allocator always takes the
+    /// general path: nothing is cached yet), so the fast path pays nothing for it.
+    #[inline(always)]
+    pub(crate) fn alloc_hooked<const ZERO: bool>(&self, layout: Layout, slow: impl FnOnce()) -> *mut u8 {
         let (size, align) = (layout.size(), layout.align());
         if self.fast_eligible(size, align) {
             let c = sizeclass::class_of(size);
@@ -64,6 +72,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             }
             drop(guard);
         }
+        slow();
         self.alloc_general::<ZERO>(layout)
     }
 
