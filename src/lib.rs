@@ -69,7 +69,8 @@
 //! ## The free path ([`Malloc::dealloc`]; Go has none, its GC frees)
 //!
 //! 1. Route by the layout, as for allocation.
-//! 2. Small: push the object on this CPU's stock for its class (no lock, no atomic). When the stock
+//! 2. Small: check the pointer lies in the arena and carries no stock key (see "Bad input"), then push the
+//!    object on this CPU's stock for its class (no lock, no atomic). When the stock
 //!    exceeds its bound, the bound doubles if this CPU also ran the class dry since it last grew and the
 //!    class and the cache may still grow (tcmalloc's cache resizing; the background step shrinks it
 //!    again), else half the stock goes to the central list:
@@ -113,8 +114,15 @@
 //!
 //! ## Bad input
 //!
-//! The allocator never allocates from itself and never panics on out-of-memory. Bad frees are reported with
-//! the address, span and class (see [`check`]); with the `checks` feature every free is verified at once.
+//! The allocator never allocates from itself and never panics on out-of-memory: when memory runs out it
+//! first gives back what it holds free (reclaim, see `malloc/reclaim.rs`) and retries once, then returns
+//! null. Bad frees are reported with the address, span and class (see [`check`], whose module docs hold the
+//! whole catalogue: each kind of bad free × tier × where the object is, with and without `checks`). In every
+//! build the fast free checks that the pointer lies in the arena and is 8-byte aligned, and a free that finds
+//! the stock key in the object's second word scans the stock for a double free (glibc tcache's idea); the
+//! sweep reports frees of objects that were not allocated, and a tiny free checks its span's class. With the
+//! `checks` feature every free is verified at once (live bits, tiny live masks) and freed small objects are
+//! poisoned and verified when handed out again (Go's `clobberfree`).
 #![no_std]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
