@@ -228,7 +228,7 @@ impl<S: PageSource> Heap<S> {
         }
     }
 
-    /// The page source, for its own statistics. goheap itself calls it only through [`Heap::src`] or with
+    /// The page source, for its own statistics. goheap itself calls it only through `Heap::src` (crate-private) or with
     /// the heap lock held (both need a [`Guarded`] token).
     pub fn source(&self) -> &S {
         &self.source
