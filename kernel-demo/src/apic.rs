@@ -301,10 +301,25 @@ pub(crate) fn timer_interrupt() {
     eoi();
 }
 
-/// The fixed test IPI: count it, EOI.
+/// The `fn()` run on every fixed test IPI (0 = none).
+static IPI_HOOK: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets the function every fixed test IPI calls, on the receiving CPU, in interrupt context (as
+/// [`set_tick_handler`]'s). `None` removes it.
+pub fn set_ipi_handler(f: Option<fn()>) {
+    IPI_HOOK.store(f.map_or(0, |f| f as usize), Ordering::Release);
+}
+
+/// The fixed test IPI: count it, run the hook, EOI.
 pub(crate) fn fixed_ipi_interrupt() {
     if let Some(cpu) = percpu::try_this() {
         cpu.fixed_ipis.fetch_add(1, Ordering::Relaxed);
+    }
+    let hook = IPI_HOOK.load(Ordering::Acquire);
+    if hook != 0 {
+        // SAFETY: the only non-zero values stored are `fn()` pointers (`set_ipi_handler`).
+        let f: fn() = unsafe { core::mem::transmute::<usize, fn()>(hook) };
+        f();
     }
     eoi();
 }
