@@ -187,8 +187,14 @@ fn percpu_data_through_gs() {
 fn fixed_ipis_reach_every_ap() {
     let before: [u64; N] = core::array::from_fn(|i| percpu::get(i).map_or(0, |c| c.fixed_ipis.load(Ordering::Relaxed)));
     run_on_aps(0);
+    // An AP woken by its own timer may see the command and finish before the BSP's IPI even reaches it, so
+    // the IPI may land after `run_on_aps` returns: wait for it (a lost IPI still fails, after 10 s).
+    let t0 = time::rdtsc();
     for i in 1..smp::online() {
-        assert!(percpu::get(i).unwrap().fixed_ipis.load(Ordering::Relaxed) > before[i], "CPU {i} got no IPI");
+        while percpu::get(i).unwrap().fixed_ipis.load(Ordering::Relaxed) <= before[i] {
+            assert!(time::us_since(t0) < 10_000_000, "CPU {i} got no IPI");
+            core::hint::spin_loop();
+        }
     }
 }
 
