@@ -5,6 +5,8 @@
 //! - `cargo xtask test`: every test: host tests, the no_std build, format and lint gates, and the QEMU test kernels.
 //! - `cargo xtask setup`: only install/check what the kernel side needs.
 //! - `cargo xtask gen-size-classes`: regenerate `src/object/sizeclass/table.rs`.
+//! - `cargo xtask sanitize`: goheap's host tests under ThreadSanitizer and AddressSanitizer (`sanitize.rs`).
+//! - `cargo xtask soak`: long randomized runs on the host or in QEMU (`soak.rs`).
 //!
 //! Each subcommand lives in its own module; add new ones beside them and a line in `main`.
 
@@ -16,7 +18,9 @@ mod kernel;
 mod proc;
 mod qemu;
 mod run;
+mod sanitize;
 mod setup;
+mod soak;
 mod test;
 
 use std::path::PathBuf;
@@ -36,6 +40,10 @@ commands:
   gen-size-classes    regenerate src/object/sizeclass/table.rs from goheap's generator
   bench [--quick] [--reps N] [--only GROUP,...] [--alloc NAME,...]
                       goheap against peer allocators; regenerates BENCHMARKS.md (see `cargo xtask bench --help`)
+  sanitize [--tsan] [--asan] [--short]
+                      goheap's host tests under ThreadSanitizer / AddressSanitizer (rustup's nightly)
+  soak [--minutes N] [--kernel] [--smp N,...]
+                      long randomized run on the host, or of the soak kernel in QEMU (see --help)
   bench --kernel [--cpus N,...] [--reps N] [--quick]
                       the same in the demo kernel in QEMU, against linked_list_allocator and talc heaps
                       (see `cargo xtask bench --kernel --help`)
@@ -79,6 +87,8 @@ fn main() -> ExitCode {
         },
         "gen-size-classes" => gen::main(&rest),
         "bench" => bench::main(&rest),
+        "sanitize" => sanitize::main(&rest),
+        "soak" => soak::main(&rest),
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
             ExitCode::SUCCESS
