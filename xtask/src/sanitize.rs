@@ -34,8 +34,8 @@
 //!
 //! # `--short` (the step in `cargo xtask test`)
 //! TSan: the unit tests and the threaded tests but `malloc_threads` (over 5 minutes under TSan here) and
-//! `page_threads`, replaced by `malloc_threads`' `more_threads_than_slots`; ASan: the same as in full (a
-//! few minutes). Where the toolchain does not allow a sanitizer (no nightly, no runtime, LLVM versions
+//! `page_threads`, replaced by `malloc_threads`' `more_threads_than_slots`; ASan: all but the proptest
+//! models (`tests/*_model.rs`). Where the toolchain does not allow a sanitizer (no nightly, no runtime, LLVM versions
 //! apart, no `ld.lld`, no kernel toolchain with library sources for TSan), it is skipped with the reason.
 //!
 //! Each run counts the `test result:` lines and the sanitizer reports (`WARNING: ThreadSanitizer:`,
@@ -311,6 +311,20 @@ fn tsan_cargo_args(short: bool) -> Vec<String> {
     a
 }
 
+/// In `--short`, ASan runs every integration test (`tests/*.rs`) but the proptest models (`*_model.rs`),
+/// which take many minutes under ASan on a loaded machine.
+fn asan_short_tests(root: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(root.join("tests"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".rs")).map(String::from))
+        .filter(|n| !n.ends_with("_model"))
+        .collect();
+    names.sort();
+    names
+}
+
 /// Builds and runs the canary of `kind`; Ok when the sanitizer reported its bug.
 fn canary(root: &Path, kind: Kind, kernel: Option<&KernelToolchain>) -> Result<String, String> {
     let mut cmd = cargo(root, kind, kernel, "run")?;
@@ -346,6 +360,12 @@ pub fn run(root: &Path, kind: Kind, short: bool, kernel: Option<&KernelToolchain
     match kind {
         Kind::Thread => {
             cmd.args(tsan_cargo_args(short));
+        }
+        Kind::Address if short => {
+            cmd.arg("--lib");
+            for t in asan_short_tests(root) {
+                cmd.arg("--test").arg(t);
+            }
         }
         Kind::Address => {
             cmd.args(["--lib", "--tests"]);
