@@ -23,7 +23,8 @@
 //! rustup's `nightly` with its own (uninstrumented) std: ASan reports no false errors from code it did not
 //! instrument, it only misses them there, so std is not rebuilt (`-Cunsafe-allow-abi-mismatch=sanitizer`
 //! lets instrumented crates link the prebuilt std). Leak detection is off: tests leak their allocators on
-//! purpose (`Box::leak` for `'static` heaps). goheap's own memory comes from `mmap` (`MmapSource`), which
+//! purpose (`Box::leak` for `'static` heaps); ASan's SEGV handler is off (`handle_segv=0`), so the
+//! guard-mode test still sees its child die of SIGSEGV. goheap's own memory comes from `mmap` (`MmapSource`), which
 //! ASan does not track as heap memory; it checks the tests' own heap (the system allocator's), stacks and
 //! globals. Build directory: `target/asan`.
 //!
@@ -286,7 +287,9 @@ fn prepare(kind: Kind, kernel: Option<&KernelToolchain>) -> Result<Prepared, Str
     // One string, space-separated: no flag here holds a space (paths under rustup's and LLVM's homes).
     cmd.env("RUSTFLAGS", flags.join(" "));
     cmd.env("TSAN_OPTIONS", "halt_on_error=0 exitcode=66 second_deadlock_stack=1");
-    cmd.env("ASAN_OPTIONS", "detect_leaks=0 halt_on_error=1 exitcode=66");
+    // `handle_segv=0`: a fault stays a SIGSEGV (bad_free's guard-mode test expects its child to die of one;
+    // ASan's own handler would turn it into a report and exit status 66).
+    cmd.env("ASAN_OPTIONS", "detect_leaks=0 halt_on_error=1 exitcode=66 handle_segv=0");
     Ok(Prepared { cmd, build_std })
 }
 
