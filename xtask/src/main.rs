@@ -6,6 +6,8 @@
 //! - `cargo xtask setup`: only install/check what the kernel side needs.
 //! - `cargo xtask gen-size-classes`: regenerate `src/object/sizeclass/table.rs`.
 //! - `cargo xtask fuzz [--time SECS] [TARGET]`: run the fuzz targets in `fuzz/` (see `fuzz.rs`).
+//! - `cargo xtask sanitize`: goheap's host tests under ThreadSanitizer and AddressSanitizer (`sanitize.rs`).
+//! - `cargo xtask soak`: long randomized runs on the host or in QEMU (`soak.rs`).
 //!
 //! Each subcommand lives in its own module; add new ones beside them and a line in `main`.
 
@@ -20,7 +22,9 @@ mod kproxy;
 mod proc;
 mod qemu;
 mod run;
+mod sanitize;
 mod setup;
+mod soak;
 mod test;
 
 use std::path::PathBuf;
@@ -40,6 +44,10 @@ commands:
   gen-size-classes    regenerate src/object/sizeclass/table.rs from goheap's generator
   bench [--quick] [--reps N] [--only GROUP,...] [--alloc NAME,...]
                       goheap against peer allocators; regenerates BENCHMARKS.md (see `cargo xtask bench --help`)
+  sanitize [--tsan] [--asan] [--short]
+                      goheap's host tests under ThreadSanitizer / AddressSanitizer (rustup's nightly)
+  soak [--minutes N] [--kernel] [--smp N,...]
+                      long randomized run on the host, or of the soak kernel in QEMU (see --help)
   bench --kernel [--cpus N,...] [--reps N] [--quick]
                       the same in the demo kernel in QEMU, against linked_list_allocator and talc heaps
                       (see `cargo xtask bench --kernel --help`)
@@ -86,6 +94,8 @@ fn main() -> ExitCode {
         "gen-size-classes" => gen::main(&rest),
         "bench" => bench::main(&rest),
         "fuzz" => fuzz::main(&rest),
+        "sanitize" => sanitize::main(&rest),
+        "soak" => soak::main(&rest),
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
             ExitCode::SUCCESS

@@ -3,6 +3,9 @@
 //! 1. set-up (install what is missing);
 //! 2. host tests: `cargo test --workspace --all-features` with the toolchain running xtask (rustup's), then
 //!    `cargo test -p goheap --features std` (goheap's default build, without `checks`);
+//!    issue 13's short runs with `GOHEAP_TEST_CONCURRENCY=1` (not yet by default: their cold build cost is
+//!    unmeasured on a fresh machine): ThreadSanitizer and AddressSanitizer (`sanitize.rs --short`) and a
+//!    one-minute host soak (`soak.rs`);
 //! 3. goheap built for `x86_64-unknown-none` with the kernel toolchain (it must stay no_std);
 //! 4. style gates (`gates.rs`): `cargo fmt --check` in both workspaces, clippy `-D warnings` over each
 //!    feature set of goheap and over xtask and bench, each a pass or a fail;
@@ -92,6 +95,11 @@ pub fn main(args: &[String]) -> ExitCode {
     done("step 1/5 (set-up)");
     say!("step 2/5: host tests (cargo test --workspace --all-features --no-fail-fast)");
     host_tests(&root, &mut sum);
+    if std::env::var_os("GOHEAP_TEST_CONCURRENCY").is_some() {
+        concurrency_checks(&root, tools.as_ref(), &mut sum);
+    } else {
+        say!("sanitizers and the host soak: not run (set GOHEAP_TEST_CONCURRENCY=1, or cargo xtask sanitize / soak)");
+    }
 
     done("step 2/5 (host tests)");
     say!("step 3/5: goheap for x86_64-unknown-none (no_std) with the kernel toolchain");
@@ -160,7 +168,7 @@ fn host_cargo(root: &Path) -> Command {
 }
 
 /// Counts from `test result: ok. 12 passed; 0 failed; ...` lines.
-fn parse_test_result(line: &str) -> Option<(u64, u64)> {
+pub(crate) fn parse_test_result(line: &str) -> Option<(u64, u64)> {
     let rest = line.trim().strip_prefix("test result: ")?;
     let num_before = |word: &str| -> Option<u64> {
         let idx = rest.find(word)?;
@@ -210,6 +218,29 @@ fn host_test_run(root: &Path, sum: &mut Summary, args: &[&str]) {
         note = format!("cargo test failed without a failing test to count ({}): see above", show_status(&status));
     }
     sum.add(&what, passed, failed, note);
+}
+
+/// Issue 13's short runs: TSan and ASan over goheap's host tests (`sanitize.rs`, skipped with the reason
+/// where the toolchain does not allow them) and a one-minute host soak (`soak.rs`). The one-minute kernel
+/// soak is a test kernel (`kernel-demo/tests/soak.rs`), booted with the others.
+fn concurrency_checks(root: &Path, tools: Option<&Tools>, sum: &mut Summary) {
+    use crate::sanitize::{self, Kind, Outcome as San};
+    for kind in [Kind::Thread, Kind::Address] {
+        say!("{} (short): goheap's host tests", kind.name());
+        let what = format!("{} (cargo xtask sanitize --short)", kind.name());
+        match sanitize::run(root, kind, true, tools.map(|t| &t.kernel)) {
+            San::Skipped(why) => {
+                say!("{}: SKIPPED: {why}", kind.name());
+                sum.add(what, 0, 0, format!("SKIPPED: {why}"));
+            }
+            San::Ran { passed, failed, reports, note } => {
+                sum.add(what, passed, failed, format!("{reports} report(s); {note}"))
+            }
+        }
+    }
+    say!("host soak, one minute (cargo xtask soak --minutes 1)");
+    let r = crate::soak::build_host(root).and_then(|bin| crate::soak::run_host(&bin, 60.0, 80, 300));
+    sum.check("host soak, 1 minute", r);
 }
 
 fn show_status(s: &std::io::Result<std::process::ExitStatus>) -> String {
