@@ -169,7 +169,7 @@ fn metric_value(name: &str, m: &MemStats, h: &HeapStats) -> Value {
 impl<S: PageSource, P: CpuProvider> core::fmt::Debug for Malloc<S, P> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Malloc")
-            .field("debug", &self.debug)
+            .field("debug", &self.debug_flags())
             .field("mem_stats", &self.mem_stats())
             .field("heap", &self.t.heap)
             .finish_non_exhaustive()
