@@ -218,4 +218,28 @@ mod tests {
         assert_eq!(metric_value("/memory/classes/metadata/mspan/inuse:bytes", &m, &h), Value::Uint64(5));
         assert_eq!(metric_value("/no/such:metric", &m, &h), Value::Bad);
     }
+
+    /// The scavenger's CPU time is reported in seconds, Go's unit, from the heap's nanosecond counter; the
+    /// limit as math.MaxInt64 when none is set; goheap's own figures from the heap's totals.
+    #[test]
+    fn metric_units_and_sources() {
+        let h = HeapStats {
+            scavenge_cpu_nanos: 1_500_000_000,
+            scavenged_total_bytes: 7 << 20,
+            scavenged_alloc_bytes: 3 << 20,
+            ..HeapStats::default()
+        };
+        let m = MemStats { memory_limit: usize::MAX as u64, ..MemStats::default() };
+        assert_eq!(metric_value("/cpu/classes/scavenge/total:cpu-seconds", &m, &h), Value::Float64(1.5));
+        assert_eq!(metric_value("/gc/gomemlimit:bytes", &m, &h), Value::Uint64(i64::MAX as u64));
+        let m = MemStats { memory_limit: 512 << 20, ..m };
+        assert_eq!(metric_value("/gc/gomemlimit:bytes", &m, &h), Value::Uint64(512 << 20));
+        assert_eq!(metric_value("/goheap/scavenge/released:bytes", &m, &h), Value::Uint64(7 << 20));
+        assert_eq!(metric_value("/goheap/scavenge/released-for-limit:bytes", &m, &h), Value::Uint64(3 << 20));
+        // Every listed metric has a value of its listed kind, and the made-up name inside Go's namespace is gone.
+        for d in crate::stats::ALL_METRICS {
+            assert_eq!(metric_value(d.name, &m, &h).kind(), d.kind, "{}", d.name);
+        }
+        assert_eq!(metric_value("/gc/scavenge/released:bytes", &m, &h), Value::Bad);
+    }
 }
