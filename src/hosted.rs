@@ -60,7 +60,8 @@ pub struct Hosted(Malloc<MmapSource, ThreadSlots>, AtomicU8, EnvInit);
 /// Whether the environment's knobs were applied (see the module docs): `ENV_*` and the reading thread.
 struct EnvInit {
     state: AtomicU8,
-    /// `pthread_self()` of the thread applying them (a signal handler that allocates on it must not wait).
+    /// `pthread_self()` of the thread that claimed the reading (0: none yet); a signal handler that
+    /// allocates on that thread must not wait for it.
     owner: AtomicUsize,
 }
 
@@ -204,8 +205,9 @@ impl Hosted {
         // SAFETY: `pthread_self` has no preconditions.
         let me = unsafe { libc::pthread_self() } as usize;
         let e = &self.2;
-        if e.state.compare_exchange(ENV_UNREAD, ENV_READING, Ordering::Acquire, Ordering::Acquire).is_ok() {
-            e.owner.store(me, Ordering::Relaxed);
+        // Claiming is setting the owner, so a signal handler that allocates on the claiming thread sees it.
+        if e.owner.compare_exchange(0, me, Ordering::Acquire, Ordering::Acquire).is_ok() {
+            e.state.store(ENV_READING, Ordering::Relaxed);
             self.apply_env();
             e.state.store(ENV_DONE, Ordering::Release);
             return;
