@@ -27,7 +27,7 @@
 //! # Knobs from the environment
 //! At its first allocation through `GlobalAlloc` (for a `#[global_allocator]`: before `main`, when the
 //! standard library sets itself up), a `Hosted` reads `GOMEMLIMIT` and `GODEBUG` with `getenv`, without
-//! allocating, parses them ([`env`]) and applies them before it serves that allocation; other threads that
+//! allocating, parses them ([`env`](mod@env)) and applies them before it serves that allocation; other threads that
 //! allocate meanwhile wait for it. Malformed values are reported on stderr (one line each, written without
 //! allocating) and ignored; unknown `GODEBUG` keys are ignored, as Go ignores them. Later changes to the
 //! environment are not seen (use the methods instead).
