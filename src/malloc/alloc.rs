@@ -23,7 +23,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// not large) at the natural alignment, no debug knob.
     #[inline(always)]
     pub(super) fn fast_eligible(&self, size: usize, align: usize) -> bool {
-        self.debug.is_empty()
+        self.debug_flags().is_empty()
             && size.wrapping_sub(TINY_SIZE) <= MAX_SMALL_SIZE - TINY_SIZE
             && align <= sizeclass::MIN_ALIGN
     }

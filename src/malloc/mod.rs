@@ -46,7 +46,7 @@ use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
 use core::mem::MaybeUninit;
 use core::ptr::{self, NonNull};
-use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 mod alloc;
 mod api;
@@ -75,8 +75,10 @@ const LARGE: Route = 0;
 const GUARDED: Route = usize::MAX;
 
 bitflags::bitflags! {
-    /// Debug knobs (Go's GODEBUG analogues). Fixed when the allocator is built ([`Malloc::with_debug`]):
-    /// they change how requests are routed, so they cannot change while objects are live.
+    /// Debug knobs (Go's GODEBUG analogues). Fixed when the allocator is built ([`Malloc::with_debug`]) or
+    /// before its first allocation ([`Malloc::set_debug_before_use`]; the hosted allocator's
+    /// `GODEBUG=efence=1`): they change how requests are routed, so they cannot change while objects are
+    /// live.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub struct DebugFlags: u32 {
         /// efence-style guard mode: every allocation gets pages of its own and ends right before a guard page
@@ -180,8 +182,8 @@ pub struct Malloc<S: PageSource, P: CpuProvider> {
     shared: CacheSlot,
     shared_lock: GuardedMutex<()>,
     provider: P,
-    /// Debug knobs; immutable once built.
-    debug: DebugFlags,
+    /// Debug knobs (`DebugFlags` bits); fixed once anything was allocated (see `set_debug_before_use`).
+    debug: AtomicU32,
     profiler: Profiler,
     /// Flush requests and background pacing (see `reclaim.rs`).
     pacing: reclaim::Pacing,
@@ -228,7 +230,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             shared: CacheSlot::new(SHARED_INDEX),
             shared_lock: GuardedMutex::new(()),
             provider,
-            debug: DebugFlags::empty(),
+            debug: AtomicU32::new(0),
             profiler: Profiler {
                 rate: AtomicUsize::new(0),
                 hook: AtomicPtr::new(ptr::null_mut()),
@@ -241,17 +243,38 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
 
     /// This allocator with debug knobs `flags` (see [`DebugFlags`]).
     pub const fn with_debug(mut self, flags: DebugFlags) -> Self {
-        self.debug = flags;
+        self.debug = AtomicU32::new(flags.bits());
         self
+    }
+
+    /// The debug knobs.
+    #[inline(always)]
+    pub fn debug_flags(&self) -> DebugFlags {
+        DebugFlags::from_bits_retain(self.debug.load(Ordering::Relaxed))
+    }
+
+    /// Sets the debug knobs of an allocator that has never allocated (the hosted allocator's `GODEBUG`, read
+    /// at its first allocation). Routes depend on the knobs, so they cannot change once objects may be
+    /// live: returns false, changing nothing, if the heap has ever grown.
+    ///
+    /// # Safety
+    /// No allocation or free through this allocator runs concurrently with this call.
+    pub unsafe fn set_debug_before_use(&self, flags: DebugFlags) -> bool {
+        if self.t.heap.stats().grown_bytes != 0 {
+            return false;
+        }
+        self.debug.store(flags.bits(), Ordering::Relaxed);
+        true
     }
 
     /// The route of a request, honouring the debug knobs.
     #[inline(always)]
     fn route(&self, size: usize, align: usize) -> Route {
-        if self.debug.is_empty() {
+        let debug = self.debug_flags();
+        if debug.is_empty() {
             route(size, align)
         } else {
-            route_debug(self.debug, size, align)
+            route_debug(debug, size, align)
         }
     }
 

@@ -55,6 +55,8 @@ pub struct HeapStats {
     pub scavenged_alloc_bytes: usize,
     /// Scavenger cycles completed (one log line each).
     pub scav_cycles: usize,
+    /// Nanoseconds the scavenger spent, 0 without a clock (Go's `/cpu/classes/scavenge/total:cpu-seconds`).
+    pub scavenge_cpu_nanos: u64,
 }
 
 /// The page-level fields of a span, for code outside the crate (tests, tools).
@@ -122,6 +124,7 @@ impl<S: PageSource> Heap<S> {
             scavenged_total_bytes: self.scav_released_bytes.load(Ordering::Relaxed),
             scavenged_alloc_bytes: self.scav_alloc_bytes.load(Ordering::Relaxed),
             scav_cycles: self.scav_cycles.load(Ordering::Relaxed),
+            scavenge_cpu_nanos: self.scavenge_cpu_nanos.load(Ordering::Relaxed),
         }
     }
 
