@@ -91,6 +91,9 @@ pub enum Reason {
     /// With `checks`: byte `offset` of the object changed while it was free (a write after free), found when
     /// the object was handed out again. `addr` is the object's address.
     WriteAfterFree { offset: usize },
+    /// A sampled guarded allocation's canary (the bytes of its page before the object) changed: a write
+    /// `offset` bytes before the object's start at `addr` (an underflow, or a stray write), found at its free.
+    GuardedCanary { offset: usize },
 }
 
 /// A refused free (or, with `checks`, a write after free found when the object was handed out again), with
@@ -118,11 +121,18 @@ impl fmt::Display for BadFree {
                 self.addr + offset,
                 self.addr
             )?;
+        } else if let Reason::GuardedCanary { offset } = self.reason {
+            write!(
+                f,
+                "goheap: write out of bounds at {:#x} ({offset} bytes before the guarded object at {:#x}: its canary changed)",
+                self.addr - offset,
+                self.addr
+            )?;
         } else {
             write!(f, "goheap: invalid free of {:#x}: ", self.addr)?;
         }
         match self.reason {
-            Reason::WriteAfterFree { .. } => {}
+            Reason::WriteAfterFree { .. } | Reason::GuardedCanary { .. } => {}
             Reason::NotInHeap => write!(f, "not a live allocation of this heap (foreign pointer, or freed twice)")?,
             Reason::DoubleFree => write!(f, "double free (object is not allocated)")?,
             Reason::Interior => write!(f, "interior pointer (not the start of an object)")?,

@@ -73,6 +73,9 @@ pub struct MemStats {
     pub remote_frees: u64,
     /// Per size class counts; index = class (0 unused).
     pub by_size: [BySize; crate::object::sizeclass::NUM_SIZE_CLASSES],
+    /// Efence mode (`DebugFlags::EFENCE`): bytes of heap pages of freed objects, decommitted and never handed
+    /// out again (arena address space lost for good; not in `heap_sys`).
+    pub efence_retired_bytes: u64,
 }
 
 impl Default for MemStats {
@@ -100,6 +103,7 @@ impl Default for MemStats {
             large_frees: 0,
             remote_frees: 0,
             by_size: [BySize { size: 0, mallocs: 0, frees: 0 }; crate::object::sizeclass::NUM_SIZE_CLASSES],
+            efence_retired_bytes: 0,
         }
     }
 }
@@ -218,6 +222,11 @@ pub const ALL_METRICS: &[Description] = &[
     Description {
         name: "/goheap/remote-frees:objects",
         description: "Cumulative objects freed into spans cached by another CPU.",
+        cumulative: true,
+    },
+    Description {
+        name: "/goheap/efence/retired:bytes",
+        description: "Efence mode: heap pages of freed objects, decommitted and never reused.",
         cumulative: true,
     },
 ];

@@ -86,6 +86,18 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         }
         let e = self.enter();
         let g = e.held.guarded();
+        // The sampling countdown is counted before allocating: a sampled allocation may be guarded, placed in
+        // the guarded pool instead (see `guarded.rs`).
+        let sampled = self.count_sample(e.cache, size);
+        if sampled && self.guarded_pick() {
+            let p = self.alloc_guarded(size, align, ZERO, g);
+            if !p.is_null() {
+                let me = e.sh.index;
+                drop(e);
+                self.record_sample(p as usize, size, r, me);
+                return p;
+            }
+        }
         let t = &self.t;
         let small = |cache: &mut CpuCache| {
             if r == TINY_CLASS {
@@ -114,7 +126,6 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         if !p.is_null() {
             self.after_alloc_limit(e.cache, e.sh, g);
         }
-        let sampled = self.count_sample(e.cache, size);
         let me = e.sh.index;
         drop(e);
         #[cfg(feature = "checks")]

@@ -28,7 +28,8 @@
 //! - `maintenance.rs`: the background step, cache flushes, `release_all`, the memory limit;
 //! - `reclaim.rs`: reclaim before failing, flush requests to other caches, the memory limit's reclaim and
 //!   the background step's pacing;
-//! - `profile.rs`: heap-profile sampling; `report.rs`: per-CPU figures, `MemStats`, metrics, validation;
+//! - `profile.rs`: heap-profile sampling; `guarded.rs`: sampled guarded allocations (KFENCE / GWP-ASan);
+//!   `report.rs`: per-CPU figures, `MemStats`, metrics, validation;
 //! - `api.rs`: `GlobalAlloc` and allocator-api2's `Allocator`.
 
 use crate::check::{self, Reason};
@@ -51,12 +52,14 @@ use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 mod alloc;
 mod api;
 mod free;
+mod guarded;
 mod maintenance;
 mod orphans;
 mod profile;
 mod reclaim;
 mod report;
 
+pub use guarded::{GuardedStats, GUARDED_CANARY, GUARDED_SLOTS, QUARANTINE_MIN};
 pub use maintenance::BackgroundReport;
 use orphans::{FRESH_ZERO_MIN_BYTES, ORPHANS_PER_BACKGROUND};
 use profile::Profiler;
@@ -71,7 +74,7 @@ const SHARED_INDEX: u16 = MAX_CPUS as u16;
 type Route = usize;
 /// Route of large requests.
 const LARGE: Route = 0;
-/// Route of every request in guard mode ([`DebugFlags::GUARD`]).
+/// Route of every request in guard and efence modes ([`DebugFlags::GUARD`], [`DebugFlags::EFENCE`]).
 const GUARDED: Route = usize::MAX;
 
 bitflags::bitflags! {
@@ -86,6 +89,15 @@ bitflags::bitflags! {
         const GUARD = 1 << 0;
         /// No tiny path: requests under 16 B take the size classes (to measure what the tiny path saves).
         const NO_TINY = 1 << 1;
+        /// Go's efence (`GODEBUG=efence=1`): every object on pages of its own, ending right before a
+        /// decommitted guard page as in [`DebugFlags::GUARD`], and on free its pages are decommitted and
+        /// *never handed out again*: a use after free faults at the access, an overrun at the guard page,
+        /// and a second free is reported (the span is gone from the page map). The freed pages stay
+        /// allocated in the page allocator forever (`MemStats::efence_retired_bytes` counts them), so the
+        /// arena is used up at two or more pages per allocation: then allocation returns null, as at any
+        /// out-of-memory. Needs a page source whose `decommit` makes memory inaccessible (as `GUARD`); for
+        /// debugging only. Implies `GUARD`'s placement whether or not `GUARD` is set.
+        const EFENCE = 1 << 2;
     }
 }
 
@@ -106,7 +118,7 @@ fn route(size: usize, align: usize) -> Route {
 /// The route with debug knobs set.
 #[cold]
 fn route_debug(debug: DebugFlags, size: usize, align: usize) -> Route {
-    if debug.contains(DebugFlags::GUARD) {
+    if debug.intersects(DebugFlags::GUARD.union(DebugFlags::EFENCE)) {
         return GUARDED;
     }
     if debug.contains(DebugFlags::NO_TINY) && size < TINY_SIZE {
@@ -183,6 +195,8 @@ pub struct Malloc<S: PageSource, P: CpuProvider> {
     /// Debug knobs; immutable once built.
     debug: DebugFlags,
     profiler: Profiler,
+    /// Sampled guarded allocations (see `guarded.rs`).
+    guarded: guarded::GuardedPool,
     /// Flush requests and background pacing (see `reclaim.rs`).
     pacing: reclaim::Pacing,
 }
@@ -235,6 +249,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 samples: [const { AtomicU64::new(0) }; NUM_ALLOC_CLASSES + 1],
                 sampled_bytes: [const { AtomicU64::new(0) }; NUM_ALLOC_CLASSES + 1],
             },
+            guarded: guarded::GuardedPool::new(),
             pacing: reclaim::Pacing::new(),
         }
     }

@@ -93,6 +93,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         m.other_sys = h.metadata_bytes as u64;
         m.sys = m.heap_sys - m.heap_released + m.mspan_sys + m.mcache_sys + m.other_sys;
         m.memory_limit = self.t.heap.memory_limit() as u64;
+        m.efence_retired_bytes = h.retired_bytes as u64;
         m
     }
 
@@ -143,6 +144,7 @@ fn metric_value(name: &str, m: &MemStats, scavenged_total_bytes: u64) -> Option<
         "/gc/gomemlimit:bytes" => m.memory_limit,
         "/gc/scavenge/released:bytes" => scavenged_total_bytes,
         "/goheap/remote-frees:objects" => m.remote_frees,
+        "/goheap/efence/retired:bytes" => m.efence_retired_bytes,
         _ => return None,
     })
 }
