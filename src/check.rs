@@ -33,6 +33,23 @@
 //! and large ones are not poisoned: a tiny block's siblings stay live, and large objects' pages go back to
 //! the page heap).
 //!
+//! # Use-after-free and overflow detection
+//!
+//! Bad frees are one half of bad input; the other is using memory the program does not own. Three modes,
+//! each caught in a test on the host (`tests/detection.rs`, `tests/bad_input_regress.rs`'s `poisoning`) and
+//! in QEMU (`kernel-demo/tests/clobberfree.rs`, `guarded_sampled.rs`, `efence.rs`):
+//!
+//! | mode | turned on by | catches | reported as |
+//! |---|---|---|---|
+//! | poisoning (Go's `clobberfree`) | feature `checks` | a write to a freed small object | [`Reason::WriteAfterFree`] when the object is handed out again |
+//! | guard mode | `DebugFlags::GUARD` | an overrun past any object | a page fault at the access (addresses are recycled: a use after free is not caught) |
+//! | efence (Go's `GODEBUG=efence=1`) | `DebugFlags::EFENCE` | an overrun past any object, any read or write after free | a page fault at the access; a second free as [`Reason::NotInHeap`] |
+//! | sampled guarded allocations (KFENCE, GWP-ASan) | `Malloc::set_guarded_sample_rate` (with profiling on), in production builds | an overrun past a sampled object, a use after its free (until its slot leaves quarantine), a write before it | a page fault; [`Reason::GuardedCanary`], bad frees of it as any bad free |
+//!
+//! The faults come from the page source's guard operations (`PageSource::decommit_guard` and friends: a
+//! kernel source that unmaps, any `MmapSource`); see `malloc/guarded.rs` and `page/heap/retire.rs` for
+//! how the modes were adapted from Go's efence and Linux's KFENCE.
+//!
 //! # The catalogue (tested cell by cell in `tests/bad_free_catalogue.rs`)
 //!
 //! Where the object is when it is badly freed: **stock** (freed once and still on this CPU's stock; tiny:

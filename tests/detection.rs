@@ -118,6 +118,24 @@ mod efence {
         child_must_segfault("efence::use_after_free_faults");
     }
 
+    /// With the production page source (`MmapSource::new()`) too.
+    #[test]
+    fn use_after_free_faults_with_the_default_mmap_source() {
+        if in_child() {
+            let m = Box::new(
+                Malloc::with_max_bytes(MmapSource::new(), ThreadSlots::new(), 1 << 30).with_debug(DebugFlags::EFENCE),
+            );
+            let p = m.alloc(l(5000, 8));
+            // SAFETY (test): freed, then deliberately written after free.
+            unsafe {
+                m.dealloc(p, l(5000, 8));
+                std::ptr::write_volatile(p, 1);
+            }
+            std::process::exit(0);
+        }
+        child_must_segfault("efence::use_after_free_faults_with_the_default_mmap_source");
+    }
+
     /// A write past the end faults (the guard page).
     #[test]
     fn overflow_faults() {
@@ -180,6 +198,27 @@ mod efence {
 
 mod sampled {
     use super::*;
+
+    /// With the production page source (`MmapSource::new()`, `Hosted`'s, which maps its reservations
+    /// read-write where the kernel overcommits), a guarded object still faults: the pool's pages are
+    /// `mprotect`ed through the source's guard operations.
+    #[test]
+    fn faults_with_the_default_mmap_source() {
+        if in_child() {
+            let m = Box::new(Malloc::with_max_bytes(MmapSource::new(), ThreadSlots::new(), 1 << 30));
+            m.set_profile_rate(1);
+            m.set_guarded_sample_rate(1);
+            let p = m.alloc(l(64, 8));
+            assert_eq!(m.guarded_stats().allocs, 1);
+            // SAFETY (test): freed, then deliberately read after free.
+            unsafe {
+                m.dealloc(p, l(64, 8));
+                std::hint::black_box(std::ptr::read_volatile(p));
+            }
+            std::process::exit(0);
+        }
+        child_must_segfault("sampled::faults_with_the_default_mmap_source");
+    }
 
     /// Off by default: with every allocation sampled and no guarded rate, nothing goes to the pool.
     #[test]

@@ -176,7 +176,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 let guard = base + (npages - 1) * PAGE_SIZE;
                 // SAFETY: the guard page is committed, ours, and unused; it is committed again before the
                 // span goes back to the heap (`free_large`).
-                self.t.heap.src(g).decommit(NonNull::new_unchecked(guard as *mut u8), PAGE_SIZE);
+                self.t.heap.src(g).decommit_guard(NonNull::new_unchecked(guard as *mut u8), PAGE_SIZE);
                 ((guard - size) & !(align - 1)) as *mut u8
             } else {
                 base as *mut u8

@@ -228,7 +228,8 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             }
             if guarded {
                 // SAFETY: the guard page was decommitted by `alloc_large`; the span is the caller's.
-                let ok = unsafe { t.heap.src(g).commit(NonNull::new_unchecked(guard_page as *mut u8), PAGE_SIZE) };
+                let ok =
+                    unsafe { t.heap.src(g).commit_unguard(NonNull::new_unchecked(guard_page as *mut u8), PAGE_SIZE) };
                 if !ok {
                     // The heap believes every page of the span committed: without the guard page back, the
                     // span cannot be reused. Keep it (leaked) rather than hand out an inaccessible page later.

@@ -28,10 +28,10 @@
 //!   slots were freed after it (never-used slots first). Until then a use of the freed object faults. When
 //!   no slot may be used, the sampled allocation takes the ordinary path (counted as `skipped`).
 //!
-//! A fault needs a page source whose uncommitted memory is inaccessible: a kernel source that unmaps
-//! (`FrameSource`), `MmapSource::strict()`. The default `MmapSource` maps its reservations read-write where
-//! the kernel overcommits (see `source/mmap.rs`), so there the guard pages and freed slots read as zero and
-//! only the canary and the free-time checks catch anything.
+//! The pool's pages are made inaccessible through the page source's guard operations
+//! (`PageSource::guard`, `decommit_guard`, `commit_unguard`): a kernel source that unmaps needs nothing
+//! more, and `MmapSource` (also the default one `Hosted` uses, which otherwise maps its reservations
+//! read-write) `mprotect`s them, so guarded objects fault in production on a host too.
 //!
 //! # What was adapted, and why
 //! KFENCE samples by time (one allocation per 100 ms, a static branch) and GWP-ASan by count (a
@@ -223,6 +223,8 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         if !inner.tried {
             inner.tried = true;
             if let Some(b) = src.reserve(GUARDED_POOL_BYTES, PAGE_SIZE) {
+                // SAFETY: the pool was just reserved and nothing of it is committed.
+                unsafe { src.guard(b, GUARDED_POOL_BYTES) };
                 inner.base = b.as_ptr() as usize;
                 self.guarded.base.store(inner.base, Ordering::Release);
                 self.guarded.len.store(GUARDED_POOL_BYTES, Ordering::Release);
@@ -241,7 +243,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         let data = inner.base + slot * SLOT_BYTES;
         // SAFETY: the slot's data page lies in the pool's reservation and is not committed (fresh, or
         // decommitted at its free).
-        if !unsafe { src.commit(NonNull::new_unchecked(data as *mut u8), PAGE_SIZE) } {
+        if !unsafe { src.commit_unguard(NonNull::new_unchecked(data as *mut u8), PAGE_SIZE) } {
             return ptr::null_mut();
         }
         if fresh {
@@ -317,7 +319,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             let (slot, data) = self.guarded_check(ptr as usize, layout, true, g);
             // SAFETY: the slot was live (checked) and is now marked quarantined: its data page is committed and
             // nobody uses it any more (the caller gave the object up).
-            unsafe { self.t.heap.src(g).decommit(NonNull::new_unchecked(data as *mut u8), PAGE_SIZE) };
+            unsafe { self.t.heap.src(g).decommit_guard(NonNull::new_unchecked(data as *mut u8), PAGE_SIZE) };
             let mut lk = self.guarded.inner.lock(g);
             let at = (lk.head + lk.qlen) % GUARDED_SLOTS;
             lk.queue[at] = slot as u16;

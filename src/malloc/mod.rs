@@ -82,10 +82,11 @@ bitflags::bitflags! {
     /// they change how requests are routed, so they cannot change while objects are live.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub struct DebugFlags: u32 {
-        /// efence-style guard mode: every allocation gets pages of its own and ends right before a guard page
-        /// that is decommitted, so an overrun faults at once; frees are checked like large frees. Needs a
-        /// page source whose `decommit` makes memory inaccessible (`MmapSource::strict()`, a kernel source
-        /// that unmaps); slow and page-hungry, for debugging only.
+        /// Guard mode: every allocation gets pages of its own and ends right before a guard page that is
+        /// decommitted and made inaccessible (`PageSource::decommit_guard`: any `MmapSource`, a kernel
+        /// source that unmaps), so an overrun faults at once; frees are checked like large frees. Freed
+        /// pages are reused (a use after free is not caught: see [`DebugFlags::EFENCE`]). Slow and
+        /// page-hungry, for debugging only.
         const GUARD = 1 << 0;
         /// No tiny path: requests under 16 B take the size classes (to measure what the tiny path saves).
         const NO_TINY = 1 << 1;
@@ -95,8 +96,8 @@ bitflags::bitflags! {
         /// and a second free is reported (the span is gone from the page map). The freed pages stay
         /// allocated in the page allocator forever (`MemStats::efence_retired_bytes` counts them), so the
         /// arena is used up at two or more pages per allocation: then allocation returns null, as at any
-        /// out-of-memory. Needs a page source whose `decommit` makes memory inaccessible (as `GUARD`); for
-        /// debugging only. Implies `GUARD`'s placement whether or not `GUARD` is set.
+        /// out-of-memory. The pages are made inaccessible as `GUARD`'s guard page is. For debugging only.
+        /// Implies `GUARD`'s placement whether or not `GUARD` is set.
         const EFENCE = 1 << 2;
     }
 }

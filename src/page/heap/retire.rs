@@ -48,7 +48,7 @@ impl<S: PageSource> Heap<S> {
         let body = npages - tail_decommitted;
         // SAFETY: the pages are the caller's (given up), committed (the span's pages are, except the tail the
         // caller decommitted), and nothing uses them.
-        unsafe { self.src(g).decommit(NonNull::new_unchecked(base as *mut u8), body * PAGE_SIZE) };
+        unsafe { self.src(g).decommit_guard(NonNull::new_unchecked(base as *mut u8), body * PAGE_SIZE) };
         self.committed_npages.fetch_sub(npages, Ordering::Relaxed);
         self.retired_npages.fetch_add(npages, Ordering::Relaxed);
         let mut lk = self.inner.lock(g);
