@@ -931,6 +931,11 @@ fn callgrind_pair64(n: u64) {
         if let Some(r) = knob("GOHEAP_BENCH_GUARDED_RATE") {
             alloc_sel::GLOBAL.set_guarded_sample_rate(r);
         }
+        // A CPU whose sampling was off rechecks the rate only after 64 MiB of allocation (`profile.rs`): one
+        // large block of that size makes this thread pick the new rate up before the measured loop.
+        let big = lay(65 << 20);
+        // SAFETY: non-zero layout; freed right away.
+        unsafe { dealloc(black_box(alloc(big)), big) };
     }
     let l = lay(64);
     for _ in 0..(1000 + n) {

@@ -45,8 +45,8 @@
 //!
 //! # Locks
 //! `inner`: a spin lock taken inside the CPU provider's guard, after the caller's cache is entered (the
-//! allocation) or with no cache entered (the free); nothing else is locked while it is held. The source is
-//! called under it. `base`/`len` are written once (under the lock) and read lock-free by [`Malloc::dealloc`].
+//! allocation) or with no cache entered (the free); no other lock is taken while it is held (a leaf, last
+//! in the lock order: `fork()`'s prepare step takes it after the heap's). The source is called under it. `base`/`len` are written once (under the lock) and read lock-free by [`Malloc::dealloc`].
 
 use super::*;
 use crate::page::heap::GUARDED_POOL_BYTES;
@@ -151,6 +151,22 @@ impl GuardedPool {
         }
     }
 
+    /// Takes the pool's lock and keeps it, for `fork()`'s prepare step (see `orphans.rs`).
+    #[cfg(feature = "std")]
+    pub(super) fn lock_for_fork(&self, g: Guarded<'_>) {
+        self.inner.lock_and_keep(g);
+    }
+
+    /// Releases the lock [`GuardedPool::lock_for_fork`] kept.
+    ///
+    /// # Safety
+    /// `lock_for_fork` was called and this is its one matching release.
+    #[cfg(feature = "std")]
+    pub(super) unsafe fn unlock_after_fork(&self) {
+        // SAFETY: forwarded contract.
+        unsafe { self.inner.force_unlock() }
+    }
+
     /// Whether `addr` lies in the pool (two loads and a compare).
     #[inline(always)]
     pub(super) fn owns(&self, addr: usize) -> bool {
@@ -167,6 +183,25 @@ enum Verdict {
     Bad(Reason),
     /// The canary before the object changed: the address of the first changed byte.
     Canary(usize),
+}
+
+/// The address of the first byte of `[data, end)` that no longer holds [`GUARDED_CANARY`], if any; compared a
+/// word at a time (up to a page of canary is checked at every free of a guarded object).
+///
+/// # Safety
+/// `data` is 8-byte aligned and `[data, end)` is readable.
+unsafe fn canary_damage(data: usize, end: usize) -> Option<usize> {
+    const WORD: u64 = u64::from_ne_bytes([GUARDED_CANARY; 8]);
+    let words = (end - data) / 8;
+    let first_bad = (0..words).find(|&i| {
+        // SAFETY: `data + 8 * i + 8 <= end`, aligned (the caller's contract).
+        unsafe { ((data + 8 * i) as *const u64).read() != WORD }
+    });
+    let from = data + 8 * first_bad.unwrap_or(words);
+    (from..end).find(|&a| {
+        // SAFETY: `a < end` (the caller's contract).
+        unsafe { (a as *const u8).read() != GUARDED_CANARY }
+    })
 }
 
 impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
@@ -289,9 +324,8 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             return Verdict::Bad(Reason::LayoutMismatch { size: layout.size(), align: layout.align() });
         }
         // SAFETY: the slot is live, so its data page is committed; the canary is `[data, addr)`.
-        let canary = unsafe { core::slice::from_raw_parts(data as *const u8, addr - data) };
-        if let Some(i) = canary.iter().position(|&b| b != GUARDED_CANARY) {
-            return Verdict::Canary(data + i);
+        if let Some(at) = unsafe { canary_damage(data, addr) } {
+            return Verdict::Canary(at);
         }
         if consume {
             inner.slots[slot].state = SlotState::Quarantined;

@@ -17,9 +17,10 @@
 //! - `shared`: its spin lock (used when the provider gives no index: early boot, out of slots, re-entry);
 //! - `centrals[c]`: its own lock (see `central.rs`); the heap: the heap lock (see `page/heap/mod.rs`).
 //!
-//! Lock order: shared cache → central(c) → heap. A CPU guard is held across all of them: each lock is a
-//! [`GuardedMutex`] taken with the [`Guarded`] token of the guard (`Entered::held`), and the page source is
-//! called only with one, so every path that locks or calls the source is inside the guard by construction.
+//! Lock order: shared cache → central(c) → heap → guarded pool (`guarded.rs`). A CPU guard is held across
+//! all of them: each lock is a [`GuardedMutex`] taken with the [`Guarded`] token of the guard
+//! (`Entered::held`), and the page source is called only with one, so every path that locks or calls the
+//! source is inside the guard by construction.
 //! The fast paths (`alloc_impl`, `dealloc`) take no lock and call nothing: they need no token.
 //!
 //! # Files, by concern
