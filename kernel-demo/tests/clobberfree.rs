@@ -4,7 +4,7 @@
 //! (from this CPU's stock). Passes only if goheap reports "write after free at" that byte's address.
 //! Reaching the end, or another panic, fails.
 //!
-//! xtask: smp=1 timeout=60
+//! xtask: smp=1 timeout=180
 #![no_std]
 #![no_main]
 

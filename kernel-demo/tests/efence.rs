@@ -4,7 +4,7 @@
 //! never handed out again and that their pages go back to the frame allocator, then reads a freed object.
 //! Passes only if the read page-faults at that object's address. Reaching the end, or another panic, fails.
 //!
-//! xtask: smp=1 timeout=60
+//! xtask: smp=1 timeout=180
 #![no_std]
 #![no_main]
 

@@ -5,7 +5,7 @@
 //! object's address (the kernel's page source unmapped the slot's page at the free). Reaching the end, or
 //! another panic, fails.
 //!
-//! xtask: smp=1 timeout=60
+//! xtask: smp=1 timeout=180
 #![no_std]
 #![no_main]
 

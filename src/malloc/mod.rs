@@ -353,7 +353,9 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         r
     }
 
-    /// Bytes actually usable at an allocation of `layout` (its class size, or its pages).
+    /// Bytes actually usable at an allocation of `layout` (its class size, or its pages). With sampled
+    /// guarded allocations on ([`Malloc::set_guarded_sample_rate`]) a sampled object has only
+    /// `layout.size()` bytes before its guard page: use this only where they are off.
     pub fn usable_size(&self, layout: Layout) -> usize {
         match self.route(layout.size(), layout.align()) {
             LARGE => npages_for(layout.size()) * PAGE_SIZE,
