@@ -392,6 +392,67 @@ mod sampled {
         assert!(msg.contains(&format!("write out of bounds at {:#x}", q as usize - 3)), "{msg}");
     }
 
+    /// Several threads allocate, fill, hand over and free guarded and ordinary objects at once: every
+    /// object keeps its contents, every guarded one is freed exactly once, and the counts balance.
+    #[test]
+    fn threads_share_the_pool() {
+        let m: &'static M = Box::leak(sampled(2));
+        let (tx, rx) = std::sync::mpsc::channel::<(usize, usize, u8)>();
+        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        let workers: Vec<_> = (0..4u8)
+            .map(|t| {
+                let tx = tx.clone();
+                let rx = rx.clone();
+                std::thread::spawn(move || {
+                    let mut mine = Vec::new();
+                    for i in 0..3000usize {
+                        let size = [8usize, 24, 64, 200, 1000, 5000][i % 6];
+                        let p = m.alloc(l(size, 8));
+                        assert!(!p.is_null());
+                        let tag = t.wrapping_mul(31).wrapping_add(i as u8);
+                        // SAFETY (test): `size` bytes of ours.
+                        unsafe { p.write_bytes(tag, size) };
+                        if i % 3 == 0 {
+                            tx.send((p as usize, size, tag)).unwrap();
+                        } else {
+                            mine.push((p as usize, size, tag));
+                        }
+                        if i % 4 == 0 {
+                            if let Ok((q, sz, tg)) = rx.lock().unwrap().try_recv() {
+                                mine.push((q, sz, tg));
+                            }
+                        }
+                        if mine.len() > 50 {
+                            for (q, sz, tg) in mine.drain(..25) {
+                                // SAFETY (test): a live object of `sz` bytes, freed once.
+                                unsafe {
+                                    assert!(std::slice::from_raw_parts(q as *const u8, sz).iter().all(|&b| b == tg));
+                                    m.dealloc(q as *mut u8, l(sz, 8));
+                                }
+                            }
+                        }
+                    }
+                    mine
+                })
+            })
+            .collect();
+        drop(tx);
+        let mut left: Vec<(usize, usize, u8)> = workers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+        left.extend(rx.lock().unwrap().try_iter());
+        for (q, sz, tg) in left {
+            // SAFETY (test): a live object of `sz` bytes, freed once.
+            unsafe {
+                assert!(std::slice::from_raw_parts(q as *const u8, sz).iter().all(|&b| b == tg));
+                m.dealloc(q as *mut u8, l(sz, 8));
+            }
+        }
+        let g = m.guarded_stats();
+        assert!(g.allocs > 1000, "{g:?}");
+        assert_eq!(g.allocs, g.frees, "{g:?}");
+        m.flush_cpu_cache();
+        assert_eq!(m.mem_stats().heap_objects, 0);
+    }
+
     /// The fast free never takes a guarded object into a stock: after a guarded object is freed, ordinary
     /// allocations of its class never hand its address out.
     #[test]
