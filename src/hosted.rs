@@ -36,7 +36,7 @@
 //! |---|---|---|
 //! | `GOMEMLIMIT=512MiB`, `off` | [`Malloc::set_memory_limit`] | the soft memory limit the scavenger steers by (Go's grammar: digits with an optional `B`, `KiB`, `MiB`, `GiB`, `TiB`) |
 //! | `GODEBUG=memprofilerate=N` | [`Malloc::set_profile_rate`] | heap-profile sampling: one sample per N bytes on average, 0 off (`-1`: left alone) |
-//! | `GODEBUG=efence=1` | `DebugFlags::GUARD` and `harddecommit` | every allocation on pages of its own, ending at an inaccessible guard page: an overrun faults at once. Only before anything was allocated |
+//! | `GODEBUG=efence=1` | `DebugFlags::EFENCE` and `harddecommit` | every allocation on pages of its own, ending at an inaccessible guard page, freed pages decommitted and never reused: an overrun or a use after free faults at once. Only before anything was allocated |
 //! | `GODEBUG=harddecommit=1` | [`MmapSource::set_hard_decommit`] | released memory is also `mprotect(PROT_NONE)`: a use of it faults |
 //! | `GODEBUG=madvdontneed=0` | [`MmapSource::set_lazy_free`] | release with `MADV_FREE` (RSS drops only under memory pressure); `1` (the default) `MADV_DONTNEED` |
 //! | `GODEBUG=scavtrace=1` | the scavenger's trace switch | the scavenger's trace line, in Go's format (reported as unsupported on stderr where the build has no switch) |
@@ -332,10 +332,10 @@ impl Hosted {
     }
 }
 
-/// The debug knobs `GODEBUG=efence=1` turns on: today's guard mode (merge: `DebugFlags::EFENCE` once it
-/// exists).
+/// The debug knobs `GODEBUG=efence=1` turns on: Go's efence (every object on pages of its own, freed pages
+/// decommitted and their addresses never reused).
 fn efence_flags() -> crate::DebugFlags {
-    crate::DebugFlags::GUARD
+    crate::DebugFlags::EFENCE
 }
 
 impl Default for Hosted {

@@ -110,6 +110,9 @@ pub struct MemStats {
     pub remote_frees: u64,
     /// Per size class counts; index = class (0 unused).
     pub by_size: [BySize; crate::object::sizeclass::NUM_SIZE_CLASSES],
+    /// Efence mode (`DebugFlags::EFENCE`): bytes of heap pages of freed objects, decommitted and never handed
+    /// out again (arena address space lost for good; not in `heap_sys`).
+    pub efence_retired_bytes: u64,
 }
 
 impl MemStats {
@@ -170,6 +173,7 @@ impl Default for MemStats {
             large_frees: 0,
             remote_frees: 0,
             by_size: [BySize { size: 0, mallocs: 0, frees: 0 }; crate::object::sizeclass::NUM_SIZE_CLASSES],
+            efence_retired_bytes: 0,
         }
     }
 }
@@ -404,5 +408,11 @@ pub const ALL_METRICS: &[Description] = &[
         "Live objects as the program counts them: tiny objects one each (MemStats::live_objects).",
         U,
         false,
+    ),
+    d(
+        "/goheap/efence/retired:bytes",
+        "Efence mode: heap pages of freed objects, decommitted and never handed out again.",
+        U,
+        true,
     ),
 ];

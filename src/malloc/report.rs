@@ -102,6 +102,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         // Go's Sys: the sum of the *Sys fields, released heap memory included.
         m.sys = m.heap_sys + m.mspan_sys + m.mcache_sys + m.other_sys;
         m.memory_limit = self.t.heap.memory_limit() as u64;
+        m.efence_retired_bytes = h.retired_bytes as u64;
         m
     }
 
@@ -161,6 +162,7 @@ fn metric_value(name: &str, m: &MemStats, h: &HeapStats) -> Value {
         "/goheap/remote-frees:objects" => m.remote_frees,
         "/goheap/tiny/frees:objects" => m.tiny_frees,
         "/goheap/objects/live:objects" => m.live_objects(),
+        "/goheap/efence/retired:bytes" => m.efence_retired_bytes,
         _ => return Value::Bad,
     })
 }

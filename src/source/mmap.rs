@@ -28,6 +28,10 @@
 //!   a page may keep its old contents: from then on `commit_zeroes` is `false`, for good, since pages
 //!   decommitted so may be recommitted later; where the kernel lacks `MADV_FREE`, `MADV_DONTNEED` is used).
 //!
+//! - The guard operations (`guard`, `decommit_guard`, `commit_unguard`: guard pages and freed objects of
+//!   the debug modes and of sampled guarded allocations) always `mprotect`, strict or not, so those pages
+//!   fault in every mode; there are few of them (a bounded pool, or debug modes).
+//!
 //! # Invariants
 //! `committed_bytes = sum(committed ranges)`, `reserved_bytes = sum(reserved ranges)` (atomic counters,
 //! for statistics and tests). No locks: every call is one or two system calls plus an atomic add.
@@ -232,6 +236,32 @@ unsafe impl PageSource for MmapSource {
             }
         }
         self.committed_bytes.fetch_sub(nbytes, Ordering::Relaxed);
+    }
+
+    unsafe fn guard(&self, addr: NonNull<u8>, nbytes: usize) {
+        if self.maps_read_write() {
+            // SAFETY: the caller guarantees the range is ours and not committed (unused).
+            unsafe { libc::mprotect(addr.as_ptr().cast(), nbytes, libc::PROT_NONE) };
+        }
+    }
+
+    unsafe fn decommit_guard(&self, addr: NonNull<u8>, nbytes: usize) {
+        // SAFETY: forwarded contract; the range is ours and unused, so removing its access rights affects
+        // nothing else.
+        unsafe {
+            self.decommit(addr, nbytes);
+            libc::mprotect(addr.as_ptr().cast(), nbytes, libc::PROT_NONE);
+        }
+    }
+
+    unsafe fn commit_unguard(&self, addr: NonNull<u8>, nbytes: usize) -> bool {
+        // SAFETY: the caller guarantees the range lies in one of our reservations and is not committed.
+        let rc = unsafe { libc::mprotect(addr.as_ptr().cast(), nbytes, libc::PROT_READ | libc::PROT_WRITE) };
+        if rc != 0 {
+            return false;
+        }
+        self.committed_bytes.fetch_add(nbytes, Ordering::Relaxed);
+        true
     }
 
     fn commit_zeroes(&self) -> bool {

@@ -19,7 +19,7 @@ use {super::InitState, crate::page::pagealloc::PALLOC_CHUNK_PAGES};
 pub struct HeapStats {
     /// Arena address space reserved.
     pub reserved_bytes: usize,
-    /// Arena covered by the page allocator so far (`inuse + free + released`).
+    /// Arena covered by the page allocator so far (`inuse + free + released + retired`).
     pub grown_bytes: usize,
     /// Heap pages committed: `inuse_bytes + free_bytes`.
     pub committed_bytes: usize,
@@ -27,8 +27,11 @@ pub struct HeapStats {
     pub inuse_bytes: usize,
     /// Committed pages not in use, including those held by page caches (Go's `HeapIdle - HeapReleased`).
     pub free_bytes: usize,
-    /// Grown pages not committed (Go's `HeapReleased`).
+    /// Free grown pages not committed (Go's `HeapReleased`).
     pub released_bytes: usize,
+    /// Pages of objects freed in efence mode (`DebugFlags::EFENCE`): decommitted and never handed out again,
+    /// so address space the arena has lost for good (see `page/heap/retire.rs`).
+    pub retired_bytes: usize,
     /// Free pages held by page caches (committed or not).
     pub cached_bytes: usize,
     /// Live span descriptors, including those stashed in page caches (Go's `MSpanInuse`).
@@ -100,13 +103,15 @@ impl<S: PageSource> Heap<S> {
         let inuse = self.inuse_npages.load(Ordering::Relaxed) * PAGE_SIZE;
         let span_sys = self.span_sys_bytes.load(Ordering::Relaxed);
         let meta = self.meta_committed_bytes.load(Ordering::Relaxed);
+        let retired = self.retired_npages.load(Ordering::Relaxed) * PAGE_SIZE;
         HeapStats {
             reserved_bytes: self.reserved_bytes.load(Ordering::Relaxed),
             grown_bytes: grown,
             committed_bytes: committed,
             inuse_bytes: inuse,
             free_bytes: committed.saturating_sub(inuse),
-            released_bytes: grown.saturating_sub(committed),
+            released_bytes: grown.saturating_sub(committed + retired),
+            retired_bytes: retired,
             cached_bytes: self.cached_npages.load(Ordering::Relaxed) * PAGE_SIZE,
             span_inuse_bytes: self.span_inuse_bytes.load(Ordering::Relaxed),
             span_sys_bytes: span_sys,
@@ -196,17 +201,18 @@ impl<S: PageSource> Heap<S> {
         let cached = self.cached_npages.load(Ordering::Relaxed);
         let inflight = self.scav_inflight_npages.load(Ordering::Relaxed);
         assert_eq!(inflight, 0, "heap: validate() while the scavenger is decommitting (call it when quiescent)");
+        let retired = self.retired_npages.load(Ordering::Relaxed);
         assert_eq!(
             alloc_pages,
-            inuse + cached,
-            "heap: allocated pages ({alloc_pages}) != pages in spans ({inuse}) + pages in page caches ({cached})"
+            inuse + cached + retired,
+            "heap: allocated pages ({alloc_pages}) != pages in spans ({inuse}) + pages in page caches ({cached}) + retired pages ({retired})"
         );
-        let committed = self.committed_npages.load(Ordering::Relaxed);
+        let committed = self.committed_npages.load(Ordering::Relaxed) + retired;
         let cache_scav = self.cache_scav_npages.load(Ordering::Relaxed);
         assert_eq!(
             committed,
             grown - g.pa.scav_npages() - cache_scav,
-            "heap: committed pages counter != grown - scavenged - scavenged in caches"
+            "heap: committed + retired pages != grown - scavenged - scavenged in caches"
         );
         let meta: usize = g.meta_committed.iter().sum();
         assert_eq!(meta, self.meta_committed_bytes.load(Ordering::Relaxed), "heap: metadata counter");
