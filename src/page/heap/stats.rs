@@ -53,8 +53,14 @@ pub struct HeapStats {
     pub scavenged_total_bytes: usize,
     /// Of those, released on the allocation path because the memory limit was exceeded.
     pub scavenged_alloc_bytes: usize,
-    /// Scavenger cycles completed (one log line each).
+    /// Scavenger cycles completed: generations in which memory was released, and `release_all` calls
+    /// (with `scavtrace` on, one line each).
     pub scav_cycles: usize,
+    /// Nanoseconds spent scavenging (background steps, allocation path, `release_all`), by the clock set
+    /// with `Heap::set_clock`; 0 without one (Go's `/cpu/classes/scavenge/total:cpu-seconds`).
+    pub scavenge_cpu_nanos: u64,
+    /// Bytes released because the heap grew past the retained goal (Go's scavenging on heap growth).
+    pub scavenged_growth_bytes: usize,
 }
 
 /// The page-level fields of a span, for code outside the crate (tests, tools).
@@ -122,6 +128,8 @@ impl<S: PageSource> Heap<S> {
             scavenged_total_bytes: self.scav_released_bytes.load(Ordering::Relaxed),
             scavenged_alloc_bytes: self.scav_alloc_bytes.load(Ordering::Relaxed),
             scav_cycles: self.scav_cycles.load(Ordering::Relaxed),
+            scavenge_cpu_nanos: self.scav_ctr.cpu_nanos.load(Ordering::Relaxed),
+            scavenged_growth_bytes: self.scav_ctr.growth_bytes.load(Ordering::Relaxed),
         }
     }
 
