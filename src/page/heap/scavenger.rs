@@ -452,6 +452,7 @@ impl<S: PageSource> Heap<S> {
         let excess = committed.saturating_sub(goal).saturating_sub(inner.scav.claimed_bytes);
         // Pacing: with a clock, by CPU time (the credit this step claims), else by the byte budget.
         let st = &mut inner.scav;
+        let mut step_start = 0;
         let (want, slice) = match st.clock {
             Some(c) if excess > 0 => {
                 let now = c();
@@ -459,6 +460,7 @@ impl<S: PageSource> Heap<S> {
                 st.credit_at = now;
                 st.credit_nanos =
                     (st.credit_nanos.saturating_add(earned.min(i64::MAX as u64) as i64)).min(SCAV_SLICE_NANOS as i64);
+                step_start = now;
                 if st.credit_nanos > 0 {
                     let slice = st.credit_nanos as u64;
                     st.credit_nanos = 0; // claimed: concurrent steps find none and skip
@@ -489,9 +491,11 @@ impl<S: PageSource> Heap<S> {
         let st = &mut g.scav;
         st.claimed_bytes -= want;
         if let Some((_, slice)) = slice {
-            // Return what the slice left, or owe what it overran.
+            // Return what the slice left, or owe what it overran. The step's own time earns nothing: credit
+            // accrues from its end (so `spent ≈ 1%` of the time outside the scavenger).
             st.credit_nanos = st.credit_nanos.saturating_add(slice as i64 - spent.min(i64::MAX as u64) as i64);
             st.credit_nanos = st.credit_nanos.min(SCAV_SLICE_NANOS as i64);
+            st.credit_at = st.credit_at.max(step_start.saturating_add(spent));
         }
         drop(g);
         let over_goal = self.committed_npages.load(Ordering::Relaxed) * PAGE_SIZE > goal;
