@@ -45,8 +45,9 @@
 //!   scavenger's own runs), `dense_prev` the previous generation's; the generation change copies them
 //!   (O(grown chunks / 64) words once per epoch, not per step).
 //! - **Modes.** *Lazy* (below the memory limit): the background's chunks only, down to the goal.
-//!   *Aggressive* (the memory limit's goal binds: `limit_goal = limit * (100 - LIMIT_HEADROOM_PERCENT) / 100
-//!   - nonheap_committed`, span descriptors and metadata counting against the limit; the goal is
+//!   *Aggressive* (the memory limit's goal binds:
+//!   `limit_goal = limit * (100 - LIMIT_HEADROOM_PERCENT) / 100 - nonheap_committed`, span descriptors and
+//!   metadata counting against the limit; the goal is
 //!   `min(gc_goal, limit_goal)`): the background's chunks first, then any. *Forced* (`release_all`,
 //!   allocation over the limit, a failed commit): any chunk (Go's `force`). Chunks are taken from the
 //!   highest address down (allocation is lowest-address first, so high pages are the least likely to be
