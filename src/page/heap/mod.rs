@@ -163,6 +163,8 @@ pub struct Heap<S: PageSource> {
     pub(crate) scav_released_bytes: AtomicUsize,
     pub(crate) scav_alloc_bytes: AtomicUsize,
     pub(crate) scav_cycles: AtomicUsize,
+    /// Nanoseconds the scavenger spent, 0 without a clock (read by `Heap::stats`).
+    pub(crate) scavenge_cpu_nanos: core::sync::atomic::AtomicU64,
     pub(crate) retained_goal_bytes: AtomicUsize,
     pub(crate) window_peak_npages: AtomicUsize,
     /// Pages the background scavenger holds allocated while it decommits them without the heap lock.
@@ -172,7 +174,7 @@ pub struct Heap<S: PageSource> {
     pub(crate) alloc_volume_npages: AtomicUsize,
     /// The scavenger's epoch number (mirrors `ScavState::epoch`, readable without the heap lock).
     pub(crate) scav_epoch: AtomicUsize,
-    /// Scavenger counters and switches (chunks visited, CPU time, `scavtrace`, growth work; see
+    /// Scavenger counters and switches (chunks visited, `scavtrace`, growth work, the clock; see
     /// `scavenger.rs`).
     pub(crate) scav_ctr: scavenger::ScavCounters,
     /// Arena and metadata reservations (set once at init).
@@ -221,6 +223,7 @@ impl<S: PageSource> Heap<S> {
             scav_released_bytes: AtomicUsize::new(0),
             scav_alloc_bytes: AtomicUsize::new(0),
             scav_cycles: AtomicUsize::new(0),
+            scavenge_cpu_nanos: core::sync::atomic::AtomicU64::new(0),
             retained_goal_bytes: AtomicUsize::new(0),
             window_peak_npages: AtomicUsize::new(0),
             scav_inflight_npages: AtomicUsize::new(0),

@@ -88,7 +88,7 @@
 //! # Locking
 //! [`ScavState`] (epochs, window, claims, pacing credit) and the scavenge index live in `HeapInner`, under
 //! the heap lock. `ScavCounters` (chunks visited, CPU time, `scavtrace` switch and work figures, growth work,
-//! the clock's mirror) are atomics, read and updated without it. Every entry point takes a [`Guarded`]
+//! the clock's mirror) and `Heap::scavenge_cpu_nanos` are atomics, read and updated without it. Every entry point takes a [`Guarded`]
 //! token: it runs inside the CPU provider's guard, so no interrupt handler on the same CPU can wait for the
 //! heap lock it holds (in a kernel, interrupts stay off for the whole step: callers bound it by its budget
 //! or, with a clock, its slice). The background step, `release_all`, growth and limit reclaim call the
@@ -101,7 +101,7 @@
 
 use core::fmt;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 
 use crate::cpu::Guarded;
 use crate::page::heap::{Heap, HeapInner};
@@ -215,13 +215,12 @@ impl Default for ScavState {
     }
 }
 
-/// Scavenger counters and switches read without the heap lock (atomics in the [`Heap`]).
+/// Scavenger counters and switches read without the heap lock (atomics in the [`Heap`]; its
+/// `scavenge_cpu_nanos` counts the scavenger's time by the clock).
 #[derive(Debug)]
 pub(crate) struct ScavCounters {
     /// Chunks the scavenger took a run from (each visit of a chunk through the index releases pages).
     pub(crate) chunks_visited: AtomicUsize,
-    /// Nanoseconds spent scavenging, by the clock ([`Heap::set_clock`]; 0 without one).
-    pub(crate) cpu_nanos: AtomicU64,
     /// `scavtrace` on: one line per scavenger generation with work, and per `release_all`.
     pub(crate) trace: AtomicBool,
     /// Bytes released by background steps / eagerly (allocation path, growth, limit) since the last
@@ -242,7 +241,6 @@ impl ScavCounters {
     pub(crate) const fn new() -> Self {
         Self {
             chunks_visited: AtomicUsize::new(0),
-            cpu_nanos: AtomicU64::new(0),
             trace: AtomicBool::new(false),
             gen_bg_bytes: AtomicUsize::new(0),
             gen_eager_bytes: AtomicUsize::new(0),
@@ -417,7 +415,7 @@ impl<S: PageSource> Heap<S> {
         let Some(c) = self.scav_ctr.clock() else { return f() };
         let t0 = c();
         let r = f();
-        self.scav_ctr.cpu_nanos.fetch_add(c().saturating_sub(t0), Ordering::Relaxed);
+        self.scavenge_cpu_nanos.fetch_add(c().saturating_sub(t0), Ordering::Relaxed);
         r
     }
 
@@ -482,7 +480,7 @@ impl<S: PageSource> Heap<S> {
                 let t0 = c();
                 let r = self.scavenge_unlocked(guarded, want, mode, Some((c, t0 + slice)));
                 spent = c().saturating_sub(t0);
-                self.scav_ctr.cpu_nanos.fetch_add(spent, Ordering::Relaxed);
+                self.scavenge_cpu_nanos.fetch_add(spent, Ordering::Relaxed);
                 r
             }
             (_, None) => self.scavenge_unlocked(guarded, want, mode, None),

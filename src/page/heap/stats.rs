@@ -47,20 +47,18 @@ pub struct HeapStats {
     pub peak_inuse_bytes: usize,
     /// The scavenger's current retained-heap goal.
     pub retained_goal_bytes: usize,
+    /// Bytes released because the heap grew past the retained goal (Go's scavenging on heap growth).
+    pub scavenged_growth_bytes: usize,
     /// Soft memory limit (`usize::MAX` = none).
     pub memory_limit: usize,
     /// Bytes released by the scavenger in total (background, allocation-triggered, `release_all`).
     pub scavenged_total_bytes: usize,
     /// Of those, released on the allocation path because the memory limit was exceeded.
     pub scavenged_alloc_bytes: usize,
-    /// Scavenger cycles completed: generations in which memory was released, and `release_all` calls
-    /// (with `scavtrace` on, one line each).
+    /// Scavenger cycles completed (one log line each).
     pub scav_cycles: usize,
-    /// Nanoseconds spent scavenging (background steps, allocation path, `release_all`), by the clock set
-    /// with `Heap::set_clock`; 0 without one (Go's `/cpu/classes/scavenge/total:cpu-seconds`).
+    /// Nanoseconds the scavenger spent, 0 without a clock (Go's `/cpu/classes/scavenge/total:cpu-seconds`).
     pub scavenge_cpu_nanos: u64,
-    /// Bytes released because the heap grew past the retained goal (Go's scavenging on heap growth).
-    pub scavenged_growth_bytes: usize,
 }
 
 /// The page-level fields of a span, for code outside the crate (tests, tools).
@@ -124,12 +122,12 @@ impl<S: PageSource> Heap<S> {
                 .max(self.epoch_peak_npages.load(Ordering::Relaxed))
                 * PAGE_SIZE,
             retained_goal_bytes: self.retained_goal_bytes.load(Ordering::Relaxed),
+            scavenged_growth_bytes: self.scav_ctr.growth_bytes.load(Ordering::Relaxed),
             memory_limit: self.memory_limit.load(Ordering::Relaxed),
             scavenged_total_bytes: self.scav_released_bytes.load(Ordering::Relaxed),
             scavenged_alloc_bytes: self.scav_alloc_bytes.load(Ordering::Relaxed),
             scav_cycles: self.scav_cycles.load(Ordering::Relaxed),
-            scavenge_cpu_nanos: self.scav_ctr.cpu_nanos.load(Ordering::Relaxed),
-            scavenged_growth_bytes: self.scav_ctr.growth_bytes.load(Ordering::Relaxed),
+            scavenge_cpu_nanos: self.scavenge_cpu_nanos.load(Ordering::Relaxed),
         }
     }
 
