@@ -350,3 +350,63 @@ fn scavtrace_line_format() {
     };
     assert_eq!(t.to_string(), "scav 0 KiB work (bg), 186960 KiB work (eager), 208712 KiB now, 9% util (forced)");
 }
+
+static MALLOC_NANOS: AtomicU64 = AtomicU64::new(0);
+
+fn malloc_clock() -> u64 {
+    MALLOC_NANOS.load(Ordering::Relaxed)
+}
+
+/// As [`TimedSource`], on its own clock (tests run in parallel).
+struct MallocTimedSource;
+
+// SAFETY: forwards to `MmapSource`, adding only a clock advance to `decommit`.
+unsafe impl PageSource for MallocTimedSource {
+    fn reserve(&self, nbytes: usize, align: usize) -> Option<NonNull<u8>> {
+        SRC.reserve(nbytes, align)
+    }
+    unsafe fn commit(&self, addr: NonNull<u8>, nbytes: usize) -> bool {
+        // SAFETY: forwarded contract.
+        unsafe { SRC.commit(addr, nbytes) }
+    }
+    unsafe fn decommit(&self, addr: NonNull<u8>, nbytes: usize) {
+        MALLOC_NANOS.fetch_add(DECOMMIT_NANOS, Ordering::Relaxed);
+        // SAFETY: forwarded contract.
+        unsafe { SRC.decommit(addr, nbytes) }
+    }
+    fn commit_zeroes(&self) -> bool {
+        SRC.commit_zeroes()
+    }
+}
+
+/// The allocator's switches: `Malloc::set_scavtrace` (what `GODEBUG=scavtrace=1` calls) turns the trace
+/// on and off (`release_all`'s forced line); `Malloc::set_clock` sets the heap's clock, by which
+/// `release_all`'s time is counted in `scavenge_cpu_nanos` (the fake clock advances in each decommit).
+#[test]
+fn malloc_scavtrace_and_clock() {
+    use std::alloc::GlobalAlloc;
+    let m = Box::new(goheap::Malloc::with_max_bytes(MallocTimedSource, goheap::cpu::ThreadSlots::new(), 1 << 30));
+    assert!(!m.heap().scavtrace(), "off by default");
+    m.set_scavtrace(true);
+    assert!(m.heap().scavtrace());
+    m.set_clock(Some(malloc_clock));
+    let n0 = my_lines().len();
+    let layout = std::alloc::Layout::from_size_align(8 << 20, 8).unwrap();
+    // SAFETY: a non-zero size.
+    let p = unsafe { m.alloc(layout) };
+    assert!(!p.is_null());
+    // SAFETY: allocated above with this layout.
+    unsafe { m.dealloc(p, layout) };
+    let t0 = malloc_clock();
+    let released = m.release_all();
+    assert!(released >= 8 << 20);
+    assert!(malloc_clock() > t0, "decommits advanced the clock");
+    assert_eq!(m.heap().stats().scavenge_cpu_nanos, malloc_clock() - t0, "release_all's time counted");
+    let lines = my_lines();
+    assert_eq!(lines.len(), n0 + 1, "{:?}", &lines[n0..]);
+    let head = format!("scav 0 KiB work (bg), {} KiB work (eager), ", released >> 10);
+    assert!(lines[n0].starts_with(&head) && lines[n0].ends_with("% util (forced)"), "{}", lines[n0]);
+    m.set_scavtrace(false);
+    m.release_all();
+    assert_eq!(my_lines().len(), n0 + 1, "off again: no line");
+}
