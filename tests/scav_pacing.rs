@@ -384,7 +384,6 @@ unsafe impl PageSource for MallocTimedSource {
 /// `release_all`'s time is counted in `scavenge_cpu_nanos` (the fake clock advances in each decommit).
 #[test]
 fn malloc_scavtrace_and_clock() {
-    use std::alloc::GlobalAlloc;
     let m = Box::new(goheap::Malloc::with_max_bytes(MallocTimedSource, goheap::cpu::ThreadSlots::new(), 1 << 30));
     assert!(!m.heap().scavtrace(), "off by default");
     m.set_scavtrace(true);
@@ -392,8 +391,7 @@ fn malloc_scavtrace_and_clock() {
     m.set_clock(Some(malloc_clock));
     let n0 = my_lines().len();
     let layout = std::alloc::Layout::from_size_align(8 << 20, 8).unwrap();
-    // SAFETY: a non-zero size.
-    let p = unsafe { m.alloc(layout) };
+    let p = m.alloc(layout);
     assert!(!p.is_null());
     // SAFETY: allocated above with this layout.
     unsafe { m.dealloc(p, layout) };
