@@ -77,7 +77,12 @@ fn chunks_visited(h: &Heap<MmapSource>) -> Option<usize> {
 fn main() {
     println!("scavenger background step, {} KiB per step, sparse free memory ({ROUNDS} rounds)", STEP_BYTES >> 10);
     println!("{:>10} {:>14} {:>14} {:>12} {:>16}", "heap", "median ns", "mean ns", "steps/round", "chunks/step");
+    // An argument picks one size (`64M`, `1G`, `16G`), e.g. for a profiler run.
+    let only = std::env::args().nth(1);
     for (name, size) in [("64 MiB", 64 * MIB), ("1 GiB", 1 << 30), ("16 GiB", 16usize << 30)] {
+        if only.as_deref().is_some_and(|o| o != name.replace(" MiB", "M").replace(" GiB", "G")) {
+            continue;
+        }
         let (median, mean, steps, visited) = measure(size);
         println!("{name:>10} {median:>14.0} {mean:>14.0} {steps:>12} {visited:>16.2}");
     }

@@ -716,8 +716,19 @@ impl PageAlloc {
 
     /// Gives back a run taken by [`PageAlloc::scav_take`], now decommitted: free and scavenged.
     pub fn scav_return(&mut self, idx: usize, n: usize) {
-        self.free_range_as(idx, n, false);
-        self.set_scav(idx, n, true);
+        debug_assert!(self.count_alloc(idx, n) == n, "pagealloc: returning free pages at {idx}+{n}");
+        let before = self.count_scav(idx, n);
+        // `free_range` and `set_scav` in one pass: one index update per chunk.
+        for (ci, i, cnt) in chunk_pieces(idx, idx + n) {
+            let c = self.chunk_mut(ci);
+            set_bits(&mut c.alloc, i, cnt, false);
+            set_bits(&mut c.scav, i, cnt, true);
+            self.index_update(ci, false);
+        }
+        self.free_npages += n;
+        self.scav_npages = self.scav_npages - before + n;
+        self.search_idx = self.search_idx.min(idx);
+        self.update(idx, n);
     }
 
     fn alloc_range_as(&mut self, idx: usize, n: usize, history: bool) {
