@@ -28,7 +28,7 @@
 //!   shrink with the number of CPUs calling and an idle system forgets a peak in a few dozen ticks.
 //! - **No goroutine.** The crate spawns no threads: a kernel calls `Malloc::background` (which supplies the
 //!   guard token) from its idle loop or a timer interrupt, a host from a thread it owns
-//!   ([`spawn_scavenger`], feature `std`). A step cannot sleep, so **pacing** is a credit of CPU time: with
+//!   (`spawn_scavenger`, feature `std`). A step cannot sleep, so **pacing** is a credit of CPU time: with
 //!   a clock, every step earns [`SCAV_CPU_PERCENT`]% of the time elapsed since the previous one (at most
 //!   [`SCAV_SLICE_NANOS`] banked), claims all of it, works until it is spent (checked after each decommit)
 //!   and pays back any overrun; a step with no credit does nothing. Over time `scavenging time / elapsed ≈
