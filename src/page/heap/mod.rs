@@ -188,6 +188,9 @@ pub struct Heap<S: PageSource> {
     pub(crate) alloc_volume_npages: AtomicUsize,
     /// The scavenger's epoch number (mirrors `ScavState::epoch`, readable without the heap lock).
     pub(crate) scav_epoch: AtomicUsize,
+    /// Scavenger counters and switches (chunks visited, `scavtrace`, growth work, the clock; see
+    /// `scavenger.rs`).
+    pub(crate) scav_ctr: scavenger::ScavCounters,
     /// Arena and metadata reservations (set once at init).
     pub(crate) reserved_bytes: AtomicUsize,
     pub(crate) meta_reserved_bytes: AtomicUsize,
@@ -241,6 +244,7 @@ impl<S: PageSource> Heap<S> {
             retired_npages: AtomicUsize::new(0),
             alloc_volume_npages: AtomicUsize::new(0),
             scav_epoch: AtomicUsize::new(0),
+            scav_ctr: scavenger::ScavCounters::new(),
             reserved_bytes: AtomicUsize::new(0),
             meta_reserved_bytes: AtomicUsize::new(0),
         }

@@ -50,6 +50,8 @@ pub struct HeapStats {
     pub peak_inuse_bytes: usize,
     /// The scavenger's current retained-heap goal.
     pub retained_goal_bytes: usize,
+    /// Bytes released because the heap grew past the retained goal (Go's scavenging on heap growth).
+    pub scavenged_growth_bytes: usize,
     /// Soft memory limit (`usize::MAX` = none).
     pub memory_limit: usize,
     /// Bytes released by the scavenger in total (background, allocation-triggered, `release_all`).
@@ -125,6 +127,7 @@ impl<S: PageSource> Heap<S> {
                 .max(self.epoch_peak_npages.load(Ordering::Relaxed))
                 * PAGE_SIZE,
             retained_goal_bytes: self.retained_goal_bytes.load(Ordering::Relaxed),
+            scavenged_growth_bytes: self.scav_ctr.growth_bytes.load(Ordering::Relaxed),
             memory_limit: self.memory_limit.load(Ordering::Relaxed),
             scavenged_total_bytes: self.scav_released_bytes.load(Ordering::Relaxed),
             scavenged_alloc_bytes: self.scav_alloc_bytes.load(Ordering::Relaxed),
