@@ -39,7 +39,7 @@
 //! | `GODEBUG=efence=1` | `DebugFlags::EFENCE` and `harddecommit` | every allocation on pages of its own, ending at an inaccessible guard page, freed pages decommitted and never reused: an overrun or a use after free faults at once. Only before anything was allocated |
 //! | `GODEBUG=harddecommit=1` | [`MmapSource::set_hard_decommit`] | released memory is also `mprotect(PROT_NONE)`: a use of it faults |
 //! | `GODEBUG=madvdontneed=0` | [`MmapSource::set_lazy_free`] | release with `MADV_FREE` (RSS drops only under memory pressure); `1` (the default) `MADV_DONTNEED` |
-//! | `GODEBUG=scavtrace=1` | the scavenger's trace switch | the scavenger's trace line, in Go's format (reported as unsupported on stderr where the build has no switch) |
+//! | `GODEBUG=scavtrace=1` | `Malloc::set_scavtrace` with a standard-error sink | the scavenger's trace line on standard error, in Go's format: one per scavenger generation with work and one per `release_all` (ending in `(forced)`) |
 //! | `GODEBUG=clobberfree=1` | feature `checks` | freed small objects are poisoned and verified when handed out again; always on with `checks`, unavailable without (reported) |
 
 pub mod env;
@@ -77,10 +77,34 @@ fn eprint_parts(parts: &[&[u8]]) {
     }
 }
 
-/// Applies `GODEBUG=scavtrace`; false when this build has no switch for the scavenger's trace line (merge
-/// with the scavenger's switch: `m.set_scavtrace(on); true`).
-fn apply_scavtrace(_m: &Malloc<MmapSource, ThreadSlots>, _on: bool) -> bool {
-    false
+/// Applies `GODEBUG=scavtrace`: the scavenger's trace switch, its lines written to standard error as Go
+/// writes them.
+fn apply_scavtrace(m: &Malloc<MmapSource, ThreadSlots>, on: bool) {
+    m.set_scavtrace(on);
+    m.set_scavtrace_sink(on.then_some(stderr_scavtrace as crate::page::heap::scavenger::ScavTraceSink));
+}
+
+/// A `scavtrace` line to standard error, formatted on the stack (no allocation).
+fn stderr_scavtrace(line: &crate::page::heap::scavenger::ScavTrace) {
+    struct Buf {
+        bytes: [u8; 192],
+        len: usize,
+    }
+    impl core::fmt::Write for Buf {
+        fn write_str(&mut self, s: &str) -> core::fmt::Result {
+            let end = self.len + s.len();
+            if end > self.bytes.len() {
+                return Err(core::fmt::Error);
+            }
+            self.bytes[self.len..end].copy_from_slice(s.as_bytes());
+            self.len = end;
+            Ok(())
+        }
+    }
+    let mut b = Buf { bytes: [0; 192], len: 0 };
+    if core::fmt::write(&mut b, format_args!("{line}\n")).is_ok() {
+        eprint_parts(&[&b.bytes[..b.len]]);
+    }
 }
 
 /// `Hosted` allocators that `fork()` protects at most (see the module docs).
@@ -269,9 +293,7 @@ impl Hosted {
             }
         }
         if let Some(on) = g.scavtrace {
-            if !apply_scavtrace(&self.0, on) && on {
-                eprint_parts(&[b"goheap: GODEBUG scavtrace=1: this build has no scavenger trace switch; ignored\n"]);
-            }
+            apply_scavtrace(&self.0, on);
         }
         match g.clobberfree {
             Some(true) if !cfg!(feature = "checks") => {

@@ -23,7 +23,7 @@ fn env_child() {
             println!(
                 "RESULT limit={} guard={} hard={} lazy={} samples={}",
                 GLOBAL.heap().memory_limit(),
-                GLOBAL.debug_flags().contains(goheap::DebugFlags::GUARD),
+                GLOBAL.debug_flags().contains(goheap::DebugFlags::EFENCE),
                 src.hard_decommit(),
                 src.lazy_free(),
                 samples
@@ -174,4 +174,27 @@ fn efence_puts_a_guard_page_after_each_object() {
     assert!(stdout.contains("RESULT allocated"), "{stdout}");
     assert!(!stdout.contains("RESULT no fault"), "an overrun past an efence object did not fault");
     assert_eq!(out.status.signal(), Some(libc::SIGSEGV), "{:?}", out.status);
+}
+
+#[test]
+fn scavtrace_prints_gos_line_on_stderr() {
+    let scav_lines = |out: &Output| -> Vec<String> {
+        String::from_utf8_lossy(&out.stderr).lines().filter(|l| l.starts_with("scav ")).map(String::from).collect()
+    };
+    let on = child("maps", &[("GODEBUG", "scavtrace=1")]);
+    assert_eq!(result(&on)["released"], "true");
+    let lines = scav_lines(&on);
+    // release_all (Go's FreeOSMemory) ends in "(forced)"; Go's format: KiB figures and a utilisation.
+    let forced = lines.iter().find(|l| l.ends_with(" (forced)")).unwrap_or_else(|| panic!("no forced line: {lines:?}"));
+    let words: Vec<&str> = forced.split_whitespace().collect();
+    assert_eq!(words[0], "scav");
+    assert_eq!(&words[2..5], ["KiB", "work", "(bg),"], "{forced}");
+    assert_eq!(&words[6..9], ["KiB", "work", "(eager),"], "{forced}");
+    assert_eq!(&words[10..12], ["KiB", "now,"], "{forced}");
+    assert!(words[12].ends_with('%') && words[13] == "util", "{forced}");
+    assert!(words[9].parse::<u64>().unwrap() >= 64 << 10, "64 MiB released, now {forced}");
+    assert!(goheap_lines(&on).is_empty(), "{:?}", goheap_lines(&on));
+    let off = child("maps", &[]);
+    assert_eq!(result(&off)["released"], "true");
+    assert!(scav_lines(&off).is_empty(), "scavtrace is off by default: {:?}", scav_lines(&off));
 }

@@ -110,6 +110,12 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         self.t.heap.set_scavtrace(on);
     }
 
+    /// Sends `scavtrace` lines to `sink` (called outside every allocator lock and guard) instead of the
+    /// `log` facade; `None` goes back to the facade.
+    pub fn set_scavtrace_sink(&self, sink: Option<crate::page::heap::scavenger::ScavTraceSink>) {
+        self.t.heap.set_scavtrace_sink(sink);
+    }
+
     /// Sets the clock (monotonic nanoseconds; `None` removes it) by which the scavenger paces itself to
     /// about 1% of one CPU, times its peak window and counts its CPU time (see `Heap::set_clock`). Without
     /// one, background steps release at most their byte budget.

@@ -234,7 +234,13 @@ pub(crate) struct ScavCounters {
     pub(crate) growth_bytes: AtomicUsize,
     /// The clock, as a function pointer (null = none): readable without the heap lock.
     pub(crate) clock: AtomicPtr<()>,
+    /// Where `scavtrace` lines go, a [`ScavTraceSink`] (null = the `log` facade).
+    pub(crate) sink: AtomicPtr<()>,
 }
+
+/// A receiver of `scavtrace` lines, called outside the CPU provider's guard and every allocator lock
+/// (the hosted allocator's `GODEBUG=scavtrace=1` writes them to standard error, as Go does).
+pub type ScavTraceSink = fn(&ScavTrace);
 
 impl ScavCounters {
     /// All zero, trace off, no clock.
@@ -247,6 +253,7 @@ impl ScavCounters {
             growth_todo_bytes: AtomicUsize::new(0),
             growth_bytes: AtomicUsize::new(0),
             clock: AtomicPtr::new(core::ptr::null_mut()),
+            sink: AtomicPtr::new(core::ptr::null_mut()),
         }
     }
 
@@ -342,9 +349,18 @@ impl fmt::Display for ScavTrace {
 pub(crate) type CycleLog = ScavTrace;
 
 impl ScavTrace {
-    /// Emits the line through the `log` facade (call it outside the guard).
-    pub(crate) fn emit<S: PageSource>(self, _heap: &Heap<S>) {
-        log::info!("{self}");
+    /// Emits the line through the heap's sink ([`Heap::set_scavtrace_sink`]), or the `log` facade at level
+    /// info without one (call it outside the guard).
+    pub(crate) fn emit<S: PageSource>(self, heap: &Heap<S>) {
+        let p = heap.scav_ctr.sink.load(Ordering::Acquire);
+        if p.is_null() {
+            log::info!("{self}");
+        } else {
+            // SAFETY: a non-null value was stored by `Heap::set_scavtrace_sink` from a `ScavTraceSink`;
+            // function pointers round-trip through `*mut ()`.
+            let sink = unsafe { core::mem::transmute::<*mut (), ScavTraceSink>(p) };
+            sink(&self);
+        }
     }
 }
 
@@ -386,6 +402,12 @@ impl<S: PageSource> Heap<S> {
     /// through the `log` facade at level info.
     pub fn set_scavtrace(&self, on: bool) {
         self.scav_ctr.trace.store(on, Ordering::Relaxed);
+    }
+
+    /// Sends `scavtrace` lines to `sink` instead of the `log` facade (`None`: back to the facade).
+    pub fn set_scavtrace_sink(&self, sink: Option<ScavTraceSink>) {
+        let p = sink.map_or(core::ptr::null_mut(), |f| f as *mut ());
+        self.scav_ctr.sink.store(p, Ordering::Release);
     }
 
     /// Whether `scavtrace` is on.
