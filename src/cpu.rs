@@ -123,19 +123,20 @@ impl core::fmt::Debug for Guarded<'_> {
 /// assert_eq!(*M.lock(g), 1);
 /// ```
 pub struct GuardedMutex<T> {
-    inner: spin::Mutex<T>,
+    inner: crate::sync::SpinMutex<T>,
 }
 
 impl<T> GuardedMutex<T> {
     /// An unlocked mutex holding `value`.
     pub const fn new(value: T) -> Self {
-        GuardedMutex { inner: spin::Mutex::new(value) }
+        GuardedMutex { inner: crate::sync::SpinMutex::new(value) }
     }
 
-    /// Takes the lock, spinning while another CPU or thread holds it. The lock guard cannot outlive the
+    /// Takes the lock, spinning while another CPU or thread holds it (a hosted waiter yields its time slice
+    /// after a short spin: see `sync`'s "Waiting"). The lock guard cannot outlive the
     /// token, so it is released inside the CPU provider's guard.
     #[inline]
-    pub fn lock<'a>(&'a self, _guarded: Guarded<'a>) -> spin::MutexGuard<'a, T> {
+    pub fn lock<'a>(&'a self, _guarded: Guarded<'a>) -> crate::sync::SpinMutexGuard<'a, T> {
         self.inner.lock()
     }
 
@@ -160,7 +161,7 @@ impl<T> GuardedMutex<T> {
     /// Takes the lock if it is free, else `None` at once (for work that may be skipped, such as flushing
     /// the shared cache during a reclaim).
     #[inline]
-    pub fn try_lock<'a>(&'a self, _guarded: Guarded<'a>) -> Option<spin::MutexGuard<'a, T>> {
+    pub fn try_lock<'a>(&'a self, _guarded: Guarded<'a>) -> Option<crate::sync::SpinMutexGuard<'a, T>> {
         self.inner.try_lock()
     }
 }
@@ -313,8 +314,8 @@ pub use thread_slots::ThreadSlots;
 #[cfg(feature = "std")]
 mod thread_slots {
     use super::{CpuProvider, MAX_CPUS};
+    use crate::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
     use core::cell::Cell;
-    use core::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
     /// Slot ownership, shared by every `ThreadSlots` in the process: `OWNED[i]` is true while a live thread
     /// holds slot `i`, or an allocator has adopted it (see [`CpuProvider::adopt`]). Set with compare-and-swap

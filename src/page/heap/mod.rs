@@ -62,7 +62,7 @@ mod stats;
 
 pub use stats::{span_info, HeapStats, SpanInfo};
 
-use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use crate::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
 use crate::cpu::{Guarded, GuardedMutex};
 use crate::page::fixalloc::FixAlloc;

@@ -59,9 +59,9 @@
 //! exceeded, or a commit failed) runs with the heap lock already held and decommits under it. The log line
 //! is emitted with no lock held, and by `Malloc` after it left the CPU provider's guard.
 
+use crate::sync::atomic::Ordering;
 use core::fmt;
 use core::ptr::NonNull;
-use core::sync::atomic::Ordering;
 
 use crate::cpu::Guarded;
 use crate::page::heap::{Heap, HeapInner};
@@ -600,7 +600,7 @@ pub fn spawn_scavenger<S: PageSource + 'static>(
     heap: &'static Heap<S>,
     period: std::time::Duration,
     budget_bytes: usize,
-    stop: &'static core::sync::atomic::AtomicBool,
+    stop: &'static crate::sync::atomic::AtomicBool,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("goheap-scavenger".into())
