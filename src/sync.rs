@@ -41,6 +41,10 @@ use core::ops::{Deref, DerefMut};
 pub struct SpinMutex<T> {
     locked: AtomicBool,
     data: UnsafeCell<T>,
+    /// Under loom: a cell every holder writes on taking the lock, so loom checks that successive holders
+    /// are ordered by happens-before (what the lock's Acquire/Release must give the data).
+    #[cfg(loom)]
+    token: loom_impl::HolderCell,
 }
 
 // SAFETY: the lock hands out access to `T` to one holder at a time (Acquire on taking, Release on release),
@@ -57,7 +61,12 @@ pub struct SpinMutexGuard<'a, T> {
 impl<T> SpinMutex<T> {
     /// An unlocked lock holding `value`.
     pub const fn new(value: T) -> Self {
-        SpinMutex { locked: AtomicBool::new(false), data: UnsafeCell::new(value) }
+        SpinMutex {
+            locked: AtomicBool::new(false),
+            data: UnsafeCell::new(value),
+            #[cfg(loom)]
+            token: loom_impl::HolderCell::new(),
+        }
     }
 
     /// Takes the lock, waiting while someone else holds it (see "Waiting" in the module docs).
@@ -87,7 +96,11 @@ impl<T> SpinMutex<T> {
     #[inline]
     pub fn try_lock(&self) -> Option<SpinMutexGuard<'_, T>> {
         match self.locked.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed) {
-            Ok(_) => Some(SpinMutexGuard { lock: self }),
+            Ok(_) => {
+                #[cfg(loom)]
+                self.token.touch();
+                Some(SpinMutexGuard { lock: self })
+            }
             Err(_) => None,
         }
     }
@@ -428,6 +441,37 @@ mod loom_impl {
         /// As `core::sync::atomic::fence`, in loom's model.
         pub fn fence(o: Ordering) {
             loom::sync::atomic::fence(o)
+        }
+    }
+
+    /// A loom cell created lazily in each model iteration, written by each holder of a [`super::SpinMutex`].
+    pub struct HolderCell {
+        generation: core::sync::atomic::AtomicU64,
+        real: core::sync::atomic::AtomicPtr<loom::cell::UnsafeCell<()>>,
+    }
+
+    impl HolderCell {
+        /// A cell not created yet.
+        pub const fn new() -> Self {
+            HolderCell {
+                generation: core::sync::atomic::AtomicU64::new(0),
+                real: core::sync::atomic::AtomicPtr::new(core::ptr::null_mut()),
+            }
+        }
+
+        /// A write by the new holder: loom reports a causality violation unless the previous holder's
+        /// write happens before it.
+        #[track_caller]
+        pub fn touch(&self) {
+            use core::sync::atomic::Ordering::Relaxed;
+            let g = generation();
+            if self.generation.load(Relaxed) != g || self.real.load(Relaxed).is_null() {
+                let a = Box::leak(Box::new(loom::cell::UnsafeCell::new(())));
+                self.real.store(a, Relaxed);
+                self.generation.store(g, Relaxed);
+            }
+            // SAFETY: leaked above, never freed.
+            unsafe { &*self.real.load(Relaxed) }.with_mut(|_| ());
         }
     }
 

@@ -50,6 +50,68 @@ pub fn new_malloc() -> Box<M> {
     Box::new(Malloc::with_max_bytes(src, LoomCpus, ARENA))
 }
 
+/// An allocator over a heap region (not a mapping): the source zeroes on commit and fills decommitted
+/// pages with `POISON_BYTE`, so a page decommitted under a user shows as changed contents (not a fault).
+pub struct RegionMalloc {
+    pub m: std::mem::ManuallyDrop<std::sync::Arc<M>>,
+    region: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: the region is only the source's; `m` is shareable.
+unsafe impl Send for RegionMalloc {}
+// SAFETY: as above.
+unsafe impl Sync for RegionMalloc {}
+
+impl RegionMalloc {
+    /// A fresh allocator over a fresh region.
+    pub fn new() -> Self {
+        let len = reservation_bytes(ARENA);
+        let layout = std::alloc::Layout::from_size_align(len, goheap::source::SOURCE_GRANULE).unwrap();
+        // SAFETY: a non-zero size.
+        let region = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!region.is_null());
+        // SAFETY: the region is fresh, ours, readable and writable, and granule-aligned.
+        let src = unsafe { BoundedSource::over_region(region, len, usize::MAX) };
+        let m = std::sync::Arc::new(Malloc::with_max_bytes(src, LoomCpus, ARENA));
+        RegionMalloc { m: std::mem::ManuallyDrop::new(m), region, layout }
+    }
+}
+
+impl Drop for RegionMalloc {
+    fn drop(&mut self) {
+        // SAFETY: dropped once, here; the region outlives the allocator.
+        unsafe {
+            std::mem::ManuallyDrop::drop(&mut self.m);
+            std::alloc::dealloc(self.region, self.layout);
+        }
+    }
+}
+
+/// Runs each path of a model once, one after the other on the calling thread, before the model's threads
+/// start: for each cache index in `cpus`, allocates and frees one object of each layout and flushes that
+/// cache and calls `release_all`. Leaves the calling thread on the last index of `cpus`.
+///
+/// Why: under loom each goheap atomic is created on first use (see `goheap::sync`), and loom counts the
+/// creation as a non-atomic write that every later access must happen after. In the real code every atomic
+/// is initialised before the structure is shared, so a first use by two threads at once would be a false
+/// report. Touching the paths' atomics here, before the spawns, makes their creation happen before every
+/// thread of the model, as the real initialisation does.
+pub fn warm_up(m: &M, cpus: &[Option<usize>], layouts: &[std::alloc::Layout]) {
+    for &cpu in cpus {
+        set_cpu(cpu);
+        for &l in layouts {
+            let p = m.alloc(l);
+            assert!(!p.is_null());
+            // SAFETY: `p` is ours.
+            unsafe { m.dealloc(p, l) };
+        }
+        m.flush_cpu_cache();
+        m.release_all();
+    }
+    set_cpu(*cpus.last().unwrap());
+}
+
 /// Shadow cells for some objects: a thread that uses an object writes its cell, so loom reports a
 /// causality violation when two uses of one object are not ordered by happens-before (the allocator
 /// handed an object over without synchronising).
