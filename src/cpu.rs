@@ -308,6 +308,9 @@ unsafe impl CpuProvider for NoCpuCache {
     }
 }
 
+#[cfg(all(feature = "std", loom))]
+#[doc(hidden)]
+pub use thread_slots::loom_thread_exit;
 #[cfg(feature = "std")]
 pub use thread_slots::ThreadSlots;
 
@@ -347,10 +350,24 @@ mod thread_slots {
     const NONE_LEFT_TAG: usize = 1 << 20;
     const NONE_LEFT_MASK: usize = NONE_LEFT_TAG - 1;
 
+    #[cfg(not(loom))]
     std::thread_local! {
         // Const-initialised and without `Drop`: reading it never allocates or registers a destructor, and it
         // stays readable while the thread's TLS and pthread TSD destructors run.
         static STATE: Cell<usize> = const { Cell::new(UNCLAIMED) };
+    }
+    // Under loom (model checking, `tests/loom_thread_slots.rs`) each model thread has its own state.
+    #[cfg(loom)]
+    loom::thread_local! {
+        static STATE: Cell<usize> = Cell::new(UNCLAIMED);
+    }
+
+    /// Under loom: what the pthread key's destructor does when the calling model thread exits (loom's
+    /// threads are not OS threads, so no destructor runs for them).
+    #[cfg(loom)]
+    #[doc(hidden)]
+    pub fn loom_thread_exit() {
+        release_at_exit(core::ptr::null_mut());
     }
 
     /// Releases the slot of the calling thread, which is exiting (the pthread key's destructor).
@@ -427,6 +444,8 @@ mod thread_slots {
             // glibc, but a re-entrant call must not claim twice anyway).
             state.set(CLAIMING);
             let releases = RELEASES.load(Ordering::Relaxed);
+            // Under loom no pthread key: the model calls `loom_thread_exit` itself.
+            #[cfg(not(loom))]
             let Some(key) = key() else {
                 state.set(DEAD);
                 return None;
@@ -436,6 +455,7 @@ mod thread_slots {
                     && owned.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok()
                 {
                     // Any non-null value makes the key's destructor run at thread exit.
+                    #[cfg(not(loom))]
                     // SAFETY: `key` is a live key; the value is never dereferenced.
                     if unsafe { libc::pthread_setspecific(key, core::ptr::dangling::<libc::c_void>()) } != 0 {
                         // Without the destructor the slot would leak at exit: give it back.
