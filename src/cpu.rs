@@ -335,6 +335,7 @@ mod thread_slots {
     static RELEASES: AtomicUsize = AtomicUsize::new(0);
 
     /// The pthread key whose destructor releases a thread's slot, plus one (0: not created yet).
+    #[cfg_attr(loom, allow(dead_code))]
     static KEY: AtomicUsize = AtomicUsize::new(0);
 
     /// Per-thread state, encoded in one word so the fast path is one TLS load and one store:
@@ -393,6 +394,7 @@ mod thread_slots {
 
     /// The pthread key that releases slots at thread exit, created on first use; `None` if the system has
     /// no key left.
+    #[cfg_attr(loom, allow(dead_code))]
     fn key() -> Option<libc::pthread_key_t> {
         let k = KEY.load(Ordering::Acquire);
         if k != 0 {

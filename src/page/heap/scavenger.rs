@@ -600,7 +600,7 @@ pub fn spawn_scavenger<S: PageSource + 'static>(
     heap: &'static Heap<S>,
     period: std::time::Duration,
     budget_bytes: usize,
-    stop: &'static crate::sync::atomic::AtomicBool,
+    stop: &'static core::sync::atomic::AtomicBool,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("goheap-scavenger".into())
