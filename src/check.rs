@@ -89,8 +89,8 @@
 //! again (it frees the new allocation). Also known: without `checks`, a double free whose first free sits on
 //! *another* CPU's stock is caught only when both reach the span (the key scan covers this CPU's stock).
 
+use crate::sync::atomic::{AtomicPtr, Ordering};
 use core::fmt;
-use core::sync::atomic::{AtomicPtr, Ordering};
 
 /// Why a free was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

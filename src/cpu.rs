@@ -123,19 +123,20 @@ impl core::fmt::Debug for Guarded<'_> {
 /// assert_eq!(*M.lock(g), 1);
 /// ```
 pub struct GuardedMutex<T> {
-    inner: spin::Mutex<T>,
+    inner: crate::sync::SpinMutex<T>,
 }
 
 impl<T> GuardedMutex<T> {
     /// An unlocked mutex holding `value`.
     pub const fn new(value: T) -> Self {
-        GuardedMutex { inner: spin::Mutex::new(value) }
+        GuardedMutex { inner: crate::sync::SpinMutex::new(value) }
     }
 
-    /// Takes the lock, spinning while another CPU or thread holds it. The lock guard cannot outlive the
+    /// Takes the lock, spinning while another CPU or thread holds it (a hosted waiter yields its time slice
+    /// after a short spin: see `sync`'s "Waiting"). The lock guard cannot outlive the
     /// token, so it is released inside the CPU provider's guard.
     #[inline]
-    pub fn lock<'a>(&'a self, _guarded: Guarded<'a>) -> spin::MutexGuard<'a, T> {
+    pub fn lock<'a>(&'a self, _guarded: Guarded<'a>) -> crate::sync::SpinMutexGuard<'a, T> {
         self.inner.lock()
     }
 
@@ -160,7 +161,7 @@ impl<T> GuardedMutex<T> {
     /// Takes the lock if it is free, else `None` at once (for work that may be skipped, such as flushing
     /// the shared cache during a reclaim).
     #[inline]
-    pub fn try_lock<'a>(&'a self, _guarded: Guarded<'a>) -> Option<spin::MutexGuard<'a, T>> {
+    pub fn try_lock<'a>(&'a self, _guarded: Guarded<'a>) -> Option<crate::sync::SpinMutexGuard<'a, T>> {
         self.inner.try_lock()
     }
 }
@@ -307,14 +308,17 @@ unsafe impl CpuProvider for NoCpuCache {
     }
 }
 
+#[cfg(all(feature = "std", loom))]
+#[doc(hidden)]
+pub use thread_slots::loom_thread_exit;
 #[cfg(feature = "std")]
 pub use thread_slots::ThreadSlots;
 
 #[cfg(feature = "std")]
 mod thread_slots {
     use super::{CpuProvider, MAX_CPUS};
+    use crate::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
     use core::cell::Cell;
-    use core::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
     /// Slot ownership, shared by every `ThreadSlots` in the process: `OWNED[i]` is true while a live thread
     /// holds slot `i`, or an allocator has adopted it (see [`CpuProvider::adopt`]). Set with compare-and-swap
@@ -331,6 +335,7 @@ mod thread_slots {
     static RELEASES: AtomicUsize = AtomicUsize::new(0);
 
     /// The pthread key whose destructor releases a thread's slot, plus one (0: not created yet).
+    #[cfg_attr(loom, allow(dead_code))]
     static KEY: AtomicUsize = AtomicUsize::new(0);
 
     /// Per-thread state, encoded in one word so the fast path is one TLS load and one store:
@@ -346,10 +351,24 @@ mod thread_slots {
     const NONE_LEFT_TAG: usize = 1 << 20;
     const NONE_LEFT_MASK: usize = NONE_LEFT_TAG - 1;
 
+    #[cfg(not(loom))]
     std::thread_local! {
         // Const-initialised and without `Drop`: reading it never allocates or registers a destructor, and it
         // stays readable while the thread's TLS and pthread TSD destructors run.
         static STATE: Cell<usize> = const { Cell::new(UNCLAIMED) };
+    }
+    // Under loom (model checking, `tests/loom_thread_slots.rs`) each model thread has its own state.
+    #[cfg(loom)]
+    loom::thread_local! {
+        static STATE: Cell<usize> = Cell::new(UNCLAIMED);
+    }
+
+    /// Under loom: what the pthread key's destructor does when the calling model thread exits (loom's
+    /// threads are not OS threads, so no destructor runs for them).
+    #[cfg(loom)]
+    #[doc(hidden)]
+    pub fn loom_thread_exit() {
+        release_at_exit(core::ptr::null_mut());
     }
 
     /// Releases the slot of the calling thread, which is exiting (the pthread key's destructor).
@@ -375,6 +394,7 @@ mod thread_slots {
 
     /// The pthread key that releases slots at thread exit, created on first use; `None` if the system has
     /// no key left.
+    #[cfg_attr(loom, allow(dead_code))]
     fn key() -> Option<libc::pthread_key_t> {
         let k = KEY.load(Ordering::Acquire);
         if k != 0 {
@@ -426,6 +446,8 @@ mod thread_slots {
             // glibc, but a re-entrant call must not claim twice anyway).
             state.set(CLAIMING);
             let releases = RELEASES.load(Ordering::Relaxed);
+            // Under loom no pthread key: the model calls `loom_thread_exit` itself.
+            #[cfg(not(loom))]
             let Some(key) = key() else {
                 state.set(DEAD);
                 return None;
@@ -435,6 +457,7 @@ mod thread_slots {
                     && owned.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok()
                 {
                     // Any non-null value makes the key's destructor run at thread exit.
+                    #[cfg(not(loom))]
                     // SAFETY: `key` is a live key; the value is never dereferenced.
                     if unsafe { libc::pthread_setspecific(key, core::ptr::dangling::<libc::c_void>()) } != 0 {
                         // Without the destructor the slot would leak at exit: give it back.

@@ -48,10 +48,10 @@ use crate::check::BadFree;
 use crate::cpu::ThreadSlots;
 use crate::malloc::Malloc;
 use crate::source::mmap::MmapSource;
+use crate::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use core::alloc::{GlobalAlloc, Layout};
 use core::fmt::Write;
 use core::ops::Deref;
-use core::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// The hosted allocator: `Malloc<MmapSource, ThreadSlots>`, usable as `#[global_allocator]`.

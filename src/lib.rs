@@ -144,6 +144,8 @@ pub const MAX_SMALL_SIZE: usize = 32 << 10;
 // The contracts beside the tiers: what goheap asks of the platform.
 pub mod cpu;
 pub mod source;
+/// The atomics and the spin lock, swapped for loom's under `--cfg loom` (model checking).
+pub mod sync;
 
 // The tiers, bottom up (each imports only from the ones above it in this list; see "Layout" above).
 // Page level: pages, spans, the page heap.

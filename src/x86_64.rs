@@ -24,8 +24,8 @@
 
 use crate::cpu::{CpuProvider, MAX_CPUS};
 use crate::source::PageSource;
+use crate::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use x86_64::structures::paging::{FrameAllocator, FrameDeallocator, Mapper, Page, PageTableFlags, PhysFrame, Size4KiB};
 use x86_64::VirtAddr;
 

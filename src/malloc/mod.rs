@@ -43,12 +43,12 @@ use crate::page::heap::Heap;
 use crate::page::span::Span;
 use crate::source::PageSource;
 use crate::stats::{BySize, MemStats, Sample};
+use crate::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use crate::{MAX_SMALL_SIZE, PAGE_SIZE};
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
 use core::mem::MaybeUninit;
 use core::ptr::{self, NonNull};
-use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 mod alloc;
 mod api;
@@ -144,7 +144,7 @@ struct CacheSlot {
     cache: UnsafeCell<CpuCache>,
     shared: CpuShared,
     /// The provider's `departures(i)` when this cache was last flushed as an orphan (see `orphans.rs`).
-    flushed_departures: core::sync::atomic::AtomicU32,
+    flushed_departures: crate::sync::atomic::AtomicU32,
 }
 
 impl CacheSlot {
@@ -152,7 +152,7 @@ impl CacheSlot {
         CacheSlot {
             cache: UnsafeCell::new(CpuCache::new()),
             shared: CpuShared::new(index),
-            flushed_departures: core::sync::atomic::AtomicU32::new(0),
+            flushed_departures: crate::sync::atomic::AtomicU32::new(0),
         }
     }
 }
@@ -163,7 +163,7 @@ enum Held<'a, G> {
     Cpu(#[allow(dead_code)] G),
     /// The lock of the shared cache, then the provider's guard (dropped in that order: fields drop in
     /// declaration order, so a kernel re-enables interrupts only after the lock is released).
-    Shared(#[allow(dead_code)] spin::MutexGuard<'a, ()>, #[allow(dead_code)] G),
+    Shared(#[allow(dead_code)] crate::sync::SpinMutexGuard<'a, ()>, #[allow(dead_code)] G),
 }
 
 impl<G> Held<'_, G> {

@@ -25,11 +25,11 @@
 
 use super::sizeclass::{self, NUM_SIZE_CLASSES};
 use crate::page::span::Span;
+use crate::sync::atomic::AtomicI8;
+#[cfg(feature = "checks")]
+use crate::sync::atomic::AtomicU32;
 use crate::PAGE_SIZE;
 use core::ptr;
-use core::sync::atomic::AtomicI8;
-#[cfg(feature = "checks")]
-use core::sync::atomic::AtomicU32;
 
 /// Requests smaller than this (and aligned to at most 8) take the tiny path: Go's `maxTinySize`.
 pub const TINY_SIZE: usize = 16;
@@ -94,6 +94,8 @@ pub(crate) unsafe fn init_tiny_counts(s: *mut Span) {
         if (*s).needzero {
             ptr::write_bytes(((*s).base + TINY_COUNTS_OFFSET) as *mut u8, 0, TINY_META_END - TINY_COUNTS_OFFSET);
         }
+        #[cfg(loom)]
+        crate::sync::loom_forget_raw((*s).base + TINY_COUNTS_OFFSET, TINY_META_END - TINY_COUNTS_OFFSET);
     }
 }
 
@@ -106,7 +108,7 @@ pub(crate) unsafe fn tiny_count(addr: usize) -> &'static AtomicI8 {
     let page = addr & !(PAGE_SIZE - 1);
     let block = (addr - page) / TINY_SIZE;
     // SAFETY: the count byte lies in the same live span, and is only accessed atomically.
-    unsafe { &*((page + TINY_COUNTS_OFFSET + block) as *const AtomicI8) }
+    unsafe { crate::sync::raw_atomic::<AtomicI8>(page + TINY_COUNTS_OFFSET + block) }
 }
 
 /// Whether `addr`, in a tiny span, lies in its blocks (not in the counts or the slack after them).
@@ -125,7 +127,7 @@ pub(crate) unsafe fn tiny_live(addr: usize) -> &'static AtomicU32 {
     let page = addr & !(PAGE_SIZE - 1);
     let block = (addr - page) / TINY_SIZE;
     // SAFETY: the mask lies in the same live span, 4-byte aligned, and is only accessed atomically.
-    unsafe { &*((page + TINY_LIVE_OFFSET + 4 * block) as *const AtomicU32) }
+    unsafe { crate::sync::raw_atomic::<AtomicU32>(page + TINY_LIVE_OFFSET + 4 * block) }
 }
 
 /// With `checks`: the live-mask bits of a tiny object of `size` bytes at `addr`: `(start, inside)`, its

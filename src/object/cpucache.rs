@@ -62,8 +62,8 @@ use crate::page::heap::pagecache::PageCache;
 use crate::page::heap::Heap;
 use crate::page::span::Span;
 use crate::source::PageSource;
+use crate::sync::atomic::{AtomicU64, Ordering};
 use core::ptr::{self, NonNull};
-use core::sync::atomic::{AtomicU64, Ordering};
 
 /// Bytes a class's stock may hold before half of it is flushed (with a floor and a cap in objects).
 const STOCK_BYTES: usize = 32 << 10;

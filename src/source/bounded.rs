@@ -23,8 +23,8 @@
 //! - `next_off <= region_len`; reservations are `[region_base + off, ...)` for disjoint offsets below it;
 //! - tracked page `p` has its bit set ⇔ it is committed.
 
+use crate::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use super::{PageSource, SOURCE_GRANULE};
 

@@ -36,8 +36,8 @@
 //! `committed_bytes = sum(committed ranges)`, `reserved_bytes = sum(reserved ranges)` (atomic counters,
 //! for statistics and tests). No locks: every call is one or two system calls plus an atomic add.
 
+use crate::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use super::{PageSource, SOURCE_GRANULE};
 

@@ -2,7 +2,8 @@
 //!
 //! 1. set-up (install what is missing);
 //! 2. host tests: `cargo test --workspace --all-features` with the toolchain running xtask (rustup's), then
-//!    `cargo test -p goheap --features std` (goheap's default build, without `checks`);
+//!    `cargo test -p goheap --features std` (goheap's default build, without `checks`), then the loom
+//!    models (`RUSTFLAGS="--cfg loom" cargo test --release --test 'loom_*'` in `target/loom`);
 //!    issue 13's short runs with `GOHEAP_TEST_CONCURRENCY=1` (not yet by default: their cold build cost is
 //!    unmeasured on a fresh machine): ThreadSanitizer and AddressSanitizer (`sanitize.rs --short`) and a
 //!    one-minute host soak (`soak.rs`);
@@ -182,12 +183,33 @@ fn host_tests(root: &Path, sum: &mut Summary) {
     // Cargo unifies features, so goheap's default build (without `checks`, whose column of the bad-free
     // catalogue differs, and with the other tiny-span layout) is tested by a run of its own.
     host_test_run(root, sum, &["-p", "goheap", "--features", "std"]);
+    // Issue 13's loom models (tests/loom_*.rs, each prints its explored count): the real code with loom's
+    // atomics and lock (`src/sync.rs`), in release and in a target directory of their own so the normal
+    // tree is not rebuilt.
+    let loom_dir = root.join("target").join("loom");
+    host_test_run_env(
+        root,
+        sum,
+        &["--release", "-p", "goheap", "--features", "std,validate", "--test", "loom_*"],
+        &[
+            ("RUSTFLAGS", "--cfg loom".as_ref()),
+            ("CARGO_TARGET_DIR", loom_dir.as_os_str()),
+            ("RUST_TEST_NOCAPTURE", "1".as_ref()),
+        ],
+    );
 }
 
 /// One `cargo test ARGS --no-fail-fast` run, counted in the summary.
 fn host_test_run(root: &Path, sum: &mut Summary, args: &[&str]) {
-    let what = format!("host tests (cargo test {} --no-fail-fast)", args.join(" "));
+    host_test_run_env(root, sum, args, &[]);
+}
+
+/// As [`host_test_run`], with environment variables set for cargo.
+fn host_test_run_env(root: &Path, sum: &mut Summary, args: &[&str], envs: &[(&str, &std::ffi::OsStr)]) {
+    let env_shown: Vec<String> = envs.iter().map(|(k, v)| format!("{k}=\"{}\" ", v.to_string_lossy())).collect();
+    let what = format!("host tests ({}cargo test {} --no-fail-fast)", env_shown.concat(), args.join(" "));
     let mut cmd = host_cargo(root);
+    cmd.envs(envs.iter().copied());
     cmd.arg("test").args(args).arg("--no-fail-fast").stdout(Stdio::piped());
     say!("$ {}", proc::show(&cmd));
     let _beat = proc::Heartbeat::start("host tests".into(), Duration::from_secs(60));

@@ -4,8 +4,8 @@
 //!
 //! See `lib.rs` for an overview of the allocator and `heap/mod.rs` for the heap's invariants.
 
+use crate::sync::atomic::{AtomicPtr, Ordering};
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicPtr, Ordering};
 
 use crate::cpu::Guarded;
 
@@ -20,7 +20,7 @@ impl<S: PageSource> Heap<S> {
 
     /// Takes the heap lock, initialising the heap if needed. `None` when the source cannot reserve.
     #[must_use]
-    pub(crate) fn lock_ready<'a>(&'a self, guarded: Guarded<'a>) -> Option<spin::MutexGuard<'a, HeapInner>> {
+    pub(crate) fn lock_ready<'a>(&'a self, guarded: Guarded<'a>) -> Option<crate::sync::SpinMutexGuard<'a, HeapInner>> {
         let mut g = self.inner.lock(guarded);
         if g.state != InitState::Ready && !self.init_locked(&mut g) {
             return None;

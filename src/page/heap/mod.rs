@@ -65,7 +65,7 @@ mod stats;
 
 pub use stats::{span_info, HeapStats, SpanInfo};
 
-use core::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use crate::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
 use crate::cpu::{Guarded, GuardedMutex};
 use crate::page::fixalloc::FixAlloc;
@@ -176,7 +176,7 @@ pub struct Heap<S: PageSource> {
     pub(crate) scav_alloc_bytes: AtomicUsize,
     pub(crate) scav_cycles: AtomicUsize,
     /// Nanoseconds the scavenger spent, 0 without a clock (read by `Heap::stats`).
-    pub(crate) scavenge_cpu_nanos: core::sync::atomic::AtomicU64,
+    pub(crate) scavenge_cpu_nanos: crate::sync::atomic::AtomicU64,
     pub(crate) retained_goal_bytes: AtomicUsize,
     pub(crate) window_peak_npages: AtomicUsize,
     /// Pages the background scavenger holds allocated while it decommits them without the heap lock.
@@ -237,7 +237,7 @@ impl<S: PageSource> Heap<S> {
             scav_released_bytes: AtomicUsize::new(0),
             scav_alloc_bytes: AtomicUsize::new(0),
             scav_cycles: AtomicUsize::new(0),
-            scavenge_cpu_nanos: core::sync::atomic::AtomicU64::new(0),
+            scavenge_cpu_nanos: crate::sync::atomic::AtomicU64::new(0),
             retained_goal_bytes: AtomicUsize::new(0),
             window_peak_npages: AtomicUsize::new(0),
             scav_inflight_npages: AtomicUsize::new(0),

@@ -25,8 +25,8 @@
 //! host); the caller guarantees this (`&mut PageCache`). Refill and flush take the heap lock. A cache is tied
 //! to the heap that filled it: use it with one heap only.
 
+use crate::sync::atomic::Ordering;
 use core::ptr::NonNull;
-use core::sync::atomic::Ordering;
 
 use crate::cpu::Guarded;
 use crate::page::heap::Heap;

@@ -3,8 +3,8 @@
 //!
 //! See `lib.rs` for an overview of the allocator and `heap/mod.rs` for the heap's invariants.
 
+use crate::sync::atomic::{AtomicU8, Ordering};
 use core::ptr::{addr_of_mut, NonNull};
-use core::sync::atomic::{AtomicU8, Ordering};
 
 use super::{Heap, HeapInner};
 use crate::page::span::{Span, SpanState};

@@ -15,8 +15,8 @@
 //! scav_inflight_npages + retired_npages`; `committed_npages + retired_npages = grown - scav - cache_scav`
 //! (retired pages are neither committed nor marked scavenged: the scavenger only looks at free pages).
 
+use crate::sync::atomic::Ordering;
 use core::ptr::NonNull;
-use core::sync::atomic::Ordering;
 
 use super::Heap;
 use crate::cpu::Guarded;

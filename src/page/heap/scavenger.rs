@@ -99,9 +99,9 @@
 //! with the heap lock held and decommits under it. The `scavtrace` line is emitted with no lock held, and
 //! by `Malloc` after it left the CPU provider's guard.
 
+use crate::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use core::fmt;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 
 use crate::cpu::Guarded;
 use crate::page::heap::{Heap, HeapInner};

@@ -3,8 +3,8 @@
 //!
 //! See `lib.rs` for an overview of the allocator and `heap/mod.rs` for the heap's invariants.
 
+use crate::sync::atomic::Ordering;
 use core::ptr::{addr_of_mut, NonNull};
-use core::sync::atomic::Ordering;
 
 use super::pagecache::{bit_mask, PageCache, PAGE_CACHE_MAX_NPAGES, SPAN_STASH_BATCH};
 use super::{Heap, HeapInner};

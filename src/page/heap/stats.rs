@@ -3,8 +3,8 @@
 //!
 //! See `lib.rs` for an overview of the allocator and `heap/mod.rs` for the heap's invariants.
 
+use crate::sync::atomic::Ordering;
 use core::ptr::NonNull;
-use core::sync::atomic::Ordering;
 
 use super::Heap;
 use crate::page::span::{Span, SpanState};
