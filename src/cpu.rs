@@ -11,7 +11,7 @@
 //! - In a kernel, the index comes from the APIC ID (through a table the kernel fills when it starts each
 //!   CPU) and the guard keeps interrupts off, so an interrupt handler that allocates cannot re-enter the
 //!   cache it interrupted (the Asterinas pattern: per-CPU operations take a token proving interrupts are off).
-//! - On a host ([`ThreadSlots`], feature `std`), user code cannot disable preemption and a thread may migrate
+//! - On a host (`ThreadSlots`, feature `std`), user code cannot disable preemption and a thread may migrate
 //!   between CPUs at any instruction, so a per-CPU index would not be exclusive. goheap instead gives each
 //!   thread a *slot* of its own (claimed once with a compare-and-swap, released when the thread exits): a
 //!   thread that migrates keeps its slot, so migration mid-operation is harmless. Threads beyond
@@ -62,7 +62,7 @@
 //!   their CPU holds), and any fault inside goheap (an allocator bug). The TLB shoot-down of
 //!   `goheap::x86_64::FrameSource` may use an NMI because its handler does not allocate.
 //! - [`NoCpuCache`] masks nothing: **not interrupt-safe**, only for tests and single-threaded tools.
-//! - On a host, [`ThreadSlots`]' guard does not block signals: a signal handler that allocates is outside
+//! - On a host, `ThreadSlots`' guard does not block signals: a signal handler that allocates is outside
 //!   the contract, as for every `malloc` that is not async-signal-safe. A provider whose guard blocks the
 //!   signals that allocate gives a host the kernel's contract (`tests/irq_model.rs` models interrupts so).
 

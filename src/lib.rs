@@ -127,6 +127,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 #![warn(missing_debug_implementations)]
+#![warn(missing_docs)]
 
 #[cfg(any(feature = "std", test))]
 extern crate std;

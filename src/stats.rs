@@ -56,9 +56,11 @@ pub struct MemStats {
     pub heap_objects: u64,
     /// Bytes of span descriptors in use / obtained.
     pub mspan_inuse: u64,
+    /// Bytes of span descriptors obtained (committed for the span pool).
     pub mspan_sys: u64,
     /// Bytes of per-CPU caches in use (caches that served at least once) / obtained.
     pub mcache_inuse: u64,
+    /// Bytes of per-CPU caches obtained.
     pub mcache_sys: u64,
     /// Other metadata bytes committed (page-allocator bitmaps and summaries, page map).
     pub other_sys: u64,
@@ -68,6 +70,7 @@ pub struct MemStats {
     pub tiny_allocs: u64,
     /// Large objects allocated / freed (also counted in `mallocs`/`frees`).
     pub large_allocs: u64,
+    /// Large objects freed (also counted in `frees`).
     pub large_frees: u64,
     /// Objects freed into spans cached by another CPU than the freeing one.
     pub remote_frees: u64,

@@ -7,7 +7,7 @@
 //! are *decommitted* by the scavenger (the physical memory goes back, the range stays reserved). Failure is an
 //! ordinary outcome: the heap turns it into a null allocation and stays consistent.
 //!
-//! Implementations: [`mmap::MmapSource`] (feature `std`) and [`bounded::BoundedSource`] (a fixed budget over
+//! Implementations: `mmap::MmapSource` (feature `std`) and [`bounded::BoundedSource`] (a fixed budget over
 //! a host buffer or mmap, able to fail at chosen points, for tests). A kernel implements it over its frame
 //! allocator and page-table mapper (see the demo kernel).
 

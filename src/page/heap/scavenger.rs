@@ -37,7 +37,7 @@
 //! - [`Heap::release_all`] is Go's `debug.FreeOSMemory`: every free committed page not held by a page cache.
 //!
 //! The crate spawns no threads: a kernel calls [`Heap::scavenge`] (through `Malloc::background`, which
-//! supplies the guard token) from its idle loop or a timer interrupt, a host from a thread it owns; [`spawn_scavenger`] (feature `std`) is such a thread. Each *cycle* (a run of steps that
+//! supplies the guard token) from its idle loop or a timer interrupt, a host from a thread it owns; `spawn_scavenger` (feature `std`) is such a thread. Each *cycle* (a run of steps that
 //! released memory, ended by a step that finds nothing more to do) logs one scavtrace-like line through
 //! `log::info!`, e.g. `scav: released 1.2 MiB in 3 steps, retained 4.0 MiB (goal 4.4 MiB) of 8.1 MiB
 //! committed, limit 64 MiB (mode aggressive)`.
