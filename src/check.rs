@@ -159,6 +159,24 @@ fn panic_hook(b: &BadFree) -> ! {
 static HOOK: AtomicPtr<()> = AtomicPtr::new(panic_hook as *mut ());
 
 /// Replaces the report hook (process- or kernel-wide). The default panics with the report's message.
+///
+/// An allocator built with [`Malloc::with_report_hook`](crate::Malloc::with_report_hook) uses its own hook
+/// instead (`goheap::Hosted` aborts: a global allocator must not unwind).
+///
+/// ```
+/// use goheap::check::{set_report_hook, BadFree};
+///
+/// /// A kernel's hook: log the report (its `Display` names the address, the reason, the span and the
+/// /// class) and stop this CPU.
+/// fn halt(bad: &BadFree) -> ! {
+///     log::error!("goheap: {bad}");
+///     loop {
+///         core::hint::spin_loop();
+///     }
+/// }
+///
+/// set_report_hook(halt);
+/// ```
 pub fn set_report_hook(hook: ReportHook) {
     HOOK.store(hook as *mut (), Ordering::Release);
 }
