@@ -188,7 +188,8 @@ unsafe impl Sync for CacheSlot {}
 /// use goheap::Malloc;
 ///
 /// // A heap of its own beside the program's global allocator, bounded to 64 MiB.
-/// static HEAP: Malloc<MmapSource, ThreadSlots> = Malloc::with_max_bytes(MmapSource::new(), ThreadSlots::new(), 64 << 20);
+/// static HEAP: Malloc<MmapSource, ThreadSlots> =
+///     Malloc::with_max_bytes(MmapSource::new(), ThreadSlots::new(), 64 << 20);
 ///
 /// // Collections through allocator-api2's `Allocator` for `&Malloc`.
 /// let mut v = Vec::new_in(&HEAP);
