@@ -27,7 +27,7 @@
 //! the address, the reason and the span and class. Without the feature none of this is on the fast path.
 //!
 //! With `checks`, freed small objects are also poisoned (Go's `clobberfree`): the free fills the object,
-//! past the two words a stock uses for its link and key, with [`POISON`], and the allocation that hands the
+//! past the two words a stock uses for its link and key, with `POISON`, and the allocation that hands the
 //! object out again verifies the pattern; a difference is reported as [`Reason::WriteAfterFree`] with the
 //! address of the first changed byte (`alloc_zeroed` clears the object instead of verifying it; tiny objects
 //! and large ones are not poisoned: a tiny block's siblings stay live, and large objects' pages go back to
@@ -102,15 +102,29 @@ pub enum Reason {
     /// The address points inside an object, not at its first byte.
     Interior,
     /// The address is not a multiple of the layout's alignment.
-    Misaligned { align: usize },
+    Misaligned {
+        /// The alignment the layout asked for.
+        align: usize,
+    },
     /// The layout given to `dealloc` maps to another class than the object's span.
-    LayoutMismatch { size: usize, align: usize },
+    LayoutMismatch {
+        /// The layout's size.
+        size: usize,
+        /// The layout's alignment.
+        align: usize,
+    },
     /// With `checks`: byte `offset` of the object changed while it was free (a write after free), found when
     /// the object was handed out again. `addr` is the object's address.
-    WriteAfterFree { offset: usize },
+    WriteAfterFree {
+        /// The byte offset of the first changed byte within the object.
+        offset: usize,
+    },
     /// A sampled guarded allocation's canary (the bytes of its page before the object) changed: a write
     /// `offset` bytes before the object's start at `addr` (an underflow, or a stray write), found at its free.
-    GuardedCanary { offset: usize },
+    GuardedCanary {
+        /// How many bytes before the object's start the first changed canary byte lies.
+        offset: usize,
+    },
 }
 
 /// A refused free (or, with `checks`, a write after free found when the object was handed out again), with
@@ -175,6 +189,24 @@ fn panic_hook(b: &BadFree) -> ! {
 static HOOK: AtomicPtr<()> = AtomicPtr::new(panic_hook as *mut ());
 
 /// Replaces the report hook (process- or kernel-wide). The default panics with the report's message.
+///
+/// An allocator built with [`Malloc::with_report_hook`](crate::Malloc::with_report_hook) uses its own hook
+/// instead (`goheap::Hosted` aborts: a global allocator must not unwind).
+///
+/// ```
+/// use goheap::check::{set_report_hook, BadFree};
+///
+/// /// A kernel's hook: log the report (its `Display` names the address, the reason, the span and the
+/// /// class) and stop this CPU.
+/// fn halt(bad: &BadFree) -> ! {
+///     log::error!("goheap: {bad}");
+///     loop {
+///         core::hint::spin_loop();
+///     }
+/// }
+///
+/// set_report_hook(halt);
+/// ```
 pub fn set_report_hook(hook: ReportHook) {
     HOOK.store(hook as *mut (), Ordering::Release);
 }
@@ -196,7 +228,12 @@ pub enum FlushError {
     /// The address is in no live span of this heap.
     NotInHeap(usize),
     /// The span holds another class.
-    WrongClass { addr: usize, span_class: u8 },
+    WrongClass {
+        /// The object's address.
+        addr: usize,
+        /// The class of the span the address lies in.
+        span_class: u8,
+    },
     /// The address is inside an object, not at its start.
     Interior(usize),
     /// The object was not allocated.

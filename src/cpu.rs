@@ -11,7 +11,7 @@
 //! - In a kernel, the index comes from the APIC ID (through a table the kernel fills when it starts each
 //!   CPU) and the guard keeps interrupts off, so an interrupt handler that allocates cannot re-enter the
 //!   cache it interrupted (the Asterinas pattern: per-CPU operations take a token proving interrupts are off).
-//! - On a host ([`ThreadSlots`], feature `std`), user code cannot disable preemption and a thread may migrate
+//! - On a host (`ThreadSlots`, feature `std`), user code cannot disable preemption and a thread may migrate
 //!   between CPUs at any instruction, so a per-CPU index would not be exclusive. goheap instead gives each
 //!   thread a *slot* of its own (claimed once with a compare-and-swap, released when the thread exits): a
 //!   thread that migrates keeps its slot, so migration mid-operation is harmless. Threads beyond
@@ -62,7 +62,7 @@
 //!   their CPU holds), and any fault inside goheap (an allocator bug). The TLB shoot-down of
 //!   `goheap::x86_64::FrameSource` may use an NMI because its handler does not allocate.
 //! - [`NoCpuCache`] masks nothing: **not interrupt-safe**, only for tests and single-threaded tools.
-//! - On a host, [`ThreadSlots`]' guard does not block signals: a signal handler that allocates is outside
+//! - On a host, `ThreadSlots`' guard does not block signals: a signal handler that allocates is outside
 //!   the contract, as for every `malloc` that is not async-signal-safe. A provider whose guard blocks the
 //!   signals that allocate gives a host the kernel's contract (`tests/irq_model.rs` models interrupts so).
 
@@ -194,6 +194,74 @@ pub const MAX_CPUS: usize = 1 << 6;
 ///
 /// `adopt(i)` returns `true` only while no guard with index `i` is alive, and then no `enter`, `enter_leaf`
 /// or `adopt` returns or takes `i` until `release_adopted(i)`; adoptions hand over writes as guards do.
+///
+/// # Example: one cache for whoever comes first
+///
+/// A provider with a single per-CPU cache, taken with a compare-and-swap: whoever holds it (a thread, or the
+/// code an interrupt handler interrupted) keeps it until the guard drops, and every other caller, including a
+/// re-entrant one, gets `None` and uses the shared, locked cache. It masks no interrupts, so like
+/// [`NoCpuCache`] it is **not interrupt-safe**; a kernel's provider also turns interrupts off in `enter` and
+/// `enter_leaf` and back on when the guard drops (as `goheap::x86_64::IrqSingle` does), and one with several
+/// CPUs returns each CPU's own index.
+///
+/// ```
+/// use core::sync::atomic::{AtomicBool, Ordering};
+/// use goheap::cpu::CpuProvider;
+///
+/// struct OneSlot {
+///     busy: AtomicBool,
+/// }
+///
+/// /// Gives the slot back when dropped, handing the section's writes to the next holder.
+/// struct Release<'a>(&'a AtomicBool);
+///
+/// impl Drop for Release<'_> {
+///     fn drop(&mut self) {
+///         self.0.store(false, Ordering::Release);
+///     }
+/// }
+///
+/// impl OneSlot {
+///     fn take(&self) -> (Option<Release<'_>>, Option<usize>) {
+///         match self.busy.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed) {
+///             Ok(_) => (Some(Release(&self.busy)), Some(0)),
+///             Err(_) => (None, None),
+///         }
+///     }
+/// }
+///
+/// // SAFETY: index 0 (< MAX_CPUS) is returned only by the exchange that set `busy`, which stays set until
+/// // that guard drops, so no two live guards have it; the guard's Release store and the next holder's
+/// // Acquire exchange hand the section's writes over.
+/// unsafe impl CpuProvider for OneSlot {
+///     type Guard<'a> = Option<Release<'a>>;
+///     fn enter(&self) -> (Self::Guard<'_>, Option<usize>) {
+///         self.take()
+///     }
+///     type LeafGuard<'a> = Option<Release<'a>>;
+///     fn enter_leaf(&self) -> (Self::LeafGuard<'_>, Option<usize>) {
+///         self.take()
+///     }
+/// }
+///
+/// let cpus = OneSlot { busy: AtomicBool::new(false) };
+/// let (guard, index) = cpus.enter();
+/// assert_eq!(index, Some(0));
+/// assert_eq!(cpus.enter().1, None, "a nested call takes the shared cache");
+/// drop(guard);
+/// assert_eq!(cpus.enter_leaf().1, Some(0));
+/// # #[cfg(feature = "std")] {
+/// # use core::alloc::{GlobalAlloc, Layout};
+/// // With any page source, e.g. the hosted one:
+/// let heap = goheap::Malloc::new(goheap::source::mmap::MmapSource::new(), cpus);
+/// let layout = Layout::new::<u64>();
+/// // SAFETY: the layout's size is not zero.
+/// let p = unsafe { heap.alloc(layout) };
+/// assert!(!p.is_null());
+/// // SAFETY: `p` is a live allocation of `layout` from `heap`.
+/// unsafe { heap.dealloc(p, layout) };
+/// # }
+/// ```
 pub unsafe trait CpuProvider: Sync {
     /// Held for the whole allocator operation; with an index, proof of its exclusive use. A kernel's guard
     /// keeps interrupts off, also when there is no index (so the shared cache's lock is never taken by an

@@ -2,9 +2,21 @@
 //!
 //! See `lib.rs` for an overview of the allocator.
 //!
-//! ```ignore
+//! ```
 //! #[global_allocator]
 //! static GLOBAL: goheap::Hosted = goheap::Hosted::new();
+//!
+//! fn main() {
+//!     // Everything the program allocates now goes through goheap.
+//!     let v: Vec<u64> = (0..1000).collect();
+//!     assert_eq!(v.iter().sum::<u64>(), 499_500);
+//!
+//!     // `Hosted` derefs to `Malloc`: Go's MemStats, the soft memory limit (GOMEMLIMIT), background work.
+//!     let stats = GLOBAL.mem_stats();
+//!     assert!(stats.heap_alloc >= 8 * 1000, "the vector's 8000 bytes are live");
+//!     GLOBAL.set_memory_limit(512 << 20);
+//!     GLOBAL.start_background(std::time::Duration::from_millis(10));
+//! }
 //! ```
 //!
 //! It is [`Malloc`] over the mmap page source with one cache slot per thread ([`ThreadSlots`]); bad frees

@@ -5,6 +5,34 @@
 //! radix-tree page allocator and a scavenger, all generic over a [`PageSource`](source::PageSource) that
 //! provides memory (a kernel's frame allocator and page tables, or `mmap` on a host).
 //!
+//! # Getting started
+//!
+//! - **A Linux program:** `goheap::Hosted` as the `#[global_allocator]` (feature `std`; example in the
+//!   `hosted` module's docs).
+//! - **An x86_64 kernel:** the adapters of `goheap::x86_64` (feature `x86_64`): a page source over the
+//!   `x86_64` crate's frame allocator and page tables, and interrupts-off CPU providers (`IrqSingle` for one
+//!   CPU, `IrqCpus` keyed by APIC ID for several). The README's "Using goheap as your kernel heap" walks
+//!   through the wiring.
+//! - **Anything else:** implement [`PageSource`](source::PageSource) (its docs have a complete example over
+//!   always-mapped memory) and [`CpuProvider`](cpu::CpuProvider), and build a [`Malloc`] in a `static`.
+//!
+//! The crate starts no threads and never allocates from itself: memory goes back to the page source only
+//! through [`Malloc::background`] (call it from an idle loop, a timer or a thread), [`Malloc::release_all`]
+//! and the soft limit of [`Malloc::set_memory_limit`].
+//!
+//! ## Features
+//!
+//! | feature | what it adds |
+//! |---|---|
+//! | `std` | `Hosted`, the `mmap` page source (`source::mmap`), per-thread cache slots (`cpu::ThreadSlots`), the scavenger thread (`page::heap::scavenger::spawn_scavenger`) |
+//! | `x86_64` | the kernel adapters of `goheap::x86_64` (the `x86_64` crate 0.15) |
+//! | `checks` | every free verified at once (double, foreign, interior, misaligned, wrong-layout frees reported with the address, span and class) and freed objects poisoned and verified when reused; costs nothing on the fast path when off |
+//! | `validate` | whole-heap consistency walks (`Malloc::validate`), for tests |
+//! | `generator` | the size-class table generator (implies `std`) |
+//!
+//! No feature is on by default: the default build is `no_std` and needs no `alloc`. The minimum supported
+//! Rust version is 1.84 (Cargo.toml's `rust-version`, built by `cargo xtask test`).
+//!
 //! # Overview
 //!
 //! This overview plays the part of the long comment that opens Go's `malloc.go`. Each tier's module starts
@@ -130,6 +158,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 #![warn(missing_debug_implementations)]
+#![warn(missing_docs)]
 
 #[cfg(any(feature = "std", test))]
 extern crate std;

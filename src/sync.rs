@@ -2,16 +2,16 @@
 //!
 //! See `lib.rs` for an overview of the allocator.
 //!
-//! Every module takes its atomics from here (`crate::sync::atomic`) and every lock is a [`SpinMutex`] (the
+//! Every module takes its atomics from here (`crate::sync::atomic`) and every lock is a `SpinMutex` (the
 //! [`crate::cpu::GuardedMutex`]es), so one cfg switches the whole crate to a model checker's view:
 //!
-//! - normal builds: `atomic` is `core::sync::atomic`, and [`SpinMutex`] spins on a `core` atomic;
+//! - normal builds: `atomic` is `core::sync::atomic`, and `SpinMutex` spins on a `core` atomic;
 //! - `--cfg loom` (`cargo xtask test`'s model-checking step, `tests/loom_*.rs`): `atomic` holds wrappers of
 //!   loom's atomics, and the lock spins on one of them and yields to loom's scheduler while it waits, so
 //!   loom explores every interleaving of the real code (and every value a weak load may see).
 //!
 //! # Waiting (the lock's fairness)
-//! A hosted thread (feature `std`) that finds the lock taken spins [`SPINS_BEFORE_YIELD`] times, then calls
+//! A hosted thread (feature `std`) that finds the lock taken spins `SPINS_BEFORE_YIELD` times, then calls
 //! `std::thread::yield_now` between attempts: on an overloaded host (more runnable threads than cores) the
 //! holder may be preempted, and a waiter that only spins burns the time slices the holder needs, so a call
 //! could wait for minutes (a 2-core soak with 80 threads saw one call take 109 s). In a kernel (no `std`) a
@@ -22,10 +22,10 @@
 //! loom's atomics have no `const fn new` and belong to one execution of the model, while goheap builds its
 //! structures in `const fn`s and keeps some atomics in statics or in raw memory (a tiny span's counts). So
 //! under `cfg(loom)` each atomic type here is a small wrapper holding its initial value and a pointer to the
-//! loom atomic, which is created on first use in each execution (a new [`loom_model`] iteration bumps a
+//! loom atomic, which is created on first use in each execution (a new `loom_model` iteration bumps a
 //! generation; all-zero bytes are a valid wrapper of 0, as for the real atomics). Atomics the code forms
-//! from raw addresses go through [`raw_atomic`], which keeps them in a side table by address. Models must
-//! run through [`loom_model`] (or [`loom_builder_check`]).
+//! from raw addresses go through `raw_atomic`, which keeps them in a side table by address. Models must
+//! run through `loom_model` (or `loom_builder_check`).
 
 #[cfg(not(loom))]
 pub use core::sync::atomic;
@@ -53,7 +53,7 @@ unsafe impl<T: Send> Sync for SpinMutex<T> {}
 // SAFETY: moving the lock moves the `T`.
 unsafe impl<T: Send> Send for SpinMutex<T> {}
 
-/// The holder's access to a [`SpinMutex`]'s data; dropping it releases the lock.
+/// The holder's access to a `SpinMutex`'s data; dropping it releases the lock.
 pub struct SpinMutexGuard<'a, T> {
     lock: &'a SpinMutex<T>,
 }
@@ -120,7 +120,7 @@ impl<T> SpinMutex<T> {
     }
 }
 
-/// One wait step of [`SpinMutex::lock`]: spin, and on a host yield after [`SPINS_BEFORE_YIELD`] spins.
+/// One wait step of [`SpinMutex::lock`]: spin, and on a host yield after `SPINS_BEFORE_YIELD` spins.
 #[inline]
 fn relax(spins: &mut u32) {
     #[cfg(loom)]
@@ -216,7 +216,7 @@ mod loom_impl {
         loom_builder_check(loom::model::Builder::new(), f)
     }
 
-    /// As [`loom_model`] with a configured builder (a preemption bound, a branch limit).
+    /// As `loom_model` with a configured builder (a preemption bound, a branch limit).
     pub fn loom_builder_check<F: Fn() + Sync + Send + 'static>(b: loom::model::Builder, f: F) -> u64 {
         let first = generation();
         b.check(move || {
@@ -512,7 +512,7 @@ mod loom_impl {
         }
     }
 
-    /// Atomic types [`raw_atomic`] can stand for raw bytes.
+    /// Atomic types `raw_atomic` can stand for raw bytes.
     pub trait RawInit: Sized {
         /// The atomic holding the value of the bytes at `addr`.
         ///

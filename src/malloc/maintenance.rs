@@ -70,6 +70,32 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// The caches that departed holders left (host threads that exited, see `cpu.rs`) are flushed at once.
     /// Other CPUs' caches are asked to flush too: each does at its next entry into the allocator's general
     /// path (see `reclaim.rs`); a later `release_all` or background step then returns what they gave back.
+    ///
+    /// ```
+    /// # #[cfg(feature = "std")] {
+    /// use core::alloc::{GlobalAlloc, Layout};
+    /// use goheap::cpu::ThreadSlots;
+    /// use goheap::source::mmap::MmapSource;
+    /// use goheap::Malloc;
+    ///
+    /// static HEAP: Malloc<MmapSource, ThreadSlots> = Malloc::new(MmapSource::new(), ThreadSlots::new());
+    ///
+    /// // A burst of 16 MiB in 1 MiB objects, then freed: the pages stay committed, free in the page heap.
+    /// let layout = Layout::from_size_align(1 << 20, 8).unwrap();
+    /// // SAFETY: the layout's size is not zero.
+    /// let burst: Vec<*mut u8> = (0..16).map(|_| unsafe { HEAP.alloc(layout) }).collect();
+    /// assert!(burst.iter().all(|p| !p.is_null()));
+    /// for p in burst {
+    ///     // SAFETY: each `p` is a live allocation of `layout` from `HEAP`.
+    ///     unsafe { HEAP.dealloc(p, layout) };
+    /// }
+    ///
+    /// // Everything free goes back to the page source at once (the background step does it in budgeted steps).
+    /// let released = HEAP.release_all();
+    /// assert!(released >= 16 << 20, "released {released} bytes");
+    /// assert!(HEAP.mem_stats().heap_released >= 16 << 20);
+    /// # }
+    /// ```
     pub fn release_all(&self) -> usize {
         let e = self.enter();
         let g = e.held.guarded();

@@ -188,6 +188,43 @@ struct Entered<'a, G> {
 unsafe impl Sync for CacheSlot {}
 
 /// goheap's allocator over page source `S`, with per-CPU caches chosen by `P`.
+///
+/// Build it in a `static` (its constructors are `const` and reserve nothing) and use it as the
+/// `#[global_allocator]`, or through [`GlobalAlloc`] and allocator-api2's `Allocator` (implemented for
+/// `&Malloc`) beside another global allocator. Which `S` and `P`: `goheap::Hosted` bundles the hosted pair
+/// (feature `std`); a kernel takes `goheap::x86_64`'s adapters (feature `x86_64`) or its own
+/// [`PageSource`] (see the example there) and [`CpuProvider`].
+///
+/// ```
+/// # #[cfg(feature = "std")] {
+/// use allocator_api2::vec::Vec;
+/// use core::alloc::{GlobalAlloc, Layout};
+/// use goheap::cpu::ThreadSlots;
+/// use goheap::source::mmap::MmapSource;
+/// use goheap::Malloc;
+///
+/// // A heap of its own beside the program's global allocator, bounded to 64 MiB.
+/// static HEAP: Malloc<MmapSource, ThreadSlots> =
+///     Malloc::with_max_bytes(MmapSource::new(), ThreadSlots::new(), 64 << 20);
+///
+/// // Collections through allocator-api2's `Allocator` for `&Malloc`.
+/// let mut v = Vec::new_in(&HEAP);
+/// v.extend(0..1000u32);
+///
+/// // Or raw, through `GlobalAlloc`.
+/// let layout = Layout::new::<[u64; 5]>();
+/// assert_eq!(HEAP.usable_size(layout), 48, "40 bytes round up to the 48-byte size class");
+/// // SAFETY: the layout's size is not zero.
+/// let p = unsafe { HEAP.alloc(layout) };
+/// assert!(!p.is_null());
+/// // SAFETY: `p` is a live allocation of `layout` from `HEAP`.
+/// unsafe { HEAP.dealloc(p, layout) };
+///
+/// drop(v);
+/// let stats = HEAP.mem_stats();
+/// assert_eq!((stats.mallocs, stats.frees), (2, 2));
+/// # }
+/// ```
 pub struct Malloc<S: PageSource, P: CpuProvider> {
     /// The page heap, the central lists and the report hook.
     t: Tiers<S>,

@@ -177,11 +177,15 @@ pub struct CpuStats {
     pub nfree: [Counter; NUM_ALLOC_CLASSES],
     /// Tiny objects handed out / freed.
     pub tiny_nmalloc: Counter,
+    /// Tiny objects freed.
     pub tiny_nfree: Counter,
     /// Large objects and their bytes.
     pub large_nmalloc: Counter,
+    /// Large objects freed.
     pub large_nfree: Counter,
+    /// Bytes of large objects handed out.
     pub large_bytes_alloc: Counter,
+    /// Bytes of large objects freed.
     pub large_bytes_free: Counter,
     /// Objects flushed by this CPU into spans cached by another CPU (cross-CPU frees).
     pub remote_frees: Counter,

@@ -9,7 +9,7 @@
 //! - **over a caller-given region** ([`BoundedSource::over_region`], no_std): the region is always
 //!   accessible; commit zeroes the range (so `commit_zeroes() == true`), decommit fills it with
 //!   [`POISON_BYTE`] so a use of decommitted memory reads garbage;
-//! - **over its own mmap** ([`BoundedSource::with_mmap`], feature `std`): the region is reserved `PROT_NONE`;
+//! - **over its own mmap** (`BoundedSource::with_mmap`, feature `std`): the region is reserved `PROT_NONE`;
 //!   commit is `mprotect(RW)`, decommit `madvise(DONTNEED)` + `mprotect(PROT_NONE)`, so stray uses fault.
 //!
 //! Failure injection: [`BoundedSource::fail_nth_commit`] (one chosen commit call fails),

@@ -7,7 +7,7 @@
 //! are *decommitted* by the scavenger (the physical memory goes back, the range stays reserved). Failure is an
 //! ordinary outcome: the heap turns it into a null allocation and stays consistent.
 //!
-//! Implementations: [`mmap::MmapSource`] (feature `std`) and [`bounded::BoundedSource`] (a fixed budget over
+//! Implementations: `mmap::MmapSource` (feature `std`) and [`bounded::BoundedSource`] (a fixed budget over
 //! a host buffer or mmap, able to fail at chosen points, for tests). A kernel implements it over its frame
 //! allocator and page-table mapper (see the demo kernel).
 
@@ -43,6 +43,87 @@ pub const SOURCE_GRANULE: usize = crate::PAGE_SIZE;
 ///   it clears metadata itself and marks spans `needzero`.
 /// - **Failure.** `reserve` returning `None` or `commit` returning `false` makes the allocation that needed
 ///   it return null; the heap stays consistent and later calls may succeed.
+///
+/// # Example: a source over memory that is always mapped
+///
+/// The smallest useful source, for a kernel with an identity-mapped pool or a program with a static buffer:
+/// reserving bumps an offset through the region, and committing and decommitting have nothing to do (the
+/// memory stays mapped, so the scavenger gives nothing back). [`page::heap::reservation_bytes`] sizes the
+/// region for a heap bound; [`bounded::BoundedSource`] is the same idea with a budget and counters. A kernel
+/// with page tables maps frames in `commit` and unmaps them in `decommit` instead (`goheap::x86_64`).
+///
+/// [`page::heap::reservation_bytes`]: crate::page::heap::reservation_bytes
+///
+/// ```
+/// use core::alloc::{GlobalAlloc, Layout};
+/// use core::cell::UnsafeCell;
+/// use core::ptr::NonNull;
+/// use core::sync::atomic::{AtomicUsize, Ordering};
+/// use goheap::cpu::NoCpuCache;
+/// use goheap::source::PageSource;
+/// use goheap::Malloc;
+///
+/// /// Always-mapped memory `[base, base + len)`, handed out front to back.
+/// struct Region {
+///     base: *mut u8,
+///     len: usize,
+///     next: AtomicUsize,
+/// }
+///
+/// // SAFETY: `base` is only used as an address; the offset is atomic.
+/// unsafe impl Sync for Region {}
+///
+/// // SAFETY: reservations are disjoint pieces of a region nothing else uses; the region is always readable
+/// // and writable, so every commit succeeds and a decommit makes nothing inaccessible; nothing here
+/// // allocates, sleeps or locks.
+/// unsafe impl PageSource for Region {
+///     fn reserve(&self, nbytes: usize, align: usize) -> Option<NonNull<u8>> {
+///         let base = self.base as usize;
+///         let mut off = self.next.load(Ordering::Relaxed);
+///         loop {
+///             let start = (base + off).checked_next_multiple_of(align)? - base;
+///             let end = start.checked_add(nbytes).filter(|&end| end <= self.len)?;
+///             match self.next.compare_exchange_weak(off, end, Ordering::Relaxed, Ordering::Relaxed) {
+///                 Ok(_) => return NonNull::new(self.base.wrapping_add(start)),
+///                 Err(now) => off = now,
+///             }
+///         }
+///     }
+///     unsafe fn commit(&self, _addr: NonNull<u8>, _nbytes: usize) -> bool {
+///         true
+///     }
+///     unsafe fn decommit(&self, _addr: NonNull<u8>, _nbytes: usize) {}
+/// }
+///
+/// const MAX_HEAP: usize = 8 << 20;
+/// const REGION_BYTES: usize = goheap::page::heap::reservation_bytes(MAX_HEAP);
+///
+/// /// The memory, page-aligned (`SOURCE_GRANULE`).
+/// #[repr(C, align(8192))]
+/// struct Pool(UnsafeCell<[u8; REGION_BYTES]>);
+/// // SAFETY: only the heap touches the pool, through the source.
+/// unsafe impl Sync for Pool {}
+/// static POOL: Pool = Pool(UnsafeCell::new([0; REGION_BYTES]));
+///
+/// // `NoCpuCache` keeps the example short: every call takes the shared cache's lock. A kernel uses
+/// // `goheap::x86_64::IrqSingle` or `IrqCpus`, a program `goheap::Hosted`.
+/// static HEAP: Malloc<Region, NoCpuCache> = Malloc::with_max_bytes(
+///     Region { base: POOL.0.get().cast(), len: REGION_BYTES, next: AtomicUsize::new(0) },
+///     NoCpuCache,
+///     MAX_HEAP,
+/// );
+///
+/// let layout = Layout::from_size_align(100, 8).unwrap();
+/// // SAFETY: the layout's size is not zero.
+/// let p = unsafe { HEAP.alloc(layout) };
+/// assert!(!p.is_null());
+/// // SAFETY: `p` is a live allocation of `layout` from `HEAP`.
+/// unsafe {
+///     p.write_bytes(0xA5, layout.size());
+///     HEAP.dealloc(p, layout);
+/// }
+/// assert_eq!(HEAP.mem_stats().heap_objects, 0);
+/// ```
 ///
 /// # Safety
 ///
