@@ -22,10 +22,13 @@
 //! loom's atomics have no `const fn new` and belong to one execution of the model, while goheap builds its
 //! structures in `const fn`s and keeps some atomics in statics or in raw memory (a tiny span's counts). So
 //! under `cfg(loom)` each atomic type here is a small wrapper holding its initial value and a pointer to the
-//! loom atomic, which is created on first use in each execution (a new [`loom_model`] iteration bumps a
+//! loom atomic, which is created on first use in each execution (a new `loom_model` iteration bumps a
 //! generation; all-zero bytes are a valid wrapper of 0, as for the real atomics). Atomics the code forms
 //! from raw addresses go through [`raw_atomic`], which keeps them in a side table by address. Models must
-//! run through [`loom_model`] (or [`loom_builder_check`]).
+//! run through `sync::loom_model` (or `sync::loom_builder_check`), which exist only under loom. loom counts
+//! an atomic's creation as a plain write that every access must happen after, so a model first runs its
+//! paths once on one thread before it spawns the others (`tests/loom_common`'s `warm_up`): the real atomics
+//! are all initialised before the structure is shared.
 
 #[cfg(not(loom))]
 pub use core::sync::atomic;
