@@ -59,6 +59,7 @@
 //!
 //! | level | modules | main types |
 //! |---|---|---|
+//! | primitives | [`sync`]: the atomics and the spin lock (loom's under `--cfg loom`) | [`SpinMutex`](sync::SpinMutex) |
 //! | contracts | [`cpu`], [`source`] | [`CpuProvider`](cpu::CpuProvider), [`Guarded`](cpu::Guarded), [`PageSource`](source::PageSource) |
 //! | page level | [`page`]: `span`, `fixalloc`, `pagealloc`, `heap` (with `pagecache`, `scavenger`) | `Span`, `PageAlloc`, `Heap` |
 //! | reports | [`check`] | `BadFree` |
@@ -173,7 +174,6 @@ pub const MAX_SMALL_SIZE: usize = 32 << 10;
 // The contracts beside the tiers: what goheap asks of the platform.
 pub mod cpu;
 pub mod source;
-/// The atomics and the spin lock, swapped for loom's under `--cfg loom` (model checking).
 pub mod sync;
 
 // The tiers, bottom up (each imports only from the ones above it in this list; see "Layout" above).

@@ -25,7 +25,10 @@
 //! loom atomic, which is created on first use in each execution (a new `loom_model` iteration bumps a
 //! generation; all-zero bytes are a valid wrapper of 0, as for the real atomics). Atomics the code forms
 //! from raw addresses go through `raw_atomic`, which keeps them in a side table by address. Models must
-//! run through `loom_model` (or `loom_builder_check`).
+//! run through `sync::loom_model` (or `sync::loom_builder_check`), which exist only under loom. loom counts
+//! an atomic's creation as a plain write that every access must happen after, so a model first runs its
+//! paths once on one thread before it spawns the others (`tests/loom_common`'s `warm_up`): the real atomics
+//! are all initialised before the structure is shared.
 
 #[cfg(not(loom))]
 pub use core::sync::atomic;

@@ -7,11 +7,12 @@
 //! lock's holder cell (`sync::SpinMutex` under loom), that every holder of a lock happens after the
 //! previous one.
 //!
-//! Explored: 94 iterations in 2.0 s with the preemption bound of 1 it sets (`LOOM_MAX_PREEMPTIONS`
+//! Explored: 94 iterations (1–2 s) with the preemption bound of 1 it sets (`LOOM_MAX_PREEMPTIONS`
 //! overrides it): three threads through the whole allocator (every Central lock, the heap, the
 //! scavenger) are too many interleavings to exhaust; at bound 2 the model ran over 5 minutes.
 //! Weakening caught: the lock's release (`SpinMutexGuard::drop`, src/sync.rs) storing `false` with
-//! `Relaxed` instead of `Release`: loom reports a causality violation on the holder cell.
+//! `Relaxed` instead of `Release`: loom reports "Causality violation: Concurrent write accesses to
+//! `UnsafeCell`" on the holder cell (created at src/sync.rs), at once.
 #![cfg(loom)]
 
 mod loom_common;

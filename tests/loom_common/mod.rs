@@ -67,7 +67,9 @@ impl RegionMalloc {
     /// A fresh allocator over a fresh region.
     pub fn new() -> Self {
         let len = reservation_bytes(ARENA);
-        let layout = std::alloc::Layout::from_size_align(len, goheap::source::SOURCE_GRANULE).unwrap();
+        // Chunk-aligned, so the heap's layout in the region (and so the explored count) is the same every run.
+        let align = goheap::page::pagealloc::PALLOC_CHUNK_BYTES.max(goheap::source::SOURCE_GRANULE);
+        let layout = std::alloc::Layout::from_size_align(len, align).unwrap();
         // SAFETY: a non-zero size.
         let region = unsafe { std::alloc::alloc_zeroed(layout) };
         assert!(!region.is_null());
