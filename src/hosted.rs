@@ -24,6 +24,9 @@
 //! protected. An `atfork` prepare handler registered *before* goheap's runs after it and must not allocate
 //! through goheap (the locks are held by then).
 
+#[cfg(feature = "pprof")]
+pub mod pprof;
+
 use crate::check::BadFree;
 use crate::cpu::ThreadSlots;
 use crate::malloc::Malloc;
@@ -173,6 +176,8 @@ impl Hosted {
                 list.len = n + 1;
             }
         }
+        #[cfg(feature = "pprof")]
+        self.0.default_stack_hook(pprof::capture_stack);
         self.1.store(FORK_DONE, Ordering::Release);
     }
 

@@ -86,6 +86,17 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         }
         let e = self.enter();
         let g = e.held.guarded();
+        // Sampled small and tiny objects live in the profile's region (see `profile/table.rs`).
+        let sampled = self.count_sample(e.cache, size);
+        if sampled {
+            let p = self.alloc_sampled_small(size, r, ZERO, e.sh, g);
+            if !p.is_null() {
+                let me = e.sh.index;
+                drop(e);
+                self.record_sample(p as usize, size, r, me, true);
+                return p;
+            }
+        }
         let t = &self.t;
         let small = |cache: &mut CpuCache| {
             if r == TINY_CLASS {
@@ -114,7 +125,6 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         if !p.is_null() {
             self.after_alloc_limit(e.cache, e.sh, g);
         }
-        let sampled = self.count_sample(e.cache, size);
         let me = e.sh.index;
         drop(e);
         #[cfg(feature = "checks")]
@@ -126,7 +136,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             }
         }
         if sampled && !p.is_null() {
-            self.record_sample(p as usize, size, r, me);
+            self.record_sample(p as usize, size, r, me, false);
         }
         p
     }
@@ -181,7 +191,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         let me = e.sh.index;
         drop(e);
         if sampled {
-            self.record_sample(p as usize, size, LARGE, me);
+            self.record_sample(p as usize, size, LARGE, me, true);
         }
         p
     }

@@ -65,6 +65,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 central.lock_for_fork(g);
             }
             self.t.heap.inner.lock_and_keep(g);
+            self.profiler.tables.lock_and_keep(g);
         });
     }
 
@@ -77,6 +78,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     pub(crate) unsafe fn unlock_all_after_fork(&self) {
         // SAFETY: `lock_all_for_fork` kept each lock once; we release each once.
         unsafe {
+            self.profiler.tables.force_unlock();
             self.t.heap.inner.force_unlock();
             for central in self.t.centrals.iter().rev() {
                 central.unlock_after_fork();
