@@ -214,7 +214,7 @@ pub struct Frame {
 /// unwinder. pprof drops, in each sample, the outermost frame that fully matches and everything below it, so
 /// the pattern must match no frame of the program above the allocation (`std::sys::backtrace::*` of the test
 /// harness, say: hence `backtrace::.*` anchored at the start).
-pub const DROP_FRAMES: &str = r".*goheap::(malloc|hosted)::.*|__rust_(alloc|alloc_zeroed|realloc|dealloc)|__rdl_.*|__rg_.*|alloc::alloc::.*|backtrace::.*";
+pub const DROP_FRAMES: &str = r".*goheap::(malloc|hosted)::.*|<.* as core::alloc::global::GlobalAlloc>::.*|__rust_(alloc|alloc_zeroed|realloc|dealloc)|__rdl_.*|__rg_.*|<?alloc::alloc::.*|backtrace::.*";
 
 /// What to put in the profile besides the records.
 #[derive(Default)]
