@@ -227,6 +227,7 @@ fn frees_of_sampled_objects_update_inuse() {
         t
     };
     let (allocs, inuse, inuse_bytes) = totals(&m);
+    let sys_live = m.profile_sys_bytes();
     assert_eq!((allocs, inuse), (200, 200), "every allocation sampled and live");
     assert_eq!(inuse_bytes, live.iter().map(|(_, l)| l.size() as u64).sum::<u64>());
     // Realloc one 100 B object to 200 B: the sampled object is freed (tracked), the new one sampled.
@@ -243,6 +244,9 @@ fn frees_of_sampled_objects_update_inuse() {
     }
     let (allocs, inuse, inuse_bytes) = totals(&m);
     assert_eq!((allocs, inuse, inuse_bytes), (201, 0, 0), "frees of sampled objects not all tracked");
+    // The region pages of the 150 small objects went back; the tables stay.
+    let sys = m.profile_sys_bytes();
+    assert!(sys > 0 && sys + 150 * 8192 <= sys_live, "profile memory {sys_live} live, {sys} after the frees");
     assert_eq!(m.profile_dropped().untracked, 0);
 }
 

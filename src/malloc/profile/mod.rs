@@ -219,6 +219,8 @@ pub(super) struct Profiler {
     live_large: AtomicUsize,
     /// Per cache slot: its stack hook is running (a sample taken meanwhile gets no stack).
     in_hook: [core::sync::atomic::AtomicBool; MAX_CPUS + 1],
+    /// Bytes the profile holds committed: its tables and the pages of live region objects.
+    committed: AtomicUsize,
     dropped_records: AtomicU64,
     dropped_untracked: AtomicU64,
     dropped_no_stack: AtomicU64,
@@ -238,6 +240,7 @@ impl Profiler {
             region: AtomicUsize::new(0),
             live_large: AtomicUsize::new(0),
             in_hook: [const { core::sync::atomic::AtomicBool::new(false) }; MAX_CPUS + 1],
+            committed: AtomicUsize::new(0),
             dropped_records: AtomicU64::new(0),
             dropped_untracked: AtomicU64::new(0),
             dropped_no_stack: AtomicU64::new(0),
@@ -329,6 +332,13 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         }
     }
 
+    /// Bytes of memory the heap profile holds committed from the page source, outside the heap: its tables
+    /// (once the first sample made them) and the pages of live sampled small objects (Go counts its profile
+    /// buckets in `BuckHashSys`).
+    pub fn profile_sys_bytes(&self) -> usize {
+        self.profiler.committed.load(Ordering::Relaxed)
+    }
+
     /// What the heap profile could not keep (see [`ProfileDropped`]).
     pub fn profile_dropped(&self) -> ProfileDropped {
         ProfileDropped {
@@ -411,6 +421,18 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         true
     }
 
+    /// Makes the tables at first use (under their lock) and counts their memory.
+    fn ensure_tables(&self, t: &mut Tables, g: Guarded<'_>) -> bool {
+        if t.state == TableState::Ready {
+            return true;
+        }
+        let ok = t.ensure(self.t.heap.src(g));
+        if ok {
+            self.profiler.committed.fetch_add(table::TABLE_BYTES, Ordering::Relaxed);
+        }
+        ok
+    }
+
     /// Places a sampled small or tiny object of route `r` in the profile's region (zeroed if `zero`), or
     /// null when the region or the tables are unavailable (the caller then allocates as usual).
     pub(super) fn alloc_sampled_small(
@@ -425,7 +447,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         let bytes = elem.next_multiple_of(PAGE_SIZE);
         let src = self.t.heap.src(g);
         let mut t = self.profiler.tables.lock(g);
-        if !t.ensure(src) {
+        if !self.ensure_tables(&mut t, g) {
             return ptr::null_mut();
         }
         self.profiler.region.store(t.region, Ordering::Release);
@@ -445,6 +467,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             return ptr::null_mut();
         }
         drop(t);
+        self.profiler.committed.fetch_add(bytes, Ordering::Relaxed);
         count_sampled(sh, r, true);
         if zero && !src.commit_zeroes() {
             // SAFETY: freshly committed, ours.
@@ -473,7 +496,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         let is_large = r == LARGE || r == GUARDED;
         let untracked = self.with_guard(|g| {
             let mut t = self.profiler.tables.lock(g);
-            if !t.ensure(self.t.heap.src(g)) {
+            if !self.ensure_tables(&mut t, g) {
                 return None;
             }
             self.profiler.region.store(t.region, Ordering::Release);
@@ -551,6 +574,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             unsafe { self.t.heap.src(g).decommit(NonNull::new_unchecked(ptr), elem.next_multiple_of(PAGE_SIZE)) };
             let slot = (addr - t.region) / SLOT_BYTES;
             t.put_slot(slot);
+            self.profiler.committed.fetch_sub(elem.next_multiple_of(PAGE_SIZE), Ordering::Relaxed);
             count_sampled(e.sh, r, false);
             None
         })();
