@@ -161,7 +161,7 @@ fn rate_change_applies_within_one_chunk() {
     assert_eq!(CALLS.load(Ordering::Relaxed), 0, "sampled with profiling off");
     m.set_profile_rate(1);
     // The documented bound, as a literal (not the constant, which a regression could raise).
-    assert!(SAMPLE_CHUNK_BYTES <= 256 << 10);
+    const { assert!(SAMPLE_CHUNK_BYTES <= 256 << 10) };
     let chunk_allocs = (256 << 10) / 64;
     for _ in 0..chunk_allocs + 100 {
         let p = m.alloc(l);
