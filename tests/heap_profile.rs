@@ -377,3 +377,13 @@ fn go_tool_pprof_reads_the_profile() {
     assert!(text.contains("site_live"), "go tool pprof -top does not show the live site:\n{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Names pprof would shorten to `::method` are written `Type::method`.
+#[test]
+fn function_names_keep_their_type() {
+    assert_eq!(pprof::clean_name("<alloc::alloc::Global>::alloc_impl"), "alloc::alloc::Global::alloc_impl");
+    assert_eq!(pprof::clean_name("<alloc::vec::Vec<T, A>>::push"), "alloc::vec::Vec<T, A>::push");
+    let t = "<goheap::hosted::Hosted as core::alloc::global::GlobalAlloc>::alloc";
+    assert_eq!(pprof::clean_name(t), "goheap::hosted::Hosted::alloc");
+    assert_eq!(pprof::clean_name("plain::function"), "plain::function");
+}

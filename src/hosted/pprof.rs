@@ -214,7 +214,31 @@ pub struct Frame {
 /// unwinder. pprof drops, in each sample, the outermost frame that fully matches and everything below it, so
 /// the pattern must match no frame of the program above the allocation (`std::sys::backtrace::*` of the test
 /// harness, say: hence `backtrace::.*` anchored at the start).
-pub const DROP_FRAMES: &str = r".*goheap::(malloc|hosted)::.*|<.* as core::alloc::global::GlobalAlloc>::.*|__rust_(alloc|alloc_zeroed|realloc|dealloc)|__rdl_.*|__rg_.*|<?alloc::alloc::.*|backtrace::.*";
+pub const DROP_FRAMES: &str = r".*goheap::(malloc|hosted)::.*|__rust_(alloc|alloc_zeroed|realloc|dealloc)|__rdl_.*|__rg_.*|<?alloc::alloc::.*|backtrace::.*";
+
+/// A function name as pprof shows it best: a method's `<Type>::method` or `<Type as Trait>::method` (how
+/// demanglers write them) becomes `Type::method`. pprof would otherwise strip the bracketed part as
+/// template arguments, show `::method`, and match [`DROP_FRAMES`] against that. The full name stays in the
+/// function's `system_name`.
+pub fn clean_name(name: &str) -> String {
+    let Some(rest) = name.strip_prefix('<') else { return name.to_string() };
+    let mut depth = 1;
+    for (i, c) in rest.char_indices() {
+        match c {
+            '<' => depth += 1,
+            '>' => {
+                depth -= 1;
+                if depth == 0 {
+                    let inner = &rest[..i];
+                    let ty = inner.split_once(" as ").map_or(inner, |(ty, _)| ty);
+                    return std::format!("{ty}{}", &rest[i + 1..]);
+                }
+            }
+            _ => {}
+        }
+    }
+    name.to_string()
+}
 
 /// What to put in the profile besides the records.
 #[derive(Default)]
@@ -308,9 +332,10 @@ pub fn build(records: &[ProfileRecord], rate: usize, opts: &EncodeOptions<'_>) -
                         for fr in sym(pc) {
                             let n = funcs.len() as u64 + 1;
                             let fid = *funcs.entry((fr.function.clone(), fr.file.clone())).or_insert_with(|| {
-                                let name = st.get(&fr.function);
+                                let name = st.get(&clean_name(&fr.function));
+                                let system_name = st.get(&fr.function);
                                 let filename = st.get(&fr.file);
-                                p.function.push(Function { id: n, name, system_name: name, filename, start_line: 0 });
+                                p.function.push(Function { id: n, name, system_name, filename, start_line: 0 });
                                 n
                             });
                             loc.line.push(Line { function_id: fid, line: fr.line });
