@@ -56,6 +56,9 @@
 
 pub mod env;
 
+#[cfg(feature = "pprof")]
+pub mod pprof;
+
 use crate::check::BadFree;
 use crate::cpu::ThreadSlots;
 use crate::malloc::Malloc;
@@ -350,6 +353,8 @@ impl Hosted {
                 list.len = n + 1;
             }
         }
+        #[cfg(feature = "pprof")]
+        self.0.default_stack_hook(pprof::capture_stack);
         self.1.store(FORK_DONE, Ordering::Release);
     }
 

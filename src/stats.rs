@@ -64,7 +64,7 @@ pub struct MemStats {
     /// Cumulative bytes allocated (objects' class sizes, tiny blocks, large objects).
     pub total_alloc: u64,
     /// Bytes obtained from the page source and still held, released heap pages included: the sum of the
-    /// `*_sys` fields, `heap_sys + mspan_sys + mcache_sys + other_sys` (Go's `Sys`).
+    /// `*_sys` fields, `heap_sys + mspan_sys + mcache_sys + buck_hash_sys + other_sys` (Go's `Sys`).
     pub sys: u64,
     /// Cumulative heap objects allocated: small objects, tiny blocks and large objects, plus every tiny
     /// object (Go's rule: tiny objects count in both `mallocs` and `frees` at allocation).
@@ -94,6 +94,9 @@ pub struct MemStats {
     pub mcache_sys: u64,
     /// Other metadata bytes committed (page-allocator bitmaps and summaries, page map).
     pub other_sys: u64,
+    /// Bytes committed for heap profiling (Go's `BuckHashSys`): the profile's bucket and record tables (the
+    /// pages of live sampled objects in the profile's region count in `heap_inuse`, as heap objects).
+    pub buck_hash_sys: u64,
     /// The soft memory limit (`usize::MAX` as u64: none), in `NextGC`'s place.
     pub memory_limit: u64,
     /// Tiny objects allocated (Go's `/gc/heap/tiny/allocs:objects`; also in `mallocs` and `frees`).
@@ -165,6 +168,7 @@ impl Default for MemStats {
             mcache_inuse: 0,
             mcache_sys: 0,
             other_sys: 0,
+            buck_hash_sys: 0,
             memory_limit: 0,
             tiny_allocs: 0,
             tiny_frees: 0,
@@ -318,7 +322,7 @@ const fn d(name: &'static str, description: &'static str, kind: ValueKind, cumul
 const U: ValueKind = ValueKind::Uint64;
 
 /// The leaves of `/memory/classes/`: their sum is `/memory/classes/total:bytes` (Go's rule).
-pub const MEMORY_CLASS_LEAVES: [&str; 9] = [
+pub const MEMORY_CLASS_LEAVES: [&str; 10] = [
     "/memory/classes/heap/objects:bytes",
     "/memory/classes/heap/unused:bytes",
     "/memory/classes/heap/free:bytes",
@@ -328,6 +332,7 @@ pub const MEMORY_CLASS_LEAVES: [&str; 9] = [
     "/memory/classes/metadata/mcache/inuse:bytes",
     "/memory/classes/metadata/mcache/free:bytes",
     "/memory/classes/metadata/other:bytes",
+    "/memory/classes/profiling/buckets:bytes",
 ];
 
 /// Every metric goheap reports (Go's `metrics.All()`): Go's names where goheap measures what Go's metric
@@ -354,6 +359,12 @@ pub const ALL_METRICS: &[Description] = &[
     d("/memory/classes/metadata/mcache/inuse:bytes", "Per-CPU caches that have served.", U, false),
     d("/memory/classes/metadata/mcache/free:bytes", "Per-CPU caches reserved but unused.", U, false),
     d("/memory/classes/metadata/other:bytes", "Page-allocator bitmaps, summaries and page map.", U, false),
+    d(
+        "/memory/classes/profiling/buckets:bytes",
+        "Heap profiling: the bucket and record tables (BuckHashSys).",
+        U,
+        false,
+    ),
     d("/gc/heap/allocs:bytes", "Cumulative bytes allocated (MemStats.TotalAlloc).", U, true),
     d(
         "/gc/heap/allocs:objects",

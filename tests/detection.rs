@@ -269,9 +269,11 @@ mod sampled {
         assert!(unsafe { std::slice::from_raw_parts(z, 512) }.iter().all(|&b| b == 0));
         // SAFETY (test): allocated above.
         unsafe { m.dealloc(z, l(512, 8)) };
-        // Larger than a page: the ordinary path, counted as skipped.
+        // Larger than a page: not guarded (a sampled object of the profile's region instead), counted as skipped.
+        let skipped = m.guarded_stats().skipped;
         let big = m.alloc(l(20_000, 8));
-        assert!(m.heap().span_of(big as usize).is_some());
+        assert!(!big.is_null());
+        assert_eq!(m.guarded_stats().skipped, skipped + 1, "a 20 000 B request was guarded");
         // SAFETY (test): allocated above.
         unsafe { m.dealloc(big, l(20_000, 8)) };
         // Six objects, five of their reallocs (8192 + 100 bytes is more than a page), the zeroed one; skipped:

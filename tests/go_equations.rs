@@ -97,13 +97,17 @@ fn check_equations(m: &M, k: &Known, phase: &str) {
     let source_committed = m.heap().source().committed_bytes() as u64;
     assert_eq!(
         source_committed,
-        st.heap_inuse + free_committed + st.mspan_sys + st.other_sys,
+        st.heap_inuse + free_committed + st.mspan_sys + st.other_sys + st.buck_hash_sys,
         "{phase}: the page source's committed bytes != HeapInuse + (HeapIdle - HeapReleased) + MSpanSys + OtherSys"
     );
     assert_eq!(u("/memory/classes/heap/free:bytes"), free_committed, "{phase}");
     assert_eq!(u("/memory/classes/heap/released:bytes"), st.heap_released, "{phase}");
     // Sys = the sum of the *Sys fields, released memory included.
-    assert_eq!(st.sys, st.heap_sys + st.mspan_sys + st.mcache_sys + st.other_sys, "{phase}: Sys != sum of *Sys");
+    assert_eq!(
+        st.sys,
+        st.heap_sys + st.mspan_sys + st.mcache_sys + st.buck_hash_sys + st.other_sys,
+        "{phase}: Sys != sum of *Sys"
+    );
     assert!(st.sys >= st.heap_sys, "{phase}: Sys {} < HeapSys {}", st.sys, st.heap_sys);
     // /memory/classes/total:bytes = the sum of the leaves = Sys.
     let leaves: u64 = MEMORY_CLASS_LEAVES.iter().map(|n| u(n)).sum();

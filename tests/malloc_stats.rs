@@ -177,6 +177,7 @@ fn allocator_api2_collections() {
 #[test]
 fn sweep_returns_empty_spans() {
     let m = Box::new(Malloc::with_max_bytes(MmapSource::new(), ThreadSlots::new(), 1 << 30));
+    m.set_profile_rate(0); // sampled objects would live outside the spans this test counts
     let l = layout(64, 8);
     let ptrs: Vec<_> = (0..20_000).map(|_| m.alloc(l)).collect();
     let inuse_full = m.mem_stats().heap_inuse;

@@ -49,8 +49,10 @@ pub const HEAP_WINDOW_START: u64 = 0x4444_0000_0000;
 /// memory QEMU is given here, so the frames run out before the arena does.
 pub const HEAP_MAX_BYTES: usize = 4 << 30;
 /// The window: everything goheap may reserve for that arena over its life (arena, metadata, span
-/// descriptors), as `goheap::page::heap::reservation_bytes` computes it.
-pub const HEAP_WINDOW_BYTES: u64 = goheap::page::heap::reservation_bytes(HEAP_MAX_BYTES) as u64;
+/// descriptors), as `goheap::page::heap::reservation_bytes` computes it, plus the heap profile's region and
+/// tables (`goheap::malloc::PROFILE_RESERVATION_BYTES`, reserved at the first sample).
+pub const HEAP_WINDOW_BYTES: u64 =
+    (goheap::page::heap::reservation_bytes(HEAP_MAX_BYTES) + goheap::malloc::PROFILE_RESERVATION_BYTES) as u64;
 
 // The window must stay inside its L4 entry (512 GiB each), which nothing else maps.
 const _: () = assert!(HEAP_WINDOW_START >> 39 == (HEAP_WINDOW_START + HEAP_WINDOW_BYTES - 1) >> 39);

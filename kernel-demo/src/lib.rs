@@ -32,6 +32,7 @@ pub mod idt;
 pub mod irqlat;
 pub mod memory;
 pub mod percpu;
+pub mod profile;
 pub mod serial;
 pub mod smp;
 pub mod testing;

@@ -13,6 +13,9 @@
 //! - `--bench`: instead of the demo, the kernel benchmark (`kbench.rs`; run by `cargo xtask bench
 //!   --kernel`): goheap against linked_list_allocator and talc heaps of the same size on every CPU,
 //!   machine-readable `KBENCH` lines on serial. Options `--bench-reps=N`, `--bench-quick`.
+//! - `--profile`: goheap's heap profile of a known workload, printed over serial between markers (see
+//!   `kernel_demo::profile`); `cargo xtask profile` boots it and writes the pprof file. `--profile-rate=N`
+//!   sets the sampling rate (default 16 KiB).
 //! - `--panic` panics, `--hang` hangs (to see the runner's failure and timeout paths).
 #![no_std]
 #![no_main]
@@ -90,6 +93,10 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         demo::run_oom();
     }
 
+    if args.has("--profile") {
+        run_profile(&args, boot_info.kernel_image_offset);
+    }
+
     if args.has("--bench") {
         let ncpus = smp::start_aps(bench_ap_main);
         serial_println!("cpus: {} online ({} failed to start)", ncpus, smp::ap_failures());
@@ -107,6 +114,28 @@ fn kernel_main(boot_info: &'static mut BootInfo) -> ! {
         serial_println!("goheap demo kernel: FAILED (see above)");
         exit_qemu(ExitCode::Failed)
     }
+}
+
+/// `--profile`: goheap's heap profile of a known workload (`kernel_demo::profile::workload`) on the BSP,
+/// sampled at `--profile-rate=N` bytes (default 16 KiB) with frame-pointer stacks, printed over serial for
+/// `cargo xtask profile` (see `kernel_demo::profile`). Exits with success after the dump.
+#[inline(never)]
+fn run_profile(args: &Args, image_offset: u64) -> ! {
+    use kernel_demo::profile;
+    let rate =
+        args.iter().find_map(|a| a.strip_prefix("--profile-rate=")).and_then(|v| v.parse().ok()).unwrap_or(16 << 10);
+    // Stacks end at this frame: the walk reads no further up the boot stack.
+    let anchor = 0u8;
+    profile::set_stack_top(core::hint::black_box(&anchor) as *const u8 as usize);
+    heap::HEAP.set_stack_hook(Some(profile::fp_stack));
+    heap::HEAP.set_profile_rate(rate);
+    serial_println!("profile: workload on the BSP, sampling every {rate} bytes on average");
+    let keep = profile::workload();
+    heap::HEAP.set_profile_rate(0);
+    profile::dump(rate, image_offset);
+    drop(keep);
+    serial_println!("goheap demo kernel: profile done");
+    exit_qemu(ExitCode::Success)
 }
 
 /// Where each AP starts once the CPU bring-up set it up (interrupts off): the demo, then the idle loop.

@@ -105,11 +105,12 @@ fn table_frames() -> isize {
 }
 
 /// Frames goheap legitimately keeps committed with no live object: span descriptors, page map and
-/// page-allocator metadata, and the pages of spans still in use (`heap_inuse`: after `release_all`, the
-/// empty span per size class the central lists keep, as Go's do).
+/// page-allocator metadata, the pages of spans still in use (`heap_inuse`: after `release_all`, the
+/// empty span per size class the central lists keep, as Go's do), and the heap profile's tables (made at
+/// the first sample: sampling is on by default, as in Go).
 fn metadata_floor_frames() -> usize {
     let m = HEAP.mem_stats();
-    (m.mspan_sys + m.other_sys + m.heap_inuse) as usize / FRAME
+    (m.mspan_sys + m.other_sys + m.heap_inuse) as usize / FRAME + HEAP.profile_sys_bytes() / FRAME
 }
 
 #[test_case]

@@ -86,15 +86,20 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         }
         let e = self.enter();
         let g = e.held.guarded();
-        // The sampling countdown is counted before allocating: a sampled allocation may be guarded, placed in
-        // the guarded pool instead (see `guarded.rs`).
+        // The sampling countdown is counted before allocating: a sampled allocation may be guarded (placed in
+        // the guarded pool, see `guarded.rs`); otherwise a sampled small or tiny object lives in the profile's
+        // region (see `profile/table.rs`). Either way it is tracked by address, so its free updates the
+        // profile's in-use counts.
         let sampled = self.count_sample(e.cache, size);
-        if sampled && self.guarded_pick() {
-            let p = self.alloc_guarded(size, align, ZERO, g);
+        if sampled {
+            let mut p = if self.guarded_pick() { self.alloc_guarded(size, align, ZERO, g) } else { ptr::null_mut() };
+            if p.is_null() {
+                p = self.alloc_sampled_small(size, r, ZERO, e.sh, g);
+            }
             if !p.is_null() {
                 let me = e.sh.index;
                 drop(e);
-                self.record_sample(p as usize, size, r, me);
+                self.record_sample(p as usize, size, r, me, true);
                 return p;
             }
         }
@@ -137,7 +142,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             }
         }
         if sampled && !p.is_null() {
-            self.record_sample(p as usize, size, r, me);
+            self.record_sample(p as usize, size, r, me, false);
         }
         p
     }
@@ -192,7 +197,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         let me = e.sh.index;
         drop(e);
         if sampled {
-            self.record_sample(p as usize, size, LARGE, me);
+            self.record_sample(p as usize, size, LARGE, me, true);
         }
         p
     }

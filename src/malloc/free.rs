@@ -73,6 +73,10 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         }
         let (size, align) = (layout.size(), layout.align());
         let r = self.route(size, align);
+        if self.profiler.in_region(ptr as usize) {
+            // A sampled object (the fast path's `in_arena` sent it here): see `profile/table.rs`.
+            return self.free_sampled(ptr, layout);
+        }
         if r == LARGE || r == GUARDED {
             // SAFETY: forwarded contract.
             return unsafe { self.free_large(ptr, layout, r == GUARDED) };
@@ -110,6 +114,9 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// free (so a second free is caught).
     #[cfg(feature = "checks")]
     pub(super) fn check_small_free(&self, ptr: *mut u8, layout: Layout, r: Route) {
+        if self.profiler.in_region(ptr as usize) {
+            return; // A sampled object: `free_sampled` checks its record.
+        }
         self.validate_small(ptr, layout, r, true)
     }
 
@@ -212,6 +219,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// As for [`Malloc::dealloc`].
     pub(super) unsafe fn free_large(&self, ptr: *mut u8, layout: Layout, guarded: bool) {
         let s = self.large_span(ptr, layout, guarded);
+        self.untrack_large(ptr);
         // SAFETY: live span; its shape fields are immutable while in use.
         let (base, npages) = unsafe { ((*s.as_ptr()).base, (*s.as_ptr()).npages) };
         let guard_page = base + (npages - 1) * PAGE_SIZE;
@@ -263,7 +271,10 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         let (old_r, new_r) = (self.route(layout.size(), align), self.route(new_size, align));
         // Validate as a free would (before reading the object or resizing anything); the free at the end of
         // the copy path then checks again.
-        let large = if old_r == LARGE || old_r == GUARDED {
+        let large = if self.profiler.in_region(ptr as usize) {
+            self.check_sampled(ptr, layout);
+            None
+        } else if old_r == LARGE || old_r == GUARDED {
             Some(self.large_span(ptr, layout, old_r == GUARDED))
         } else {
             self.validate_small(ptr, layout, old_r, false);

@@ -349,6 +349,8 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// As for [`Malloc::dealloc`]; `ptr` lies in the pool.
     #[cold]
     pub(super) unsafe fn free_guarded(&self, ptr: *mut u8, layout: Layout) {
+        // Every guarded object is a profile sample: drop its record (the in-use counts) first.
+        self.untrack_large(ptr);
         self.with_guard(|g| {
             let (slot, data) = self.guarded_check(ptr as usize, layout, true, g);
             // SAFETY: the slot was live (checked) and is now marked quarantined: its data page is committed and

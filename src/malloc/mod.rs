@@ -64,7 +64,11 @@ pub use guarded::{GuardedStats, GUARDED_CANARY, GUARDED_SLOTS, QUARANTINE_MIN};
 pub use maintenance::BackgroundReport;
 use orphans::{FRESH_ZERO_MIN_BYTES, ORPHANS_PER_BACKGROUND};
 use profile::Profiler;
-pub use profile::{ProfileBucket, ProfileHook, ProfileSample, DEFAULT_PROFILE_RATE};
+pub use profile::{
+    exp_draw, sample_rng_next, sample_seed, wire_header, wire_rate, ProfileBucket, ProfileDropped, ProfileHook,
+    ProfileRecord, ProfileSample, ScaledCounts, StackHook, DEFAULT_PROFILE_RATE, MAX_STACK_DEPTH, PROFILE_BUCKETS,
+    PROFILE_RESERVATION_BYTES, PROFILE_SPECIALS, REGION_SLOTS, SAMPLE_CHUNK_BYTES, WIRE_MAGIC, WIRE_RECORD_MAX,
+};
 pub use reclaim::{limit_reclaim_base_npages, IDLE_BUDGET_FACTOR};
 pub use report::CpuSummary;
 
@@ -149,8 +153,10 @@ struct CacheSlot {
 
 impl CacheSlot {
     const fn new(index: u16) -> Self {
+        let mut cache = CpuCache::new();
+        cache.sample_rng = profile::sample_seed(index);
         CacheSlot {
-            cache: UnsafeCell::new(CpuCache::new()),
+            cache: UnsafeCell::new(cache),
             shared: CpuShared::new(index),
             flushed_departures: crate::sync::atomic::AtomicU32::new(0),
         }
@@ -284,12 +290,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             shared_lock: GuardedMutex::new(()),
             provider,
             debug: AtomicU32::new(0),
-            profiler: Profiler {
-                rate: AtomicUsize::new(0),
-                hook: AtomicPtr::new(ptr::null_mut()),
-                samples: [const { AtomicU64::new(0) }; NUM_ALLOC_CLASSES + 1],
-                sampled_bytes: [const { AtomicU64::new(0) }; NUM_ALLOC_CLASSES + 1],
-            },
+            profiler: Profiler::new(),
             guarded: guarded::GuardedPool::new(),
             pacing: reclaim::Pacing::new(),
         }

@@ -66,6 +66,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             }
             self.t.heap.inner.lock_and_keep(g);
             self.guarded.lock_for_fork(g);
+            self.profiler.tables.lock_and_keep(g);
         });
     }
 
@@ -79,6 +80,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         // SAFETY: `lock_all_for_fork` kept each lock once; we release each once.
         unsafe {
             self.guarded.unlock_after_fork();
+            self.profiler.tables.force_unlock();
             self.t.heap.inner.force_unlock();
             for central in self.t.centrals.iter().rev() {
                 central.unlock_after_fork();

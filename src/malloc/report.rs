@@ -89,7 +89,10 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         m.heap_objects = m.mallocs.saturating_sub(m.frees);
 
         let h = self.t.heap.stats();
-        m.heap_inuse = h.inuse_bytes as u64;
+        // Sampled objects in the profile's region are heap objects (counted in their class above): their
+        // pages count as in use; the profile's tables are `buck_hash_sys`.
+        let region_bytes = self.profile_region_bytes();
+        m.heap_inuse = (h.inuse_bytes + region_bytes) as u64;
         m.heap_idle = (h.free_bytes + h.released_bytes) as u64;
         m.heap_released = h.released_bytes as u64;
         m.heap_sys = m.heap_inuse + m.heap_idle;
@@ -100,7 +103,8 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         m.mcache_inuse = cache_bytes * used_caches;
         m.other_sys = h.metadata_bytes as u64;
         // Go's Sys: the sum of the *Sys fields, released heap memory included.
-        m.sys = m.heap_sys + m.mspan_sys + m.mcache_sys + m.other_sys;
+        m.buck_hash_sys = self.profile_sys_bytes().saturating_sub(region_bytes) as u64;
+        m.sys = m.heap_sys + m.mspan_sys + m.mcache_sys + m.buck_hash_sys + m.other_sys;
         m.memory_limit = self.t.heap.memory_limit() as u64;
         m.efence_retired_bytes = h.retired_bytes as u64;
         m
@@ -144,6 +148,7 @@ fn metric_value(name: &str, m: &MemStats, h: &HeapStats) -> Value {
         "/memory/classes/metadata/mcache/inuse:bytes" => m.mcache_inuse,
         "/memory/classes/metadata/mcache/free:bytes" => m.mcache_sys.saturating_sub(m.mcache_inuse),
         "/memory/classes/metadata/other:bytes" => m.other_sys,
+        "/memory/classes/profiling/buckets:bytes" => m.buck_hash_sys,
         "/gc/heap/allocs:bytes" => m.total_alloc,
         "/gc/heap/allocs:objects" => m.mallocs.saturating_sub(m.tiny_allocs),
         "/gc/heap/allocs-by-size:bytes" => return Value::Float64Histogram(m.allocs_by_size()),

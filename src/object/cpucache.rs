@@ -242,8 +242,13 @@ pub struct CpuCache {
     pub(crate) pcache: PageCache,
     /// Bytes left to allocate before the next heap-profile sample (Go's `mcache.nextSample`).
     pub(crate) next_sample: isize,
-    /// State of the sampling interval's random draw (xorshift).
+    /// State of the sampling interval's random draw (xorshift64*), seeded per cache slot.
     pub(crate) sample_rng: u64,
+    /// The profiler's rate generation this countdown was drawn under (`u32::MAX`: never drawn).
+    pub(crate) sample_gen: u32,
+    /// Bytes of the current draw not yet loaded into `next_sample` (a long draw is counted down in chunks, so
+    /// that a rate change is seen within one chunk).
+    pub(crate) sample_carry: usize,
 }
 
 /// The part of a CPU's cache slot that other CPUs may read: its counters and its index. Kept outside the
@@ -304,6 +309,8 @@ impl CpuCache {
             pcache: PageCache::new(),
             next_sample: 0,
             sample_rng: 0x9E37_79B9_7F4A_7C15,
+            sample_gen: u32::MAX,
+            sample_carry: 0,
         }
     }
 

@@ -5,6 +5,8 @@
 //! - `cargo xtask test`: every test: host tests, the no_std build, format and lint gates, and the QEMU test kernels.
 //! - `cargo xtask setup`: only install/check what the kernel side needs.
 //! - `cargo xtask gen-size-classes`: regenerate `src/object/sizeclass/table.rs`.
+//! - `cargo xtask profile [RUN OPTIONS]`: `run -- --profile`: the demo kernel's heap profile as a pprof file
+//!   (`profile.rs`).
 //! - `cargo xtask fuzz [--time SECS] [TARGET]`: run the fuzz targets in `fuzz/` (see `fuzz.rs`).
 //! - `cargo xtask sanitize`: goheap's host tests under ThreadSanitizer and AddressSanitizer (`sanitize.rs`).
 //! - `cargo xtask soak`: long randomized runs on the host or in QEMU (`soak.rs`).
@@ -20,6 +22,7 @@ mod kbench_report;
 mod kernel;
 mod kproxy;
 mod proc;
+mod profile;
 mod qemu;
 mod run;
 mod sanitize;
@@ -39,6 +42,9 @@ usage: cargo xtask <command>
 commands:
   run [--bios] [--smp N] [--mem SIZE] [--release] [--timeout SECS] [--qemu-args \"ARGS\"] [-- KERNEL_ARGS...]
                       build and boot the demo kernel in QEMU (see `cargo xtask run --help`)
+  profile [RUN OPTIONS] [-- KERNEL_ARGS...]
+                      boot the demo kernel with --profile and write its heap profile as a pprof file
+                      (target/kernel-heap.pb.gz, or --profile-out FILE; see xtask/src/profile.rs)
   test                run every test: host tests, no_std build, fmt/clippy gates, QEMU test kernels
   setup               install/check QEMU, OVMF and the kernel toolchain only
   gen-size-classes    regenerate src/object/sizeclass/table.rs from goheap's generator
@@ -80,6 +86,15 @@ fn main() -> ExitCode {
     let rest: Vec<String> = args.collect();
     match cmd.as_str() {
         "run" => run::main(&rest),
+        "profile" => {
+            // `cargo xtask run [OPTIONS] -- [KERNEL_ARGS] --profile`.
+            let mut a = rest.clone();
+            if !a.iter().any(|x| x == "--") {
+                a.push("--".into());
+            }
+            a.push("--profile".into());
+            run::main(&a)
+        }
         "test" => test::main(&rest),
         "setup" => match setup::ensure() {
             Ok(tools) => {

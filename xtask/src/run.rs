@@ -20,8 +20,10 @@ options:
   --release            build the kernel with the release profile
   --timeout SECS       kill QEMU after SECS seconds (default 120)
   --qemu-args \"ARGS\"   extra QEMU arguments, split on whitespace (repeatable), e.g. --qemu-args \"-d int\"
+  --profile-out FILE   where the heap profile of a `-- --profile` run goes (default target/kernel-heap.pb.gz)
   -- KERNEL_ARGS...    arguments for the kernel (e.g. `-- --oom`); they reach it in a ramdisk
-                       (kernel-demo/src/args.rs)
+                       (kernel-demo/src/args.rs); with `-- --profile` the kernel prints goheap's heap
+                       profile and the runner writes it as a pprof file (xtask/src/profile.rs)
 
 environment: GOHEAP_BOOT_LOG=off|error|warn|info|debug|trace  the bootloader's own log level (default warn)
 
@@ -32,12 +34,14 @@ exit status: 0 the kernel exited with success; 1 the kernel exited with failure 
 
 struct RunArgs {
     release: bool,
+    /// Where a `--profile` kernel's heap profile goes (default `target/kernel-heap.pb.gz`).
+    profile_out: Option<std::path::PathBuf>,
     qemu: QemuOptions,
     kernel_args: Vec<String>,
 }
 
 fn parse(args: &[String]) -> Result<Option<RunArgs>, String> {
-    let mut r = RunArgs { release: false, qemu: QemuOptions::default(), kernel_args: Vec::new() };
+    let mut r = RunArgs { release: false, profile_out: None, qemu: QemuOptions::default(), kernel_args: Vec::new() };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = |name: &str| it.next().cloned().ok_or(format!("{name} needs a value"));
@@ -50,6 +54,7 @@ fn parse(args: &[String]) -> Result<Option<RunArgs>, String> {
                 r.qemu.smp = v.parse().ok().filter(|&n| n >= 1).ok_or(format!("--smp {v}: not a CPU count"))?;
             }
             "--mem" => r.qemu.mem = value("--mem")?,
+            "--profile-out" => r.profile_out = Some(value("--profile-out")?.into()),
             "--timeout" => {
                 let v = value("--timeout")?;
                 let secs: u64 = v.parse().map_err(|_| format!("--timeout {v}: not a number of seconds"))?;
@@ -89,9 +94,9 @@ pub fn main(args: &[String]) -> ExitCode {
     let kb = KernelBuilder::new(&tools.kernel);
     let image = kb.build_image_tool().and_then(|tool| {
         let kernel = kb.build_demo(r.release)?;
-        kb.make_image(&tool, &kernel, "kernel-demo", r.qemu.firmware, &r.kernel_args)
+        Ok((kb.make_image(&tool, &kernel, "kernel-demo", r.qemu.firmware, &r.kernel_args)?, kernel))
     });
-    let image = match image {
+    let (image, kernel) = match image {
         Ok(i) => i,
         Err(e) => {
             eprintln!("cargo xtask run: {e}");
@@ -107,6 +112,16 @@ pub fn main(args: &[String]) -> ExitCode {
         r.qemu.timeout.as_secs()
     );
     match qemu::run(&tools, &image, &r.qemu) {
+        Ok((outcome, serial)) if r.kernel_args.iter().any(|a| a == "--profile") => {
+            let out = r.profile_out.clone().unwrap_or_else(crate::profile::default_out);
+            match crate::profile::save(&serial, &kernel, &out) {
+                Ok(()) => ExitCode::from(outcome.exit_code()),
+                Err(e) => {
+                    eprintln!("cargo xtask run: {e}");
+                    ExitCode::from(EXIT_ERROR)
+                }
+            }
+        }
         Ok((outcome, _)) => ExitCode::from(outcome.exit_code()),
         Err(e) => {
             eprintln!("cargo xtask run: {e}");

@@ -213,6 +213,12 @@ fn plan() -> Plan {
         p.missing.push("qemu-system-x86_64".into());
         p.apt.insert("qemu-system-x86");
     }
+    if which("go").is_none() {
+        // `go tool pprof` reads the heap profiles (tests/heap_profile.rs checks it does; `cargo xtask profile`
+        // prints its -top view). Debian's golang-go (1.19) has it.
+        p.missing.push("go (for go tool pprof)".into());
+        p.apt.insert("golang-go");
+    }
     if find_ovmf().is_none() {
         p.missing.push("OVMF UEFI firmware (/usr/share/OVMF/OVMF_CODE.fd, or $GOHEAP_OVMF)".into());
         p.apt.insert("ovmf");

@@ -401,6 +401,10 @@ fn boot_one(
     let result =
         kb.make_image(tool, elf, name, opts.firmware, kernel_args).and_then(|image| qemu::run(tools, &image, opts));
     match result {
+        Ok((Outcome::Success, out)) if out.contains(crate::profile::BEGIN) && profile_check(&out, elf).is_err() => {
+            let e = profile_check(&out, elf).unwrap_err();
+            sum.add(what, 0, 1, format!("the kernel's heap profile dump does not decode: {e}"))
+        }
         Ok((Outcome::Success, out)) => {
             sum.qemu_passed += 1;
             // Test cases: the custom test framework prints `name... [ok]` per case; a kernel without cases
@@ -412,6 +416,17 @@ fn boot_one(
         Ok((outcome, _)) => sum.add(what, 0, 1, outcome.describe()),
         Err(e) => sum.add(what, 0, 1, e),
     }
+}
+
+/// A heap profile dump in a kernel's output (`kernel-demo/src/profile.rs`) must decode into a pprof profile
+/// with samples that have stacks.
+fn profile_check(out: &str, elf: &Path) -> Result<(), String> {
+    let dump = crate::profile::parse_dump(out)?;
+    let prof = crate::profile::to_pprof(&dump, elf);
+    if prof.sample.is_empty() || prof.sample.iter().all(|s| s.location_id.is_empty()) {
+        return Err(format!("{} samples, none with a stack", prof.sample.len()));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
