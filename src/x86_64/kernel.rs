@@ -91,6 +91,36 @@ impl core::fmt::Display for InitError {
 ///     assert!(HEAP.is_ready());
 /// }
 /// ```
+///
+/// With several CPUs, `IrqCpus` (by value) reads each CPU's cache index from the kernel, and the shoot-down
+/// hook makes the other CPUs drop stale TLB entries after goheap unmaps heap pages:
+///
+/// ```no_run
+/// use goheap::x86_64::{CpuIndexMap, IrqCpus, KernelHeap};
+///
+/// /// APIC ID -> dense cache index; each CPU calls `CPU_MAP.register(its_apic_id)` when it starts.
+/// static CPU_MAP: CpuIndexMap = CpuIndexMap::new();
+///
+/// /// The running CPU's cache index (`None`: not registered yet, goheap uses its shared cache). Runs with
+/// /// interrupts off inside goheap and must not allocate; a kernel with per-CPU data reads the index there
+/// /// (a GS-relative load), this one asks CPUID for the APIC ID.
+/// #[allow(unused_unsafe)]
+/// fn current_cpu_index() -> Option<usize> {
+///     // SAFETY: CPUID leaf 1 exists on every x86_64 CPU.
+///     let apic_id = unsafe { core::arch::x86_64::__cpuid(1) }.ebx >> 24;
+///     CPU_MAP.index_of(apic_id)
+/// }
+///
+/// /// Invalidates `[start, start + nbytes)` in the other online CPUs' TLBs and returns once they did: an
+/// /// NMI IPI reaches CPUs that spin on a goheap lock with interrupts off (its handler must not allocate).
+/// fn tlb_shootdown(start: u64, nbytes: usize) {
+///     let _ = (start, nbytes); // send the IPI, wait for every CPU's acknowledgement
+/// }
+///
+/// #[global_allocator]
+/// static HEAP: KernelHeap<IrqCpus> =
+///     KernelHeap::new(0x4444_0000_0000, 4 << 30, IrqCpus::new(current_cpu_index), Some(tlb_shootdown));
+/// ```
 pub struct KernelHeap<P: CpuProvider> {
     malloc: Malloc<KernelSource, P>,
     frames: BootFrames,
