@@ -140,6 +140,12 @@ impl<P: CpuProvider> KernelHeap<P> {
     /// Panics (at compile time in a `static`) unless `window_start` is a multiple of 4 MiB (the page
     /// allocator's chunk) and the window lies in the lower canonical half; it should lie in level-4 entries
     /// nothing else maps (checked by `init`), e.g. `0x4444_0000_0000` (entry 136).
+    ///
+    /// ```compile_fail
+    /// use goheap::x86_64::{IrqSingle, KernelHeap};
+    /// // Not on a 4 MiB boundary: the `static` does not compile.
+    /// static HEAP: KernelHeap<IrqSingle> = KernelHeap::new(0x4444_0000_1000, 1 << 30, unsafe { IrqSingle::new() }, None);
+    /// ```
     pub const fn new(window_start: u64, max_bytes: usize, provider: P, shootdown: Option<ShootdownHook>) -> Self {
         assert!(window_start % PALLOC_CHUNK_BYTES as u64 == 0, "the heap window must start on a 4 MiB boundary");
         let window_bytes = reservation_bytes(max_bytes) as u64;
@@ -347,5 +353,50 @@ unsafe impl<P: CpuProvider> GlobalAlloc for KernelHeap<P> {
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: the caller's contract, forwarded.
         unsafe { self.malloc.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! What runs on the host: the heap before `init` (which reads CR3, so only runs in a kernel). The
+    //! provider here is `NoCpuCache`: `IrqSingle`'s `cli` faults in user mode.
+    use super::*;
+    use crate::cpu::NoCpuCache;
+    use std::string::{String, ToString};
+    use std::sync::Mutex;
+    use std::vec::Vec;
+
+    static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+    struct Capture;
+    impl log::Log for Capture {
+        fn enabled(&self, _: &log::Metadata) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record) {
+            LINES.lock().unwrap().push(record.args().to_string());
+        }
+        fn flush(&self) {}
+    }
+
+    static HEAP: KernelHeap<NoCpuCache> = KernelHeap::new(0x4444_0000_0000, 1 << 30, NoCpuCache, None);
+
+    #[test]
+    fn allocating_before_init_returns_null_and_says_why() {
+        static CAPTURE: Capture = Capture;
+        let _ = log::set_logger(&CAPTURE);
+        log::set_max_level(log::LevelFilter::Trace);
+        assert!(!HEAP.is_ready());
+        assert_eq!(HEAP.window_bytes(), reservation_bytes(1 << 30) as u64, "the window is sized from the bound");
+        let layout = Layout::from_size_align(24, 8).unwrap();
+        assert!(HEAP.alloc(layout).is_null());
+        // SAFETY: a non-zero-size layout.
+        assert!(unsafe { GlobalAlloc::alloc_zeroed(&HEAP, Layout::new::<[u64; 100]>()) }.is_null());
+        assert_eq!(HEAP.refused_before_init(), 2);
+        let lines = LINES.lock().unwrap();
+        let ours: Vec<&String> = lines.iter().filter(|l| l.contains("KernelHeap::init")).collect();
+        assert_eq!(ours.len(), 2, "{lines:?}");
+        assert!(ours[0].contains("allocation of 24 bytes") && ours[0].contains("not initialised"), "{}", ours[0]);
+        assert!(ours[1].contains("allocation of 800 bytes"), "{}", ours[1]);
     }
 }
