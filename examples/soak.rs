@@ -613,13 +613,15 @@ fn main() {
     // Each cache slot (and the shared cache) may still hold its current 16-byte tiny block, which counts
     // as allocated (as in Go) but is no object of ours.
     let tiny_blocks_max = 16 * (MAX_CPUS as u64 + 1);
-    if m.heap_objects != 0 || m.heap_alloc > tiny_blocks_max {
+    if m.live_objects() != 0 || m.heap_alloc > tiny_blocks_max {
         fail(
             EXIT_MISMATCH,
             &format!(
                 "every block was freed, but mem_stats says {} live objects, {} B allocated (at most {} B of \
                  current tiny blocks expected)",
-                m.heap_objects, m.heap_alloc, tiny_blocks_max
+                m.live_objects(),
+                m.heap_alloc,
+                tiny_blocks_max
             ),
         );
     }

@@ -33,6 +33,23 @@
 //! and large ones are not poisoned: a tiny block's siblings stay live, and large objects' pages go back to
 //! the page heap).
 //!
+//! # Use-after-free and overflow detection
+//!
+//! Bad frees are one half of bad input; the other is using memory the program does not own. Three modes,
+//! each caught in a test on the host (`tests/detection.rs`, `tests/bad_input_regress.rs`'s `poisoning`) and
+//! in QEMU (`kernel-demo/tests/clobberfree.rs`, `guarded_sampled.rs`, `efence.rs`):
+//!
+//! | mode | turned on by | catches | reported as |
+//! |---|---|---|---|
+//! | poisoning (Go's `clobberfree`) | feature `checks` | a write to a freed small object | [`Reason::WriteAfterFree`] when the object is handed out again |
+//! | guard mode | `DebugFlags::GUARD` | an overrun past any object | a page fault at the access (addresses are recycled: a use after free is not caught) |
+//! | efence (Go's `GODEBUG=efence=1`) | `DebugFlags::EFENCE` | an overrun past any object, any read or write after free | a page fault at the access; a second free as [`Reason::NotInHeap`] |
+//! | sampled guarded allocations (KFENCE, GWP-ASan) | `Malloc::set_guarded_sample_rate` (with profiling on), in production builds | an overrun past a sampled object, a use after its free (until its slot leaves quarantine), a write before it | a page fault; [`Reason::GuardedCanary`], bad frees of it as any bad free |
+//!
+//! The faults come from the page source's guard operations (`PageSource::decommit_guard` and friends: a
+//! kernel source that unmaps, any `MmapSource`); see `malloc/guarded.rs` and `page/heap/retire.rs` for
+//! how the modes were adapted from Go's efence and Linux's KFENCE.
+//!
 //! # The catalogue (tested cell by cell in `tests/bad_free_catalogue.rs`)
 //!
 //! Where the object is when it is badly freed: **stock** (freed once and still on this CPU's stock; tiny:
@@ -91,6 +108,9 @@ pub enum Reason {
     /// With `checks`: byte `offset` of the object changed while it was free (a write after free), found when
     /// the object was handed out again. `addr` is the object's address.
     WriteAfterFree { offset: usize },
+    /// A sampled guarded allocation's canary (the bytes of its page before the object) changed: a write
+    /// `offset` bytes before the object's start at `addr` (an underflow, or a stray write), found at its free.
+    GuardedCanary { offset: usize },
 }
 
 /// A refused free (or, with `checks`, a write after free found when the object was handed out again), with
@@ -118,11 +138,18 @@ impl fmt::Display for BadFree {
                 self.addr + offset,
                 self.addr
             )?;
+        } else if let Reason::GuardedCanary { offset } = self.reason {
+            write!(
+                f,
+                "goheap: write out of bounds at {:#x} ({offset} bytes before the guarded object at {:#x}: its canary changed)",
+                self.addr - offset,
+                self.addr
+            )?;
         } else {
             write!(f, "goheap: invalid free of {:#x}: ", self.addr)?;
         }
         match self.reason {
-            Reason::WriteAfterFree { .. } => {}
+            Reason::WriteAfterFree { .. } | Reason::GuardedCanary { .. } => {}
             Reason::NotInHeap => write!(f, "not a live allocation of this heap (foreign pointer, or freed twice)")?,
             Reason::DoubleFree => write!(f, "double free (object is not allocated)")?,
             Reason::Interior => write!(f, "interior pointer (not the start of an object)")?,

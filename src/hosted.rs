@@ -23,6 +23,26 @@
 //! the stack or the heap (it could move or be dropped) does not, and a fork in its presence is not
 //! protected. An `atfork` prepare handler registered *before* goheap's runs after it and must not allocate
 //! through goheap (the locks are held by then).
+//!
+//! # Knobs from the environment
+//! At its first allocation through `GlobalAlloc` (for a `#[global_allocator]`: before `main`, when the
+//! standard library sets itself up), a `Hosted` reads `GOMEMLIMIT` and `GODEBUG` with `getenv`, without
+//! allocating, parses them ([`env`](mod@env)) and applies them before it serves that allocation; other threads that
+//! allocate meanwhile wait for it. Malformed values are reported on stderr (one line each, written without
+//! allocating) and ignored; unknown `GODEBUG` keys are ignored, as Go ignores them. Later changes to the
+//! environment are not seen (use the methods instead).
+//!
+//! | variable | goheap | effect here |
+//! |---|---|---|
+//! | `GOMEMLIMIT=512MiB`, `off` | [`Malloc::set_memory_limit`] | the soft memory limit the scavenger steers by (Go's grammar: digits with an optional `B`, `KiB`, `MiB`, `GiB`, `TiB`) |
+//! | `GODEBUG=memprofilerate=N` | [`Malloc::set_profile_rate`] | heap-profile sampling: one sample per N bytes on average, 0 off (`-1`: left alone) |
+//! | `GODEBUG=efence=1` | `DebugFlags::EFENCE` and `harddecommit` | every allocation on pages of its own, ending at an inaccessible guard page, freed pages decommitted and never reused: an overrun or a use after free faults at once. Only before anything was allocated |
+//! | `GODEBUG=harddecommit=1` | [`MmapSource::set_hard_decommit`] | released memory is also `mprotect(PROT_NONE)`: a use of it faults |
+//! | `GODEBUG=madvdontneed=0` | [`MmapSource::set_lazy_free`] | release with `MADV_FREE` (RSS drops only under memory pressure); `1` (the default) `MADV_DONTNEED` |
+//! | `GODEBUG=scavtrace=1` | `Malloc::set_scavtrace` with a standard-error sink | the scavenger's trace line on standard error, in Go's format: one per scavenger generation with work and one per `release_all` (ending in `(forced)`) |
+//! | `GODEBUG=clobberfree=1` | feature `checks` | freed small objects are poisoned and verified when handed out again; always on with `checks`, unavailable without (reported) |
+
+pub mod env;
 
 use crate::check::BadFree;
 use crate::cpu::ThreadSlots;
@@ -31,11 +51,61 @@ use crate::source::mmap::MmapSource;
 use core::alloc::{GlobalAlloc, Layout};
 use core::fmt::Write;
 use core::ops::Deref;
-use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// The hosted allocator: `Malloc<MmapSource, ThreadSlots>`, usable as `#[global_allocator]`.
-pub struct Hosted(Malloc<MmapSource, ThreadSlots>, AtomicU8);
+pub struct Hosted(Malloc<MmapSource, ThreadSlots>, AtomicU8, EnvInit);
+
+/// Whether the environment's knobs were applied (see the module docs): `ENV_*` and the reading thread.
+struct EnvInit {
+    state: AtomicU8,
+    /// `pthread_self()` of the thread that claimed the reading (0: none yet); a signal handler that
+    /// allocates on that thread must not wait for it.
+    owner: AtomicUsize,
+}
+
+const ENV_UNREAD: u8 = 0;
+const ENV_READING: u8 = 1;
+const ENV_DONE: u8 = 2;
+
+/// Writes `parts` to stderr without allocating (one `write` each; a report line is short).
+fn eprint_parts(parts: &[&[u8]]) {
+    for p in parts {
+        // SAFETY: writes `p.len()` initialised bytes of `p` to fd 2.
+        unsafe { libc::write(2, p.as_ptr().cast(), p.len()) };
+    }
+}
+
+/// Applies `GODEBUG=scavtrace`: the scavenger's trace switch, its lines written to standard error as Go
+/// writes them.
+fn apply_scavtrace(m: &Malloc<MmapSource, ThreadSlots>, on: bool) {
+    m.set_scavtrace(on);
+    m.set_scavtrace_sink(on.then_some(stderr_scavtrace as crate::page::heap::scavenger::ScavTraceSink));
+}
+
+/// A `scavtrace` line to standard error, formatted on the stack (no allocation).
+fn stderr_scavtrace(line: &crate::page::heap::scavenger::ScavTrace) {
+    struct Buf {
+        bytes: [u8; 192],
+        len: usize,
+    }
+    impl core::fmt::Write for Buf {
+        fn write_str(&mut self, s: &str) -> core::fmt::Result {
+            let end = self.len + s.len();
+            if end > self.bytes.len() {
+                return Err(core::fmt::Error);
+            }
+            self.bytes[self.len..end].copy_from_slice(s.as_bytes());
+            self.len = end;
+            Ok(())
+        }
+    }
+    let mut b = Buf { bytes: [0; 192], len: 0 };
+    if core::fmt::write(&mut b, format_args!("{line}\n")).is_ok() {
+        eprint_parts(&[&b.bytes[..b.len]]);
+    }
+}
 
 /// `Hosted` allocators that `fork()` protects at most (see the module docs).
 pub const MAX_FORK_SAFE: usize = 8;
@@ -137,11 +207,106 @@ impl Hosted {
         Hosted(
             Malloc::new(MmapSource::new(), ThreadSlots::new()).with_report_hook(abort_hook),
             AtomicU8::new(FORK_UNKNOWN),
+            EnvInit { state: AtomicU8::new(ENV_UNREAD), owner: AtomicUsize::new(0) },
         )
     }
 
-    /// Registers the fork handlers for this allocator at its first allocation (see the module docs). Called
-    /// on the general path only (`Malloc::alloc_hooked`): the first allocation always takes it.
+    /// Everything a first allocation sets up: the environment's knobs, then the fork handlers. Called on
+    /// the general path only (`Malloc::alloc_hooked`): the first allocation always takes it, and the fast
+    /// path pays nothing.
+    #[inline(always)]
+    fn first_use(&self) {
+        if self.2.state.load(Ordering::Acquire) != ENV_DONE {
+            self.read_env();
+        }
+        self.fork_safe();
+    }
+
+    /// Reads and applies `GOMEMLIMIT` and `GODEBUG` once (see the module docs); a thread that comes while
+    /// another applies them waits, so no allocation is served before they apply.
+    #[cold]
+    fn read_env(&self) {
+        // SAFETY: `pthread_self` has no preconditions.
+        let me = unsafe { libc::pthread_self() } as usize;
+        let e = &self.2;
+        // Claiming is setting the owner, so a signal handler that allocates on the claiming thread sees it.
+        if e.owner.compare_exchange(0, me, Ordering::Acquire, Ordering::Acquire).is_ok() {
+            e.state.store(ENV_READING, Ordering::Relaxed);
+            self.apply_env();
+            e.state.store(ENV_DONE, Ordering::Release);
+            return;
+        }
+        // Another thread applies them (getenv and the setters take no lock of ours: it cannot wait for us).
+        // The same thread re-entering (a signal handler that allocates) goes on with what is applied so far.
+        while e.state.load(Ordering::Acquire) != ENV_DONE && e.owner.load(Ordering::Relaxed) != me {
+            // SAFETY: `sched_yield` has no preconditions.
+            unsafe { libc::sched_yield() };
+        }
+    }
+
+    /// Applies the environment's knobs now (see the module docs); called once, by `read_env`.
+    fn apply_env(&self) {
+        if let Some(v) = env::getenv(c"GOMEMLIMIT") {
+            match env::parse_memory_limit(v) {
+                Some(n) => self.0.set_memory_limit(n),
+                None => eprint_parts(&[
+                    b"goheap: GOMEMLIMIT=",
+                    &v[..v.len().min(64)],
+                    b" is malformed (want digits with an optional B, KiB, MiB, GiB or TiB suffix, at most 2^63-1 \
+                      bytes, or off); ignored\n",
+                ]),
+            }
+        }
+        let Some(v) = env::getenv(c"GODEBUG") else { return };
+        let g = env::parse_godebug(v, |b| {
+            eprint_parts(&[
+                b"goheap: GODEBUG ",
+                &b.key[..b.key.len().min(32)],
+                b"=",
+                &b.value[..b.value.len().min(32)],
+                b": not an integer; ignored\n",
+            ])
+        });
+        self.apply_godebug(&g);
+    }
+
+    /// Applies parsed `GODEBUG` settings (before the allocator has served anything, for `efence`).
+    fn apply_godebug(&self, g: &env::Godebug) {
+        let src = self.0.heap().source();
+        if let Some(rate) = g.memprofilerate {
+            self.0.set_profile_rate(rate);
+        }
+        if let Some(dontneed) = g.madvdontneed {
+            src.set_lazy_free(!dontneed);
+        }
+        if let Some(hard) = g.harddecommit {
+            src.set_hard_decommit(hard);
+        }
+        if g.efence == Some(true) {
+            // The guard page must fault: released memory is made inaccessible.
+            src.set_hard_decommit(true);
+            let flags = self.0.debug_flags() | efence_flags();
+            // SAFETY: called from `read_env` before this allocator serves its first allocation: every other
+            // allocation through `GlobalAlloc` waits for it.
+            if !unsafe { self.0.set_debug_before_use(flags) } {
+                eprint_parts(&[b"goheap: GODEBUG efence=1: the allocator was already in use; ignored\n"]);
+            }
+        }
+        if let Some(on) = g.scavtrace {
+            apply_scavtrace(&self.0, on);
+        }
+        match g.clobberfree {
+            Some(true) if !cfg!(feature = "checks") => {
+                eprint_parts(&[b"goheap: GODEBUG clobberfree=1 needs goheap's feature checks; ignored\n"])
+            }
+            Some(false) if cfg!(feature = "checks") => {
+                eprint_parts(&[b"goheap: GODEBUG clobberfree=0: always on with feature checks; ignored\n"])
+            }
+            _ => {}
+        }
+    }
+
+    /// Registers the fork handlers for this allocator at its first allocation (see the module docs).
     #[inline(always)]
     fn fork_safe(&self) {
         if self.1.load(Ordering::Acquire) != FORK_DONE {
@@ -189,6 +354,12 @@ impl Hosted {
     }
 }
 
+/// The debug knobs `GODEBUG=efence=1` turns on: Go's efence (every object on pages of its own, freed pages
+/// decommitted and their addresses never reused).
+fn efence_flags() -> crate::DebugFlags {
+    crate::DebugFlags::EFENCE
+}
+
 impl Default for Hosted {
     fn default() -> Self {
         Self::new()
@@ -206,11 +377,11 @@ impl Deref for Hosted {
 unsafe impl GlobalAlloc for Hosted {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        self.0.alloc_hooked::<false>(layout, || self.fork_safe())
+        self.0.alloc_hooked::<false>(layout, || self.first_use())
     }
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        self.0.alloc_hooked::<true>(layout, || self.fork_safe())
+        self.0.alloc_hooked::<true>(layout, || self.first_use())
     }
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {

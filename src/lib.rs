@@ -122,7 +122,10 @@
 //! the stock key in the object's second word scans the stock for a double free (glibc tcache's idea); the
 //! sweep reports frees of objects that were not allocated, and a tiny free checks its span's class. With the
 //! `checks` feature every free is verified at once (live bits, tiny live masks) and freed small objects are
-//! poisoned and verified when handed out again (Go's `clobberfree`).
+//! poisoned and verified when handed out again (Go's `clobberfree`). Use after free and overflows are caught
+//! by efence mode ([`DebugFlags::EFENCE`], Go's `GODEBUG=efence=1`: freed pages are never reused) and, in
+//! production, by sampled guarded allocations (KFENCE / GWP-ASan: [`Malloc::set_guarded_sample_rate`]); see
+//! [`check`]'s "Use-after-free and overflow detection".
 #![no_std]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]

@@ -47,11 +47,11 @@ fn mallocs_minus_frees_and_heap_alloc() {
     samples.push(Sample::new("/no/such:metric"));
     m.read_metrics(&mut samples);
     let get = |n: &str| samples.iter().find(|s| s.name == n).unwrap().value;
-    assert_eq!(get("/memory/classes/heap/objects:bytes"), Some(st.heap_alloc));
-    assert_eq!(get("/gc/heap/objects:objects"), Some(st.heap_objects));
-    assert_eq!(get("/gc/heap/allocs:objects"), Some(st.mallocs));
-    assert_eq!(get("/no/such:metric"), None);
-    assert!(ALL_METRICS.iter().all(|d| get(d.name).is_some()));
+    assert_eq!(get("/memory/classes/heap/objects:bytes").uint64(), Some(st.heap_alloc));
+    assert_eq!(get("/gc/heap/objects:objects").uint64(), Some(st.heap_objects));
+    assert_eq!(get("/gc/heap/allocs:objects").uint64(), Some(st.mallocs));
+    assert_eq!(get("/no/such:metric"), goheap::stats::Value::Bad);
+    assert!(ALL_METRICS.iter().all(|d| get(d.name).kind() == d.kind), "a metric's value is not of its kind");
 
     for (p, l) in live {
         // SAFETY (test): allocated above with `l`.
@@ -62,6 +62,9 @@ fn mallocs_minus_frees_and_heap_alloc() {
     assert_eq!(st.heap_alloc, 0);
 }
 
+/// Tiny objects share 16-byte blocks, and are counted as Go counts them: a block is one heap object (in
+/// `heap_objects` and the 16-byte class of `by_size`); each tiny object counts in `tiny_allocs` and, at
+/// allocation, in both `mallocs` and `frees`.
 #[test]
 fn tiny_objects_share_blocks() {
     let m = Box::new(Malloc::with_max_bytes(MmapSource::new(), ThreadSlots::new(), 1 << 30));
@@ -69,7 +72,12 @@ fn tiny_objects_share_blocks() {
     let ptrs: Vec<*mut u8> = (0..4000).map(|_| m.alloc(l)).collect();
     let st = m.mem_stats();
     assert_eq!(st.tiny_allocs, 4000);
-    assert_eq!(st.heap_objects, 4000);
+    assert_eq!(st.heap_objects, 1000, "Go counts the 1000 blocks, not the 4000 tiny objects");
+    assert_eq!(st.tiny_blocks, 1000);
+    assert_eq!((st.mallocs, st.frees), (1000 + 4000, 4000));
+    assert_eq!(st.live_objects(), 4000);
+    let class16 = goheap::object::sizeclass::class_of(16);
+    assert_eq!((st.by_size[class16].size, st.by_size[class16].mallocs), (16, 1000));
     // Four 4-byte objects per 16-byte block: 1000 blocks (the last one current).
     assert_eq!(st.heap_alloc, 1000 * 16, "{st:?}");
     let mut blocks: Vec<usize> = ptrs.iter().map(|&p| p as usize & !15).collect();
@@ -80,11 +88,14 @@ fn tiny_objects_share_blocks() {
         unsafe { m.dealloc(p, l) };
     }
     let st = m.mem_stats();
-    assert_eq!(st.heap_objects, 0);
-    // Every block but the current one (not retired yet) is free again.
+    // Every block but the current one (not retired yet) is free again; the current one is a live object.
+    assert_eq!(st.heap_objects, 1);
+    assert_eq!((st.tiny_frees, st.live_objects()), (4000, 0));
     assert_eq!(st.heap_alloc, 16, "{st:?}");
     m.flush_cpu_cache();
-    assert_eq!(m.mem_stats().heap_alloc, 0);
+    let st = m.mem_stats();
+    assert_eq!((st.heap_alloc, st.heap_objects, st.mallocs - st.frees), (0, 0, 0));
+    assert_eq!(st.by_size[class16].mallocs, st.by_size[class16].frees);
 }
 
 /// The tiny path packs small objects: for 1–4 byte objects it uses well under what the 8 B class would.

@@ -100,6 +100,7 @@ fn run(ops: Vec<Op>) {
     let heap = Heap::with_max_bytes(src, ARENA_BYTES);
     let mut m = Model { used: vec![false; ARENA_PAGES], dirty: vec![false; ARENA_PAGES], grown: 0 };
     let mut live: Vec<Live> = Vec::new();
+    let mut growth_seen = 0;
     for (step, op) in ops.into_iter().enumerate() {
         match op {
             Op::Alloc(n) | Op::AllocAligned(n, _) => {
@@ -139,6 +140,22 @@ fn run(ops: Vec<Op>) {
                     assert_eq!(heap.span_of(sbase), Some(s));
                     assert_eq!(heap.span_of(sbase + n * PAGE_SIZE - 1), Some(s));
                     live.push(Live { span: s, idx, npages: n });
+                    // An allocation that grew the heap past the retained goal released free committed pages
+                    // (Go's scavenging on heap growth): the model learns which from the source, and they
+                    // must be exactly that many free dirty pages.
+                    let growth = heap.stats().scavenged_growth_bytes;
+                    if growth != growth_seen {
+                        let mut flipped = 0;
+                        for p in 0..m.grown.min(ARENA_PAGES) {
+                            if m.dirty[p] && heap.source().is_committed(base + p * PAGE_SIZE) == Some(false) {
+                                assert!(!m.used[p], "step {step}: growth scavenging released a page in use");
+                                m.dirty[p] = false;
+                                flipped += 1;
+                            }
+                        }
+                        assert_eq!(flipped * PAGE_SIZE, growth - growth_seen, "step {step}: growth scavenging");
+                        growth_seen = growth;
+                    }
                 }
             }
             Op::Free(k) => {

@@ -305,4 +305,7 @@ mod sel {
     peer_has_no_background!();
 }
 
+/// goheap's global allocator itself, for its knobs (`callgrind-pair64`'s sampling settings).
+#[cfg(feature = "alloc-goheap")]
+pub use sel::GLOBAL;
 pub use sel::{background, scavenger_steps, stats, trim, NAME};

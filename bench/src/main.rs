@@ -920,6 +920,23 @@ fn latency(cfg: Cfg) {
 /// For callgrind: `n` 64-byte pairs after a short warm-up, nothing else.
 #[inline(never)]
 fn callgrind_pair64(n: u64) {
+    // goheap's sampling knobs, for measuring their fast-path cost (issue 12): GOHEAP_BENCH_PROFILE_RATE
+    // (bytes, `set_profile_rate`) and GOHEAP_BENCH_GUARDED_RATE (`set_guarded_sample_rate`).
+    #[cfg(feature = "alloc-goheap")]
+    {
+        let knob = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+        if let Some(r) = knob("GOHEAP_BENCH_PROFILE_RATE") {
+            alloc_sel::GLOBAL.set_profile_rate(r);
+        }
+        if let Some(r) = knob("GOHEAP_BENCH_GUARDED_RATE") {
+            alloc_sel::GLOBAL.set_guarded_sample_rate(r);
+        }
+        // A CPU whose sampling was off rechecks the rate only after 64 MiB of allocation (`profile.rs`): one
+        // large block of that size makes this thread pick the new rate up before the measured loop.
+        let big = lay(65 << 20);
+        // SAFETY: non-zero layout; freed right away.
+        unsafe { dealloc(black_box(alloc(big)), big) };
+    }
     let l = lay(64);
     for _ in 0..(1000 + n) {
         // SAFETY: non-zero layout; freed right away.

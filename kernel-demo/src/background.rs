@@ -10,9 +10,10 @@
 //!   no lock, no allocation;
 //! - [`idle_step`] (for the idle loop, interrupts allowed, no lock held): runs one [`step`] if one is due.
 //!
-//! [`step`] prints one line when a step released memory, and goheap itself logs a scavtrace-style line
-//! (`scav: released ... retained ... (goal ...) ...`) at the end of each scavenging cycle through the
-//! `log` facade, which [`init_logger`] routes to the serial console.
+//! [`step`] prints one line when a step released memory; with `HEAP.set_scavtrace(true)` (off by default)
+//! goheap also logs Go's scavtrace line (`scav ... KiB work (bg), ... KiB work (eager), ... KiB now, ...%
+//! util`) at the end of each scavenger epoch with work through the `log` facade, which [`init_logger`]
+//! routes to the serial console.
 
 use crate::heap::{self, HEAP};
 use crate::serial_println;

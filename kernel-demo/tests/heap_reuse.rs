@@ -66,7 +66,7 @@ unsafe fn check_and_free(p: *mut u8, size: usize, t: u64) {
 
 #[test_case]
 fn many_times_the_heap_is_reused() {
-    let objects_before = HEAP.mem_stats().heap_objects;
+    let objects_before = HEAP.mem_stats().live_objects();
     let alloc_before = HEAP.mem_stats().total_alloc;
     let mut rng = Rng::new(42);
     // (address, size, tag); bookkeeping allocated once, up front.
@@ -139,5 +139,5 @@ fn many_times_the_heap_is_reused() {
     let total = (m.total_alloc - alloc_before) >> 20;
     serial_println!("  {total} MiB allocated in {ROUNDS} rounds, {seq} objects");
     assert!(total >= (ROUNDS * ROUND_BYTES) as u64 >> 20, "only {total} MiB allocated");
-    assert_eq!(m.heap_objects, objects_before, "live objects after freeing everything");
+    assert_eq!(m.live_objects(), objects_before, "live objects after freeing everything");
 }

@@ -29,7 +29,7 @@ const BUDGET: usize = 32 << 20;
 
 #[test_case]
 fn fallible_allocations_fail_and_the_heap_recovers() {
-    let objects0 = HEAP.mem_stats().heap_objects;
+    let objects0 = HEAP.mem_stats().live_objects();
     let small = Layout::from_size_align(2048, 8).unwrap();
     // Bookkeeping first, so it is not what fails.
     let mut blocks: Vec<Vec<u8>> = Vec::with_capacity(256);
@@ -88,9 +88,9 @@ fn fallible_allocations_fail_and_the_heap_recovers() {
         released >> 10,
         frames::free_count(),
         heap::committed_frames(),
-        m.heap_objects
+        m.live_objects()
     );
-    assert_eq!(m.heap_objects, objects0, "live objects after freeing everything");
+    assert_eq!(m.live_objects(), objects0, "live objects after freeing everything");
     assert_eq!(m.heap_objects, m.mallocs - m.frees);
     assert!(frames::free_count() + 128 >= free0, "frames not given back");
 
@@ -102,6 +102,6 @@ fn fallible_allocations_fail_and_the_heap_recovers() {
     let strings: Vec<String> = (0..1000).map(|i| alloc::format!("string {i}")).collect();
     assert!(strings.iter().enumerate().all(|(i, s)| *s == alloc::format!("string {i}")));
     drop(strings);
-    assert_eq!(HEAP.mem_stats().heap_objects, objects0);
+    assert_eq!(HEAP.mem_stats().live_objects(), objects0);
     frames::set_limit(usize::MAX);
 }

@@ -116,7 +116,7 @@ fn metadata_floor_frames() -> usize {
 fn a_release_all_returns_the_frames() {
     let free0 = frames::free_count();
     let tables0 = table_frames();
-    let objects0 = HEAP.mem_stats().heap_objects;
+    let objects0 = HEAP.mem_stats().live_objects();
     serial_println!("  before: {free0} frames free, heap holds {}", heap::committed_frames());
 
     testing::run_on_all(allocate);
@@ -126,7 +126,7 @@ fn a_release_all_returns_the_frames() {
     assert!(taken * FRAME >= CPUS * PER_CPU_BYTES * 3 / 4, "only {taken} frames taken for 32 MiB");
 
     testing::run_on_all(free_and_flush);
-    assert_eq!(HEAP.mem_stats().heap_objects, objects0, "live objects after freeing everything");
+    assert_eq!(HEAP.mem_stats().live_objects(), objects0, "live objects after freeing everything");
     let released = HEAP.release_all();
     let free2 = frames::free_count();
     let committed = heap::committed_frames();

@@ -6,7 +6,7 @@
 //! pops one object from the queue (mostly another CPU's), verifies it whole and frees it there.
 //!
 //! Checks: every object's contents survive until its free (on whichever CPU); afterwards the heap's
-//! live-object count (`mem_stats().heap_objects`) is back at its start value, every CPU took objects from
+//! live-object count (`mem_stats().live_objects()`) is back at its start value, every CPU took objects from
 //! others, and each online CPU's cache counted at least the objects that CPU allocated
 //! (`cpu_stats(index).mallocs`). Then the CPUs hand their caches back one at a time, CPU 0 first, while
 //! the later ones still cache their spans: the freed objects a CPU holds from another CPU's cached span
@@ -191,7 +191,7 @@ fn four_cpus_allocate_and_free_across_cpus() {
         core::array::from_fn::<u64, 4, _>(|i| CROSS_FREES[i].load(Ordering::Relaxed))
     );
     assert_eq!(VERIFIED.load(Ordering::Relaxed), (n * OPS) as u64, "every object verified and freed once");
-    assert_eq!(after.heap_objects, before.heap_objects, "live objects not back at the start value");
+    assert_eq!(after.live_objects(), before.live_objects(), "live objects not back at the start value");
     assert!(remote > 0, "no remote frees: objects freed on another CPU than the one caching their span");
     for i in 0..n {
         assert!(smp::is_online(i));

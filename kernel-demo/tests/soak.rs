@@ -474,10 +474,10 @@ fn soak_every_cpu() {
         "soak kernel: end: every block verified and freed; release_all released {} MiB; live objects {} (at the \
          start {})",
         mib(released),
-        after.heap_objects,
-        before.heap_objects
+        after.live_objects(),
+        before.live_objects()
     );
     assert_eq!(ALLOCS.load(Relaxed), FREES.load(Relaxed), "every block allocated was freed once");
-    assert_eq!(after.heap_objects, before.heap_objects, "live objects not back at the start value");
+    assert_eq!(after.live_objects(), before.live_objects(), "live objects not back at the start value");
     assert!(ALLOCS.load(Relaxed) > 0 && HANDOFFS.load(Relaxed) > 0, "the mix ran and handed blocks over");
 }

@@ -23,7 +23,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// not large) at the natural alignment, no debug knob.
     #[inline(always)]
     pub(super) fn fast_eligible(&self, size: usize, align: usize) -> bool {
-        self.debug.is_empty()
+        self.debug_flags().is_empty()
             && size.wrapping_sub(TINY_SIZE) <= MAX_SMALL_SIZE - TINY_SIZE
             && align <= sizeclass::MIN_ALIGN
     }
@@ -86,6 +86,18 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         }
         let e = self.enter();
         let g = e.held.guarded();
+        // The sampling countdown is counted before allocating: a sampled allocation may be guarded, placed in
+        // the guarded pool instead (see `guarded.rs`).
+        let sampled = self.count_sample(e.cache, size);
+        if sampled && self.guarded_pick() {
+            let p = self.alloc_guarded(size, align, ZERO, g);
+            if !p.is_null() {
+                let me = e.sh.index;
+                drop(e);
+                self.record_sample(p as usize, size, r, me);
+                return p;
+            }
+        }
         let t = &self.t;
         let small = |cache: &mut CpuCache| {
             if r == TINY_CLASS {
@@ -114,7 +126,6 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         if !p.is_null() {
             self.after_alloc_limit(e.cache, e.sh, g);
         }
-        let sampled = self.count_sample(e.cache, size);
         let me = e.sh.index;
         drop(e);
         #[cfg(feature = "checks")]
@@ -165,7 +176,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 let guard = base + (npages - 1) * PAGE_SIZE;
                 // SAFETY: the guard page is committed, ours, and unused; it is committed again before the
                 // span goes back to the heap (`free_large`).
-                self.t.heap.src(g).decommit(NonNull::new_unchecked(guard as *mut u8), PAGE_SIZE);
+                self.t.heap.src(g).decommit_guard(NonNull::new_unchecked(guard as *mut u8), PAGE_SIZE);
                 ((guard - size) & !(align - 1)) as *mut u8
             } else {
                 base as *mut u8

@@ -66,6 +66,11 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// As for [`Malloc::dealloc`].
     #[inline(never)]
     pub(super) unsafe fn dealloc_general(&self, ptr: *mut u8, layout: Layout, checked: bool) {
+        if self.guarded.owns(ptr as usize) {
+            // A sampled guarded allocation (outside the arena, so never on the fast path).
+            // SAFETY: forwarded contract; `ptr` lies in the pool.
+            return unsafe { self.free_guarded(ptr, layout) };
+        }
         let (size, align) = (layout.size(), layout.align());
         let r = self.route(size, align);
         if r == LARGE || r == GUARDED {
@@ -118,7 +123,14 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         if addr % layout.align() != 0 {
             bad(Reason::Misaligned { align: layout.align() });
         }
-        let Some(s) = self.t.heap.span_of(addr) else { bad(Reason::NotInHeap) };
+        let Some(s) = self.t.heap.span_of(addr) else {
+            if self.guarded.owns(addr) {
+                // A sampled guarded allocation: every caller sends it to `free_guarded`/`realloc_guarded`,
+                // which check it against its slot.
+                return;
+            }
+            bad(Reason::NotInHeap)
+        };
         let s = s.as_ptr();
         // SAFETY: live span; shape fields immutable while in use; live bits and masks are atomics.
         unsafe {
@@ -203,10 +215,21 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         // SAFETY: live span; its shape fields are immutable while in use.
         let (base, npages) = unsafe { ((*s.as_ptr()).base, (*s.as_ptr()).npages) };
         let guard_page = base + (npages - 1) * PAGE_SIZE;
+        let efence = guarded && self.debug_flags().contains(DebugFlags::EFENCE);
         self.with_cache(|c, t, sh, g| {
+            if efence {
+                // Efence: the pages are decommitted and never handed out again (see `page/heap/retire.rs`).
+                sh.stats.large_nfree.bump();
+                sh.stats.large_bytes_free.add((npages * PAGE_SIZE) as u64);
+                // SAFETY: the caller gives the object up; the span holds nothing else; its last page is the
+                // guard page `alloc_large` decommitted.
+                unsafe { t.heap.retire_span(g, s, 1) };
+                return;
+            }
             if guarded {
                 // SAFETY: the guard page was decommitted by `alloc_large`; the span is the caller's.
-                let ok = unsafe { t.heap.src(g).commit(NonNull::new_unchecked(guard_page as *mut u8), PAGE_SIZE) };
+                let ok =
+                    unsafe { t.heap.src(g).commit_unguard(NonNull::new_unchecked(guard_page as *mut u8), PAGE_SIZE) };
                 if !ok {
                     // The heap believes every page of the span committed: without the guard page back, the
                     // span cannot be reused. Keep it (leaked) rather than hand out an inaccessible page later.
@@ -232,6 +255,10 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// `ptr` was returned by this allocator for `layout`; `new_size` rounded up to `layout.align()` does not
     /// overflow `isize`.
     pub unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if self.guarded.owns(ptr as usize) {
+            // SAFETY: forwarded contract; `ptr` lies in the guarded pool.
+            return unsafe { self.realloc_guarded(ptr, layout, new_size) };
+        }
         let align = layout.align();
         let (old_r, new_r) = (self.route(layout.size(), align), self.route(new_size, align));
         // Validate as a free would (before reading the object or resizing anything); the free at the end of

@@ -85,7 +85,9 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         self.reclaim(e.cache, e.sh, g);
         let (released, log) = self.t.heap.release_all_step(g);
         drop(e);
-        log.emit(&self.t.heap);
+        if let Some(log) = log {
+            log.emit(&self.t.heap);
+        }
         released
     }
 
@@ -98,5 +100,26 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 self.limit_reclaim(c, sh, g, true);
             });
         }
+    }
+
+    /// Turns Go's `scavtrace` on or off (off by default; `GODEBUG=scavtrace=1` turns it on in the hosted
+    /// allocator): one line in Go's format per scavenger generation in which memory was released, e.g.
+    /// `scav 1024 KiB work (bg), 0 KiB work (eager), 4096 KiB now, 80% util`, and one ending in `(forced)`
+    /// per [`Malloc::release_all`], through the `log` facade (emitted outside the CPU provider's guard).
+    pub fn set_scavtrace(&self, on: bool) {
+        self.t.heap.set_scavtrace(on);
+    }
+
+    /// Sends `scavtrace` lines to `sink` (called outside every allocator lock and guard) instead of the
+    /// `log` facade; `None` goes back to the facade.
+    pub fn set_scavtrace_sink(&self, sink: Option<crate::page::heap::scavenger::ScavTraceSink>) {
+        self.t.heap.set_scavtrace_sink(sink);
+    }
+
+    /// Sets the clock (monotonic nanoseconds; `None` removes it) by which the scavenger paces itself to
+    /// about 1% of one CPU, times its peak window and counts its CPU time (see `Heap::set_clock`). Without
+    /// one, background steps release at most their byte budget.
+    pub fn set_clock(&self, clock: Option<fn() -> u64>) {
+        self.with_cache(|_, t, _, g| t.heap.set_clock(g, clock));
     }
 }

@@ -17,9 +17,10 @@
 //! - `shared`: its spin lock (used when the provider gives no index: early boot, out of slots, re-entry);
 //! - `centrals[c]`: its own lock (see `central.rs`); the heap: the heap lock (see `page/heap/mod.rs`).
 //!
-//! Lock order: shared cache → central(c) → heap. A CPU guard is held across all of them: each lock is a
-//! [`GuardedMutex`] taken with the [`Guarded`] token of the guard (`Entered::held`), and the page source is
-//! called only with one, so every path that locks or calls the source is inside the guard by construction.
+//! Lock order: shared cache → central(c) → heap → guarded pool (`guarded.rs`). A CPU guard is held across
+//! all of them: each lock is a [`GuardedMutex`] taken with the [`Guarded`] token of the guard
+//! (`Entered::held`), and the page source is called only with one, so every path that locks or calls the
+//! source is inside the guard by construction.
 //! The fast paths (`alloc_impl`, `dealloc`) take no lock and call nothing: they need no token.
 //!
 //! # Files, by concern
@@ -28,7 +29,8 @@
 //! - `maintenance.rs`: the background step, cache flushes, `release_all`, the memory limit;
 //! - `reclaim.rs`: reclaim before failing, flush requests to other caches, the memory limit's reclaim and
 //!   the background step's pacing;
-//! - `profile.rs`: heap-profile sampling; `report.rs`: per-CPU figures, `MemStats`, metrics, validation;
+//! - `profile.rs`: heap-profile sampling; `guarded.rs`: sampled guarded allocations (KFENCE / GWP-ASan);
+//!   `report.rs`: per-CPU figures, `MemStats`, metrics, validation;
 //! - `api.rs`: `GlobalAlloc` and allocator-api2's `Allocator`.
 
 use crate::check::{self, Reason};
@@ -46,17 +48,19 @@ use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
 use core::mem::MaybeUninit;
 use core::ptr::{self, NonNull};
-use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 mod alloc;
 mod api;
 mod free;
+mod guarded;
 mod maintenance;
 mod orphans;
 mod profile;
 mod reclaim;
 mod report;
 
+pub use guarded::{GuardedStats, GUARDED_CANARY, GUARDED_SLOTS, QUARANTINE_MIN};
 pub use maintenance::BackgroundReport;
 use orphans::{FRESH_ZERO_MIN_BYTES, ORPHANS_PER_BACKGROUND};
 use profile::Profiler;
@@ -71,21 +75,33 @@ const SHARED_INDEX: u16 = MAX_CPUS as u16;
 type Route = usize;
 /// Route of large requests.
 const LARGE: Route = 0;
-/// Route of every request in guard mode ([`DebugFlags::GUARD`]).
+/// Route of every request in guard and efence modes ([`DebugFlags::GUARD`], [`DebugFlags::EFENCE`]).
 const GUARDED: Route = usize::MAX;
 
 bitflags::bitflags! {
-    /// Debug knobs (Go's GODEBUG analogues). Fixed when the allocator is built ([`Malloc::with_debug`]):
-    /// they change how requests are routed, so they cannot change while objects are live.
+    /// Debug knobs (Go's GODEBUG analogues). Fixed when the allocator is built ([`Malloc::with_debug`]) or
+    /// before its first allocation ([`Malloc::set_debug_before_use`]; the hosted allocator's
+    /// `GODEBUG=efence=1`): they change how requests are routed, so they cannot change while objects are
+    /// live.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub struct DebugFlags: u32 {
-        /// efence-style guard mode: every allocation gets pages of its own and ends right before a guard page
-        /// that is decommitted, so an overrun faults at once; frees are checked like large frees. Needs a
-        /// page source whose `decommit` makes memory inaccessible (`MmapSource::strict()`, a kernel source
-        /// that unmaps); slow and page-hungry, for debugging only.
+        /// Guard mode: every allocation gets pages of its own and ends right before a guard page that is
+        /// decommitted and made inaccessible (`PageSource::decommit_guard`: any `MmapSource`, a kernel
+        /// source that unmaps), so an overrun faults at once; frees are checked like large frees. Freed
+        /// pages are reused (a use after free is not caught: see [`DebugFlags::EFENCE`]). Slow and
+        /// page-hungry, for debugging only.
         const GUARD = 1 << 0;
         /// No tiny path: requests under 16 B take the size classes (to measure what the tiny path saves).
         const NO_TINY = 1 << 1;
+        /// Go's efence (`GODEBUG=efence=1`): every object on pages of its own, ending right before a
+        /// decommitted guard page as in [`DebugFlags::GUARD`], and on free its pages are decommitted and
+        /// *never handed out again*: a use after free faults at the access, an overrun at the guard page,
+        /// and a second free is reported (the span is gone from the page map). The freed pages stay
+        /// allocated in the page allocator forever (`MemStats::efence_retired_bytes` counts them), so the
+        /// arena is used up at two or more pages per allocation: then allocation returns null, as at any
+        /// out-of-memory. The pages are made inaccessible as `GUARD`'s guard page is. For debugging only.
+        /// Implies `GUARD`'s placement whether or not `GUARD` is set.
+        const EFENCE = 1 << 2;
     }
 }
 
@@ -106,7 +122,7 @@ fn route(size: usize, align: usize) -> Route {
 /// The route with debug knobs set.
 #[cold]
 fn route_debug(debug: DebugFlags, size: usize, align: usize) -> Route {
-    if debug.contains(DebugFlags::GUARD) {
+    if debug.intersects(DebugFlags::GUARD.union(DebugFlags::EFENCE)) {
         return GUARDED;
     }
     if debug.contains(DebugFlags::NO_TINY) && size < TINY_SIZE {
@@ -180,9 +196,11 @@ pub struct Malloc<S: PageSource, P: CpuProvider> {
     shared: CacheSlot,
     shared_lock: GuardedMutex<()>,
     provider: P,
-    /// Debug knobs; immutable once built.
-    debug: DebugFlags,
+    /// Debug knobs (`DebugFlags` bits); fixed once anything was allocated (see `set_debug_before_use`).
+    debug: AtomicU32,
     profiler: Profiler,
+    /// Sampled guarded allocations (see `guarded.rs`).
+    guarded: guarded::GuardedPool,
     /// Flush requests and background pacing (see `reclaim.rs`).
     pacing: reclaim::Pacing,
 }
@@ -228,30 +246,52 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             shared: CacheSlot::new(SHARED_INDEX),
             shared_lock: GuardedMutex::new(()),
             provider,
-            debug: DebugFlags::empty(),
+            debug: AtomicU32::new(0),
             profiler: Profiler {
                 rate: AtomicUsize::new(0),
                 hook: AtomicPtr::new(ptr::null_mut()),
                 samples: [const { AtomicU64::new(0) }; NUM_ALLOC_CLASSES + 1],
                 sampled_bytes: [const { AtomicU64::new(0) }; NUM_ALLOC_CLASSES + 1],
             },
+            guarded: guarded::GuardedPool::new(),
             pacing: reclaim::Pacing::new(),
         }
     }
 
     /// This allocator with debug knobs `flags` (see [`DebugFlags`]).
     pub const fn with_debug(mut self, flags: DebugFlags) -> Self {
-        self.debug = flags;
+        self.debug = AtomicU32::new(flags.bits());
         self
+    }
+
+    /// The debug knobs.
+    #[inline(always)]
+    pub fn debug_flags(&self) -> DebugFlags {
+        DebugFlags::from_bits_retain(self.debug.load(Ordering::Relaxed))
+    }
+
+    /// Sets the debug knobs of an allocator that has never allocated (the hosted allocator's `GODEBUG`, read
+    /// at its first allocation). Routes depend on the knobs, so they cannot change once objects may be
+    /// live: returns false, changing nothing, if the heap has ever grown.
+    ///
+    /// # Safety
+    /// No allocation or free through this allocator runs concurrently with this call.
+    pub unsafe fn set_debug_before_use(&self, flags: DebugFlags) -> bool {
+        if self.t.heap.stats().grown_bytes != 0 {
+            return false;
+        }
+        self.debug.store(flags.bits(), Ordering::Relaxed);
+        true
     }
 
     /// The route of a request, honouring the debug knobs.
     #[inline(always)]
     fn route(&self, size: usize, align: usize) -> Route {
-        if self.debug.is_empty() {
+        let debug = self.debug_flags();
+        if debug.is_empty() {
             route(size, align)
         } else {
-            route_debug(self.debug, size, align)
+            route_debug(debug, size, align)
         }
     }
 
@@ -336,7 +376,9 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         r
     }
 
-    /// Bytes actually usable at an allocation of `layout` (its class size, or its pages).
+    /// Bytes actually usable at an allocation of `layout` (its class size, or its pages). With sampled
+    /// guarded allocations on ([`Malloc::set_guarded_sample_rate`]) a sampled object has only
+    /// `layout.size()` bytes before its guard page: use this only where they are off.
     pub fn usable_size(&self, layout: Layout) -> usize {
         match self.route(layout.size(), layout.align()) {
             LARGE => npages_for(layout.size()) * PAGE_SIZE,

@@ -52,8 +52,8 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         n
     }
 
-    /// Takes every lock of this allocator in lock order (the shared cache's, each central list's, then the
-    /// heap's) and keeps them until [`Malloc::unlock_all_after_fork`]: `fork()`'s prepare step (see
+    /// Takes every lock of this allocator in lock order (the shared cache's, each central list's, the heap's,
+    /// then the guarded pool's, a leaf) and keeps them until [`Malloc::unlock_all_after_fork`]: `fork()`'s prepare step (see
     /// `hosted.rs`), so the child never inherits a lock another thread held. Nothing may allocate from this
     /// allocator on this thread until then. The provider's guard is taken for the token only: on a host it
     /// masks nothing, and the locks outlive it until the fork handlers release them.
@@ -65,6 +65,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 central.lock_for_fork(g);
             }
             self.t.heap.inner.lock_and_keep(g);
+            self.guarded.lock_for_fork(g);
         });
     }
 
@@ -77,6 +78,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     pub(crate) unsafe fn unlock_all_after_fork(&self) {
         // SAFETY: `lock_all_for_fork` kept each lock once; we release each once.
         unsafe {
+            self.guarded.unlock_after_fork();
             self.t.heap.inner.force_unlock();
             for central in self.t.centrals.iter().rev() {
                 central.unlock_after_fork();

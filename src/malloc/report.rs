@@ -3,6 +3,8 @@
 //! See `lib.rs` for an overview of the allocator and `malloc/mod.rs` for the guards and locks.
 
 use super::*;
+use crate::page::heap::HeapStats;
+use crate::stats::Value;
 
 /// Per-CPU figures for reports (see [`Malloc::cpu_stats`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -41,7 +43,8 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         &slot.shared.stats
     }
 
-    /// A [`MemStats`] snapshot, read without stopping other CPUs (see `stats.rs` for its consistency).
+    /// A [`MemStats`] snapshot, read without stopping other CPUs (see `stats.rs` for its consistency and
+    /// Go's counting rules, which it follows).
     pub fn mem_stats(&self) -> MemStats {
         let mut m = MemStats::default();
         let mut nmalloc = [0u64; NUM_ALLOC_CLASSES];
@@ -55,7 +58,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 nfree[c] += st.nfree[c].get();
             }
             m.tiny_allocs += st.tiny_nmalloc.get();
-            m.frees += st.tiny_nfree.get();
+            m.tiny_frees += st.tiny_nfree.get();
             m.large_allocs += st.large_nmalloc.get();
             m.large_frees += st.large_nfree.get();
             large_bytes_alloc += st.large_bytes_alloc.get();
@@ -67,14 +70,19 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             let size = class_shape(c).elemsize as u64;
             m.total_alloc += nmalloc[c] * size;
             m.heap_alloc += nmalloc[c].saturating_sub(nfree[c]) * size;
-            if c < NUM_SIZE_CLASSES {
-                m.mallocs += nmalloc[c];
-                m.frees += nfree[c];
-                m.by_size[c] = BySize { size: size as u32, mallocs: nmalloc[c], frees: nfree[c] };
-            }
+            m.mallocs += nmalloc[c];
+            m.frees += nfree[c];
+            // Go counts tiny blocks as objects of the 16-byte class.
+            let row = if c == TINY_CLASS { sizeclass::class_of(TINY_SIZE) } else { c };
+            debug_assert!(row < NUM_SIZE_CLASSES);
+            let b = m.by_size[row];
+            m.by_size[row] =
+                BySize { size: class_shape(row).elemsize, mallocs: b.mallocs + nmalloc[c], frees: b.frees + nfree[c] };
         }
-        m.mallocs += m.tiny_allocs + m.large_allocs;
-        m.frees += m.large_frees;
+        m.tiny_blocks = nmalloc[TINY_CLASS].saturating_sub(nfree[TINY_CLASS]);
+        // Go's rule (runtime/mstats.go): tiny objects count in both Mallocs and Frees.
+        m.mallocs += m.large_allocs + m.tiny_allocs;
+        m.frees += m.large_frees + m.tiny_allocs;
         m.total_alloc += large_bytes_alloc;
         m.heap_alloc += large_bytes_alloc.saturating_sub(large_bytes_free);
         m.alloc = m.heap_alloc;
@@ -91,18 +99,20 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         m.mcache_sys = cache_bytes * (MAX_CPUS as u64 + 1);
         m.mcache_inuse = cache_bytes * used_caches;
         m.other_sys = h.metadata_bytes as u64;
-        m.sys = m.heap_sys - m.heap_released + m.mspan_sys + m.mcache_sys + m.other_sys;
+        // Go's Sys: the sum of the *Sys fields, released heap memory included.
+        m.sys = m.heap_sys + m.mspan_sys + m.mcache_sys + m.other_sys;
         m.memory_limit = self.t.heap.memory_limit() as u64;
+        m.efence_retired_bytes = h.retired_bytes as u64;
         m
     }
 
     /// Fills `samples` by name, as Go's `metrics.Read` (see [`crate::stats::ALL_METRICS`]); unknown names get
-    /// `None`.
+    /// [`Value::Bad`].
     pub fn read_metrics(&self, samples: &mut [Sample]) {
         let m = self.mem_stats();
-        let scavenged = self.t.heap.stats().scavenged_total_bytes as u64;
+        let h = self.t.heap.stats();
         for s in samples.iter_mut() {
-            s.value = metric_value(s.name, &m, scavenged);
+            s.value = metric_value(s.name, &m, &h);
         }
     }
 
@@ -118,12 +128,12 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     }
 }
 
-/// The value of metric `name` from a [`MemStats`] snapshot (and the scavenger's running total), `None` for an
-/// unknown name. The snapshot's counters are read one by one while other CPUs run, so two of them may
-/// disagree (a span counted in use before the descriptor total that includes it is published): every
-/// difference saturates at 0 rather than underflow.
-fn metric_value(name: &str, m: &MemStats, scavenged_total_bytes: u64) -> Option<u64> {
-    Some(match name {
+/// The value of metric `name` from a [`MemStats`] snapshot and the heap's (the scavenger's totals),
+/// [`Value::Bad`] for an unknown name. The snapshot's counters are read one by one while other CPUs run, so
+/// two of them may disagree (a span counted in use before the descriptor total that includes it is
+/// published): every difference saturates at 0 rather than underflow.
+fn metric_value(name: &str, m: &MemStats, h: &HeapStats) -> Value {
+    Value::Uint64(match name {
         "/memory/classes/total:bytes" => m.sys,
         "/memory/classes/heap/objects:bytes" => m.heap_alloc,
         "/memory/classes/heap/unused:bytes" => m.heap_inuse.saturating_sub(m.heap_alloc),
@@ -135,15 +145,25 @@ fn metric_value(name: &str, m: &MemStats, scavenged_total_bytes: u64) -> Option<
         "/memory/classes/metadata/mcache/free:bytes" => m.mcache_sys.saturating_sub(m.mcache_inuse),
         "/memory/classes/metadata/other:bytes" => m.other_sys,
         "/gc/heap/allocs:bytes" => m.total_alloc,
-        "/gc/heap/allocs:objects" => m.mallocs,
+        "/gc/heap/allocs:objects" => m.mallocs.saturating_sub(m.tiny_allocs),
+        "/gc/heap/allocs-by-size:bytes" => return Value::Float64Histogram(m.allocs_by_size()),
         "/gc/heap/frees:bytes" => m.total_alloc.saturating_sub(m.heap_alloc),
-        "/gc/heap/frees:objects" => m.frees,
+        "/gc/heap/frees:objects" => m.frees.saturating_sub(m.tiny_allocs),
+        "/gc/heap/frees-by-size:bytes" => return Value::Float64Histogram(m.frees_by_size()),
         "/gc/heap/objects:objects" => m.heap_objects,
         "/gc/heap/tiny/allocs:objects" => m.tiny_allocs,
-        "/gc/gomemlimit:bytes" => m.memory_limit,
-        "/gc/scavenge/released:bytes" => scavenged_total_bytes,
+        // Go reports math.MaxInt64 when no limit is set.
+        "/gc/gomemlimit:bytes" => m.memory_limit.min(i64::MAX as u64),
+        "/cpu/classes/scavenge/total:cpu-seconds" => {
+            return Value::Float64(h.scavenge_cpu_nanos as f64 / 1e9);
+        }
+        "/goheap/scavenge/released:bytes" => h.scavenged_total_bytes as u64,
+        "/goheap/scavenge/released-for-limit:bytes" => h.scavenged_alloc_bytes as u64,
         "/goheap/remote-frees:objects" => m.remote_frees,
-        _ => return None,
+        "/goheap/tiny/frees:objects" => m.tiny_frees,
+        "/goheap/objects/live:objects" => m.live_objects(),
+        "/goheap/efence/retired:bytes" => m.efence_retired_bytes,
+        _ => return Value::Bad,
     })
 }
 
@@ -151,7 +171,7 @@ fn metric_value(name: &str, m: &MemStats, scavenged_total_bytes: u64) -> Option<
 impl<S: PageSource, P: CpuProvider> core::fmt::Debug for Malloc<S, P> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Malloc")
-            .field("debug", &self.debug)
+            .field("debug", &self.debug_flags())
             .field("mem_stats", &self.mem_stats())
             .field("heap", &self.t.heap)
             .finish_non_exhaustive()
@@ -176,18 +196,52 @@ mod tests {
             mcache_inuse: 7,
             mcache_sys: 6,
             total_alloc: 1,
+            mallocs: 1,
+            frees: 1,
+            tiny_allocs: 2,
+            tiny_frees: 3,
+            heap_objects: 1,
+            tiny_blocks: 2,
             ..MemStats::default()
         };
+        let h = HeapStats::default();
         for name in [
             "/memory/classes/heap/unused:bytes",
             "/memory/classes/heap/free:bytes",
             "/memory/classes/metadata/mspan/free:bytes",
             "/memory/classes/metadata/mcache/free:bytes",
             "/gc/heap/frees:bytes",
+            "/gc/heap/allocs:objects",
+            "/gc/heap/frees:objects",
+            "/goheap/objects/live:objects",
         ] {
-            assert_eq!(metric_value(name, &m, 0), Some(0), "{name}");
+            assert_eq!(metric_value(name, &m, &h), Value::Uint64(0), "{name}");
         }
-        assert_eq!(metric_value("/memory/classes/metadata/mspan/inuse:bytes", &m, 0), Some(5));
-        assert_eq!(metric_value("/no/such:metric", &m, 0), None);
+        assert_eq!(metric_value("/memory/classes/metadata/mspan/inuse:bytes", &m, &h), Value::Uint64(5));
+        assert_eq!(metric_value("/no/such:metric", &m, &h), Value::Bad);
+    }
+
+    /// The scavenger's CPU time is reported in seconds, Go's unit, from the heap's nanosecond counter; the
+    /// limit as math.MaxInt64 when none is set; goheap's own figures from the heap's totals.
+    #[test]
+    fn metric_units_and_sources() {
+        let h = HeapStats {
+            scavenge_cpu_nanos: 1_500_000_000,
+            scavenged_total_bytes: 7 << 20,
+            scavenged_alloc_bytes: 3 << 20,
+            ..HeapStats::default()
+        };
+        let m = MemStats { memory_limit: usize::MAX as u64, ..MemStats::default() };
+        assert_eq!(metric_value("/cpu/classes/scavenge/total:cpu-seconds", &m, &h), Value::Float64(1.5));
+        assert_eq!(metric_value("/gc/gomemlimit:bytes", &m, &h), Value::Uint64(i64::MAX as u64));
+        let m = MemStats { memory_limit: 512 << 20, ..m };
+        assert_eq!(metric_value("/gc/gomemlimit:bytes", &m, &h), Value::Uint64(512 << 20));
+        assert_eq!(metric_value("/goheap/scavenge/released:bytes", &m, &h), Value::Uint64(7 << 20));
+        assert_eq!(metric_value("/goheap/scavenge/released-for-limit:bytes", &m, &h), Value::Uint64(3 << 20));
+        // Every listed metric has a value of its listed kind, and the made-up name inside Go's namespace is gone.
+        for d in crate::stats::ALL_METRICS {
+            assert_eq!(metric_value(d.name, &m, &h).kind(), d.kind, "{}", d.name);
+        }
+        assert_eq!(metric_value("/gc/scavenge/released:bytes", &m, &h), Value::Bad);
     }
 }

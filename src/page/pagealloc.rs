@@ -17,6 +17,16 @@
 //! - `find` walks down from the root, using `max` to pick the first child that can hold the run and
 //!   `end`/`start` to detect runs that cross children; it returns the lowest-addressed fit (first fit).
 //! - A **search hint** `search_idx` (Go's `searchAddr`) skips the allocated prefix.
+//! - A **scavenge index** (Go's `scavengeIndex`) tells the scavenger which chunks hold something to
+//!   release, without looking at the chunks: per chunk, in [`ScavIndexWord`]s of 64 chunks, a `free` bit
+//!   (a free page that is not scavenged), a `dense` bit (at least [`SCAV_CHUNK_HI_OCC_PAGES`] pages
+//!   allocated), the density history of the current and previous *generation* (`dense_gen`,
+//!   `dense_prev`: set when an allocation or free leaves the chunk dense; the scavenger's own runs do not
+//!   count) and the derived `bg` bit (the background may take the chunk). A summary level
+//!   ([`ScavIndexSum`], one bit per index word) and two cursors — background and forced, Go's
+//!   `searchAddrBg`/`searchAddrForce` — make [`PageAlloc::index_find`] cost one index word plus one summary
+//!   word per 4096 chunks it passes. Every method that changes a chunk's bitmaps updates its bits (O(1));
+//!   [`PageAlloc::index_next_gen`] starts a generation (the scavenger calls it once per epoch).
 //!
 //! # Bound and growth
 //! The tree covers the heap's reserved arena only: `max_chunks` chunks, fixed at [`PageAlloc::init`] from
@@ -25,7 +35,8 @@
 //! (bitmaps, summaries, page map) and the new pages become free and scavenged (no heap memory is committed
 //! until pages are allocated). Metadata layout for `max_chunks` is reserved once ([`PageAllocLayout`]) and
 //! committed as prefixes, so its committed size is proportional to the grown heap:
-//! `128 B per chunk (bitmaps) + 8 B per chunk per level (summaries)`, about 0.005% of the heap.
+//! `128 B per chunk (bitmaps) + 8 B per chunk per level (summaries) + 40 B per 64 chunks (scavenge index)
+//! + 16 B per 4096 chunks (its summary)`, about 0.005% of the heap.
 //!
 //! # Invariants (equations; `G = grown_chunks`, `P = G * 512` grown pages)
 //! - `summary[3][c] = summarize(chunk[c].alloc)` for `c < G`; `summary[l][i] = merge(summary[l+1][8i..8i+8])`
@@ -35,16 +46,29 @@
 //! - `free_npages = popcount(!alloc)` over grown chunks; `scav_npages = popcount(scav)`.
 //! - Search hint: every page `< search_idx` is allocated.
 //! - `G <= max_chunks`; metadata for chunks `< G` is committed.
+//! - Scavenge index, for every chunk `c < G` with bit `b = 1 << (c % 64)` of index word `x = index[c / 64]`:
+//!   `x.free & b ⇔ popcount(!alloc[c] & !scav[c]) > 0`;
+//!   `x.dense & b ⇔ popcount(alloc[c]) >= SCAV_CHUNK_HI_OCC_PAGES`;
+//!   `x.bg = x.free & !(x.dense | x.dense_gen | x.dense_prev)`; bits of chunks `>= G` are 0;
+//!   `dense_gen` ⊇ chunks left dense by an allocation or free since the generation began; `dense_prev` = the
+//!   previous generation's `dense_gen`.
+//! - Index summary: bit `w % 64` of `sum[w / 64].free` (`.bg`) ⇔ `index[w].free != 0` (`.bg != 0`).
+//! - Cursors (upper bounds): no chunk `>= cursor_force` has its `free` bit, none `>= cursor_bg` its `bg` bit.
+//!   Setting a bit raises the cursor over it; `index_find` lowers it to just above the chunk it returns.
 //!
 //! # Locking
 //! None inside: every method takes `&mut self` or `&self`; the heap keeps the `PageAlloc` under its heap
-//! lock (`Heap::inner`), so every field here is guarded by that lock.
+//! lock (`Heap::inner`), so every field here — bitmaps, summaries, the scavenge index and its cursors — is
+//! guarded by that lock.
 //!
 //! # Adapted from Go
 //! - Go's tree spans the whole 48-bit address space with 5 levels and sparse, lazily mapped summary arrays;
 //!   here it spans one reserved arena (4 levels, flat root), which fits a kernel's small heap window.
-//! - Go marks scavenged pages as a separate bitmap too, but its scavenger keeps an index of chunks; ours
-//!   scans chunk bitmaps (see `scavenger.rs`).
+//! - Go's scavenge index keeps per-chunk `inUse`/`lastInUse`/`gen` words and a `free` hint that the
+//!   scavenger clears lazily; here the index is bitmaps kept exact (an update is O(1) per chunk touched),
+//!   with a summary level so a search skips 4096 chunks per word; the density history is two bitmaps
+//!   (dense at any point of this or the previous generation) rather than the in-use count at the
+//!   generation's end. See `scavenger.rs` for what stands for Go's GC cycle (the generation).
 //! - Metadata lives wherever the caller puts it ([`PageAlloc::init`] takes a pointer), so this module is
 //!   tested on its own over plain memory.
 
@@ -71,6 +95,14 @@ pub const LOG_MAX_PACKED_VALUE: usize = LOG_PALLOC_CHUNK_PAGES + (SUMMARY_LEVELS
 pub const MAX_PACKED_VALUE: usize = 1 << LOG_MAX_PACKED_VALUE;
 /// Chunks per root entry: `1 << ((SUMMARY_LEVELS - 1) * SUMMARY_LEVEL_BITS)` = 512.
 pub const CHUNKS_PER_ROOT: usize = 1 << ((SUMMARY_LEVELS - 1) * SUMMARY_LEVEL_BITS);
+/// A chunk with at least this many allocated pages is dense: `512 * 31 / 32` = 496 (Go's
+/// `scavChunkHiOccFrac` = 96.875%). The background scavenger leaves dense chunks alone (see the scavenge
+/// index in the module docs).
+pub const SCAV_CHUNK_HI_OCC_PAGES: usize = PALLOC_CHUNK_PAGES * 31 / 32;
+/// Chunks per word of the scavenge index (one bit per chunk).
+pub const INDEX_WORD_CHUNKS: usize = 64;
+/// Chunks per word of the index's summary level: `64 * 64` = 4096 (16 GiB).
+pub const INDEX_SUM_CHUNKS: usize = INDEX_WORD_CHUNKS * 64;
 /// Bits per packed field (values up to `MAX_PACKED_VALUE` need 19; 21 as in Go).
 const PACKED_FIELD_BITS: u32 = 21;
 const PACKED_FIELD_MASK: u64 = (1 << PACKED_FIELD_BITS) - 1;
@@ -297,6 +329,16 @@ pub fn count_bits(bits: &[u64; PALLOC_CHUNK_WORDS], i: usize, n: usize) -> usize
     total
 }
 
+/// The low `n` bits set (`n <= 64`).
+#[inline]
+const fn low_mask(n: usize) -> u64 {
+    if n >= 64 {
+        !0
+    } else {
+        (1u64 << n) - 1
+    }
+}
+
 const fn page_align_up(n: usize) -> usize {
     (n + PAGE_SIZE - 1) & !(PAGE_SIZE - 1)
 }
@@ -307,14 +349,20 @@ const fn page_align_up(n: usize) -> usize {
 pub struct PageAllocLayout {
     /// Chunks the arena has room for.
     pub max_chunks: usize,
-    /// Byte offset of part `k` (0 = chunk bitmaps, `1 + l` = summary level `l`).
-    pub part_off: [usize; 1 + SUMMARY_LEVELS],
+    /// Byte offset of part `k` (0 = chunk bitmaps, `1 + l` = summary level `l`, then the scavenge index's
+    /// words and summary words).
+    pub part_off: [usize; META_PARTS],
     /// Total bytes to reserve.
     pub total_bytes: usize,
 }
 
-/// Parts of the metadata reservation: chunk bitmaps plus one per summary level.
-pub const META_PARTS: usize = 1 + SUMMARY_LEVELS;
+/// Parts of the metadata reservation: chunk bitmaps, one per summary level, the scavenge index's words and
+/// its summary words.
+pub const META_PARTS: usize = 1 + SUMMARY_LEVELS + 2;
+/// Part of the scavenge index's words ([`ScavIndexWord`], one per 64 chunks).
+pub const META_PART_INDEX: usize = 1 + SUMMARY_LEVELS;
+/// Part of the scavenge index's summary words ([`ScavIndexSum`], one per 4096 chunks).
+pub const META_PART_INDEX_SUM: usize = 2 + SUMMARY_LEVELS;
 
 impl PageAllocLayout {
     /// The layout for `max_chunks` chunks.
@@ -327,6 +375,10 @@ impl PageAllocLayout {
             off += page_align_up(level_len(l, max_chunks) * 8);
             l += 1;
         }
+        part_off[META_PART_INDEX] = off;
+        off += page_align_up(max_chunks.div_ceil(INDEX_WORD_CHUNKS) * core::mem::size_of::<ScavIndexWord>());
+        part_off[META_PART_INDEX_SUM] = off;
+        off += page_align_up(max_chunks.div_ceil(INDEX_SUM_CHUNKS) * core::mem::size_of::<ScavIndexSum>());
         Self { max_chunks, part_off, total_bytes: off }
     }
 
@@ -334,6 +386,10 @@ impl PageAllocLayout {
     pub const fn part_used_bytes(&self, k: usize, grown_chunks: usize) -> usize {
         if k == 0 {
             grown_chunks * core::mem::size_of::<PallocChunk>()
+        } else if k == META_PART_INDEX {
+            grown_chunks.div_ceil(INDEX_WORD_CHUNKS) * core::mem::size_of::<ScavIndexWord>()
+        } else if k == META_PART_INDEX_SUM {
+            grown_chunks.div_ceil(INDEX_SUM_CHUNKS) * core::mem::size_of::<ScavIndexSum>()
         } else {
             level_len(k - 1, grown_chunks) * 8
         }
@@ -354,6 +410,38 @@ pub struct PageAlloc {
     free_npages: usize,
     /// `popcount(scav)` over grown chunks.
     scav_npages: usize,
+    /// Scavenge index cursors (chunk indices, exclusive): no chunk at or above `cursor_bg` has its `bg` bit
+    /// set, none at or above `cursor_force` its `free` bit (see the module docs).
+    cursor_bg: usize,
+    cursor_force: usize,
+}
+
+/// One word of the scavenge index: one bit per chunk for 64 chunks (bit `c % 64` of word `c / 64`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScavIndexWord {
+    /// The chunk has a free page that is not scavenged (something to release).
+    pub free: u64,
+    /// The chunk is dense now: `popcount(alloc) >= SCAV_CHUNK_HI_OCC_PAGES`.
+    pub dense: u64,
+    /// The chunk was dense at some point of the current generation (set by allocation and free, not by the
+    /// scavenger's own runs).
+    pub dense_gen: u64,
+    /// The chunk was dense at some point of the previous generation.
+    pub dense_prev: u64,
+    /// The background scavenger may take the chunk: `free & !(dense | dense_gen | dense_prev)`.
+    pub bg: u64,
+}
+
+/// One word of the scavenge index's summary level: bit `w % 64` of word `w / 64` is set iff index word `w`
+/// has a non-zero `free` (resp. `bg`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScavIndexSum {
+    /// Index words with a `free` bit set.
+    pub free: u64,
+    /// Index words with a `bg` bit set.
+    pub bg: u64,
 }
 
 // SAFETY: the raw pointer refers to metadata owned by this allocator alone; whoever holds the `PageAlloc`
@@ -370,6 +458,8 @@ impl PageAlloc {
             search_idx: 0,
             free_npages: 0,
             scav_npages: 0,
+            cursor_bg: 0,
+            cursor_force: 0,
         }
     }
 
@@ -469,6 +559,16 @@ impl PageAlloc {
                 // SAFETY: `i < level_len(l, new_grown_chunks)`: committed per the contract.
                 unsafe { *self.sum_ptr(l, i) = 0 };
             }
+        }
+        let (a, b) = (old.div_ceil(INDEX_WORD_CHUNKS), new_grown_chunks.div_ceil(INDEX_WORD_CHUNKS));
+        for w in a..b {
+            // SAFETY: `w < ceil(new_grown_chunks / 64)`: committed per the contract.
+            unsafe { *self.index_word_ptr(w) = ScavIndexWord::default() };
+        }
+        let (a, b) = (old.div_ceil(INDEX_SUM_CHUNKS), new_grown_chunks.div_ceil(INDEX_SUM_CHUNKS));
+        for j in a..b {
+            // SAFETY: `j < ceil(new_grown_chunks / 4096)`: committed per the contract.
+            unsafe { *self.index_sum_ptr(j) = ScavIndexSum::default() };
         }
         self.grown_chunks = new_grown_chunks;
         for ci in old..new_grown_chunks {
@@ -604,9 +704,38 @@ impl PageAlloc {
 
     /// Marks `[idx, idx + n)` allocated. The pages must be free.
     pub fn alloc_range(&mut self, idx: usize, n: usize) {
+        self.alloc_range_as(idx, n, true);
+    }
+
+    /// Takes `[idx, idx + n)` (free, not scavenged) for the scavenger while it decommits them without the
+    /// heap lock: allocated like [`PageAlloc::alloc_range`], but the pages do not count towards the chunk's
+    /// density history (`dense_gen`), as Go's scavenger leaves its index's `inUse` alone for its own runs.
+    pub fn scav_take(&mut self, idx: usize, n: usize) {
+        self.alloc_range_as(idx, n, false);
+    }
+
+    /// Gives back a run taken by [`PageAlloc::scav_take`], now decommitted: free and scavenged.
+    pub fn scav_return(&mut self, idx: usize, n: usize) {
+        debug_assert!(self.count_alloc(idx, n) == n, "pagealloc: returning free pages at {idx}+{n}");
+        let before = self.count_scav(idx, n);
+        // `free_range` and `set_scav` in one pass: one index update per chunk.
+        for (ci, i, cnt) in chunk_pieces(idx, idx + n) {
+            let c = self.chunk_mut(ci);
+            set_bits(&mut c.alloc, i, cnt, false);
+            set_bits(&mut c.scav, i, cnt, true);
+            self.index_update(ci, false);
+        }
+        self.free_npages += n;
+        self.scav_npages = self.scav_npages - before + n;
+        self.search_idx = self.search_idx.min(idx);
+        self.update(idx, n);
+    }
+
+    fn alloc_range_as(&mut self, idx: usize, n: usize, history: bool) {
         debug_assert!(self.is_free_range(idx, n));
         for (ci, i, cnt) in chunk_pieces(idx, idx + n) {
             set_bits(&mut self.chunk_mut(ci).alloc, i, cnt, true);
+            self.index_update(ci, history);
         }
         self.free_npages -= n;
         if idx <= self.search_idx {
@@ -618,9 +747,14 @@ impl PageAlloc {
 
     /// Marks `[idx, idx + n)` free. The pages must be allocated.
     pub fn free_range(&mut self, idx: usize, n: usize) {
+        self.free_range_as(idx, n, true);
+    }
+
+    fn free_range_as(&mut self, idx: usize, n: usize, history: bool) {
         debug_assert!(self.count_alloc(idx, n) == n, "pagealloc: freeing free pages at {idx}+{n}");
         for (ci, i, cnt) in chunk_pieces(idx, idx + n) {
             set_bits(&mut self.chunk_mut(ci).alloc, i, cnt, false);
+            self.index_update(ci, history);
         }
         self.free_npages += n;
         self.search_idx = self.search_idx.min(idx);
@@ -655,6 +789,7 @@ impl PageAlloc {
         let before = self.count_scav(idx, n);
         for (ci, i, cnt) in chunk_pieces(idx, idx + n) {
             set_bits(&mut self.chunk_mut(ci).scav, i, cnt, set);
+            self.index_update(ci, false);
         }
         self.scav_npages = self.scav_npages - before + if set { n } else { 0 };
     }
@@ -702,6 +837,7 @@ impl PageAlloc {
         c.scav[w] &= !free;
         self.free_npages -= free.count_ones() as usize;
         self.scav_npages -= scav.count_ones() as usize;
+        self.index_update(ci, true);
         // `idx` is the lowest free page, so every page below `base + 64` is now allocated.
         self.search_idx = self.search_idx.max(base + 64);
         self.update(base, 64);
@@ -720,6 +856,7 @@ impl PageAlloc {
         c.scav[w] |= scav;
         self.free_npages += free.count_ones() as usize;
         self.scav_npages += scav.count_ones() as usize;
+        self.index_update(ci, true);
         if free != 0 {
             self.search_idx = self.search_idx.min(base + free.trailing_zeros() as usize);
             self.update(base, 64);
@@ -738,6 +875,189 @@ impl PageAlloc {
             }
         }
         tail
+    }
+
+    // ---- Scavenge index (see the module docs) -------------------------------------------------------------
+
+    #[inline]
+    fn index_word_ptr(&self, w: usize) -> *mut ScavIndexWord {
+        // SAFETY: pointer arithmetic only: `w < ceil(max_chunks / 64)`, inside the index part.
+        unsafe { self.meta.add(self.layout.part_off[META_PART_INDEX]).cast::<ScavIndexWord>().add(w) }
+    }
+
+    #[inline]
+    fn index_sum_ptr(&self, j: usize) -> *mut ScavIndexSum {
+        // SAFETY: pointer arithmetic only: `j < ceil(max_chunks / 4096)`, inside the index summary part.
+        unsafe { self.meta.add(self.layout.part_off[META_PART_INDEX_SUM]).cast::<ScavIndexSum>().add(j) }
+    }
+
+    /// Index word `w` (chunks `[64w, 64w + 64)`); `w < ceil(grown_chunks / 64)`.
+    #[inline]
+    pub fn index_word(&self, w: usize) -> ScavIndexWord {
+        assert!(w < self.grown_chunks.div_ceil(INDEX_WORD_CHUNKS));
+        // SAFETY: committed and initialised for grown chunks (init contract + grow); `&self` excludes writers.
+        unsafe { *self.index_word_ptr(w) }
+    }
+
+    /// Index summary word `j` (index words `[64j, 64j + 64)`); `j < ceil(grown_chunks / 4096)`.
+    #[inline]
+    pub fn index_sum(&self, j: usize) -> ScavIndexSum {
+        assert!(j < self.grown_chunks.div_ceil(INDEX_SUM_CHUNKS));
+        // SAFETY: as `index_word`.
+        unsafe { *self.index_sum_ptr(j) }
+    }
+
+    /// The index's search cursors `(background, forced)` (chunk indices, exclusive upper bounds).
+    pub fn index_cursors(&self) -> (usize, usize) {
+        (self.cursor_bg, self.cursor_force)
+    }
+
+    /// Stores index word `w` and refreshes its summary bits and the cursors.
+    fn set_index_word(&mut self, w: usize, new: ScavIndexWord) {
+        // SAFETY: `w < ceil(grown_chunks / 64)` (callers pass grown chunks' words): committed; `&mut self`.
+        unsafe { *self.index_word_ptr(w) = new };
+        let (j, bit) = (w / 64, 1u64 << (w % 64));
+        // SAFETY: `j < ceil(grown_chunks / 4096)` as `w` is a grown word.
+        let sum = unsafe { &mut *self.index_sum_ptr(j) };
+        sum.free = if new.free != 0 { sum.free | bit } else { sum.free & !bit };
+        sum.bg = if new.bg != 0 { sum.bg | bit } else { sum.bg & !bit };
+        // Raise the cursors over any set bit (they are upper bounds; `find` lowers them).
+        if new.free != 0 {
+            self.cursor_force = self.cursor_force.max(w * 64 + 64 - new.free.leading_zeros() as usize);
+        }
+        if new.bg != 0 {
+            self.cursor_bg = self.cursor_bg.max(w * 64 + 64 - new.bg.leading_zeros() as usize);
+        }
+    }
+
+    /// Recomputes chunk `ci`'s index bits from its bitmaps (O(1): 8 words). `history`: a density reached now
+    /// counts for the generation (`dense_gen`); the scavenger's own runs pass `false`.
+    fn index_update(&mut self, ci: usize, history: bool) {
+        let c = self.chunk(ci);
+        let mut free = 0u64;
+        let mut nalloc = 0;
+        for (a, sc) in c.alloc.iter().zip(&c.scav) {
+            free |= !a & !sc;
+            nalloc += a.count_ones() as usize;
+        }
+        let (w, bit) = (ci / INDEX_WORD_CHUNKS, 1u64 << (ci % INDEX_WORD_CHUNKS));
+        // SAFETY: `ci` is grown, so word `w` is committed and initialised.
+        let mut x = unsafe { *self.index_word_ptr(w) };
+        let old = x;
+        let set = |v: u64, on: bool| if on { v | bit } else { v & !bit };
+        x.free = set(x.free, free != 0);
+        x.dense = set(x.dense, nalloc >= SCAV_CHUNK_HI_OCC_PAGES);
+        if history && nalloc >= SCAV_CHUNK_HI_OCC_PAGES {
+            x.dense_gen |= bit;
+        }
+        x.bg = x.free & !(x.dense | x.dense_gen | x.dense_prev);
+        if x != old {
+            self.set_index_word(w, x);
+        }
+    }
+
+    /// Starts a new generation of the index's density history (Go's `scavengeIndex.nextGen`, once per GC
+    /// cycle; here once per scavenger epoch): `dense_prev = dense_gen`, `dense_gen = dense`. O(grown chunks /
+    /// 64) word operations, once per generation.
+    pub fn index_next_gen(&mut self) {
+        for w in 0..self.grown_chunks.div_ceil(INDEX_WORD_CHUNKS) {
+            // SAFETY: a grown word.
+            let mut x = unsafe { *self.index_word_ptr(w) };
+            x.dense_prev = x.dense_gen;
+            x.dense_gen = x.dense;
+            x.bg = x.free & !(x.dense | x.dense_gen | x.dense_prev);
+            self.set_index_word(w, x);
+        }
+    }
+
+    /// The highest chunk below the cursor with something the scavenger may release (Go's
+    /// `scavengeIndex.find`): `force` = any chunk with a free unscavenged page, else only chunks the
+    /// background may take (not dense now nor in this or the previous generation). Lowers the cursor to just
+    /// above the chunk found (0 when none). Cost: one index word, plus one summary word per 4096 chunks
+    /// between the cursor and the chunk found.
+    pub fn index_find(&mut self, force: bool) -> Option<usize> {
+        let pick = |x: ScavIndexWord| if force { x.free } else { x.bg };
+        let pick_sum = |x: ScavIndexSum| if force { x.free } else { x.bg };
+        let cursor = if force { self.cursor_force } else { self.cursor_bg }.min(self.grown_chunks);
+        let found = 'search: {
+            if cursor == 0 {
+                break 'search None;
+            }
+            let top = cursor - 1;
+            let w = top / INDEX_WORD_CHUNKS;
+            let m = pick(self.index_word(w)) & low_mask(top % INDEX_WORD_CHUNKS + 1);
+            if m != 0 {
+                break 'search Some(w * 64 + 63 - m.leading_zeros() as usize);
+            }
+            // Index words below `w`, through the summary level.
+            if w == 0 {
+                break 'search None;
+            }
+            let below = w - 1;
+            let mut j = below / 64;
+            let mut sm = pick_sum(self.index_sum(j)) & low_mask(below % 64 + 1);
+            loop {
+                if sm != 0 {
+                    let w2 = j * 64 + 63 - sm.leading_zeros() as usize;
+                    let m = pick(self.index_word(w2));
+                    debug_assert!(m != 0, "pagealloc: index summary promises a chunk in word {w2}");
+                    break 'search Some(w2 * 64 + 63 - m.leading_zeros() as usize);
+                }
+                if j == 0 {
+                    break 'search None;
+                }
+                j -= 1;
+                sm = pick_sum(self.index_sum(j));
+            }
+        };
+        let c = found.map_or(0, |c| c + 1);
+        if force {
+            self.cursor_force = c;
+        } else {
+            self.cursor_bg = c;
+        }
+        found
+    }
+
+    /// Checks the scavenge index against the chunks' bitmaps (the equations in the module docs); panics with
+    /// the first violation.
+    pub fn validate_index(&self) {
+        let g = self.grown_chunks;
+        for w in 0..g.div_ceil(INDEX_WORD_CHUNKS) {
+            let x = self.index_word(w);
+            let (mut free, mut dense) = (0u64, 0u64);
+            for k in 0..INDEX_WORD_CHUNKS.min(g - w * 64) {
+                let c = self.chunk(w * 64 + k);
+                let any = c.alloc.iter().zip(&c.scav).any(|(a, sc)| !a & !sc != 0);
+                let nalloc: usize = c.alloc.iter().map(|a| a.count_ones() as usize).sum();
+                free |= (any as u64) << k;
+                dense |= ((nalloc >= SCAV_CHUNK_HI_OCC_PAGES) as u64) << k;
+            }
+            assert_eq!(x.free, free, "scavenge index: free bits of chunks {}..{} stale", w * 64, w * 64 + 64);
+            assert_eq!(x.dense, dense, "scavenge index: dense bits of chunks {}..{} stale", w * 64, w * 64 + 64);
+            let grown_mask = low_mask(INDEX_WORD_CHUNKS.min(g - w * 64));
+            assert_eq!(x.dense_gen & !grown_mask, 0, "scavenge index: history bits beyond the grown chunks");
+            assert_eq!(x.dense_prev & !grown_mask, 0, "scavenge index: history bits beyond the grown chunks");
+            assert_eq!(x.bg, x.free & !(x.dense | x.dense_gen | x.dense_prev), "scavenge index: bg bits of word {w}");
+            let s = self.index_sum(w / 64);
+            let bit = 1u64 << (w % 64);
+            assert_eq!(s.free & bit != 0, x.free != 0, "scavenge index: summary free bit of word {w}");
+            assert_eq!(s.bg & bit != 0, x.bg != 0, "scavenge index: summary bg bit of word {w}");
+            for k in 0..64 {
+                let ci = w * 64 + k;
+                if x.free & (1 << k) != 0 {
+                    assert!(ci < self.cursor_force, "scavenge index: chunk {ci} above the forced cursor");
+                }
+                if x.bg & (1 << k) != 0 {
+                    assert!(ci < self.cursor_bg, "scavenge index: chunk {ci} above the background cursor");
+                }
+            }
+        }
+        for j in 0..g.div_ceil(INDEX_SUM_CHUNKS) {
+            let words = g.div_ceil(INDEX_WORD_CHUNKS) - j * 64;
+            let s = self.index_sum(j);
+            assert_eq!((s.free | s.bg) & !low_mask(words.min(64)), 0, "scavenge index: summary bits beyond grown");
+        }
     }
 
     /// Checks the invariants in the module docs except `scav ⊆ !alloc`, which the heap maintains (it commits
@@ -769,6 +1089,7 @@ impl PageAlloc {
         assert_eq!(scav, self.scav_npages, "pagealloc: scavenged page count");
         let below = self.search_idx.min(self.grown_npages());
         assert_eq!(self.count_alloc(0, below), below, "pagealloc: free page below the search hint {}", self.search_idx);
+        self.validate_index();
     }
 }
 
@@ -932,6 +1253,197 @@ mod tests {
         assert_eq!(pa.find(1), Some(64));
         pa.free_from_cache(base, free, scav);
         assert_eq!(pa.find(1), Some(3));
+        pa.validate();
+    }
+
+    /// The page-level shadow of a [`PageAlloc`] and of its scavenge index's defining equations (see the
+    /// module docs): pages' allocated and scavenged bits, and each chunk's density history.
+    struct Shadow {
+        alloc: Vec<bool>,
+        scav: Vec<bool>,
+        dense_gen: Vec<bool>,
+        dense_prev: Vec<bool>,
+    }
+
+    impl Shadow {
+        fn new(chunks: usize) -> Self {
+            let n = chunks * PALLOC_CHUNK_PAGES;
+            Self {
+                alloc: vec![false; n],
+                scav: vec![true; n],
+                dense_gen: vec![false; chunks],
+                dense_prev: vec![false; chunks],
+            }
+        }
+        fn pages(&self, c: usize) -> core::ops::Range<usize> {
+            c * PALLOC_CHUNK_PAGES..(c + 1) * PALLOC_CHUNK_PAGES
+        }
+        fn free(&self, c: usize) -> bool {
+            self.pages(c).any(|p| !self.alloc[p] && !self.scav[p])
+        }
+        fn dense(&self, c: usize) -> bool {
+            self.pages(c).filter(|&p| self.alloc[p]).count() >= SCAV_CHUNK_HI_OCC_PAGES
+        }
+        fn bg(&self, c: usize) -> bool {
+            self.free(c) && !self.dense(c) && !self.dense_gen[c] && !self.dense_prev[c]
+        }
+        /// After an allocation or free of pages (not the scavenger's): a chunk dense now was dense in this
+        /// generation.
+        fn note(&mut self, lo: usize, n: usize) {
+            for c in lo / PALLOC_CHUNK_PAGES..=(lo + n - 1) / PALLOC_CHUNK_PAGES {
+                if self.dense(c) {
+                    self.dense_gen[c] = true;
+                }
+            }
+        }
+        fn set(v: &mut [bool], lo: usize, n: usize, b: bool) {
+            v[lo..lo + n].iter_mut().for_each(|x| *x = b);
+        }
+    }
+
+    /// Checks every chunk's index bits against the shadow, and the searches against a brute-force scan.
+    fn check_index(pa: &mut PageAlloc, sh: &Shadow, chunks: usize) {
+        pa.validate();
+        for c in 0..chunks {
+            let x = pa.index_word(c / 64);
+            let bit = |v: u64| v & (1 << (c % 64)) != 0;
+            assert_eq!(bit(x.free), sh.free(c), "chunk {c}: free");
+            assert_eq!(bit(x.dense), sh.dense(c), "chunk {c}: dense");
+            assert_eq!(bit(x.bg), sh.bg(c), "chunk {c}: bg");
+        }
+        // The searches return the highest chunk with the bit, and again after (the cursor stays above it).
+        let want_bg = (0..chunks).rev().find(|&c| sh.bg(c));
+        let want_force = (0..chunks).rev().find(|&c| sh.free(c));
+        assert_eq!(pa.index_find(false), want_bg);
+        assert_eq!(pa.index_find(false), want_bg);
+        assert_eq!(pa.index_find(true), want_force);
+        assert_eq!(pa.index_cursors(), (want_bg.map_or(0, |c| c + 1), want_force.map_or(0, |c| c + 1)));
+    }
+
+    /// The scavenge index against a brute-force shadow over random allocations, frees, commits, page-cache
+    /// blocks, scavenger runs and generation changes (the scavenger's own runs leave the density history
+    /// alone).
+    #[test]
+    fn scavenge_index_against_shadow() {
+        let chunks = 150; // three index words, the last partial
+        let mut t = test_pa(chunks + 10, chunks);
+        let pa = &mut t.pa;
+        let mut sh = Shadow::new(chunks);
+        let mut live: Vec<(usize, usize)> = Vec::new();
+        let mut cached: Vec<(usize, u64, u64)> = Vec::new();
+        let mut rng = testkit::Rng::new(14);
+        for step in 0..3000 {
+            match rng.index(12) {
+                0..=3 => {
+                    let n = match rng.index(5) {
+                        0 => 400 + rng.index(700),
+                        1 => 490 + rng.index(30),
+                        _ => 1 + rng.index(64),
+                    };
+                    if let Some(i) = pa.alloc(n) {
+                        Shadow::set(&mut sh.alloc, i, n, true);
+                        sh.note(i, n);
+                        // The heap commits what it allocates.
+                        if rng.index(4) != 0 {
+                            pa.set_scav(i, n, false);
+                            Shadow::set(&mut sh.scav, i, n, false);
+                        }
+                        live.push((i, n));
+                    }
+                }
+                4..=6 if !live.is_empty() => {
+                    let (i, n) = live.swap_remove(rng.index(live.len()));
+                    pa.free_range(i, n);
+                    Shadow::set(&mut sh.alloc, i, n, false);
+                    sh.note(i, n);
+                }
+                7 => {
+                    if let Some((base, free, scav)) = pa.alloc_to_cache() {
+                        for b in 0..64 {
+                            if free & (1 << b) != 0 {
+                                sh.alloc[base + b] = true;
+                                sh.scav[base + b] = false;
+                            }
+                        }
+                        sh.note(base, 64);
+                        cached.push((base, free, scav));
+                    }
+                }
+                8 if !cached.is_empty() => {
+                    let (base, free, scav) = cached.swap_remove(rng.index(cached.len()));
+                    for b in 0..64 {
+                        if free & (1 << b) != 0 {
+                            sh.alloc[base + b] = false;
+                            sh.scav[base + b] = scav & (1 << b) != 0;
+                        }
+                    }
+                    pa.free_from_cache(base, free, scav);
+                    sh.note(base, 64);
+                }
+                9 | 10 => {
+                    // A scavenger run: the highest free unscavenged page of the chunk the index gives, and up
+                    // to 40 pages below it.
+                    let force = rng.index(2) == 0;
+                    if let Some(c) = pa.index_find(force) {
+                        let p = sh.pages(c).rev().find(|&p| !sh.alloc[p] && !sh.scav[p]).expect("index: free");
+                        let mut lo = p;
+                        while lo > c * PALLOC_CHUNK_PAGES && p - lo < 40 && !sh.alloc[lo - 1] && !sh.scav[lo - 1] {
+                            lo -= 1;
+                        }
+                        let n = p - lo + 1;
+                        pa.scav_take(lo, n);
+                        Shadow::set(&mut sh.alloc, lo, n, true);
+                        if rng.index(3) == 0 {
+                            check_index(pa, &sh, chunks); // while the run is in flight
+                        }
+                        pa.scav_return(lo, n);
+                        Shadow::set(&mut sh.alloc, lo, n, false);
+                        Shadow::set(&mut sh.scav, lo, n, true);
+                    }
+                }
+                _ => {
+                    pa.index_next_gen();
+                    sh.dense_prev = core::mem::take(&mut sh.dense_gen);
+                    sh.dense_gen = (0..chunks).map(|c| sh.dense(c)).collect();
+                }
+            }
+            if step % 7 == 0 {
+                check_index(pa, &sh, chunks);
+            }
+        }
+        check_index(pa, &sh, chunks);
+    }
+
+    /// The index's summary level: chunks more than 4096 apart (two summary words) are found from the top
+    /// down, and growing keeps the index (new chunks are scavenged: nothing to find in them).
+    #[test]
+    fn scavenge_index_across_summary_words() {
+        let chunks = INDEX_SUM_CHUNKS + 200;
+        let mut t = test_pa(chunks, INDEX_SUM_CHUNKS - 3);
+        let pa = &mut t.pa;
+        let lo = 5 * PALLOC_CHUNK_PAGES + 7;
+        pa.alloc_range(lo, 1);
+        pa.set_scav(lo, 1, false);
+        pa.free_range(lo, 1); // chunk 5: one free committed page
+        assert_eq!(pa.index_find(true), Some(5));
+        // SAFETY: the test memory covers `chunks`.
+        unsafe { pa.grow(chunks) };
+        let hi = (INDEX_SUM_CHUNKS + 100) * PALLOC_CHUNK_PAGES + 300;
+        pa.alloc_range(hi, 2);
+        pa.set_scav(hi, 2, false);
+        pa.free_range(hi, 2);
+        pa.validate();
+        assert_eq!(pa.index_find(false), Some(INDEX_SUM_CHUNKS + 100));
+        assert_eq!(pa.index_find(true), Some(INDEX_SUM_CHUNKS + 100));
+        pa.scav_take(hi, 2);
+        pa.scav_return(hi, 2);
+        assert_eq!(pa.index_find(false), Some(5), "found through the summary word below");
+        assert_eq!(pa.index_find(true), Some(5));
+        pa.scav_take(lo, 1);
+        pa.scav_return(lo, 1);
+        assert_eq!(pa.index_find(false), None);
+        assert_eq!(pa.index_find(true), None);
+        assert_eq!(pa.index_cursors(), (0, 0));
         pa.validate();
     }
 }

@@ -12,13 +12,25 @@
 //!   too). Under strict accounting (`vm.overcommit_memory = 2`), where a read-write private mapping is
 //!   charged in full, and for [`MmapSource::strict`], the reservation is `PROT_NONE` and
 //!   `commit` = `mprotect(PROT_READ | PROT_WRITE)` (Go's `sysMap`). Either way fresh or `MADV_DONTNEED`ed
-//!   private anonymous pages read as zero, so [`PageSource::commit_zeroes`] is `true`.
+//!   private anonymous pages read as zero, so [`PageSource::commit_zeroes`] is `true` (unless `madvdontneed=0`,
+//!   below).
 //! - `decommit` = `madvise(MADV_DONTNEED)` (Go's `sysUnused`): the physical pages go back at once, the range
 //!   stays mapped and reads as zero if touched again. With [`MmapSource::strict`] it is also
 //!   `mprotect(PROT_NONE)`, so a use of decommitted memory faults (for tests). The default does not do that
 //!   because alternating protections split the mapping into many VMAs and a fragmented heap could hit
 //!   `vm.max_map_count`, after which `mprotect` fails and allocations would fail spuriously; `commit`'s
 //!   `mprotect(RW)` of an already-RW range is a no-op that merges VMAs.
+//! - Go's `GODEBUG` decommit knobs, set at run time before the memory is used (the hosted allocator reads
+//!   them from the environment): [`MmapSource::set_hard_decommit`] (`harddecommit=1`: decommit also
+//!   `mprotect(PROT_NONE)`s, and commit `mprotect(PROT_READ | PROT_WRITE)`s back, as [`MmapSource::strict`]
+//!   does for decommitted memory) and [`MmapSource::set_lazy_free`] (`madvdontneed=0`: `MADV_FREE` instead
+//!   of `MADV_DONTNEED`; the kernel takes the pages back only under memory pressure, so RSS drops late, and
+//!   a page may keep its old contents: from then on `commit_zeroes` is `false`, for good, since pages
+//!   decommitted so may be recommitted later; where the kernel lacks `MADV_FREE`, `MADV_DONTNEED` is used).
+//!
+//! - The guard operations (`guard`, `decommit_guard`, `commit_unguard`: guard pages and freed objects of
+//!   the debug modes and of sampled guarded allocations) always `mprotect`, strict or not, so those pages
+//!   fault in every mode; there are few of them (a bounded pool, or debug modes).
 //!
 //! # Invariants
 //! `committed_bytes = sum(committed ranges)`, `reserved_bytes = sum(reserved ranges)` (atomic counters,
@@ -71,7 +83,16 @@ pub struct MmapSource {
     committed_bytes: AtomicUsize,
     /// Bytes currently reserved through this source (never decreases: goheap keeps its reservations).
     reserved_bytes: AtomicUsize,
+    /// `DECOMMIT_*` bits: the `GODEBUG` decommit knobs (see the module docs).
+    decommit: AtomicU8,
 }
+
+/// Decommit also `mprotect(PROT_NONE)`s (Go's `harddecommit=1`).
+const DECOMMIT_HARD: u8 = 1 << 0;
+/// Decommit is `MADV_FREE` (Go's `madvdontneed=0`).
+const DECOMMIT_LAZY: u8 = 1 << 1;
+/// `MADV_FREE` was used (or enabled) once: committed memory no longer reads as zero for sure.
+const DECOMMIT_LAZY_EVER: u8 = 1 << 2;
 
 impl Default for MmapSource {
     fn default() -> Self {
@@ -83,12 +104,54 @@ impl MmapSource {
     /// The production source: read-write reservations where the kernel overcommits, decommit =
     /// `madvise(MADV_DONTNEED)` only.
     pub const fn new() -> Self {
-        Self { strict: false, committed_bytes: AtomicUsize::new(0), reserved_bytes: AtomicUsize::new(0) }
+        Self {
+            strict: false,
+            committed_bytes: AtomicUsize::new(0),
+            reserved_bytes: AtomicUsize::new(0),
+            decommit: AtomicU8::new(0),
+        }
     }
 
     /// A checking source: uncommitted and decommitted memory is `PROT_NONE`, so stray uses fault.
     pub const fn strict() -> Self {
-        Self { strict: true, committed_bytes: AtomicUsize::new(0), reserved_bytes: AtomicUsize::new(0) }
+        Self {
+            strict: true,
+            committed_bytes: AtomicUsize::new(0),
+            reserved_bytes: AtomicUsize::new(0),
+            decommit: AtomicU8::new(0),
+        }
+    }
+
+    /// Go's `GODEBUG=harddecommit=1`: decommitted memory is also made inaccessible (`PROT_NONE`), so a use of
+    /// released memory faults; commit makes it read-write again. Costs two system calls per decommit and
+    /// commit, and splits the mapping into more VMAs (see the module docs).
+    pub fn set_hard_decommit(&self, on: bool) {
+        if on {
+            self.decommit.fetch_or(DECOMMIT_HARD, Ordering::Relaxed);
+        } else {
+            self.decommit.fetch_and(!DECOMMIT_HARD, Ordering::Relaxed);
+        }
+    }
+
+    /// Go's `GODEBUG=madvdontneed=0` (`on`): decommit with `MADV_FREE` instead of `MADV_DONTNEED`. Once turned
+    /// on, committed memory is no longer known to read as zero ([`PageSource::commit_zeroes`] is `false`
+    /// from then on, even if turned off again).
+    pub fn set_lazy_free(&self, on: bool) {
+        if on {
+            self.decommit.fetch_or(DECOMMIT_LAZY | DECOMMIT_LAZY_EVER, Ordering::Relaxed);
+        } else {
+            self.decommit.fetch_and(!DECOMMIT_LAZY, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether decommit also makes memory inaccessible (`strict`, or `harddecommit`).
+    pub fn hard_decommit(&self) -> bool {
+        self.strict || self.decommit.load(Ordering::Relaxed) & DECOMMIT_HARD != 0
+    }
+
+    /// Whether decommit uses `MADV_FREE`.
+    pub fn lazy_free(&self) -> bool {
+        self.decommit.load(Ordering::Relaxed) & DECOMMIT_LAZY != 0
     }
 
     /// Bytes currently committed.
@@ -150,7 +213,7 @@ unsafe impl PageSource for MmapSource {
     }
 
     unsafe fn commit(&self, addr: NonNull<u8>, nbytes: usize) -> bool {
-        if !self.maps_read_write() {
+        if !self.maps_read_write() || self.hard_decommit() {
             // SAFETY: the caller guarantees the range lies in one of our reservations.
             let rc = unsafe { libc::mprotect(addr.as_ptr().cast(), nbytes, libc::PROT_READ | libc::PROT_WRITE) };
             if rc != 0 {
@@ -165,15 +228,43 @@ unsafe impl PageSource for MmapSource {
         // SAFETY: the caller guarantees the range is ours, committed and unused; dropping its contents and
         // (strict) its access rights affects nothing else.
         unsafe {
-            libc::madvise(addr.as_ptr().cast(), nbytes, libc::MADV_DONTNEED);
-            if self.strict {
+            if !self.lazy_free() || libc::madvise(addr.as_ptr().cast(), nbytes, libc::MADV_FREE) != 0 {
+                libc::madvise(addr.as_ptr().cast(), nbytes, libc::MADV_DONTNEED);
+            }
+            if self.hard_decommit() {
                 libc::mprotect(addr.as_ptr().cast(), nbytes, libc::PROT_NONE);
             }
         }
         self.committed_bytes.fetch_sub(nbytes, Ordering::Relaxed);
     }
 
-    fn commit_zeroes(&self) -> bool {
+    unsafe fn guard(&self, addr: NonNull<u8>, nbytes: usize) {
+        if self.maps_read_write() {
+            // SAFETY: the caller guarantees the range is ours and not committed (unused).
+            unsafe { libc::mprotect(addr.as_ptr().cast(), nbytes, libc::PROT_NONE) };
+        }
+    }
+
+    unsafe fn decommit_guard(&self, addr: NonNull<u8>, nbytes: usize) {
+        // SAFETY: forwarded contract; the range is ours and unused, so removing its access rights affects
+        // nothing else.
+        unsafe {
+            self.decommit(addr, nbytes);
+            libc::mprotect(addr.as_ptr().cast(), nbytes, libc::PROT_NONE);
+        }
+    }
+
+    unsafe fn commit_unguard(&self, addr: NonNull<u8>, nbytes: usize) -> bool {
+        // SAFETY: the caller guarantees the range lies in one of our reservations and is not committed.
+        let rc = unsafe { libc::mprotect(addr.as_ptr().cast(), nbytes, libc::PROT_READ | libc::PROT_WRITE) };
+        if rc != 0 {
+            return false;
+        }
+        self.committed_bytes.fetch_add(nbytes, Ordering::Relaxed);
         true
+    }
+
+    fn commit_zeroes(&self) -> bool {
+        self.decommit.load(Ordering::Relaxed) & DECOMMIT_LAZY_EVER == 0
     }
 }

@@ -75,6 +75,37 @@ pub unsafe trait PageSource: Sync {
     /// The range lies within a range returned by `reserve`, is committed, and nothing uses it any more.
     unsafe fn decommit(&self, addr: NonNull<u8>, nbytes: usize);
 
+    /// Makes `[addr, addr + nbytes)`, reserved and not committed, fault when touched, where it does not
+    /// already (a guard page: goheap's guard and efence modes, the sampled guarded pool). The default does
+    /// nothing: for a source whose uncommitted memory is inaccessible anyway (a kernel's unmapped pages).
+    ///
+    /// # Safety
+    /// The range lies within a range returned by `reserve` and is not committed.
+    unsafe fn guard(&self, addr: NonNull<u8>, nbytes: usize) {
+        let _ = (addr, nbytes);
+    }
+
+    /// As [`PageSource::decommit`], and the range faults when touched until it is committed again with
+    /// [`PageSource::commit_unguard`] (a freed object of the debug modes). The default is `decommit`.
+    ///
+    /// # Safety
+    /// As for [`PageSource::decommit`].
+    unsafe fn decommit_guard(&self, addr: NonNull<u8>, nbytes: usize) {
+        // SAFETY: forwarded contract.
+        unsafe { self.decommit(addr, nbytes) }
+    }
+
+    /// As [`PageSource::commit`], for a range made inaccessible by [`PageSource::guard`] or
+    /// [`PageSource::decommit_guard`] (or never committed). The default is `commit`.
+    ///
+    /// # Safety
+    /// As for [`PageSource::commit`].
+    #[must_use]
+    unsafe fn commit_unguard(&self, addr: NonNull<u8>, nbytes: usize) -> bool {
+        // SAFETY: forwarded contract.
+        unsafe { self.commit(addr, nbytes) }
+    }
+
     /// Capability query: does freshly committed memory read as zero? (mmap and a kernel that zeroes frames:
     /// yes.) When `true`, `alloc_zeroed` skips clearing memory that was never handed out since commit.
     fn commit_zeroes(&self) -> bool {

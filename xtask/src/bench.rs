@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 const USAGE: &str = "\
 usage: cargo xtask bench [--quick] [--reps N] [--only GROUP,...] [--alloc NAME,...] [--scale F] [--cap SECS]
-                         [--no-callgrind] [--report-only] [--kernel] [--kproxy]
+                         [--no-callgrind] [--report-only] [--kernel] [--kproxy] [--scavenger]
 
   --quick         smoke run: 2 repetitions, scale 0.05, short caps, short callgrind runs
                   (--quick, --only and --alloc write their report to target/bench/report/, not BENCHMARKS.md)
@@ -43,6 +43,8 @@ usage: cargo xtask bench [--quick] [--reps N] [--only GROUP,...] [--alloc NAME,.
                   demo kernel at 1 and 4 CPUs (see `cargo xtask bench --kernel --help`)
   --kproxy        the kernel workloads natively on the host instead, goheap with a kernel-shaped provider
                   against the kernel's peer heaps (see `cargo xtask bench --kproxy --help`)
+  --scavenger     goheap's scavenger alone: the cost of one background step with a 64 MiB, 1 GiB and
+                  16 GiB heap (examples/scav_step.rs; prints a table, writes no report)
 
 groups: pair batch wset1 wset2 rust larson prodcons64 prodcons-mixed rptest large latency frag
 allocators: goheap system mimalloc jemalloc snmalloc rpmalloc talc llalloc buddy
@@ -206,12 +208,48 @@ fn parse(args: &[String]) -> Result<Opts, String> {
     Ok(o)
 }
 
+/// `cargo xtask bench --scavenger`: builds and runs `examples/scav_step.rs` (release, feature `std`), which
+/// prints the cost of one background scavenger step as the heap grows from 64 MiB to 16 GiB.
+fn scavenger_steps(args: &[String]) -> ExitCode {
+    if let Some(a) = args.iter().find(|a| *a != "--scavenger") {
+        eprintln!("cargo xtask bench --scavenger: takes no other argument (got {a})");
+        return ExitCode::from(EXIT_ERROR);
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root()).env_remove("RUSTC_BOOTSTRAP").args([
+        "run",
+        "--release",
+        "-p",
+        "goheap",
+        "--features",
+        "std",
+        "--example",
+        "scav_step",
+    ]);
+    say!("$ {}", crate::proc::show(&cmd));
+    match crate::proc::run_streaming(&mut cmd, "the scavenger step benchmark") {
+        Ok(s) if s.success() => ExitCode::SUCCESS,
+        Ok(s) => {
+            eprintln!("cargo xtask bench --scavenger: the benchmark failed ({s})");
+            ExitCode::from(EXIT_ERROR)
+        }
+        Err(e) => {
+            eprintln!("cargo xtask bench --scavenger: cargo: {e}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
 pub fn main(args: &[String]) -> ExitCode {
     if args.iter().any(|a| a == "--kernel") {
         return crate::bench_kernel::main(args);
     }
     if args.iter().any(|a| a == "--kproxy") {
         return crate::kproxy::main(args);
+    }
+    if args.iter().any(|a| a == "--scavenger") {
+        return scavenger_steps(args);
     }
     let opts = match parse(args) {
         Ok(o) => o,

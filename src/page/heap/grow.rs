@@ -128,7 +128,10 @@ impl<S: PageSource> Heap<S> {
                 if !self.grow_locked(inner, total, 0) {
                     return None;
                 }
-                inner.pa.alloc(total)?
+                let idx = inner.pa.alloc(total)?;
+                // Go scavenges when the heap grows past its goal (see `scavenger.rs`).
+                self.note_growth_locked(inner, idx, total);
+                idx
             }
         };
         if extra == 0 {

@@ -28,9 +28,11 @@
 //!   every grown page, and `map[p] != null` ⇔ page `p` belongs to an `InUse` span `s` with
 //!   `s.base <= addr(p) < s.base + s.npages * PAGE_SIZE`;
 //! - `inuse_npages = Σ npages of InUse spans = #{p : map[p] != null}`;
-//! - allocated pages in `pa` = `inuse_npages + cached_npages + scav_inflight_npages` (pages held free by
-//!   page caches; pages the scavenger is decommitting without the lock);
-//! - `committed_npages = grown_npages - pa.scav_npages - cache_scav_npages` (heap pages backed by memory);
+//! - allocated pages in `pa` = `inuse_npages + cached_npages + scav_inflight_npages + retired_npages` (pages
+//!   held free by page caches; pages the scavenger is decommitting without the lock; efence's retired
+//!   pages, see `retire.rs`);
+//! - `committed_npages + retired_npages = grown_npages - pa.scav_npages - cache_scav_npages` (heap pages
+//!   backed by memory);
 //! - `scav ⊆ !alloc` in `pa` (allocated pages are committed; a cache carries its pages' scavenged bits);
 //! - `needzero == false` only if every byte of the span is known to be zero (all its pages were committed
 //!   fresh for it by a source with `commit_zeroes()`).
@@ -56,6 +58,7 @@
 mod grow;
 pub mod pagecache;
 mod pagemap;
+mod retire;
 pub mod scavenger;
 mod spans;
 mod stats;
@@ -85,15 +88,24 @@ pub const DEFAULT_MAX_HEAP_BYTES: usize = 1 << 30;
 /// descriptor blocks (at most one descriptor per arena page, plus one block). A kernel sizes the virtual
 /// window of its page source with it:
 ///
-/// `reservation_bytes(m) = arena + PALLOC_CHUNK_BYTES + page_up(map + layout) + page_up(npages * size_of::<Span>()) + FIXALLOC_BLOCK_BYTES`
+/// `reservation_bytes(m) = arena + PALLOC_CHUNK_BYTES + page_up(map + layout) + page_up(npages * size_of::<Span>()) + FIXALLOC_BLOCK_BYTES + GUARDED_POOL_BYTES`
+///
+/// (the last term is the allocator's pool of sampled guarded allocations, reserved only once they are
+/// turned on: see [`GUARDED_POOL_BYTES`]).
 pub const fn reservation_bytes(max_heap_bytes: usize) -> usize {
     let chunks = max_heap_bytes.div_ceil(PALLOC_CHUNK_BYTES);
     let arena = chunks * PALLOC_CHUNK_BYTES;
     let map = page_align_up(chunks * PALLOC_CHUNK_PAGES * MAP_ENTRY_BYTES);
     let meta = page_align_up(map + PageAllocLayout::new(chunks).total_bytes);
     let spans = page_align_up(chunks * PALLOC_CHUNK_PAGES * core::mem::size_of::<Span>());
-    arena + PALLOC_CHUNK_BYTES + meta + spans + crate::page::fixalloc::FIXALLOC_BLOCK_BYTES
+    arena + PALLOC_CHUNK_BYTES + meta + spans + crate::page::fixalloc::FIXALLOC_BLOCK_BYTES + GUARDED_POOL_BYTES
 }
+
+/// Address space of the allocator's pool of sampled guarded allocations (KFENCE / GWP-ASan style, see
+/// `Malloc::set_guarded_sample_rate` and `malloc/guarded.rs`): 255 slots (KFENCE's default object count)
+/// of one data page and one guard page, reserved from the source in one piece at the first guarded
+/// allocation, apart from the arena. Counted in [`reservation_bytes`]; committed a page per live object.
+pub const GUARDED_POOL_BYTES: usize = 255 * 2 * PAGE_SIZE;
 
 /// Bytes of page map per arena page: one pointer.
 const MAP_ENTRY_BYTES: usize = core::mem::size_of::<AtomicPtr<Span>>();
@@ -163,15 +175,22 @@ pub struct Heap<S: PageSource> {
     pub(crate) scav_released_bytes: AtomicUsize,
     pub(crate) scav_alloc_bytes: AtomicUsize,
     pub(crate) scav_cycles: AtomicUsize,
+    /// Nanoseconds the scavenger spent, 0 without a clock (read by `Heap::stats`).
+    pub(crate) scavenge_cpu_nanos: core::sync::atomic::AtomicU64,
     pub(crate) retained_goal_bytes: AtomicUsize,
     pub(crate) window_peak_npages: AtomicUsize,
     /// Pages the background scavenger holds allocated while it decommits them without the heap lock.
     pub(crate) scav_inflight_npages: AtomicUsize,
+    /// Pages of retired spans (efence mode: allocated in `pa` forever, decommitted; see `retire.rs`).
+    pub(crate) retired_npages: AtomicUsize,
     /// Pages handed out in spans since the heap was created (allocation volume: paces the scavenger's
     /// peak window and the memory limit's reclaim, see `scavenger.rs`).
     pub(crate) alloc_volume_npages: AtomicUsize,
     /// The scavenger's epoch number (mirrors `ScavState::epoch`, readable without the heap lock).
     pub(crate) scav_epoch: AtomicUsize,
+    /// Scavenger counters and switches (chunks visited, `scavtrace`, growth work, the clock; see
+    /// `scavenger.rs`).
+    pub(crate) scav_ctr: scavenger::ScavCounters,
     /// Arena and metadata reservations (set once at init).
     pub(crate) reserved_bytes: AtomicUsize,
     pub(crate) meta_reserved_bytes: AtomicUsize,
@@ -218,11 +237,14 @@ impl<S: PageSource> Heap<S> {
             scav_released_bytes: AtomicUsize::new(0),
             scav_alloc_bytes: AtomicUsize::new(0),
             scav_cycles: AtomicUsize::new(0),
+            scavenge_cpu_nanos: core::sync::atomic::AtomicU64::new(0),
             retained_goal_bytes: AtomicUsize::new(0),
             window_peak_npages: AtomicUsize::new(0),
             scav_inflight_npages: AtomicUsize::new(0),
+            retired_npages: AtomicUsize::new(0),
             alloc_volume_npages: AtomicUsize::new(0),
             scav_epoch: AtomicUsize::new(0),
+            scav_ctr: scavenger::ScavCounters::new(),
             reserved_bytes: AtomicUsize::new(0),
             meta_reserved_bytes: AtomicUsize::new(0),
         }

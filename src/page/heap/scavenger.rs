@@ -2,70 +2,111 @@
 //!
 //! See `lib.rs` for an overview of the allocator.
 //!
-//! # Role
-//! Free pages stay committed after a free (so the next allocation is cheap). The scavenger decommits them
-//! when the heap retains more than it needs:
-//! - **Retained goal** (Go's `gcPercentGoal`, adapted): there is no GC cycle and no heap goal here, so the
-//!   heap tracks its own recent peak in-use size: `peak = max(inuse peaks over the last PEAK_WINDOW_EPOCHS
-//!   epochs)` and `gc_goal = peak * (100 + RETAINED_HEADROOM_PERCENT) / 100` (10% headroom, as Go's
-//!   retainExtraPercent).
-//! - **Epochs** end by allocation volume — once the heap has handed out `max(EPOCH_MIN_BYTES, window peak /
-//!   PEAK_WINDOW_EPOCHS)` in spans since the epoch began (the window is about one peak's worth of
-//!   allocation, as Go's GC cycles are) — or by time: [`EPOCH_NANOS`] with a clock hook
-//!   ([`Heap::set_clock`]), else [`CALLS_PER_EPOCH`] calls of one caller ([`Tick`]): [`Heap::scavenge`]
+//! # What Go does
+//! Go's background scavenger is one goroutine that releases free pages above a *retained goal*
+//! (`gcPercentGoal`: the heap goal of the last GC cycle plus 10%, `retainExtraPercent`; with a memory limit
+//! also `memoryLimitGoal`, 5% under the limit). It works in slices of about 1 ms and sleeps in between so
+//! that it takes about 1% of one CPU (`scavengePercent`). It finds pages through a *scavenge index*
+//! (`scavengeIndex`): per chunk, whether it has free unscavenged pages and how dense it is (`inUse`, and
+//! `lastInUse` from the previous GC cycle, the index's *generation*), searched from the highest address
+//! down with two cursors, one for the background and one for forced scavenging; the background skips
+//! chunks that are dense (≥ 96.875% in use, `scavChunkHiOccFrac`) now or at the end of the previous
+//! generation. Allocation scavenges *eagerly*: when the heap grows and retained memory plus the growth
+//! exceeds the goal (`mheap.grow`), and when the memory limit is exceeded. `debug.FreeOSMemory` releases
+//! everything (forced). `GODEBUG=scavtrace=1` prints one line per GC cycle and one per `FreeOSMemory`.
+//!
+//! # What goheap does, and why it differs
+//! - **No GC cycle.** Frees are explicit, so there is no heap goal and no cycle. The heap tracks its own
+//!   recent peak in-use size instead: `peak = max(inuse peaks over the last PEAK_WINDOW_EPOCHS epochs)`,
+//!   `gc_goal = peak * (100 + RETAINED_HEADROOM_PERCENT) / 100` (10%, Go's `retainExtraPercent`). An
+//!   **epoch** stands for Go's GC cycle everywhere: it is the peak window's unit, the scavenge index's
+//!   generation (density history), and the `scavtrace` period. Epochs end by allocation volume — once the
+//!   heap has handed out `max(EPOCH_MIN_BYTES, window peak / PEAK_WINDOW_EPOCHS)` in spans since the epoch
+//!   began (about one peak's worth of allocation, as Go's GC cycles are) — or by time: [`EPOCH_NANOS`] with
+//!   a clock ([`Heap::set_clock`]), else [`CALLS_PER_EPOCH`] calls of one caller ([`Tick`]): [`Heap::scavenge`]
 //!   counts its own calls, `Malloc::background` those of each CPU separately, so the window does not
 //!   shrink with the number of CPUs calling and an idle system forgets a peak in a few dozen ticks.
+//! - **No goroutine.** The crate spawns no threads: a kernel calls `Malloc::background` (which supplies the
+//!   guard token) from its idle loop or a timer interrupt, a host from a thread it owns
+//!   (`spawn_scavenger`, feature `std`). A step cannot sleep, so **pacing** is a credit of CPU time: with
+//!   a clock, every step earns [`SCAV_CPU_PERCENT`]% of the time elapsed since the previous one (at most
+//!   [`SCAV_SLICE_NANOS`] banked), claims all of it, works until it is spent (checked after each decommit)
+//!   and pays back any overrun; a step with no credit does nothing. Over time `scavenging time / elapsed ≈
+//!   1%`, as Go. Without a clock (a kernel without a time source), a step releases at most its byte budget,
+//!   as before. With a clock, scavenging time is counted in `HeapStats::scavenge_cpu_nanos` (all paths).
+//! - **Scavenge index** (in the page allocator, see `pagealloc.rs`): exact per-chunk bits (`free`: has a
+//!   free unscavenged page; `dense` now; dense in this or the previous generation) kept as bitmaps with a
+//!   summary level, and two cursors. A step asks the index for the highest chunk it may take and releases
+//!   the top free run of that chunk: it costs the chunks it releases from (plus one index word, and one
+//!   summary word per 16 GiB between the cursor and that chunk), not the heap size. The index is kept
+//!   exact (Go's `free` flag is a hint cleared lazily) because updating it is O(1) per chunk touched and it
+//!   can then be checked against the bitmaps (`validate`). The density history is Go's idea with bitmaps:
+//!   `dense_gen` marks chunks dense at any point of the generation by allocation or free (not by the
+//!   scavenger's own runs), `dense_prev` the previous generation's; the generation change copies them
+//!   (O(grown chunks / 64) words once per epoch, not per step).
+//! - **Modes.** *Lazy* (below the memory limit): the background's chunks only, down to the goal.
+//!   *Aggressive* (the memory limit's goal binds:
+//!   `limit_goal = limit * (100 - LIMIT_HEADROOM_PERCENT) / 100 - nonheap_committed`, span descriptors and
+//!   metadata counting against the limit; the goal is
+//!   `min(gc_goal, limit_goal)`): the background's chunks first, then any. *Forced* (`release_all`,
+//!   allocation over the limit, a failed commit): any chunk (Go's `force`). Chunks are taken from the
+//!   highest address down (allocation is lowest-address first, so high pages are the least likely to be
+//!   reused); within a chunk, free runs from the top down.
 //! - **Concurrent steps** share the excess over the goal: each step claims (under the heap lock) a part
 //!   the others have not claimed, so together they do not release below the goal.
-//! - **Memory limit** (GOMEMLIMIT, spec section 7):
-//!   `limit_goal = limit * (100 - LIMIT_HEADROOM_PERCENT) / 100 - nonheap_committed` (span descriptors and
-//!   metadata count against the limit). The goal is
-//!   `min(gc_goal, limit_goal)`; when the limit goal is the binding one the cycle is *aggressive*
-//!   (every non-dense chunk, then dense ones too), otherwise *lazy* (dense chunks skipped).
-//! - **Soft limit**: allocation never fails because of the limit. After an allocation that leaves the total
-//!   above the limit, the allocating CPU releases free committed pages down to `limit_goal` (Go's
-//!   allocation-triggered scavenging) if there are any; if the pages in use (with the metadata) already
-//!   reach the limit goal, allocation proceeds without scavenging (*backoff*: releasing free pages then
-//!   cannot meet the limit, and the next allocations would commit them again — the thrash Go's soft limit
-//!   avoids). The allocator above adds its own reclaim for the limit (caches and central lists, paced by
-//!   allocation volume, see `malloc/reclaim.rs`) and [`Heap::release_for_limit`].
-//! - **Chunk choice**: chunks are scanned from the highest address down (allocation is lowest-address first,
-//!   so high pages are the least likely to be reused), in passes: mostly free chunks first (at most
-//!   [`SCAV_MOSTLY_FREE_PAGES`] pages allocated), then chunks that are not dense (fewer than
-//!   [`SCAV_CHUNK_HI_OCC_PAGES`] allocated, Go's `scavChunkHiOccFrac` = 96.875%), then — only when aggressive or
-//!   forced — any chunk. Within a chunk, free runs are released from the top down.
+//! - **Eager scavenging.** *Heap growth* (Go's `mheap.grow`): when an allocation grows the heap and
+//!   `retained + growth > gc_goal` (the peak including this allocation), it records `min(growth, retained +
+//!   growth - gc_goal)` and releases it after the allocation, without the heap lock, from the background's
+//!   chunks. *Soft memory limit*: allocation never fails because of the limit. After an allocation that
+//!   leaves the total above the limit, the allocating CPU releases free committed pages down to
+//!   `limit_goal` if there are any; if the pages in use (with the metadata) already reach the limit goal,
+//!   allocation proceeds without scavenging (*backoff*: releasing free pages then cannot meet the limit,
+//!   and the next allocations would commit them again — the thrash Go's soft limit avoids). The allocator
+//!   above adds its own reclaim for the limit (caches and central lists, paced by allocation volume, see
+//!   `malloc/reclaim.rs`) and [`Heap::release_for_limit`].
 //! - [`Heap::release_all`] is Go's `debug.FreeOSMemory`: every free committed page not held by a page cache.
-//!
-//! The crate spawns no threads: a kernel calls [`Heap::scavenge`] (through `Malloc::background`, which
-//! supplies the guard token) from its idle loop or a timer interrupt, a host from a thread it owns; [`spawn_scavenger`] (feature `std`) is such a thread. Each *cycle* (a run of steps that
-//! released memory, ended by a step that finds nothing more to do) logs one scavtrace-like line through
-//! `log::info!`, e.g. `scav: released 1.2 MiB in 3 steps, retained 4.0 MiB (goal 4.4 MiB) of 8.1 MiB
-//! committed, limit 64 MiB (mode aggressive)`.
+//! - **`scavtrace`** is off by default ([`Heap::set_scavtrace`], `Malloc::set_scavtrace`, hosted
+//!   `GODEBUG=scavtrace=1`). On, the end of each epoch in which memory was released logs Go's line
+//!   ([`ScavTrace`]) through `log::info!`: `scav B KiB work (bg), E KiB work (eager), R KiB now, U% util`
+//!   (B: background steps, E: eager scavenging since the previous line; R: heap bytes released now; U:
+//!   in-use share of the committed heap pages), and each `release_all` logs one ending in ` (forced)` with
+//!   its release as the eager figure, as Go's `FreeOSMemory` does. Go prints a line every GC cycle even with
+//!   no work; epochs here end every few idle ticks, so epochs without work print nothing.
 //!
 //! # Invariants
 //! - A page is decommitted only while free in the page allocator and not scavenged; it is then marked
 //!   scavenged in the same critical section, so `committed_npages = grown - scav - cache_scav` holds.
 //! - `window[..]` are inuse peaks (pages) of past epochs; `calls < CALLS_PER_EPOCH`;
 //!   `claimed_bytes` = Σ bytes that steps running without the lock set out to release.
+//! - Pacing: `credit_nanos <= SCAV_SLICE_NANOS`; a step works only with `credit_nanos > 0`, and on return
+//!   `credit_nanos += claimed - spent`; so `Σ spent <= SCAV_CPU_PERCENT% * elapsed + SCAV_SLICE_NANOS + one
+//!   run's overrun`.
+//! - `gen_bg_bytes + gen_eager_bytes` = bytes released (background, eager) since the last epoch that ended
+//!   with work (or since the start); `growth_todo_bytes` = growth work recorded and not yet released.
+//! - The scavenge index's equations are in `pagealloc.rs` (checked by `PageAlloc::validate`).
 //!
 //! # Locking
-//! [`ScavState`] lives in `HeapInner`, under the heap lock. Every entry point takes a [`Guarded`] token: it
-//! runs inside the CPU provider's guard, so no interrupt handler on the same CPU can wait for the heap lock
-//! it holds (in a kernel, interrupts stay off for the whole step: callers bound it by its budget). The
-//! background step and `release_all` call the source's `decommit` *without* the heap lock (still inside the
-//! guard), as Go does: under the lock a run is picked and allocated in
-//! the page allocator (`scav_inflight_npages` counts such runs), the lock is dropped for the decommit, and
-//! the run is freed as scavenged under the lock again. Scavenging on the allocation path (memory limit
-//! exceeded, or a commit failed) runs with the heap lock already held and decommits under it. The log line
-//! is emitted with no lock held, and by `Malloc` after it left the CPU provider's guard.
+//! [`ScavState`] (epochs, window, claims, pacing credit) and the scavenge index live in `HeapInner`, under
+//! the heap lock. `ScavCounters` (chunks visited, CPU time, `scavtrace` switch and work figures, growth work,
+//! the clock's mirror) and `Heap::scavenge_cpu_nanos` are atomics, read and updated without it. Every entry point takes a [`Guarded`]
+//! token: it runs inside the CPU provider's guard, so no interrupt handler on the same CPU can wait for the
+//! heap lock it holds (in a kernel, interrupts stay off for the whole step: callers bound it by its budget
+//! or, with a clock, its slice). The background step, `release_all`, growth and limit reclaim call the
+//! source's `decommit` *without* the heap lock (still inside the guard), as Go does: under the lock a run
+//! is picked and taken in the page allocator (`PageAlloc::scav_take`; `scav_inflight_npages` counts such
+//! runs), the lock is dropped for the decommit, and the run is given back as scavenged under the lock again
+//! (`scav_return`). Scavenging on the allocation path over the memory limit and for a failed commit runs
+//! with the heap lock held and decommits under it. The `scavtrace` line is emitted with no lock held, and
+//! by `Malloc` after it left the CPU provider's guard.
 
 use core::fmt;
 use core::ptr::NonNull;
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 
 use crate::cpu::Guarded;
 use crate::page::heap::{Heap, HeapInner};
 use crate::page::pagealloc::{PALLOC_CHUNK_PAGES, PALLOC_CHUNK_WORDS};
+
 use crate::source::PageSource;
 use crate::PAGE_SIZE;
 
@@ -85,10 +126,13 @@ pub const EPOCH_MIN_BYTES: usize = 4 << 20;
 /// With a clock hook ([`Heap::set_clock`]), an epoch lasts this long instead of [`CALLS_PER_EPOCH`] calls:
 /// 100 ms.
 pub const EPOCH_NANOS: u64 = 100_000_000;
-/// A chunk with at least this many allocated pages is dense: `512 * 31 / 32` = 496 (Go's 96.875%).
-pub const SCAV_CHUNK_HI_OCC_PAGES: usize = PALLOC_CHUNK_PAGES * 31 / 32;
-/// A chunk with at most this many allocated pages is mostly free: `512 / 4` = 128.
-pub const SCAV_MOSTLY_FREE_PAGES: usize = PALLOC_CHUNK_PAGES / 4;
+pub use crate::page::pagealloc::SCAV_CHUNK_HI_OCC_PAGES;
+/// Share of one CPU the background scavenger aims at when a clock is set, in percent (Go's
+/// `scavengePercent`).
+pub const SCAV_CPU_PERCENT: u64 = 1;
+/// The most CPU time one background step may take, and the most credit that idle time accumulates (Go's
+/// scavenger works in slices of about 1 ms, then sleeps 99 ms at 1%): 1 ms.
+pub const SCAV_SLICE_NANOS: u64 = 1_000_000;
 /// Bytes `release_all` releases per heap-lock hold: 16 MiB.
 pub const RELEASE_ALL_STEP_BYTES: usize = 16 << 20;
 
@@ -101,16 +145,6 @@ pub enum ScavMode {
     Aggressive,
     /// `release_all`, allocation over the limit, or making room for a failed commit: every free page.
     Forced,
-}
-
-impl ScavMode {
-    fn name(self) -> &'static str {
-        match self {
-            ScavMode::Lazy => "lazy",
-            ScavMode::Aggressive => "aggressive",
-            ScavMode::Forced => "forced",
-        }
-    }
 }
 
 /// The pacing input of one scavenger step: what counts as the passing of time for the peak window.
@@ -142,7 +176,7 @@ pub struct ScavState {
     epoch: usize,
     epoch_start_volume: usize,
     epoch_start_nanos: u64,
-    /// A clock in nanoseconds ([`Heap::set_clock`]): epochs by time instead of calls.
+    /// A clock in nanoseconds ([`Heap::set_clock`]): epochs by time instead of calls, and CPU-time pacing.
     clock: Option<fn() -> u64>,
     /// Bytes steps running without the lock have set out to release (so concurrent steps share the work
     /// down to the goal instead of each doing all of it).
@@ -150,10 +184,11 @@ pub struct ScavState {
     /// In-use peaks (pages) of past epochs, a ring.
     window: [usize; PEAK_WINDOW_EPOCHS],
     wpos: usize,
-    /// Current cycle: steps that released something, bytes released, mode of the last step.
-    cycle_steps: usize,
-    cycle_released_bytes: usize,
-    cycle_mode: ScavMode,
+    /// CPU-time pacing (with a clock): nanoseconds of scavenging the background may still spend
+    /// (`<= SCAV_SLICE_NANOS`; negative after a step overran its slice), and the clock reading at which it
+    /// was last credited.
+    credit_nanos: i64,
+    credit_at: u64,
 }
 
 impl ScavState {
@@ -168,9 +203,8 @@ impl ScavState {
             claimed_bytes: 0,
             window: [0; PEAK_WINDOW_EPOCHS],
             wpos: 0,
-            cycle_steps: 0,
-            cycle_released_bytes: 0,
-            cycle_mode: ScavMode::Lazy,
+            credit_nanos: 0,
+            credit_at: 0,
         }
     }
 }
@@ -178,6 +212,59 @@ impl ScavState {
 impl Default for ScavState {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Scavenger counters and switches read without the heap lock (atomics in the [`Heap`]; its
+/// `scavenge_cpu_nanos` counts the scavenger's time by the clock).
+#[derive(Debug)]
+pub(crate) struct ScavCounters {
+    /// Chunks the scavenger took a run from (each visit of a chunk through the index releases pages).
+    pub(crate) chunks_visited: AtomicUsize,
+    /// `scavtrace` on: one line per scavenger generation with work, and per `release_all`.
+    pub(crate) trace: AtomicBool,
+    /// Bytes released by background steps / eagerly (allocation path, growth, limit) since the last
+    /// generation ended with work (the `scavtrace` line's two work figures).
+    pub(crate) gen_bg_bytes: AtomicUsize,
+    pub(crate) gen_eager_bytes: AtomicUsize,
+    /// Bytes to release after a heap growth past the goal, left by the growing allocation for its own
+    /// `after_alloc` (which runs without the heap lock).
+    pub(crate) growth_todo_bytes: AtomicUsize,
+    /// Bytes released because the heap grew past the goal (Go's `heapGrowth` scavenging).
+    pub(crate) growth_bytes: AtomicUsize,
+    /// The clock, as a function pointer (null = none): readable without the heap lock.
+    pub(crate) clock: AtomicPtr<()>,
+    /// Where `scavtrace` lines go, a [`ScavTraceSink`] (null = the `log` facade).
+    pub(crate) sink: AtomicPtr<()>,
+}
+
+/// A receiver of `scavtrace` lines, called outside the CPU provider's guard and every allocator lock
+/// (the hosted allocator's `GODEBUG=scavtrace=1` writes them to standard error, as Go does).
+pub type ScavTraceSink = fn(&ScavTrace);
+
+impl ScavCounters {
+    /// All zero, trace off, no clock.
+    pub(crate) const fn new() -> Self {
+        Self {
+            chunks_visited: AtomicUsize::new(0),
+            trace: AtomicBool::new(false),
+            gen_bg_bytes: AtomicUsize::new(0),
+            gen_eager_bytes: AtomicUsize::new(0),
+            growth_todo_bytes: AtomicUsize::new(0),
+            growth_bytes: AtomicUsize::new(0),
+            clock: AtomicPtr::new(core::ptr::null_mut()),
+            sink: AtomicPtr::new(core::ptr::null_mut()),
+        }
+    }
+
+    fn clock(&self) -> Option<fn() -> u64> {
+        let p = self.clock.load(Ordering::Acquire);
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: a non-null value was stored by `Heap::set_clock` from a `fn() -> u64`; function pointers
+        // round-trip through `*mut ()`.
+        Some(unsafe { core::mem::transmute::<*mut (), fn() -> u64>(p) })
     }
 }
 
@@ -223,30 +310,67 @@ impl fmt::Display for Bytes {
     }
 }
 
-/// The log line of a scavenging cycle that ended, kept until the caller has left the CPU provider's guard
-/// (a logger may allocate, take its own locks or be slow: none of that belongs inside the guard).
-#[derive(Clone, Copy, Debug)]
+/// A `scavtrace` line (Go's `printScavTrace`), kept until the caller has left the CPU provider's guard (a
+/// logger may allocate, take its own locks or be slow: none of that belongs inside the guard).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[must_use]
-pub(crate) struct CycleLog {
-    released: usize,
-    steps: usize,
-    goal: usize,
-    mode: ScavMode,
+pub struct ScavTrace {
+    /// Bytes released by background steps since the previous line.
+    pub bg_bytes: usize,
+    /// Bytes released eagerly (allocation path: heap growth, memory limit, failed commit) since then.
+    pub eager_bytes: usize,
+    /// Heap bytes currently released (Go's `HeapReleased`: grown pages not committed).
+    pub released_bytes: usize,
+    /// `inuse * 100 / retained` (Go's "util": the share of committed heap memory in use).
+    pub util_percent: usize,
+    /// The line is for a `release_all` (Go's `debug.FreeOSMemory`): it ends in ` (forced)`.
+    pub forced: bool,
 }
 
-impl CycleLog {
-    /// Emits the line (call it outside the guard).
+impl fmt::Display for ScavTrace {
+    /// Go's format: `scav 0 KiB work (bg), 186960 KiB work (eager), 208712 KiB now, 9% util (forced)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "scav {} KiB work (bg), {} KiB work (eager), {} KiB now, {}% util",
+            self.bg_bytes >> 10,
+            self.eager_bytes >> 10,
+            self.released_bytes >> 10,
+            self.util_percent
+        )?;
+        if self.forced {
+            f.write_str(" (forced)")?;
+        }
+        Ok(())
+    }
+}
+
+/// The log line a scavenger call left for its caller to emit outside the guard (only with `scavtrace` on).
+pub(crate) type CycleLog = ScavTrace;
+
+impl ScavTrace {
+    /// Emits the line through the heap's sink ([`Heap::set_scavtrace_sink`]), or the `log` facade at level
+    /// info without one (call it outside the guard).
     pub(crate) fn emit<S: PageSource>(self, heap: &Heap<S>) {
-        heap.log_cycle(self.released, self.steps, self.goal, self.mode);
+        let p = heap.scav_ctr.sink.load(Ordering::Acquire);
+        if p.is_null() {
+            log::info!("{self}");
+        } else {
+            // SAFETY: a non-null value was stored by `Heap::set_scavtrace_sink` from a `ScavTraceSink`;
+            // function pointers round-trip through `*mut ()`.
+            let sink = unsafe { core::mem::transmute::<*mut (), ScavTraceSink>(p) };
+            sink(&self);
+        }
     }
 }
 
 impl<S: PageSource> Heap<S> {
-    /// One background scavenger step: releases at most `budget_bytes` (rounded up to pages) of free
-    /// committed pages if the heap retains more than its goal (see the module docs). Returns bytes released.
-    /// Logs one line when a cycle ends (inside the caller's guard; `Malloc::background` logs after it). For
-    /// a single caller: every [`CALLS_PER_EPOCH`] calls end an epoch (allocators with several CPUs use
-    /// `Malloc::background`, which counts calls per CPU).
+    /// One background scavenger step: releases free committed pages if the heap retains more than its goal
+    /// (see the module docs), at most `budget_bytes` (rounded up to pages) without a clock, or for at most
+    /// the CPU time its pacing allows with one ([`Heap::set_clock`]). Returns bytes released. Logs the
+    /// `scavtrace` line of a generation that ended, if `scavtrace` is on (inside the caller's guard;
+    /// `Malloc::background` logs after it). For a single caller: every [`CALLS_PER_EPOCH`] calls end an
+    /// epoch (allocators with several CPUs use `Malloc::background`, which counts calls per CPU).
     pub fn scavenge(&self, guarded: Guarded<'_>, budget_bytes: usize) -> usize {
         let (step, log) = self.scavenge_paced(guarded, budget_bytes, Tick::Own);
         if let Some(log) = log {
@@ -266,18 +390,59 @@ impl<S: PageSource> Heap<S> {
         self.alloc_volume_npages.load(Ordering::Relaxed)
     }
 
-    /// Sets a clock (monotonic nanoseconds) by which the peak window's epochs are timed ([`EPOCH_NANOS`]);
-    /// `None` (the default): epochs end by calls and allocation volume. The clock is read with the heap
-    /// lock held: it must not allocate or take a lock an allocating interrupt handler could hold (a TSC or
-    /// tick-counter read is the intended kind).
+    /// Chunks the scavenger has taken a run from since the heap was created: the work its steps did,
+    /// counted per chunk visited through the scavenge index (a step visits no chunk it releases nothing
+    /// from).
+    pub fn scav_chunks_visited(&self) -> usize {
+        self.scav_ctr.chunks_visited.load(Ordering::Relaxed)
+    }
+
+    /// Turns Go's `scavtrace` on or off (off by default): with it, one line in Go's format
+    /// ([`ScavTrace`]) per scavenger generation in which memory was released, and one per `release_all`,
+    /// through the `log` facade at level info.
+    pub fn set_scavtrace(&self, on: bool) {
+        self.scav_ctr.trace.store(on, Ordering::Relaxed);
+    }
+
+    /// Sends `scavtrace` lines to `sink` instead of the `log` facade (`None`: back to the facade).
+    pub fn set_scavtrace_sink(&self, sink: Option<ScavTraceSink>) {
+        let p = sink.map_or(core::ptr::null_mut(), |f| f as *mut ());
+        self.scav_ctr.sink.store(p, Ordering::Release);
+    }
+
+    /// Whether `scavtrace` is on.
+    pub fn scavtrace(&self) -> bool {
+        self.scav_ctr.trace.load(Ordering::Relaxed)
+    }
+
+    /// Sets a clock (monotonic nanoseconds); `None` (the default) removes it. With a clock, the peak
+    /// window's epochs are timed ([`EPOCH_NANOS`]), background steps are paced by CPU time
+    /// ([`SCAV_CPU_PERCENT`] of one CPU, in slices of at most [`SCAV_SLICE_NANOS`]) instead of their byte
+    /// budget, and scavenging time is counted (`HeapStats::scavenge_cpu_nanos`). The clock is read with
+    /// the heap lock held and on the allocation path: it must not allocate or take a lock an allocating
+    /// interrupt handler could hold (a TSC or tick-counter read is the intended kind).
     pub fn set_clock(&self, guarded: Guarded<'_>, clock: Option<fn() -> u64>) {
         let mut g = self.inner.lock(guarded);
         g.scav.clock = clock;
-        g.scav.epoch_start_nanos = clock.map_or(0, |c| c());
+        let now = clock.map_or(0, |c| c());
+        g.scav.epoch_start_nanos = now;
+        // A first slice of credit: the first step may work at once (Go's scavenger starts by working).
+        g.scav.credit_nanos = SCAV_SLICE_NANOS as i64;
+        g.scav.credit_at = now;
+        self.scav_ctr.clock.store(clock.map_or(core::ptr::null_mut(), |c| c as *mut ()), Ordering::Release);
     }
 
-    /// One scavenger step with the caller's pacing input (see [`Tick`]), returning the log line of a cycle
-    /// that ended instead of emitting it (the caller emits it outside its guard).
+    /// Runs `f` and adds its duration by the clock (if any) to `scavenge_cpu_nanos`.
+    fn timed<R>(&self, f: impl FnOnce() -> R) -> R {
+        let Some(c) = self.scav_ctr.clock() else { return f() };
+        let t0 = c();
+        let r = f();
+        self.scavenge_cpu_nanos.fetch_add(c().saturating_sub(t0), Ordering::Relaxed);
+        r
+    }
+
+    /// One scavenger step with the caller's pacing input (see [`Tick`]), returning the `scavtrace` line of
+    /// a generation that ended instead of emitting it (the caller emits it outside its guard).
     pub(crate) fn scavenge_paced(
         &self,
         guarded: Guarded<'_>,
@@ -290,7 +455,13 @@ impl<S: PageSource> Heap<S> {
         }
         let inner = &mut *g;
         let inuse = self.inuse_npages.load(Ordering::Relaxed);
-        let window_peak = self.advance_window_locked(&mut inner.scav, inuse, tick);
+        let (window_peak, gen_ended) = self.advance_window_locked(&mut inner.scav, inuse, tick);
+        let mut log = None;
+        if gen_ended {
+            // A new generation of the index's density history (Go: once per GC cycle).
+            inner.pa.index_next_gen();
+            log = self.end_generation_trace();
+        }
         self.window_peak_npages.store(window_peak, Ordering::Relaxed);
         let peak = window_peak.max(self.epoch_peak_npages.load(Ordering::Relaxed)).max(inuse) * PAGE_SIZE;
         let committed = self.committed_npages.load(Ordering::Relaxed) * PAGE_SIZE;
@@ -300,32 +471,88 @@ impl<S: PageSource> Heap<S> {
         self.retained_goal_bytes.store(goal, Ordering::Relaxed);
         // Steps running concurrently share the excess: each claims what the others have not.
         let excess = committed.saturating_sub(goal).saturating_sub(inner.scav.claimed_bytes);
-        let want = budget_bytes.min(excess).next_multiple_of(PAGE_SIZE);
-        inner.scav.claimed_bytes += want;
+        // Pacing: with a clock, by CPU time (the credit this step claims), else by the byte budget.
+        let st = &mut inner.scav;
+        let mut step_start = 0;
+        let (want, slice) = match st.clock {
+            Some(c) if excess > 0 => {
+                let now = c();
+                let earned = now.saturating_sub(st.credit_at).saturating_mul(SCAV_CPU_PERCENT) / 100;
+                st.credit_at = now;
+                st.credit_nanos =
+                    (st.credit_nanos.saturating_add(earned.min(i64::MAX as u64) as i64)).min(SCAV_SLICE_NANOS as i64);
+                step_start = now;
+                if st.credit_nanos > 0 {
+                    let slice = st.credit_nanos as u64;
+                    st.credit_nanos = 0; // claimed: concurrent steps find none and skip
+                    (excess.next_multiple_of(PAGE_SIZE), Some((c, slice)))
+                } else {
+                    (0, None)
+                }
+            }
+            Some(_) => (0, None),
+            None => (budget_bytes.min(excess).next_multiple_of(PAGE_SIZE), None),
+        };
+        st.claimed_bytes += want;
         drop(g);
-        let released = if want > 0 { self.scavenge_unlocked(guarded, want, mode) } else { 0 };
+        let mut spent = 0;
+        let released = match (want, slice) {
+            (0, _) => 0,
+            (_, Some((c, slice))) => {
+                let t0 = c();
+                let r = self.scavenge_unlocked(guarded, want, mode, Some((c, t0 + slice)));
+                spent = c().saturating_sub(t0);
+                self.scavenge_cpu_nanos.fetch_add(spent, Ordering::Relaxed);
+                r
+            }
+            (_, None) => self.scavenge_unlocked(guarded, want, mode, None),
+        };
+        self.scav_ctr.gen_bg_bytes.fetch_add(released, Ordering::Relaxed);
         let mut g = self.inner.lock(guarded);
         let st = &mut g.scav;
         st.claimed_bytes -= want;
-        let mut log = None;
-        if released != 0 {
-            st.cycle_steps += 1;
-            st.cycle_released_bytes += released;
-            st.cycle_mode = mode;
-        } else if st.cycle_steps != 0 && st.claimed_bytes == 0 {
-            // Nothing more to do: the cycle ends.
-            let (steps, bytes, mode) = (st.cycle_steps, st.cycle_released_bytes, st.cycle_mode);
-            st.cycle_steps = 0;
-            st.cycle_released_bytes = 0;
-            log = Some(CycleLog { released: bytes, steps, goal, mode });
+        if let Some((_, slice)) = slice {
+            // Return what the slice left, or owe what it overran. The step's own time earns nothing: credit
+            // accrues from its end (so `spent ≈ 1%` of the time outside the scavenger).
+            st.credit_nanos = st.credit_nanos.saturating_add(slice as i64 - spent.min(i64::MAX as u64) as i64);
+            st.credit_nanos = st.credit_nanos.min(SCAV_SLICE_NANOS as i64);
+            st.credit_at = st.credit_at.max(step_start.saturating_add(spent));
         }
+        drop(g);
         let over_goal = self.committed_npages.load(Ordering::Relaxed) * PAGE_SIZE > goal;
         (ScavStep { released, over_goal }, log)
     }
 
-    /// Ends the epoch if it is over (by clock, by the caller's calls, or by allocation volume) and returns
-    /// the window's peak (pages). Heap lock held.
-    fn advance_window_locked(&self, st: &mut ScavState, inuse: usize, tick: Tick) -> usize {
+    /// A generation ended: if memory was released during it, counts a scavenger cycle and, with
+    /// `scavtrace` on, returns its line (resetting the work figures).
+    fn end_generation_trace(&self) -> Option<CycleLog> {
+        let c = &self.scav_ctr;
+        if c.gen_bg_bytes.load(Ordering::Relaxed) == 0 && c.gen_eager_bytes.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let bg = c.gen_bg_bytes.swap(0, Ordering::Relaxed);
+        let eager = c.gen_eager_bytes.swap(0, Ordering::Relaxed);
+        self.scav_cycles.fetch_add(1, Ordering::Relaxed);
+        self.scavtrace().then(|| self.trace_line(bg, eager, false))
+    }
+
+    /// Go's `scavtrace` figures now.
+    fn trace_line(&self, bg_bytes: usize, eager_bytes: usize, forced: bool) -> ScavTrace {
+        let grown = self.grown_bytes.load(Ordering::Relaxed);
+        let retained = self.committed_npages.load(Ordering::Relaxed) * PAGE_SIZE;
+        let inuse = self.inuse_npages.load(Ordering::Relaxed) * PAGE_SIZE;
+        ScavTrace {
+            bg_bytes,
+            eager_bytes,
+            released_bytes: grown.saturating_sub(retained),
+            util_percent: (inuse.min(retained) * 100).checked_div(retained).unwrap_or(0),
+            forced,
+        }
+    }
+
+    /// Ends the epoch if it is over (by clock, by the caller's calls, or by allocation volume); returns
+    /// the window's peak (pages) and whether an epoch ended. Heap lock held.
+    fn advance_window_locked(&self, st: &mut ScavState, inuse: usize, tick: Tick) -> (usize, bool) {
         let window_peak = st.window.iter().copied().max().unwrap_or(0);
         let volume = self.alloc_volume_npages.load(Ordering::Relaxed);
         let epoch_npages = (EPOCH_MIN_BYTES / PAGE_SIZE).max(window_peak / PEAK_WINDOW_EPOCHS);
@@ -343,7 +570,7 @@ impl<S: PageSource> Heap<S> {
             },
         };
         if !(by_volume || by_time) {
-            return window_peak;
+            return (window_peak, false);
         }
         st.calls = 0;
         st.window[st.wpos] = self.epoch_peak_npages.swap(inuse, Ordering::Relaxed);
@@ -352,31 +579,36 @@ impl<S: PageSource> Heap<S> {
         st.epoch_start_volume = volume;
         st.epoch_start_nanos = now;
         self.scav_epoch.store(st.epoch, Ordering::Relaxed);
-        st.window.iter().copied().max().unwrap_or(0)
+        (st.window.iter().copied().max().unwrap_or(0), true)
     }
 
     /// Releases every free committed page not held by a page cache (Go's `debug.FreeOSMemory`; flush the
-    /// page caches first to include theirs). Returns bytes released; logs one line (inside the caller's
-    /// guard; `Malloc::release_all` logs after it).
+    /// page caches first to include theirs). Returns bytes released; with `scavtrace` on, logs a
+    /// `(forced)` line (inside the caller's guard; `Malloc::release_all` logs after it).
     pub fn release_all(&self, guarded: Guarded<'_>) -> usize {
         let (total, log) = self.release_all_step(guarded);
-        log.emit(self);
+        if let Some(log) = log {
+            log.emit(self);
+        }
         total
     }
 
-    /// [`Heap::release_all`], returning its log line instead of emitting it.
-    pub(crate) fn release_all_step(&self, guarded: Guarded<'_>) -> (usize, CycleLog) {
-        let mut total = 0;
-        let mut steps = 0;
-        loop {
-            let r = self.scavenge_unlocked(guarded, RELEASE_ALL_STEP_BYTES, ScavMode::Forced);
-            if r == 0 {
-                break;
+    /// [`Heap::release_all`], returning its `scavtrace` line instead of emitting it.
+    pub(crate) fn release_all_step(&self, guarded: Guarded<'_>) -> (usize, Option<CycleLog>) {
+        let total = self.timed(|| {
+            let mut total = 0;
+            loop {
+                let r = self.scavenge_unlocked(guarded, RELEASE_ALL_STEP_BYTES, ScavMode::Forced, None);
+                if r == 0 {
+                    break;
+                }
+                total += r;
             }
-            total += r;
-            steps += 1;
-        }
-        (total, CycleLog { released: total, steps, goal: 0, mode: ScavMode::Forced })
+            total
+        });
+        self.scav_cycles.fetch_add(1, Ordering::Relaxed);
+        // Go prints `printScavTrace(0, released, true)`: the forced release as the eager figure.
+        (total, self.scavtrace().then(|| self.trace_line(0, total, true)))
     }
 
     /// Sets the soft memory limit in bytes (GOMEMLIMIT semantics, see the module docs); `usize::MAX` = none.
@@ -389,25 +621,14 @@ impl<S: PageSource> Heap<S> {
         self.memory_limit.load(Ordering::Relaxed)
     }
 
-    fn log_cycle(&self, released: usize, steps: usize, goal: usize, mode: ScavMode) {
-        self.scav_cycles.fetch_add(1, Ordering::Relaxed);
-        let retained = self.committed_npages.load(Ordering::Relaxed) * PAGE_SIZE;
-        log::info!(
-            "scav: released {} in {} steps, retained {} (goal {}) of {} committed, limit {} (mode {})",
-            Bytes(released),
-            steps,
-            Bytes(retained),
-            Bytes(goal),
-            Bytes(self.total_committed_bytes()),
-            Bytes(self.memory_limit.load(Ordering::Relaxed)),
-            mode.name()
-        );
-    }
-
-    /// Allocation-triggered scavenging (Go's, when the memory limit is exceeded): called after every
-    /// successful allocation; cheap (a few atomic loads) unless the total is over the limit. Logs nothing.
+    /// Allocation-triggered scavenging (Go's, when the memory limit is exceeded or the heap grew past the
+    /// goal): called after every successful allocation without the heap lock; cheap (a few atomic loads)
+    /// unless the total is over the limit or a growth left work. Logs nothing.
     #[inline]
     pub(crate) fn after_alloc(&self, guarded: Guarded<'_>) {
+        if self.scav_ctr.growth_todo_bytes.load(Ordering::Relaxed) != 0 {
+            self.scavenge_for_growth(guarded);
+        }
         let limit = self.memory_limit.load(Ordering::Relaxed);
         if limit == usize::MAX {
             return;
@@ -417,6 +638,48 @@ impl<S: PageSource> Heap<S> {
             return;
         }
         self.scavenge_for_limit(guarded, limit, total);
+    }
+
+    /// Go's scavenging on heap growth (`mheap.grow`): the heap just grew by `[idx, idx + npages)` (allocated,
+    /// about to be committed); if the retained memory plus that growth exceeds the retained goal (recent peak,
+    /// including this allocation, plus 10%), leaves `min(growth, overage)` for the allocating caller's
+    /// `after_alloc` to release without the heap lock, from the chunks the background would take (Go's
+    /// `force = false`). The goal here is the peak goal only: the memory limit has its own path. Heap lock
+    /// held.
+    pub(crate) fn note_growth_locked(&self, inner: &HeapInner, idx: usize, npages: usize) {
+        let growth = inner.pa.count_scav(idx, npages) * PAGE_SIZE;
+        let inuse = self.inuse_npages.load(Ordering::Relaxed) + npages;
+        let peak = self
+            .window_peak_npages
+            .load(Ordering::Relaxed)
+            .max(self.epoch_peak_npages.load(Ordering::Relaxed))
+            .max(inuse)
+            * PAGE_SIZE;
+        let (goal, _) = retained_goal(peak, usize::MAX, 0, 0);
+        let retained = self.committed_npages.load(Ordering::Relaxed) * PAGE_SIZE;
+        if growth == 0 || retained + growth <= goal {
+            return;
+        }
+        // Free committed pages the heap itself holds (nothing to do without them).
+        let busy = inuse
+            + self.cached_npages.load(Ordering::Relaxed).saturating_sub(self.cache_scav_npages.load(Ordering::Relaxed))
+            + self.scav_inflight_npages.load(Ordering::Relaxed);
+        if retained / PAGE_SIZE <= busy.saturating_sub(npages) {
+            return;
+        }
+        let todo = growth.min(retained + growth - goal);
+        self.scav_ctr.growth_todo_bytes.fetch_add(todo, Ordering::Relaxed);
+    }
+
+    #[cold]
+    fn scavenge_for_growth(&self, guarded: Guarded<'_>) {
+        let todo = self.scav_ctr.growth_todo_bytes.swap(0, Ordering::Relaxed);
+        if todo == 0 {
+            return;
+        }
+        let r = self.timed(|| self.scavenge_unlocked(guarded, todo, ScavMode::Lazy, None));
+        self.scav_ctr.growth_bytes.fetch_add(r, Ordering::Relaxed);
+        self.scav_ctr.gen_eager_bytes.fetch_add(r, Ordering::Relaxed);
     }
 
     #[cold]
@@ -437,11 +700,13 @@ impl<S: PageSource> Heap<S> {
             return;
         }
         let want = total.saturating_sub(target).min((committed - busy) * PAGE_SIZE);
-        let mut g = self.inner.lock(guarded);
-        let r = self.scavenge_locked(&mut g, want, ScavMode::Forced);
-        drop(g);
+        let r = self.timed(|| {
+            let mut g = self.inner.lock(guarded);
+            self.scavenge_locked(&mut g, want, ScavMode::Forced)
+        });
         // No log line here: this runs inside an allocation, and a logger that allocates would re-enter it.
         self.scav_alloc_bytes.fetch_add(r, Ordering::Relaxed);
+        self.scav_ctr.gen_eager_bytes.fetch_add(r, Ordering::Relaxed);
     }
 
     /// Whether the total committed memory is above the memory limit (a few atomic loads).
@@ -464,8 +729,9 @@ impl<S: PageSource> Heap<S> {
         if want == 0 {
             return 0;
         }
-        let r = self.scavenge_unlocked(guarded, want, ScavMode::Forced);
+        let r = self.timed(|| self.scavenge_unlocked(guarded, want, ScavMode::Forced, None));
         self.scav_alloc_bytes.fetch_add(r, Ordering::Relaxed);
+        self.scav_ctr.gen_eager_bytes.fetch_add(r, Ordering::Relaxed);
         r
     }
 
@@ -474,10 +740,9 @@ impl<S: PageSource> Heap<S> {
     /// holds the lock already). Returns bytes released.
     pub(crate) fn scavenge_locked(&self, inner: &mut HeapInner, want_bytes: usize, mode: ScavMode) -> usize {
         let want = want_bytes.div_ceil(PAGE_SIZE);
-        let mut cur = ScavCursor::new(mode, inner.pa.grown_chunks());
         let mut released = 0;
         while released < want {
-            let Some((idx, n)) = cur.next_run(inner, want - released) else { break };
+            let Some((idx, n)) = self.next_run(inner, mode, want - released) else { break };
             let addr = inner.arena_base + idx * PAGE_SIZE;
             // SAFETY: the pages are grown, free in the page allocator (nobody uses them) and committed; the
             // heap lock keeps them free until they are marked scavenged below.
@@ -492,14 +757,20 @@ impl<S: PageSource> Heap<S> {
     }
 
     /// As [`Heap::scavenge_locked`], but the source's `decommit` runs without the heap lock (Go's way): each
-    /// run is first allocated in the page allocator (so nobody else takes it), the lock dropped, the run
-    /// decommitted, and the run freed as scavenged under the lock again. Used by the background step and
-    /// `release_all`. Returns bytes released.
-    pub(crate) fn scavenge_unlocked(&self, guarded: Guarded<'_>, want_bytes: usize, mode: ScavMode) -> usize {
+    /// run is first taken in the page allocator (so nobody else allocates it), the lock dropped, the run
+    /// decommitted, and the run given back as scavenged under the lock again. Used by the background step,
+    /// `release_all`, growth and the limit's reclaim. With `deadline = Some((clock, t))`, stops after the
+    /// first run that ends at or after `t` (the CPU-time slice). Returns bytes released.
+    pub(crate) fn scavenge_unlocked(
+        &self,
+        guarded: Guarded<'_>,
+        want_bytes: usize,
+        mode: ScavMode,
+        deadline: Option<(fn() -> u64, u64)>,
+    ) -> usize {
         let want = want_bytes.div_ceil(PAGE_SIZE);
         let mut released = 0;
         let mut pending: Option<(usize, usize)> = None;
-        let mut cur = None;
         loop {
             let mut g = self.inner.lock(guarded);
             let inner = &mut *g;
@@ -507,23 +778,24 @@ impl<S: PageSource> Heap<S> {
                 return 0;
             }
             if let Some((idx, n)) = pending.take() {
-                inner.pa.free_range(idx, n);
-                inner.pa.set_scav(idx, n, true);
+                inner.pa.scav_return(idx, n);
                 self.committed_npages.fetch_sub(n, Ordering::Relaxed);
                 self.scav_inflight_npages.fetch_sub(n, Ordering::Relaxed);
                 released += n;
+                if deadline.is_some_and(|(c, t)| c() >= t) {
+                    break; // the slice is used up
+                }
             }
             if released >= want {
                 break;
             }
-            let cur = cur.get_or_insert_with(|| ScavCursor::new(mode, inner.pa.grown_chunks()));
-            let Some((idx, n)) = cur.next_run(inner, want - released) else { break };
-            inner.pa.alloc_range(idx, n);
+            let Some((idx, n)) = self.next_run(inner, mode, want - released) else { break };
+            inner.pa.scav_take(idx, n);
             self.scav_inflight_npages.fetch_add(n, Ordering::Relaxed);
             let addr = inner.arena_base + idx * PAGE_SIZE;
             drop(g);
-            // SAFETY: the run is grown and committed, and allocated to the scavenger above, so nothing else
-            // uses or allocates it until it is freed (as scavenged) on the next iteration.
+            // SAFETY: the run is grown and committed, and taken by the scavenger above, so nothing else
+            // uses or allocates it until it is given back (as scavenged) on the next iteration.
             unsafe { self.src(guarded).decommit(NonNull::new_unchecked(addr as *mut u8), n * PAGE_SIZE) };
             pending = Some((idx, n));
         }
@@ -531,64 +803,38 @@ impl<S: PageSource> Heap<S> {
         self.scav_released_bytes.fetch_add(bytes, Ordering::Relaxed);
         bytes
     }
-}
 
-/// Where a scavenge is in its passes over the chunks (see the module docs: passes by density, chunks from
-/// the highest down).
-struct ScavCursor {
-    /// Per pass, the most allocated pages a chunk may have to be visited.
-    passes: &'static [usize],
-    pass: usize,
-    /// Chunks below `ci` remain to be visited in this pass.
-    ci: usize,
-    grown_chunks: usize,
-}
-
-impl ScavCursor {
-    fn new(mode: ScavMode, grown_chunks: usize) -> Self {
-        let passes: &'static [usize] = match mode {
-            ScavMode::Lazy => &[SCAV_MOSTLY_FREE_PAGES, SCAV_CHUNK_HI_OCC_PAGES - 1],
-            ScavMode::Aggressive | ScavMode::Forced => {
-                &[SCAV_MOSTLY_FREE_PAGES, SCAV_CHUNK_HI_OCC_PAGES - 1, PALLOC_CHUNK_PAGES]
-            }
+    /// The next run of free committed pages to release, at most `max_npages` long: the highest such run of
+    /// the chunk the scavenge index gives for `mode` (the top part of the run if it is longer). Lazy: the
+    /// background's chunks only (not dense); aggressive: those first, then any; forced: any chunk, from the
+    /// top. Heap lock held.
+    fn next_run(&self, inner: &mut HeapInner, mode: ScavMode, max_npages: usize) -> Option<(usize, usize)> {
+        let ci = match mode {
+            ScavMode::Lazy => inner.pa.index_find(false)?,
+            ScavMode::Aggressive => match inner.pa.index_find(false) {
+                Some(ci) => ci,
+                None => inner.pa.index_find(true)?,
+            },
+            ScavMode::Forced => inner.pa.index_find(true)?,
         };
-        Self { passes, pass: 0, ci: grown_chunks, grown_chunks }
-    }
-
-    /// The next run of free committed pages to release, at most `max_npages` long: the highest such run
-    /// of the current chunk (the top part of it if it is longer).
-    fn next_run(&mut self, inner: &HeapInner, max_npages: usize) -> Option<(usize, usize)> {
-        while self.pass < self.passes.len() {
-            let max_alloc = self.passes[self.pass];
-            while self.ci > 0 {
-                let ci = self.ci - 1;
-                let c = inner.pa.chunk(ci);
-                let nalloc: usize = c.alloc.iter().map(|w| w.count_ones() as usize).sum();
-                let mut cand = [0u64; PALLOC_CHUNK_WORDS];
-                let mut any = 0;
-                for ((cw, a), sc) in cand.iter_mut().zip(&c.alloc).zip(&c.scav) {
-                    *cw = !a & !sc;
-                    any |= *cw;
-                }
-                if nalloc > max_alloc || any == 0 {
-                    self.ci -= 1;
-                    continue;
-                }
-                let is_set = |i: usize| cand[i / 64] & (1 << (i % 64)) != 0;
-                // Highest candidate page: the top set bit of the highest non-zero word.
-                let w = (0..PALLOC_CHUNK_WORDS).rev().find(|&w| cand[w] != 0)?;
-                let top = w * 64 + 63 - cand[w].leading_zeros() as usize;
-                let mut lo = top;
-                while lo > 0 && top - lo + 1 < max_npages && is_set(lo - 1) {
-                    lo -= 1;
-                }
-                // The chunk stays current: it may hold more runs.
-                return Some((ci * PALLOC_CHUNK_PAGES + lo, top - lo + 1));
-            }
-            self.pass += 1;
-            self.ci = self.grown_chunks;
+        self.scav_ctr.chunks_visited.fetch_add(1, Ordering::Relaxed);
+        let c = inner.pa.chunk(ci);
+        let mut cand = [0u64; PALLOC_CHUNK_WORDS];
+        for ((cw, a), sc) in cand.iter_mut().zip(&c.alloc).zip(&c.scav) {
+            *cw = !a & !sc;
         }
-        None
+        let is_set = |i: usize| cand[i / 64] & (1 << (i % 64)) != 0;
+        // Highest candidate page: the top set bit of the highest non-zero word (the index's `free` bit is
+        // exact, so there is one).
+        let w = (0..PALLOC_CHUNK_WORDS).rev().find(|&w| cand[w] != 0);
+        debug_assert!(w.is_some(), "scavenger: the index gave chunk {ci} with nothing to release");
+        let w = w?;
+        let top = w * 64 + 63 - cand[w].leading_zeros() as usize;
+        let mut lo = top;
+        while lo > 0 && top - lo + 1 < max_npages && is_set(lo - 1) {
+            lo -= 1;
+        }
+        Some((ci * PALLOC_CHUNK_PAGES + lo, top - lo + 1))
     }
 }
 

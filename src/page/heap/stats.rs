@@ -19,7 +19,7 @@ use {super::InitState, crate::page::pagealloc::PALLOC_CHUNK_PAGES};
 pub struct HeapStats {
     /// Arena address space reserved.
     pub reserved_bytes: usize,
-    /// Arena covered by the page allocator so far (`inuse + free + released`).
+    /// Arena covered by the page allocator so far (`inuse + free + released + retired`).
     pub grown_bytes: usize,
     /// Heap pages committed: `inuse_bytes + free_bytes`.
     pub committed_bytes: usize,
@@ -27,8 +27,11 @@ pub struct HeapStats {
     pub inuse_bytes: usize,
     /// Committed pages not in use, including those held by page caches (Go's `HeapIdle - HeapReleased`).
     pub free_bytes: usize,
-    /// Grown pages not committed (Go's `HeapReleased`).
+    /// Free grown pages not committed (Go's `HeapReleased`).
     pub released_bytes: usize,
+    /// Pages of objects freed in efence mode (`DebugFlags::EFENCE`): decommitted and never handed out again,
+    /// so address space the arena has lost for good (see `page/heap/retire.rs`).
+    pub retired_bytes: usize,
     /// Free pages held by page caches (committed or not).
     pub cached_bytes: usize,
     /// Live span descriptors, including those stashed in page caches (Go's `MSpanInuse`).
@@ -47,6 +50,8 @@ pub struct HeapStats {
     pub peak_inuse_bytes: usize,
     /// The scavenger's current retained-heap goal.
     pub retained_goal_bytes: usize,
+    /// Bytes released because the heap grew past the retained goal (Go's scavenging on heap growth).
+    pub scavenged_growth_bytes: usize,
     /// Soft memory limit (`usize::MAX` = none).
     pub memory_limit: usize,
     /// Bytes released by the scavenger in total (background, allocation-triggered, `release_all`).
@@ -55,6 +60,8 @@ pub struct HeapStats {
     pub scavenged_alloc_bytes: usize,
     /// Scavenger cycles completed (one log line each).
     pub scav_cycles: usize,
+    /// Nanoseconds the scavenger spent, 0 without a clock (Go's `/cpu/classes/scavenge/total:cpu-seconds`).
+    pub scavenge_cpu_nanos: u64,
 }
 
 /// The page-level fields of a span, for code outside the crate (tests, tools).
@@ -98,13 +105,15 @@ impl<S: PageSource> Heap<S> {
         let inuse = self.inuse_npages.load(Ordering::Relaxed) * PAGE_SIZE;
         let span_sys = self.span_sys_bytes.load(Ordering::Relaxed);
         let meta = self.meta_committed_bytes.load(Ordering::Relaxed);
+        let retired = self.retired_npages.load(Ordering::Relaxed) * PAGE_SIZE;
         HeapStats {
             reserved_bytes: self.reserved_bytes.load(Ordering::Relaxed),
             grown_bytes: grown,
             committed_bytes: committed,
             inuse_bytes: inuse,
             free_bytes: committed.saturating_sub(inuse),
-            released_bytes: grown.saturating_sub(committed),
+            released_bytes: grown.saturating_sub(committed + retired),
+            retired_bytes: retired,
             cached_bytes: self.cached_npages.load(Ordering::Relaxed) * PAGE_SIZE,
             span_inuse_bytes: self.span_inuse_bytes.load(Ordering::Relaxed),
             span_sys_bytes: span_sys,
@@ -118,10 +127,12 @@ impl<S: PageSource> Heap<S> {
                 .max(self.epoch_peak_npages.load(Ordering::Relaxed))
                 * PAGE_SIZE,
             retained_goal_bytes: self.retained_goal_bytes.load(Ordering::Relaxed),
+            scavenged_growth_bytes: self.scav_ctr.growth_bytes.load(Ordering::Relaxed),
             memory_limit: self.memory_limit.load(Ordering::Relaxed),
             scavenged_total_bytes: self.scav_released_bytes.load(Ordering::Relaxed),
             scavenged_alloc_bytes: self.scav_alloc_bytes.load(Ordering::Relaxed),
             scav_cycles: self.scav_cycles.load(Ordering::Relaxed),
+            scavenge_cpu_nanos: self.scavenge_cpu_nanos.load(Ordering::Relaxed),
         }
     }
 
@@ -193,17 +204,18 @@ impl<S: PageSource> Heap<S> {
         let cached = self.cached_npages.load(Ordering::Relaxed);
         let inflight = self.scav_inflight_npages.load(Ordering::Relaxed);
         assert_eq!(inflight, 0, "heap: validate() while the scavenger is decommitting (call it when quiescent)");
+        let retired = self.retired_npages.load(Ordering::Relaxed);
         assert_eq!(
             alloc_pages,
-            inuse + cached,
-            "heap: allocated pages ({alloc_pages}) != pages in spans ({inuse}) + pages in page caches ({cached})"
+            inuse + cached + retired,
+            "heap: allocated pages ({alloc_pages}) != pages in spans ({inuse}) + pages in page caches ({cached}) + retired pages ({retired})"
         );
-        let committed = self.committed_npages.load(Ordering::Relaxed);
+        let committed = self.committed_npages.load(Ordering::Relaxed) + retired;
         let cache_scav = self.cache_scav_npages.load(Ordering::Relaxed);
         assert_eq!(
             committed,
             grown - g.pa.scav_npages() - cache_scav,
-            "heap: committed pages counter != grown - scavenged - scavenged in caches"
+            "heap: committed + retired pages != grown - scavenged - scavenged in caches"
         );
         let meta: usize = g.meta_committed.iter().sum();
         assert_eq!(meta, self.meta_committed_bytes.load(Ordering::Relaxed), "heap: metadata counter");
