@@ -66,7 +66,7 @@
 //! | object level | [`object`]: `sizeclass`, `class`, `central`, `cpucache` | `SizeClass`, `Central`, `CpuCache` |
 //! | statistics | [`stats`] | `MemStats` |
 //! | allocator | [`malloc`]: routing, `alloc`, `free`, `maintenance`, `profile`, `report`, `api` | [`Malloc`] |
-//! | adapters | `hosted` (feature `std`), `x86_64` (feature `x86_64`) | `Hosted`, `FrameSource`, `IrqCpus`, `IrqSingle` |
+//! | adapters | `hosted` (feature `std`), `x86_64` (feature `x86_64`; `x86_64/frames`, `x86_64/kernel` with `bootloader_api`) | `Hosted`, `FrameSource`, `IrqCpus`, `IrqSingle`, `BootFrames`, `KernelHeap` |
 //!
 //! A module imports only from its own row or the rows before it in this table (so no lower tier knows a
 //! higher one, and no two modules import each other); `tests/layering.rs` checks it on every test run.

@@ -14,6 +14,16 @@
 //! - [`IrqCpus`]: a [`CpuProvider`] whose guard keeps interrupts off for the whole allocator operation and
 //!   whose index comes from a kernel function (typically a GS-relative per-CPU load): for SMP kernels.
 //! - [`IrqSingle`]: the same for a kernel that runs goheap on one CPU (index 0, no per-CPU data).
+//! - [`IrqsOff`]: interrupts off on this CPU while alive, and the [`Guarded`] token that proves it (the key
+//!   to a [`GuardedMutex`](crate::cpu::GuardedMutex)).
+//!
+//! With the feature `bootloader_api` (a kernel booted by the `bootloader` crate 0.11):
+//!
+//! - [`BootFrames`]: a frame allocator over the boot memory map that takes frames back (a free stack
+//!   threaded through the free frames), for `FrameSource` and the rest of the kernel.
+//! - [`KernelHeap`]: the whole heap in one `static` (window, frames, page source, CPU provider), set up by
+//!   one `init` call, usable as `#[global_allocator]`. The pieces stay reachable (`source()`, `frames()`,
+//!   and every `Malloc` method through `Deref`).
 //!
 //! With either, every public entry point of `Malloc` may be called from an interrupt handler (not from an
 //! NMI handler): see "Interrupts and signals" in `cpu.rs`. Both work by value (`Malloc<_, IrqSingle>`) or
@@ -22,12 +32,22 @@
 //! The data structures need no privileged instruction and are tested on the host; the instruction
 //! wrappers (`cli`, `invlpg`) only run inside the kernel.
 
-use crate::cpu::{CpuProvider, MAX_CPUS};
+use crate::cpu::{CpuProvider, Guarded, MAX_CPUS};
 use crate::source::PageSource;
 use crate::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
+use core::marker::PhantomData;
 use core::ptr::NonNull;
 use x86_64::structures::paging::{FrameAllocator, FrameDeallocator, Mapper, Page, PageTableFlags, PhysFrame, Size4KiB};
 use x86_64::VirtAddr;
+
+#[cfg(feature = "bootloader_api")]
+mod frames;
+#[cfg(feature = "bootloader_api")]
+mod kernel;
+#[cfg(feature = "bootloader_api")]
+pub use frames::{BootFrames, FrameCounts, LOW_MEMORY_END, MAX_RANGES};
+#[cfg(feature = "bootloader_api")]
+pub use kernel::{InitError, KernelHeap, KernelSource};
 
 /// APIC IDs the map covers: xAPIC IDs are 8 bits.
 pub const MAX_APIC_ID: usize = 256;
@@ -124,6 +144,42 @@ impl Drop for IrqGuard<'_> {
         if let Some(b) = self.busy {
             b.store(false, Ordering::Release);
         }
+        if self.were_enabled {
+            x86_64::instructions::interrupts::enable();
+        }
+    }
+}
+
+/// Interrupts off on this CPU from [`IrqsOff::new`] until drop (then back on if they were on), and the
+/// [`Guarded`] token that proves it: how code outside the allocator takes a goheap-style
+/// [`GuardedMutex`](crate::cpu::GuardedMutex) (as `BootFrames` does for its lock). Not `Send`: it
+/// speaks of one CPU.
+#[derive(Debug)]
+pub struct IrqsOff {
+    were_enabled: bool,
+    _this_cpu: PhantomData<*const ()>,
+}
+
+impl IrqsOff {
+    /// Turns interrupts off (`cli`) on this CPU. Kernel mode only: `cli` faults in user mode.
+    #[inline]
+    #[allow(clippy::new_without_default)] // a `Default` that executes `cli` would surprise
+    pub fn new() -> Self {
+        IrqsOff { were_enabled: irqs_off(), _this_cpu: PhantomData }
+    }
+
+    /// The token for goheap's locks, valid while interrupts stay off.
+    #[inline]
+    pub fn token(&self) -> Guarded<'_> {
+        // SAFETY: interrupts are off on this CPU until `self` drops, and the token cannot outlive `self`, so
+        // no interrupt handler runs here meanwhile (NMI handlers must not call goheap: the module contract).
+        unsafe { Guarded::new_unchecked() }
+    }
+}
+
+impl Drop for IrqsOff {
+    #[inline]
+    fn drop(&mut self) {
         if self.were_enabled {
             x86_64::instructions::interrupts::enable();
         }

@@ -17,28 +17,26 @@
 //! array, comparison area, else goheap), so a pointer always returns to the heap that made it.
 //!
 //! # goheap's wiring
+//! goheap's one-call kernel setup, `goheap::x86_64::KernelHeap` (the path the crate's README and its
+//! minimal example kernel, `examples/minimal.rs`, show), in [`HEAP`]:
 //! - Page source: `goheap::x86_64::FrameSource` over the virtual window [`HEAP_WINDOW_START`]
 //!   .. `+ HEAP_WINDOW_BYTES` (inside L4 entry 136, which nothing else maps), mapping frames from
-//!   [`crate::frames`] through an `OffsetPageTable` on the active page tables, and returning them when the
-//!   scavenger decommits. The window holds goheap's arena (at most [`HEAP_MAX_BYTES`], reserved, committed
-//!   on demand), its page map and page-allocator metadata, and its span descriptors.
+//!   goheap's `BootFrames` (`HEAP.frames()`, read through [`crate::frames`]) through an `OffsetPageTable`
+//!   on the active page tables, and returning them when the scavenger decommits. The window holds goheap's
+//!   arena (at most [`HEAP_MAX_BYTES`], reserved, committed on demand), its page map and page-allocator
+//!   metadata, and its span descriptors.
 //! - CPU provider: `goheap::x86_64::IrqCpus` over [`current_cpu_index`] (interrupts off in the allocator).
 //! - TLB shoot-down: the hook in [`SHOOTDOWN`] runs after goheap unmaps heap pages, before their frames
 //!   are reused.
 
-use crate::frames::{self, Frames};
 use bootloader_api::BootInfo;
 use core::alloc::{GlobalAlloc, Layout};
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use goheap::page::pagealloc::PALLOC_CHUNK_BYTES;
-use goheap::x86_64::{FrameSource, IrqCpus, ShootdownHook};
-use goheap::Malloc;
+use goheap::x86_64::{IrqCpus, KernelHeap, ShootdownHook};
 use linked_list_allocator::LockedHeap;
 use talc::{ErrOnOom, Span, Talc, Talck};
-use x86_64::registers::control::Cr3;
-use x86_64::structures::paging::{OffsetPageTable, PageTable};
-use x86_64::VirtAddr;
 
 /// Size of the early heap (boot-time allocations before goheap is ready; all of a test kernel's).
 pub const EARLY_HEAP_SIZE: usize = 256 << 10;
@@ -50,7 +48,8 @@ pub const HEAP_WINDOW_START: u64 = 0x4444_0000_0000;
 pub const HEAP_MAX_BYTES: usize = 4 << 30;
 /// The window: everything goheap may reserve for that arena over its life (arena, metadata, span
 /// descriptors), as `goheap::page::heap::reservation_bytes` computes it, plus the heap profile's region and
-/// tables (`goheap::malloc::PROFILE_RESERVATION_BYTES`, reserved at the first sample).
+/// tables (`goheap::malloc::PROFILE_RESERVATION_BYTES`, reserved at the first sample): what
+/// `KernelHeap::new` sizes it to.
 pub const HEAP_WINDOW_BYTES: u64 =
     (goheap::page::heap::reservation_bytes(HEAP_MAX_BYTES) + goheap::malloc::PROFILE_RESERVATION_BYTES) as u64;
 
@@ -71,30 +70,27 @@ pub fn current_cpu_index() -> Option<usize> {
 /// no-op while only the BSP runs.
 pub const SHOOTDOWN: Option<ShootdownHook> = Some(crate::apic::tlb_shootdown);
 
-/// goheap's page source type in this kernel.
-pub type Source = FrameSource<OffsetPageTable<'static>, Frames>;
-/// goheap's CPU provider in this kernel: `IrqCpus`, or with the feature `irq-latency` the same wrapped in
-/// `crate::irqlat::MeasuredCpus`, which times every interrupts-off section.
+/// goheap's CPU provider in this kernel: `IrqCpus` (by value), or with the feature `irq-latency` the same
+/// wrapped in `crate::irqlat::MeasuredCpus`, which times every interrupts-off section.
 #[cfg(not(feature = "irq-latency"))]
-pub type Cpus = &'static IrqCpus;
+pub type Cpus = IrqCpus;
 /// goheap's CPU provider in this kernel (see the other definition).
 #[cfg(feature = "irq-latency")]
 pub type Cpus = crate::irqlat::MeasuredCpus;
 
 /// goheap as this kernel instantiates it.
-pub type KernelHeap = Malloc<Source, Cpus>;
-
-static CPUS: IrqCpus = IrqCpus::new(current_cpu_index);
+pub type Heap = KernelHeap<Cpus>;
 
 #[cfg(not(feature = "irq-latency"))]
-const PROVIDER: Cpus = &CPUS;
+const PROVIDER: Cpus = IrqCpus::new(current_cpu_index);
+#[cfg(feature = "irq-latency")]
+static CPUS: IrqCpus = IrqCpus::new(current_cpu_index);
 #[cfg(feature = "irq-latency")]
 const PROVIDER: Cpus = crate::irqlat::MeasuredCpus::new(&CPUS);
 
 /// The kernel heap. Statistics, `background`, `flush_cpu_cache`, `release_all` and the memory limit are
-/// reached through it.
-pub static HEAP: KernelHeap =
-    Malloc::with_max_bytes(FrameSource::new(HEAP_WINDOW_START, HEAP_WINDOW_BYTES, SHOOTDOWN), PROVIDER, HEAP_MAX_BYTES);
+/// reached through it (goheap's `Malloc`, by `Deref`); the frame allocator through `HEAP.frames()`.
+pub static HEAP: Heap = KernelHeap::new(HEAP_WINDOW_START, HEAP_MAX_BYTES, PROVIDER, SHOOTDOWN);
 
 const MODE_EARLY: u8 = 0;
 const MODE_GOHEAP: u8 = 1;
@@ -319,32 +315,18 @@ pub fn init() {
     unsafe { EARLY.lock().init(start as *mut u8, EARLY_HEAP_SIZE) };
 }
 
-/// Makes goheap the kernel heap: the frame allocator takes the usable memory, goheap's page source gets
-/// the active page tables, and new allocations go to goheap from now on. Call once, on the BSP, before
-/// other CPUs start.
+/// Makes goheap the kernel heap: `KernelHeap::init` gives goheap's frame allocator the usable memory and its
+/// page source the active page tables, and new allocations go to goheap from now on. Call once, on the BSP,
+/// before other CPUs start.
 pub fn init_goheap(boot_info: &'static BootInfo) {
     init();
-    let phys = boot_info
-        .physical_memory_offset
-        .into_option()
-        .expect("the heap needs the physical-memory mapping (BOOTLOADER_CONFIG maps it)");
-    // SAFETY: called once, before any frame is handed out; the bootloader mapped all physical memory at
-    // `phys` and marked everything it gave the kernel as non-Usable.
-    unsafe { frames::init(&boot_info.memory_regions, phys) };
-
-    let (l4_frame, _) = Cr3::read();
-    let l4_ptr = (phys + l4_frame.start_address().as_u64()) as *mut PageTable;
-    let l4_index = (HEAP_WINDOW_START >> 39) as usize & 511;
-    // SAFETY: the active L4 table, reached through the physical-memory mapping; this `&mut` is the one the
-    // mapper keeps. Other kernel code that edits page tables (the CPU bring-up) only touches other L4
-    // entries, and the mapper only writes below entry `l4_index`.
-    let l4: &'static mut PageTable = unsafe { &mut *l4_ptr };
-    assert!(l4[l4_index].is_unused(), "heap window {HEAP_WINDOW_START:#x} overlaps a bootloader mapping");
-    // SAFETY: `l4` is the active L4 table and all physical memory is mapped at `phys`.
-    let mapper = unsafe { OffsetPageTable::new(l4, VirtAddr::new(phys)) };
-    // SAFETY: the window is unused address space (its L4 entry is empty, checked above) that only this
-    // source maps; the mapper maps the active tables; `Frames` hands out frames nothing else uses.
-    unsafe { HEAP.heap().source().init(mapper, Frames) };
+    // SAFETY: the bootloader's BootInfo (BOOTLOADER_CONFIG maps physical memory), called once before other
+    // CPUs run. The bootloader's page tables are active; other kernel code that edits them (the CPU
+    // bring-up) only touches other L4 entries, through its own mapper, and takes its frames from a static
+    // pool (`smp::PoolFrames`) or goheap's `BootFrames` (`HEAP.frames()`), never from usable memory itself.
+    if let Err(e) = unsafe { HEAP.init(boot_info) } {
+        panic!("goheap's kernel heap: {e}");
+    }
     MODE.store(MODE_GOHEAP, Ordering::Release);
 }
 
@@ -355,7 +337,7 @@ pub fn goheap_ready() -> bool {
 
 /// 4 KiB frames goheap holds mapped in its window (arena pages and metadata).
 pub fn committed_frames() -> usize {
-    HEAP.heap().source().committed_frames()
+    HEAP.source().committed_frames()
 }
 
 /// Routes all new allocations to a fresh comparison heap of `kind` over `bytes`, carved out of goheap as

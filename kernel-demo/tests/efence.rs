@@ -16,9 +16,8 @@ use core::alloc::Layout;
 use core::fmt::Write;
 use core::sync::atomic::{AtomicUsize, Ordering};
 use goheap::malloc::DebugFlags;
-use goheap::x86_64::{FrameSource, IrqSingle};
+use goheap::x86_64::{BootFrames, FrameSource, IrqSingle};
 use goheap::{Malloc, PAGE_SIZE};
-use kernel_demo::frames::Frames;
 use kernel_demo::heap::HEAP;
 use kernel_demo::testing::{self, MsgBuf};
 use kernel_demo::{exit_qemu, serial_println, ExitCode};
@@ -115,7 +114,7 @@ impl Mapper<Size4KiB> for SharedMapper {
 // SAFETY: one CPU runs this kernel (smp=1), and only this heap uses this provider.
 static CPU: IrqSingle = unsafe { IrqSingle::new() };
 
-static EFENCE: Malloc<FrameSource<SharedMapper, Frames>, &IrqSingle> =
+static EFENCE: Malloc<FrameSource<SharedMapper, &BootFrames>, &IrqSingle> =
     Malloc::with_max_bytes(FrameSource::new(WINDOW_START, WINDOW_BYTES, None), &CPU, MAX_BYTES)
         .with_debug(DebugFlags::EFENCE);
 
@@ -127,8 +126,8 @@ fn run(boot_info: &'static mut BootInfo) -> ! {
         "the efence window is mapped already"
     );
     // SAFETY: the window (L4 entry 137) is unused address space only this source maps; the mapper maps the
-    // active tables (the kernel heap's); `Frames` hands out frames nothing else uses.
-    unsafe { EFENCE.heap().source().init(SharedMapper, Frames) };
+    // active tables (the kernel heap's); the kernel heap's `BootFrames` hands out frames nothing else uses.
+    unsafe { EFENCE.heap().source().init(SharedMapper, HEAP.frames()) };
     let layout = Layout::from_size_align(64, 8).unwrap();
 
     // Addresses are never reused, and freed objects' frames go back.

@@ -29,10 +29,11 @@ use std::time::Instant;
 use crate::{proc, say};
 
 /// goheap's feature sets that clippy lints one by one: none, the hosted build, hosted with the free
-/// checks, the test-only walks with the generator, the pprof writer, and the kernel adapters (they build on
-/// the host too).
+/// checks, the test-only walks with the generator, the pprof writer, and the kernel adapters with and
+/// without the bootloader_api frame allocator and KernelHeap (they build on the host too).
 /// Every feature of goheap's Cargo.toml is in at least one set (a unit test below checks it).
-pub const GOHEAP_FEATURE_SETS: &[&str] = &["", "std", "std,checks", "std,validate,generator", "std,pprof", "x86_64"];
+pub const GOHEAP_FEATURE_SETS: &[&str] =
+    &["", "std", "std,checks", "std,validate,generator", "std,pprof", "x86_64", "bootloader_api"];
 
 /// One gate: a name for the summary and the command that passes or fails it.
 pub struct Gate {

@@ -81,6 +81,14 @@ impl<'a> KernelBuilder<'a> {
         Ok(copy)
     }
 
+    /// Builds the example kernel `kernel-demo/examples/NAME.rs` (e.g. `minimal`); returns its ELF.
+    pub fn build_example(&self, name: &str, release: bool) -> Result<PathBuf, String> {
+        let mut cmd = self.kernel_cargo("build", release);
+        cmd.args(["--example", name]);
+        run(&mut cmd, &format!("building the example kernel {name}"))?;
+        Ok(self.profile_dir(release).join("examples").join(name))
+    }
+
     /// Builds every test kernel (tests/*.rs of kernel-demo); returns them in name order.
     pub fn build_tests(&self, release: bool) -> Result<Vec<TestKernel>, String> {
         let mut cmd = self.kernel_cargo("test", release);

@@ -14,7 +14,8 @@
 //!    where rustup cannot install it);
 //!    then a short run of each fuzz target (`fuzz.rs`; skipped, with the reason, where the toolchain
 //!    cannot fuzz);
-//! 5. QEMU: the demo kernel under UEFI and BIOS, then every test kernel in `kernel-demo/tests/*.rs`.
+//! 5. QEMU: the demo kernel under UEFI and BIOS, the minimal example kernel (`kernel-demo/examples/minimal.rs`)
+//!    on one CPU under UEFI and BIOS, then every test kernel in `kernel-demo/tests/*.rs`.
 //!
 //! Test kernels: each `kernel-demo/tests/NAME.rs` is one kernel (custom_test_frameworks, or
 //! `harness = false` in kernel-demo/Cargo.toml for must-panic kernels whose panic handler exits with
@@ -361,6 +362,16 @@ fn qemu_kernels(tools: &Tools, sum: &mut Summary) {
             }
         }
         Err(e) => sum.add("QEMU kernel-demo", 0, 1, e),
+    }
+    // The minimal example kernel (examples/minimal.rs, the README's kernel section): one CPU, both firmwares.
+    match kb.build_example("minimal", false) {
+        Ok(elf) => {
+            for fw in [Firmware::Uefi, Firmware::Bios] {
+                let opts = QemuOptions { firmware: fw, smp: 1, ..QemuOptions::default() };
+                boot_one(tools, &kb, &tool, sum, "example-minimal", &elf, &opts, &[]);
+            }
+        }
+        Err(e) => sum.add("QEMU example-minimal", 0, 1, e),
     }
     // Every test kernel.
     let tests: Vec<TestKernel> = match kb.build_tests(false) {
