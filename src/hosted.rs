@@ -99,6 +99,14 @@ fn apply_scavtrace(m: &Malloc<MmapSource, ThreadSlots>, on: bool) {
     m.set_scavtrace_sink(on.then_some(stderr_scavtrace as crate::page::heap::scavenger::ScavTraceSink));
 }
 
+/// `CLOCK_MONOTONIC` in nanoseconds (the vDSO: no system call, no allocation, no lock of ours).
+fn monotonic_nanos() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(ts.tv_nsec as u64)
+}
+
 /// A `scavtrace` line to standard error, formatted on the stack (no allocation).
 fn stderr_scavtrace(line: &crate::page::heap::scavenger::ScavTrace) {
     struct Buf {
@@ -261,6 +269,9 @@ impl Hosted {
 
     /// Applies the environment's knobs now (see the module docs); called once, by `read_env`.
     fn apply_env(&self) {
+        // The scavenger's clock: with it, background steps are paced to about 1% of one CPU (Go's
+        // `scavengePercent`) and its CPU time is counted (`/cpu/classes/scavenge/total:cpu-seconds`).
+        self.0.set_clock(Some(monotonic_nanos));
         if let Some(v) = env::getenv(c"GOMEMLIMIT") {
             match env::parse_memory_limit(v) {
                 Some(n) => self.0.set_memory_limit(n),

@@ -82,6 +82,18 @@ fn env_child() {
                 GLOBAL.dealloc(q, l);
             }
         }
+        "clock" => {
+            let l = Layout::from_size_align(32 << 20, 8).unwrap();
+            // SAFETY (test): valid layout; freed once.
+            unsafe {
+                let p = GLOBAL.alloc(l);
+                assert!(!p.is_null());
+                p.write_bytes(1, l.size());
+                GLOBAL.dealloc(p, l);
+            }
+            let released = GLOBAL.release_all();
+            println!("RESULT released={} cpu_nanos={}", released, GLOBAL.heap().stats().scavenge_cpu_nanos);
+        }
         other => panic!("unknown child mode {other}"),
     }
 }
@@ -197,4 +209,13 @@ fn scavtrace_prints_gos_line_on_stderr() {
     let off = child("maps", &[]);
     assert_eq!(result(&off)["released"], "true");
     assert!(scav_lines(&off).is_empty(), "scavtrace is off by default: {:?}", scav_lines(&off));
+}
+
+/// `Hosted` gives the scavenger a clock (Go paces its scavenger by time and reports its CPU time): the time
+/// `release_all` spent decommitting is counted.
+#[test]
+fn hosted_scavenger_has_a_clock() {
+    let r = result(&child("clock", &[]));
+    assert!(r["released"].parse::<u64>().unwrap() >= 32 << 20, "{r:?}");
+    assert!(r["cpu_nanos"].parse::<u64>().unwrap() > 0, "no scavenger CPU time counted: {r:?}");
 }
