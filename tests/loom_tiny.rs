@@ -27,6 +27,13 @@ fn tiny_block_freed_from_two_cpus() {
         assert!(a != 0 && b == a + 8, "two tiny objects packed in one block");
         // Retires the block: its count becomes 2 (two objects handed out, none freed).
         m.flush_cpu_cache();
+        // Warm-up (see `loom_common::warm_up`): one tiny free on this thread first, so the atomics every free
+        // reads (the guarded pool's bounds) exist before two threads read them; its block is retired too.
+        let x = m.alloc(l8);
+        assert!(!x.is_null());
+        // SAFETY: `x` is ours.
+        unsafe { m.dealloc(x, l8) };
+        m.flush_cpu_cache();
         let shadow = Arc::new(Shadow::new(&[a, b]));
         shadow.write(a, 1);
         shadow.write(b, 1);
