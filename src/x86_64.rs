@@ -19,9 +19,9 @@
 //!
 //! With the feature `bootloader_api` (a kernel booted by the `bootloader` crate 0.11):
 //!
-//! - [`BootFrames`]: a frame allocator over the boot memory map that takes frames back (a free stack
+//! - `BootFrames`: a frame allocator over the boot memory map that takes frames back (a free stack
 //!   threaded through the free frames), for `FrameSource` and the rest of the kernel.
-//! - [`KernelHeap`]: the whole heap in one `static` (window, frames, page source, CPU provider), set up by
+//! - `KernelHeap`: the whole heap in one `static` (window, frames, page source, CPU provider), set up by
 //!   one `init` call, usable as `#[global_allocator]`. The pieces stay reachable (`source()`, `frames()`,
 //!   and every `Malloc` method through `Deref`).
 //!

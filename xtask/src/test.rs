@@ -367,7 +367,15 @@ fn qemu_kernels(tools: &Tools, sum: &mut Summary) {
     match kb.build_example("minimal", false) {
         Ok(elf) => {
             for fw in [Firmware::Uefi, Firmware::Bios] {
-                let opts = QemuOptions { firmware: fw, smp: 1, ..QemuOptions::default() };
+                // The demo's generous timeout: a BIOS boot loads the kernel through real-mode disk reads,
+                // which under TCG on a loaded machine took over two minutes (seen: no output after 120 s
+                // while heap_basics' BIOS boot took 4 min), though 35 s on a quieter one.
+                let opts = QemuOptions {
+                    firmware: fw,
+                    smp: 1,
+                    timeout: std::time::Duration::from_secs(300),
+                    ..QemuOptions::default()
+                };
                 boot_one(tools, &kb, &tool, sum, "example-minimal", &elf, &opts, &[]);
             }
         }

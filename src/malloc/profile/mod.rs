@@ -39,7 +39,7 @@ pub use table::{MAX_STACK_DEPTH, PROFILE_BUCKETS, PROFILE_RESERVATION_BYTES, PRO
 pub type StackHook = fn(frames: &mut [usize]) -> usize;
 
 /// One bucket of the heap profile (Go's `runtime.MemProfileRecord`): the sampled allocations and frees of
-/// objects of one size from one call stack. The counts are of samples; [`ProfileRecord::scaled`] estimates
+/// objects of one size from one call stack. The counts are of samples; `ProfileRecord::scaled` (feature `std`) estimates
 /// the true counts as pprof does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProfileRecord {
