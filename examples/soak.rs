@@ -244,34 +244,9 @@ struct Config {
 
 static SHARED: [Mutex<Option<Block>>; SHARED_SLOTS] = [const { Mutex::new(None) }; SHARED_SLOTS];
 
-/// A size in 1 B..=4 MiB, most small: log-uniform within bands.
-fn pick_size(rng: &mut Rng) -> usize {
-    let (lo, hi): (usize, usize) = match rng.below(1000) {
-        0..400 => (1, 16),
-        400..750 => (17, 1024),
-        750..950 => (1025, 32 << 10),
-        950..990 => ((32 << 10) + 1, 512 << 10),
-        _ => ((512 << 10) + 1, MAX_SIZE),
-    };
-    let (lb, hb) = (usize::BITS - lo.leading_zeros(), usize::BITS - hi.leading_zeros());
-    let b = lb + rng.below(u64::from(hb - lb + 1)) as u32;
-    let base = 1usize << (b - 1);
-    (base + rng.index(base)).clamp(lo, hi)
-}
-
-/// An alignment in 1 B..=2 MiB, most small.
-fn pick_align(rng: &mut Rng) -> usize {
-    match rng.below(1000) {
-        0..700 => 1 << rng.below(5),          // 1..16
-        700..920 => 1 << (5 + rng.below(8)),  // 32..4096
-        920..990 => 1 << (13 + rng.below(4)), // 8 KiB..64 KiB
-        _ => 1 << (17 + rng.below(5)),        // 128 KiB..2 MiB
-    }
-}
-
 fn make(rng: &mut Rng, me: u64) -> Block {
-    let size = pick_size(rng);
-    let align = pick_align(rng);
+    let size = rng.soak_size(MAX_SIZE);
+    let align = rng.soak_align();
     let layout = Layout::from_size_align(size, align).expect("valid layout");
     let zeroed = rng.below(16) == 0;
     let p = timed(0, size, align, || if zeroed { HEAP.alloc_zeroed(layout) } else { HEAP.alloc(layout) });
@@ -305,7 +280,7 @@ fn free(b: Block, when: &str) {
 
 fn realloc(rng: &mut Rng, b: Block, me: u64) -> Block {
     verify(&b, b.size, "before realloc");
-    let new_size = pick_size(rng);
+    let new_size = rng.soak_size(MAX_SIZE);
     // SAFETY: `b` is a live block of HEAP with this layout; `new_size` is non-zero and, rounded up to the
     // alignment, far below isize::MAX.
     let p = timed(2, new_size, b.align, || unsafe { HEAP.realloc(b.addr as *mut u8, b.layout(), new_size) });

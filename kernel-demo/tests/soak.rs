@@ -179,32 +179,9 @@ fn timed<R>(kind: usize, size: usize, f: impl FnOnce() -> R) -> R {
     r
 }
 
-fn pick_size(rng: &mut Rng) -> usize {
-    let (lo, hi): (usize, usize) = match rng.below(1000) {
-        0..400 => (1, 16),
-        400..750 => (17, 1024),
-        750..950 => (1025, 32 << 10),
-        950..990 => ((32 << 10) + 1, 512 << 10),
-        _ => ((512 << 10) + 1, MAX_SIZE),
-    };
-    let (lb, hb) = (usize::BITS - lo.leading_zeros(), usize::BITS - hi.leading_zeros());
-    let b = lb + rng.below(u64::from(hb - lb + 1)) as u32;
-    let base = 1usize << (b - 1);
-    (base + rng.index(base)).clamp(lo, hi)
-}
-
-fn pick_align(rng: &mut Rng) -> usize {
-    match rng.below(1000) {
-        0..700 => 1 << rng.below(5),
-        700..920 => 1 << (5 + rng.below(8)),
-        920..990 => 1 << (13 + rng.below(4)),
-        _ => 1 << (17 + rng.below(5)),
-    }
-}
-
 fn make(rng: &mut Rng, cpu: usize) -> Block {
-    let size = pick_size(rng);
-    let align = pick_align(rng);
+    let size = rng.soak_size(MAX_SIZE);
+    let align = rng.soak_align();
     let layout = Layout::from_size_align(size, align).expect("valid layout");
     let zeroed = rng.below(16) == 0;
     let p = timed(0, size, || if zeroed { HEAP.alloc_zeroed(layout) } else { HEAP.alloc(layout) });
@@ -232,7 +209,7 @@ fn free(b: Block, cpu: usize, when: &str) {
 
 fn realloc(rng: &mut Rng, b: Block, cpu: usize) -> Block {
     verify(&b, b.size, cpu, "before realloc");
-    let new_size = pick_size(rng);
+    let new_size = rng.soak_size(MAX_SIZE);
     // SAFETY: `b` is a live block of HEAP with this layout; `new_size` is non-zero and small.
     let p = timed(2, new_size, || unsafe { HEAP.realloc(b.addr as *mut u8, b.layout(), new_size) });
     assert!(!p.is_null(), "soak: CPU {cpu}: realloc of {:#x} ({} B) to {new_size} B failed", b.addr, b.size);

@@ -48,6 +48,34 @@ impl Rng {
         self.below(len as u64) as usize
     }
 
+    /// A soak's request size in `1..=max_bytes` (`max_bytes` at least 1 MiB; the host soak and the soak test
+    /// kernel share this mix): bands of 1–16 B (40%), 17 B–1 KiB (35%), 1 KiB–32 KiB (20%), 32 KiB–512 KiB
+    /// (4%) and above (1%), log-uniform within each band. No floating point (the kernel uses it).
+    pub fn soak_size(&mut self, max_bytes: usize) -> usize {
+        let (lo, hi): (usize, usize) = match self.below(1000) {
+            0..400 => (1, 16),
+            400..750 => (17, 1024),
+            750..950 => (1025, 32 << 10),
+            950..990 => ((32 << 10) + 1, 512 << 10),
+            _ => ((512 << 10) + 1, max_bytes),
+        };
+        let (lb, hb) = (usize::BITS - lo.leading_zeros(), usize::BITS - hi.leading_zeros());
+        let b = lb + self.below(u64::from(hb - lb + 1)) as u32;
+        let base = 1usize << (b - 1);
+        (base + self.index(base)).clamp(lo, hi)
+    }
+
+    /// A soak's alignment in 1 B..=2 MiB, most small: 1–16 B (70%), 32 B–4 KiB (22%), 8–64 KiB (7%),
+    /// 128 KiB–2 MiB (1%).
+    pub fn soak_align(&mut self) -> usize {
+        match self.below(1000) {
+            0..700 => 1 << self.below(5),
+            700..920 => 1 << (5 + self.below(8)),
+            920..990 => 1 << (13 + self.below(4)),
+            _ => 1 << (17 + self.below(5)),
+        }
+    }
+
     /// Log-uniform in `lo..=hi` (small sizes more frequent, as in real programs).
     #[cfg(feature = "std")]
     #[inline]
@@ -101,6 +129,28 @@ mod tests {
         }
         // 10 000 expected per bucket; a biased generator (or a `below` using only a few bits) misses this.
         assert!(counts.iter().all(|&c| (9_000..11_000).contains(&c)), "{counts:?}");
+    }
+
+    #[test]
+    fn soak_mix_stays_in_range_and_reaches_every_band() {
+        let mut r = Rng::new(9);
+        let max = 4 << 20;
+        let (mut bands, mut aligns) = ([0u32; 5], [0u32; 4]);
+        for _ in 0..100_000 {
+            let s = r.soak_size(max);
+            assert!((1..=max).contains(&s), "{s}");
+            bands[[16, 1024, 32 << 10, 512 << 10, max].iter().position(|&hi| s <= hi).unwrap()] += 1;
+            let a = r.soak_align();
+            assert!(a.is_power_of_two() && a <= 2 << 20, "{a}");
+            aligns[[16, 4096, 64 << 10, 2 << 20].iter().position(|&hi| a <= hi).unwrap()] += 1;
+        }
+        // The stated shares (40/35/20/4/1% and 70/22/7/1%), within a few standard deviations.
+        for (got, want) in bands.iter().zip([40_000, 35_000, 20_000, 4_000, 1_000]) {
+            assert!(got.abs_diff(want) < want / 10 + 300, "sizes per band {bands:?}");
+        }
+        for (got, want) in aligns.iter().zip([70_000, 22_000, 7_000, 1_000]) {
+            assert!(got.abs_diff(want) < want / 10 + 300, "alignments per band {aligns:?}");
+        }
     }
 
     #[cfg(feature = "std")]
