@@ -10,9 +10,13 @@
 //! Explored: 94 iterations (1–2 s) with the preemption bound of 1 it sets (`LOOM_MAX_PREEMPTIONS`
 //! overrides it): three threads through the whole allocator (every Central lock, the heap, the
 //! scavenger) are too many interleavings to exhaust; at bound 2 the model ran over 5 minutes.
-//! Weakening caught: the lock's release (`SpinMutexGuard::drop`, src/sync.rs) storing `false` with
-//! `Relaxed` instead of `Release`: loom reports "Causality violation: Concurrent write accesses to
-//! `UnsafeCell`" on the holder cell (created at src/sync.rs), at once.
+//! Weakenings caught (each reverted after): the lock's release (`SpinMutexGuard::drop`, src/sync.rs)
+//! storing `false` with `Relaxed` instead of `Release`: loom reports "Causality violation: Concurrent write
+//! accesses to `UnsafeCell`" on the holder cell (created at src/sync.rs), at once; and a reversed lock
+//! order: `release_all` (src/malloc/maintenance.rs) taking the heap lock and, holding it, the shared
+//! cache's lock (against the shared-cache path's shared → Central → heap): loom reports "Model exceeded
+//! maximum number of branches" (the interleaving where each thread spins on the lock the other holds) in
+//! 2 s. `reversed_lock_order_is_caught` below keeps that detection under test on two bare locks.
 #![cfg(loom)]
 
 mod loom_common;
@@ -51,5 +55,47 @@ fn lock_order_no_deadlock() {
         assert_eq!(s.heap_objects, 0);
         #[cfg(feature = "validate")]
         m.validate();
+    });
+}
+
+/// The model above finds no deadlock; this shows that it would. Two threads take two goheap locks
+/// (`sync::SpinMutex`, the lock under every `GuardedMutex`) in opposite orders, the lock-order cycle the
+/// real paths must never form: loom finds the interleaving where each holds one lock and spins on the
+/// other (both threads then only yield, and loom stops the execution at its branch limit, a panic).
+#[test]
+#[should_panic(expected = "Model exceeded maximum number of branches")]
+fn reversed_lock_order_is_caught() {
+    two_locks("reversed_lock_order_is_caught", true);
+}
+
+/// The control for the test above: the same two threads taking the locks in one order pass.
+#[test]
+fn same_lock_order_passes() {
+    two_locks("same_lock_order_passes", false);
+}
+
+/// Two threads, each taking both locks; the spawned one in the opposite order if `reversed`.
+fn two_locks(name: &'static str, reversed: bool) {
+    use goheap::sync::SpinMutex;
+    let mut b = builder(Some(1));
+    // The spinning threads only yield: a small branch limit ends the deadlocked execution quickly.
+    b.max_branches = 10_000;
+    run(name, b, move || {
+        let locks = Arc::new((SpinMutex::new(0u32), SpinMutex::new(0u32)));
+        // Warm-up: each lock's loom atomic is created on its first use, on this thread (see `sync`'s docs).
+        drop((locks.0.lock(), locks.1.lock()));
+        let l2 = locks.clone();
+        let t = spawn(move || {
+            let (first, second) = if reversed { (&l2.1, &l2.0) } else { (&l2.0, &l2.1) };
+            let b = first.lock();
+            let mut a = second.lock();
+            *a += *b;
+        });
+        {
+            let a = locks.0.lock();
+            let mut b = locks.1.lock();
+            *b += *a;
+        }
+        t.join().unwrap();
     });
 }

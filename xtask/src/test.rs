@@ -198,6 +198,8 @@ fn host_tests(root: &Path, sum: &mut Summary) {
             ("RUSTFLAGS", "--cfg loom".as_ref()),
             ("CARGO_TARGET_DIR", loom_dir.as_os_str()),
             ("RUST_TEST_NOCAPTURE", "1".as_ref()),
+            // One model at a time: goheap's loom atomics belong to the model running (`sync`'s docs).
+            ("RUST_TEST_THREADS", "1".as_ref()),
         ],
     );
 }
