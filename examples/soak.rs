@@ -44,6 +44,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+use testkit::pattern::{byte, check, fill};
 use testkit::Rng;
 
 type M = Malloc<MmapSource, ThreadSlots>;
@@ -85,58 +86,10 @@ impl Block {
     }
 }
 
-/// Pattern word `j` of a block with `seed`: distinct per block and per position, so a block that
-/// overlaps another, or reads stale data, shows up.
-#[inline]
-fn word(seed: u64, j: usize) -> u64 {
-    (seed ^ (j as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0xD6E8_FEB8_6659_FD93).rotate_left(29)
-}
-
-/// The byte at `offset` of the pattern.
-#[inline]
-fn byte(seed: u64, offset: usize) -> u8 {
-    (word(seed, offset / 8) >> ((offset % 8) * 8)) as u8
-}
-
-/// Fills `len` bytes at `p` with the pattern of `seed`.
-///
-/// # Safety
-/// `p` is valid for writes of `len` bytes that nothing else uses.
-unsafe fn fill(p: *mut u8, len: usize, seed: u64) {
-    let words = len / 8;
-    for j in 0..words {
-        // SAFETY: `8 * j + 8 <= len`, inside the caller's block; unaligned writes need no alignment.
-        unsafe { p.add(8 * j).cast::<u64>().write_unaligned(word(seed, j)) };
-    }
-    for i in 8 * words..len {
-        // SAFETY: `i < len`.
-        unsafe { *p.add(i) = byte(seed, i) };
-    }
-}
-
-/// The first offset below `len` at `p` that does not hold the pattern of `seed`.
-///
-/// # Safety
-/// `p` is valid for reads of `len` bytes.
-unsafe fn first_bad(p: *const u8, len: usize, seed: u64) -> Option<usize> {
-    let words = len / 8;
-    for j in 0..words {
-        // SAFETY: `8 * j + 8 <= len`, inside the caller's block.
-        if unsafe { p.add(8 * j).cast::<u64>().read_unaligned() } != word(seed, j) {
-            return (8 * j..8 * j + 8).find(|&i| {
-                // SAFETY: `i < 8 * j + 8 <= len`.
-                unsafe { *p.add(i) != byte(seed, i) }
-            });
-        }
-    }
-    // SAFETY: every `i < len`.
-    (8 * words..len).find(|&i| unsafe { *p.add(i) != byte(seed, i) })
-}
-
 /// Verifies the first `len` bytes of `b`'s pattern; a mismatch ends the run.
 fn verify(b: &Block, len: usize, when: &str) {
     // SAFETY: `b` is a live block of at least `len` bytes owned by the caller.
-    if let Some(off) = unsafe { first_bad(b.addr as *const u8, len, b.seed) } {
+    if let Err(off) = unsafe { check(b.addr as *const u8, len, b.seed) } {
         // SAFETY: `off < len`, inside the live block.
         let found = unsafe { *(b.addr as *const u8).add(off) };
         fail(

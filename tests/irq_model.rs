@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::{layout, pattern};
+use common::layout;
 use goheap::cpu::{CpuProvider, MAX_CPUS};
 use goheap::source::mmap::MmapSource;
 use goheap::source::PageSource;
@@ -24,6 +24,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use testkit::pattern::{check_marked as check, fill_marked as fill, marked};
 
 /// The signal standing in for an interrupt.
 const IRQ: libc::c_int = libc::SIGUSR1;
@@ -32,29 +33,7 @@ const STALL_SECS: u64 = 20;
 
 // ---- Contents: a pattern on a sparse set of bytes (cheap enough for a handler, also in a debug build) -----
 
-/// The bytes of an object that carry the pattern: the first 64, then one in 509 (the same set for every size,
-/// so a prefix of a reallocated object checks as it was written).
-fn marked(size: usize) -> impl Iterator<Item = usize> {
-    (0..size.min(64)).chain((509..size).step_by(509))
-}
-
-fn fill(p: *mut u8, size: usize, seed: u64) {
-    for i in marked(size) {
-        // SAFETY (test): `p` is valid for `size` bytes.
-        unsafe { *p.add(i) = pattern(seed, i) };
-    }
-}
-
-/// The first offset whose pattern byte is wrong.
-fn check(p: *const u8, size: usize, seed: u64) -> Result<(), usize> {
-    for i in marked(size) {
-        // SAFETY (test): `p` is valid for `size` bytes.
-        if unsafe { *p.add(i) } != pattern(seed, i) {
-            return Err(i);
-        }
-    }
-    Ok(())
-}
+// `fill_marked` / `check_marked` (testkit): the first 64 bytes and one in 509.
 
 // ---- The provider: the guard blocks the signal; one slot per thread ------------------------------------------
 
@@ -205,7 +184,8 @@ static HANDLED: AtomicUsize = AtomicUsize::new(0);
 static HANDLER_FAILED: AtomicBool = AtomicBool::new(false);
 
 fn handler_check(p: *const u8, len: usize, seed: u64) {
-    if check(p, len, seed).is_err() {
+    // SAFETY: a live block of at least that many bytes.
+    if unsafe { check(p, len, seed) }.is_err() {
         HANDLER_FAILED.store(true, Ordering::Relaxed);
     }
 }
@@ -214,7 +194,8 @@ fn handler_check(p: *const u8, len: usize, seed: u64) {
 fn h_alloc(m: &M, size: usize, seed: u64) -> *mut u8 {
     let p = m.alloc(layout(size, 8));
     if !p.is_null() {
-        fill(p, size, seed);
+        // SAFETY: a live block of at least that many bytes, which this code owns.
+        unsafe { fill(p, size, seed) };
     }
     p
 }
@@ -234,7 +215,8 @@ fn h_realloc_chain(m: &M, sizes: &[usize], seed: u64) {
             break;
         }
         handler_check(q, size.min(next), seed);
-        fill(q, next, seed);
+        // SAFETY: a live block of at least that many bytes, which this code owns.
+        unsafe { fill(q, next, seed) };
         (p, size) = (q, next);
     }
     handler_check(p, size, seed);
@@ -365,7 +347,14 @@ struct Progress {
 }
 
 fn free_obj(m: &M, o: Obj) {
-    assert_eq!(check(o.addr as *const u8, o.size, o.seed), Ok(()), "object {:#x} ({} B) overwritten", o.addr, o.size);
+    // SAFETY: a live block of at least that many bytes.
+    assert_eq!(
+        unsafe { check(o.addr as *const u8, o.size, o.seed) },
+        Ok(()),
+        "object {:#x} ({} B) overwritten",
+        o.addr,
+        o.size
+    );
     // SAFETY: a live allocation of `o.size` bytes, align 8, from `m`.
     unsafe { m.dealloc(o.addr as *mut u8, layout(o.size, 8)) };
 }
@@ -389,7 +378,8 @@ fn worker(m: &'static M, g: &'static M, seed: u64, iters: usize, validate: bool,
                 let p = m.alloc(layout(size, 8));
                 assert!(!p.is_null());
                 let s = r.next();
-                fill(p, size, s);
+                // SAFETY: a live block of at least that many bytes, which this code owns.
+                unsafe { fill(p, size, s) };
                 live.push(Obj { addr: p as usize, size, seed: s });
             }
             30..=37 => {
@@ -400,7 +390,8 @@ fn worker(m: &'static M, g: &'static M, seed: u64, iters: usize, validate: bool,
                 // SAFETY: `p` is valid for `size` bytes.
                 assert!(marked(size).all(|i| unsafe { *p.add(i) } == 0), "not zeroed");
                 let s = r.next();
-                fill(p, size, s);
+                // SAFETY: a live block of at least that many bytes, which this code owns.
+                unsafe { fill(p, size, s) };
                 live.push(Obj { addr: p as usize, size, seed: s });
             }
             38..=62 if !live.is_empty() => {
@@ -416,8 +407,10 @@ fn worker(m: &'static M, g: &'static M, seed: u64, iters: usize, validate: bool,
                 // SAFETY: a live allocation of `o.size` bytes, align 8.
                 let p = unsafe { m.realloc(o.addr as *mut u8, layout(o.size, 8), new) };
                 assert!(!p.is_null());
-                assert_eq!(check(p, o.size.min(new), o.seed), Ok(()), "realloc lost contents");
-                fill(p, new, o.seed);
+                // SAFETY: a live block of at least that many bytes.
+                assert_eq!(unsafe { check(p, o.size.min(new), o.seed) }, Ok(()), "realloc lost contents");
+                // SAFETY: a live block of at least that many bytes, which this code owns.
+                unsafe { fill(p, new, o.seed) };
                 live[k] = Obj { addr: p as usize, size: new, seed: o.seed };
             }
             75..=82 => {
@@ -426,13 +419,16 @@ fn worker(m: &'static M, g: &'static M, seed: u64, iters: usize, validate: bool,
                 let s = r.next();
                 let mut o = Obj { addr: m.alloc(layout(48 << 10, 8)) as usize, size: 48 << 10, seed: s };
                 assert_ne!(o.addr, 0);
-                fill(o.addr as *mut u8, o.size, s);
+                // SAFETY: a live block of at least that many bytes, which this code owns.
+                unsafe { fill(o.addr as *mut u8, o.size, s) };
                 for new in [160 << 10, 400 << 10, 64 << 10, 33 << 10] {
                     // SAFETY: a live allocation of `o.size` bytes, align 8.
                     let p = unsafe { m.realloc(o.addr as *mut u8, layout(o.size, 8), new) };
                     assert!(!p.is_null());
-                    assert_eq!(check(p, o.size.min(new), s), Ok(()), "large realloc lost contents");
-                    fill(p, new, s);
+                    // SAFETY: a live block of at least that many bytes.
+                    assert_eq!(unsafe { check(p, o.size.min(new), s) }, Ok(()), "large realloc lost contents");
+                    // SAFETY: a live block of at least that many bytes, which this code owns.
+                    unsafe { fill(p, new, s) };
                     o = Obj { addr: p as usize, size: new, seed: s };
                 }
                 free_obj(m, o);
@@ -469,7 +465,8 @@ fn worker(m: &'static M, g: &'static M, seed: u64, iters: usize, validate: bool,
                     let p = g.alloc(layout(size, 8));
                     assert!(!p.is_null());
                     let s = r.next();
-                    fill(p, size, s);
+                    // SAFETY: a live block of at least that many bytes, which this code owns.
+                    unsafe { fill(p, size, s) };
                     guarded.push(Obj { addr: p as usize, size, seed: s });
                 } else {
                     let o = guarded.swap_remove(r.below(guarded.len() as u64) as usize);

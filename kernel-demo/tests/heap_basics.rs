@@ -25,45 +25,23 @@ use kernel_demo::heap::{self, HEAP};
 
 kernel_demo::test_kernel!();
 
-/// The word written at word `i` of a block filled by [`fill`] with `seed`.
-fn pattern(seed: usize, i: usize) -> u64 {
-    (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed as u64
-}
-
-/// Fills `len` bytes at `p` with a pattern that differs per 8-byte word and per `seed` (whole words,
-/// then the tail bytes: word-sized stores keep the run short under TCG).
+/// Fills `len` bytes at `p` with testkit's pattern for `seed` (word-sized stores keep the run short under TCG).
 ///
 /// # Safety
-/// `p` is 8-aligned and valid for `len` bytes of writes.
+/// `p` is valid for `len` bytes of writes that nothing else uses meanwhile.
 unsafe fn fill(p: *mut u8, len: usize, seed: usize) {
-    let words = p.cast::<u64>();
-    for i in 0..len / 8 {
-        // SAFETY: word `i` lies within `len` bytes; `p` is 8-aligned (caller's contract).
-        unsafe { words.add(i).write(pattern(seed, i)) };
-    }
-    let tail = pattern(seed, len / 8).to_le_bytes();
-    for (k, &b) in tail.iter().enumerate().take(len % 8) {
-        // SAFETY: `len / 8 * 8 + k < len`.
-        unsafe { p.add(len / 8 * 8 + k).write(b) };
-    }
+    // SAFETY: the caller's contract.
+    unsafe { testkit::pattern::fill(p, len, seed as u64) }
 }
 
-/// Checks the first `len` bytes at `p` hold [`fill`]'s pattern for `seed`.
+/// Checks the first `len` bytes at `p` hold [`fill`]'s pattern for `seed`; a change fails the kernel.
 ///
 /// # Safety
-/// `p` is 8-aligned and valid for `len` bytes of reads.
+/// `p` is valid for `len` bytes of reads.
 unsafe fn check(p: *const u8, len: usize, seed: usize, what: &str) {
-    let words = p.cast::<u64>();
-    for i in 0..len / 8 {
-        // SAFETY: word `i` lies within `len` bytes; `p` is 8-aligned (caller's contract).
-        let w = unsafe { words.add(i).read() };
-        assert_eq!(w, pattern(seed, i), "{what}: word {i} of {len} B at {p:p} changed");
-    }
-    let tail = pattern(seed, len / 8).to_le_bytes();
-    for (k, &b) in tail.iter().enumerate().take(len % 8) {
-        // SAFETY: `len / 8 * 8 + k < len`.
-        let got = unsafe { p.add(len / 8 * 8 + k).read() };
-        assert_eq!(got, b, "{what}: tail byte {k} of {len} B at {p:p} changed");
+    // SAFETY: the caller's contract.
+    if let Err(off) = unsafe { testkit::pattern::check(p, len, seed as u64) } {
+        panic!("{what}: byte {off} of {len} B at {p:p} changed");
     }
 }
 

@@ -28,6 +28,7 @@ use goheap::source::PageSource;
 use goheap::x86_64::IrqSingle;
 use goheap::Malloc;
 use kernel_demo::{apic, serial_println};
+use testkit::pattern::marked;
 
 kernel_demo::test_kernel!();
 
@@ -98,26 +99,23 @@ fn give_region() {
 
 // ---- Contents ----------------------------------------------------------------------------------------------
 
-/// The byte at offset `i` of an object filled with `seed`; only the first 64 bytes and one in 509 carry it
-/// (cheap under TCG; the same set for every size, so a prefix of a reallocated object checks as written).
-fn pattern(seed: usize, i: usize) -> u8 {
-    ((seed.wrapping_mul(0x9E37_79B9) ^ i.wrapping_mul(0x2545_F491)) >> 7) as u8 ^ i as u8
+/// Writes testkit's pattern for `seed` into the marked bytes of the object (the first 64 and one in 509: cheap
+/// under TCG; the same set for every size, so a prefix of a reallocated object checks as written).
+///
+/// # Safety
+/// `p` is valid for writes of `size` bytes that nothing else uses meanwhile.
+unsafe fn fill(p: *mut u8, size: usize, seed: usize) {
+    // SAFETY: the caller's contract.
+    unsafe { testkit::pattern::fill_marked(p, size, seed as u64) }
 }
 
-fn marked(size: usize) -> impl Iterator<Item = usize> {
-    (0..size.min(64)).chain((509..size).step_by(509))
-}
-
-fn fill(p: *mut u8, size: usize, seed: usize) {
-    for i in marked(size) {
-        // SAFETY: `p` is valid for `size` bytes (callers pass live allocations).
-        unsafe { p.add(i).write(pattern(seed, i)) };
-    }
-}
-
-fn intact(p: *const u8, size: usize, seed: usize) -> bool {
-    // SAFETY: as in `fill`.
-    marked(size).all(|i| unsafe { p.add(i).read() } == pattern(seed, i))
+/// Whether the marked bytes still hold [`fill`]'s pattern for `seed`.
+///
+/// # Safety
+/// `p` is valid for reads of `size` bytes.
+unsafe fn intact(p: *const u8, size: usize, seed: usize) -> bool {
+    // SAFETY: the caller's contract.
+    unsafe { testkit::pattern::check_marked(p, size, seed as u64) }.is_ok()
 }
 
 fn lay(size: usize) -> Layout {
@@ -132,7 +130,8 @@ static HANDLER_BAD: AtomicBool = AtomicBool::new(false);
 static KEPT: [AtomicUsize; 3] = [const { AtomicUsize::new(0) }; 3];
 
 fn h_check(p: *const u8, size: usize, seed: usize) {
-    if !intact(p, size, seed) {
+    // SAFETY: a live object of at least that many bytes.
+    if !unsafe { intact(p, size, seed) } {
         HANDLER_BAD.store(true, Ordering::Relaxed);
     }
 }
@@ -145,7 +144,8 @@ fn on_tick() {
     let ps = objs.map(|(size, s)| {
         let p = M.alloc(lay(size));
         if !p.is_null() {
-            fill(p, size, s);
+            // SAFETY: a live object of at least that many bytes, which this code owns.
+            unsafe { fill(p, size, s) };
         }
         p
     });
@@ -153,7 +153,8 @@ fn on_tick() {
     let mut size = 12;
     let mut p = M.alloc(lay(size));
     if !p.is_null() {
-        fill(p, size, seed + 3);
+        // SAFETY: a live object of at least that many bytes, which this code owns.
+        unsafe { fill(p, size, seed + 3) };
         for next in [100, 3000, 40 << 10, 200 << 10, 72 << 10, 500, 4] {
             // SAFETY: `p` is a live allocation of `size` bytes, align 8, from `M`.
             let q = unsafe { M.realloc(p, lay(size), next) };
@@ -161,7 +162,8 @@ fn on_tick() {
                 break;
             }
             h_check(q, size.min(next), seed + 3);
-            fill(q, next, seed + 3);
+            // SAFETY: a live object of at least that many bytes, which this code owns.
+            unsafe { fill(q, next, seed + 3) };
             (p, size) = (q, next);
         }
         h_check(p, size, seed + 3);
@@ -185,7 +187,8 @@ fn on_tick() {
     let size = [24, 1000, 20 << 10, 48 << 10][run % 4];
     let p = M.alloc(lay(size));
     if !p.is_null() {
-        fill(p, size, seed + 4);
+        // SAFETY: a live object of at least that many bytes, which this code owns.
+        unsafe { fill(p, size, seed + 4) };
     }
     KEPT[0].store(p as usize, Ordering::Relaxed);
     KEPT[1].store(size, Ordering::Relaxed);
@@ -246,7 +249,11 @@ fn every_entry_point_with_an_allocating_timer_handler() {
             0..=59 => {
                 let (addr, size, seed) = live[k];
                 if addr != 0 {
-                    assert!(intact(addr as *const u8, size, seed), "object {addr:#x} ({size} B) overwritten");
+                    // SAFETY: a live object of at least that many bytes.
+                    assert!(
+                        unsafe { intact(addr as *const u8, size, seed) },
+                        "object {addr:#x} ({size} B) overwritten"
+                    );
                     if r.below(2) == 0 {
                         // SAFETY: a live allocation of `size` bytes, align 8, from `M`.
                         unsafe { M.dealloc(addr as *mut u8, lay(size)) };
@@ -256,8 +263,10 @@ fn every_entry_point_with_an_allocating_timer_handler() {
                         // SAFETY: as above.
                         let q = unsafe { M.realloc(addr as *mut u8, lay(size), new) };
                         assert!(!q.is_null(), "realloc to {new} B failed");
-                        assert!(intact(q, size.min(new), seed), "realloc lost contents");
-                        fill(q, new, seed);
+                        // SAFETY: a live object of at least that many bytes.
+                        assert!(unsafe { intact(q, size.min(new), seed) }, "realloc lost contents");
+                        // SAFETY: a live object of at least that many bytes, which this code owns.
+                        unsafe { fill(q, new, seed) };
                         live[k] = (q as usize, new, seed);
                     }
                 } else {
@@ -269,7 +278,8 @@ fn every_entry_point_with_an_allocating_timer_handler() {
                         // SAFETY: `q` is valid for `size` bytes.
                         assert!(marked(size).all(|i| unsafe { q.add(i).read() } == 0), "alloc_zeroed not zeroed");
                     }
-                    fill(q, size, step);
+                    // SAFETY: a live object of at least that many bytes, which this code owns.
+                    unsafe { fill(q, size, step) };
                     live[k] = (q as usize, size, step);
                 }
             }
@@ -278,13 +288,16 @@ fn every_entry_point_with_an_allocating_timer_handler() {
                 let mut size = 48 << 10;
                 let mut p = M.alloc(lay(size));
                 assert!(!p.is_null());
-                fill(p, size, step);
+                // SAFETY: a live object of at least that many bytes, which this code owns.
+                unsafe { fill(p, size, step) };
                 for new in [160 << 10, 400 << 10, 64 << 10, 33 << 10] {
                     // SAFETY: a live allocation of `size` bytes, align 8.
                     let q = unsafe { M.realloc(p, lay(size), new) };
                     assert!(!q.is_null());
-                    assert!(intact(q, size.min(new), step), "large realloc lost contents");
-                    fill(q, new, step);
+                    // SAFETY: a live object of at least that many bytes.
+                    assert!(unsafe { intact(q, size.min(new), step) }, "large realloc lost contents");
+                    // SAFETY: a live object of at least that many bytes, which this code owns.
+                    unsafe { fill(q, new, step) };
                     (p, size) = (q, new);
                 }
                 // SAFETY: as above.
@@ -307,7 +320,8 @@ fn every_entry_point_with_an_allocating_timer_handler() {
     apic::set_tick_handler(None);
     for (addr, size, seed) in live {
         if addr != 0 {
-            assert!(intact(addr as *const u8, size, seed), "object {addr:#x} ({size} B) overwritten");
+            // SAFETY: a live object of at least that many bytes.
+            assert!(unsafe { intact(addr as *const u8, size, seed) }, "object {addr:#x} ({size} B) overwritten");
             // SAFETY: a live allocation of `size` bytes, align 8, from `M`.
             unsafe { M.dealloc(addr as *mut u8, lay(size)) };
         }

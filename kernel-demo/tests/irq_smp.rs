@@ -23,6 +23,7 @@ use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use kernel_demo::heap::HEAP;
 use kernel_demo::smp::MAX_CPUS;
 use kernel_demo::{apic, percpu, serial_println, testing};
+use testkit::pattern::marked;
 use testkit::Rng;
 
 kernel_demo::test_kernel!(cpus = 4);
@@ -36,30 +37,23 @@ fn lay(size: usize) -> Layout {
     Layout::from_size_align(size, 8).unwrap()
 }
 
-/// The byte at offset `i` of an object filled with `seed`; only the first 64 bytes and one in 509 carry it
-/// (cheap under TCG; the same set for every size, so a prefix of a reallocated object checks as written).
-fn pattern(seed: usize, i: usize) -> u8 {
-    ((seed.wrapping_mul(0x9E37_79B9) ^ i.wrapping_mul(0x2545_F491)) >> 7) as u8 ^ i as u8
-}
-
-fn marked(size: usize) -> impl Iterator<Item = usize> {
-    (0..size.min(64)).chain((509..size).step_by(509))
-}
-
+/// Writes testkit's pattern for `seed` into the marked bytes of the object (the first 64 and one in 509: cheap
+/// under TCG; the same set for every size, so a prefix of a reallocated object checks as written).
+///
 /// # Safety
-/// `p` is valid for writes of `size` bytes.
+/// `p` is valid for writes of `size` bytes that nothing else uses meanwhile.
 unsafe fn fill(p: *mut u8, size: usize, seed: usize) {
-    for i in marked(size) {
-        // SAFETY: the caller's contract.
-        unsafe { p.add(i).write(pattern(seed, i)) };
-    }
+    // SAFETY: the caller's contract.
+    unsafe { testkit::pattern::fill_marked(p, size, seed as u64) }
 }
 
+/// Whether the marked bytes still hold [`fill`]'s pattern for `seed`.
+///
 /// # Safety
 /// `p` is valid for reads of `size` bytes.
 unsafe fn intact(p: *const u8, size: usize, seed: usize) -> bool {
     // SAFETY: the caller's contract.
-    marked(size).all(|i| unsafe { p.add(i).read() } == pattern(seed, i))
+    unsafe { testkit::pattern::check_marked(p, size, seed as u64) }.is_ok()
 }
 
 // ---- The interrupt handler (timer and IPI) -----------------------------------------------------------------

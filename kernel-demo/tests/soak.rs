@@ -37,6 +37,7 @@ use kernel_demo::args::Args;
 use kernel_demo::heap::{self, HEAP};
 use kernel_demo::smp::{self, MAX_CPUS};
 use kernel_demo::{apic, background, serial_println, testing, time};
+use testkit::pattern::{byte, check, fill};
 use testkit::Rng;
 
 kernel_demo::test_kernel!(|boot_info| {
@@ -116,44 +117,11 @@ fn on_tick() {
     background::tick();
 }
 
-#[inline]
-fn word(seed: u64, j: usize) -> u64 {
-    (seed ^ (j as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0xD6E8_FEB8_6659_FD93).rotate_left(29)
-}
-
-#[inline]
-fn byte(seed: u64, offset: usize) -> u8 {
-    (word(seed, offset / 8) >> ((offset % 8) * 8)) as u8
-}
-
-fn fill(p: *mut u8, len: usize, seed: u64) {
-    let words = len / 8;
-    for j in 0..words {
-        // SAFETY: `8 * j + 8 <= len`, inside the caller's live block, which only the caller uses.
-        unsafe { p.add(8 * j).cast::<u64>().write_unaligned(word(seed, j)) };
-    }
-    for i in 8 * words..len {
-        // SAFETY: `i < len`, as above.
-        unsafe { *p.add(i) = byte(seed, i) };
-    }
-}
-
 /// Verifies the first `len` bytes of `b`; a mismatch panics (fails the kernel) naming the block.
 fn verify(b: &Block, len: usize, cpu: usize, when: &str) {
     let p = b.addr as *const u8;
-    let words = len / 8;
-    let mut bad = None;
-    for j in 0..words {
-        // SAFETY: `b` is a live block of at least `len` bytes owned by the caller.
-        if unsafe { p.add(8 * j).cast::<u64>().read_unaligned() } != word(b.seed, j) {
-            bad = Some(8 * j);
-            break;
-        }
-    }
-    if bad.is_none() {
-        // SAFETY: as above, `i < len`.
-        bad = (8 * words..len).find(|&i| unsafe { *p.add(i) } != byte(b.seed, i));
-    }
+    // SAFETY: `b` is a live block of at least `len` bytes owned by the caller.
+    let bad = unsafe { check(p, len, b.seed) }.err();
     if let Some(off) = bad {
         // SAFETY: `off < len`.
         let found = unsafe { *p.add(off) };
@@ -195,7 +163,8 @@ fn make(rng: &mut Rng, cpu: usize) -> Block {
         }
     }
     let seed = rng.next();
-    fill(p, size, seed);
+    // SAFETY: `p` is a fresh block of `size` bytes that only this CPU uses.
+    unsafe { fill(p, size, seed) };
     ALLOCS.fetch_add(1, Relaxed);
     Block { addr: p as usize, size, align, seed, cpu }
 }
@@ -217,7 +186,8 @@ fn realloc(rng: &mut Rng, b: Block, cpu: usize) -> Block {
     let kept = Block { addr: p as usize, size: b.size.min(new_size), ..b };
     verify(&kept, kept.size, cpu, "after realloc (the kept prefix)");
     let seed = rng.next();
-    fill(p, new_size, seed);
+    // SAFETY: `p` is the reallocated block of `new_size` bytes, only this CPU's.
+    unsafe { fill(p, new_size, seed) };
     REALLOCS.fetch_add(1, Relaxed);
     Block { addr: p as usize, size: new_size, align: b.align, seed, cpu }
 }

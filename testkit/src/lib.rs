@@ -1,7 +1,8 @@
 //! Helpers shared by goheap's host tests (`tests/`), the benchmark (`bench/`) and the demo kernel and its
 //! test kernels (`kernel-demo/`), so each is written once.
 //!
-//! - [`Rng`]: the deterministic generator of every workload (test, benchmark, demo).
+//! - [`Rng`]: the deterministic generator of every workload (test, benchmark, demo);
+//! - [`pattern`]: the fill patterns that tests write into live blocks and check before freeing them.
 //!
 //! `no_std` (the kernel uses it); feature `std` adds what needs floating-point functions.
 #![no_std]
@@ -10,6 +11,8 @@
 
 #[cfg(feature = "std")]
 extern crate std;
+
+pub mod pattern;
 
 /// xorshift64*: deterministic per seed, cheap, allocation-free; the random source of the tests, the
 /// benchmark and the kernel workloads. Not for anything that needs unpredictability.
