@@ -1,6 +1,8 @@
 //! Scavenger, memory limit and out-of-memory behaviour of the page heap, over the bounded source.
 #![cfg(all(feature = "std", feature = "validate"))]
 
+mod common;
+
 use std::ptr::NonNull;
 
 use goheap::cpu::Guarded;
@@ -47,28 +49,9 @@ fn base(s: NonNull<Span>) -> usize {
     unsafe { span_info(s).base }
 }
 
-/// Captures `log` lines with the thread that emitted them (tests run in parallel in one process).
-struct Capture;
-static LINES: std::sync::Mutex<Vec<(std::thread::ThreadId, String)>> = std::sync::Mutex::new(Vec::new());
-impl log::Log for Capture {
-    fn enabled(&self, _: &log::Metadata) -> bool {
-        true
-    }
-    fn log(&self, r: &log::Record) {
-        LINES.lock().unwrap().push((std::thread::current().id(), format!("{}", r.args())));
-    }
-    fn flush(&self) {}
-}
-
 /// Scavenger lines logged by the calling thread so far.
 fn my_scav_lines() -> Vec<String> {
-    static INIT: std::sync::Once = std::sync::Once::new();
-    INIT.call_once(|| {
-        let _ = log::set_logger(&Capture);
-        log::set_max_level(log::LevelFilter::Info);
-    });
-    let me = std::thread::current().id();
-    LINES.lock().unwrap().iter().filter(|(t, l)| *t == me && l.starts_with("scav ")).map(|(_, l)| l.clone()).collect()
+    common::my_log_lines().into_iter().filter(|l| l.starts_with("scav ")).collect()
 }
 
 #[test]

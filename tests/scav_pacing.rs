@@ -3,6 +3,8 @@
 //! left to forced scavenging, and `scavtrace` (off by default, Go's line when on).
 #![cfg(all(feature = "std", feature = "validate"))]
 
+mod common;
+
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -257,29 +259,6 @@ fn dense_chunks_skipped_by_background_taken_by_forced() {
     h.validate(g());
 }
 
-/// Captures `log` lines with the thread that emitted them.
-struct Capture;
-static LINES: std::sync::Mutex<Vec<(std::thread::ThreadId, String)>> = std::sync::Mutex::new(Vec::new());
-impl log::Log for Capture {
-    fn enabled(&self, _: &log::Metadata) -> bool {
-        true
-    }
-    fn log(&self, r: &log::Record) {
-        LINES.lock().unwrap().push((std::thread::current().id(), format!("{}", r.args())));
-    }
-    fn flush(&self) {}
-}
-
-fn my_lines() -> Vec<String> {
-    static INIT: std::sync::Once = std::sync::Once::new();
-    INIT.call_once(|| {
-        let _ = log::set_logger(&Capture);
-        log::set_max_level(log::LevelFilter::Info);
-    });
-    let me = std::thread::current().id();
-    LINES.lock().unwrap().iter().filter(|(t, _)| *t == me).map(|(_, l)| l.clone()).collect()
-}
-
 /// `scavtrace` is off by default: background generations with work and `release_all` log nothing. On, a
 /// `release_all` logs Go's forced line with the released bytes as eager work, and the end of a generation
 /// with background work logs its line.
@@ -287,7 +266,7 @@ fn my_lines() -> Vec<String> {
 fn scavtrace_off_by_default_and_go_format_when_on() {
     let h = Heap::with_max_bytes(MmapSource::new(), 256 * MIB);
     assert!(!h.scavtrace());
-    let n0 = my_lines().len();
+    let n0 = common::my_log_lines().len();
     let spans: Vec<_> = (0..8).map(|_| h.alloc_span(g(), None, PALLOC_CHUNK_PAGES, 0).unwrap()).collect();
     for &s in &spans[2..] {
         // SAFETY: live span, unused.
@@ -297,7 +276,7 @@ fn scavtrace_off_by_default_and_go_format_when_on() {
     assert!(h.scavenge(g(), 4 * MIB) > 0);
     age(&h);
     h.release_all(g());
-    assert_eq!(my_lines().len(), n0, "scavtrace off: no line");
+    assert_eq!(common::my_log_lines().len(), n0, "scavtrace off: no line");
     assert!(h.stats().scav_cycles >= 2, "the cycles still count");
 
     h.set_scavtrace(true);
@@ -308,7 +287,7 @@ fn scavtrace_off_by_default_and_go_format_when_on() {
     let released = h.scavenge(g(), 4 * MIB);
     assert_eq!(released, 4 * MIB);
     age(&h); // the generation with work ends: one line
-    let lines = my_lines();
+    let lines = common::my_log_lines();
     let st = h.stats();
     let released_now = st.grown_bytes - st.committed_bytes;
     let util = st.inuse_bytes * 100 / st.committed_bytes;
@@ -319,7 +298,7 @@ fn scavtrace_off_by_default_and_go_format_when_on() {
     let rel = h.release_all(g());
     let st = h.stats();
     let util = st.inuse_bytes * 100 / st.committed_bytes;
-    let last = my_lines().pop().unwrap();
+    let last = common::my_log_lines().pop().unwrap();
     assert_eq!(
         last,
         format!(
@@ -389,7 +368,7 @@ fn malloc_scavtrace_and_clock() {
     m.set_scavtrace(true);
     assert!(m.heap().scavtrace());
     m.set_clock(Some(malloc_clock));
-    let n0 = my_lines().len();
+    let n0 = common::my_log_lines().len();
     let layout = std::alloc::Layout::from_size_align(8 << 20, 8).unwrap();
     let p = m.alloc(layout);
     assert!(!p.is_null());
@@ -400,11 +379,11 @@ fn malloc_scavtrace_and_clock() {
     assert!(released >= 8 << 20);
     assert!(malloc_clock() > t0, "decommits advanced the clock");
     assert_eq!(m.heap().stats().scavenge_cpu_nanos, malloc_clock() - t0, "release_all's time counted");
-    let lines = my_lines();
+    let lines = common::my_log_lines();
     assert_eq!(lines.len(), n0 + 1, "{:?}", &lines[n0..]);
     let head = format!("scav 0 KiB work (bg), {} KiB work (eager), ", released >> 10);
     assert!(lines[n0].starts_with(&head) && lines[n0].ends_with("% util (forced)"), "{}", lines[n0]);
     m.set_scavtrace(false);
     m.release_all();
-    assert_eq!(my_lines().len(), n0 + 1, "off again: no line");
+    assert_eq!(common::my_log_lines().len(), n0 + 1, "off again: no line");
 }
