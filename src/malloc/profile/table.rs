@@ -37,9 +37,8 @@ pub const PROFILE_SPECIALS: usize = 4096;
 pub const SLOT_BYTES: usize = MAX_SMALL_SIZE;
 /// Slots in the sampled-object region.
 pub const REGION_SLOTS: usize = 2048;
-/// Freed slots the region keeps committed for the next samples of the same page count (see
-/// [`Tables::take_warm`]): a sampled object's free then costs no page-source call, and the next sample no page
-/// fault. Without them every sampled free decommitted its pages (on a host an `madvise`, whose TLB shootdown
+/// Freed slots the region keeps committed for the next samples of the same page count: a sampled object's
+/// free then costs no page-source call, and the next sample no page fault. Without them every sampled free decommitted its pages (on a host an `madvise`, whose TLB shootdown
 /// interrupts every CPU the process runs on) and the next sample faulted fresh pages in: about 2 900 times in
 /// the 4 million allocations of the bench's `prodcons-8-2048`, a quarter of goheap's time there. At most
 /// `WARM_SLOTS` × 32 KiB stay committed (64 KiB for the usual one-page samples), counted as the profile's
