@@ -8,7 +8,9 @@ mod common;
 use common::layout;
 use goheap::cpu::ThreadSlots;
 use goheap::hosted::pprof;
-use goheap::malloc::{exp_draw, sample_rng_next, sample_seed, ProfileSample, DEFAULT_PROFILE_RATE, SAMPLE_CHUNK_BYTES};
+use goheap::malloc::{
+    exp_draw, sample_rng_next, sample_seed, ProfileSample, DEFAULT_PROFILE_RATE, SAMPLE_CHUNK_BYTES, WARM_SLOTS,
+};
 use goheap::source::mmap::MmapSource;
 use goheap::Malloc;
 use std::cell::{Cell, RefCell};
@@ -244,9 +246,13 @@ fn frees_of_sampled_objects_update_inuse() {
     }
     let (allocs, inuse, inuse_bytes) = totals(&m);
     assert_eq!((allocs, inuse, inuse_bytes), (201, 0, 0), "frees of sampled objects not all tracked");
-    // The region pages of the 150 small objects went back; the tables stay.
+    // The region pages of the 150 small objects went back, but for the warm slots kept for the next
+    // samples; the tables stay.
     let sys = m.profile_sys_bytes();
-    assert!(sys > 0 && sys + 150 * 8192 <= sys_live, "profile memory {sys_live} live, {sys} after the frees");
+    assert!(
+        sys > 0 && sys + (150 - WARM_SLOTS) * 8192 <= sys_live,
+        "profile memory {sys_live} live, {sys} after the frees"
+    );
     assert_eq!(m.profile_dropped().untracked, 0);
 }
 
@@ -386,4 +392,51 @@ fn function_names_keep_their_type() {
     let t = "<goheap::hosted::Hosted as core::alloc::global::GlobalAlloc>::alloc";
     assert_eq!(pprof::clean_name(t), "goheap::hosted::Hosted::alloc");
     assert_eq!(pprof::clean_name("plain::function"), "plain::function");
+}
+
+/// A sampled object's free keeps its slot committed for the next sample of the same size (at most
+/// `WARM_SLOTS` of them), so a steady stream of samples makes no page-source call per sample: the profile's
+/// committed bytes stay flat across many alloc/free rounds, the reused object is zeroed for `alloc_zeroed`,
+/// the in-use counts stay exact, and a second free of a freed sampled object is still reported.
+#[test]
+fn freed_sampled_slots_are_reused_warm() {
+    let m = new_malloc();
+    m.set_profile_rate(1); // every allocation sampled
+    let l = layout(3000, 8);
+    let p = m.alloc(l);
+    assert!(!p.is_null());
+    // SAFETY (test): live, 3000 bytes.
+    unsafe { std::ptr::write_bytes(p, 0xa5, l.size()) };
+    let one_live = m.profile_sys_bytes();
+    // SAFETY (test): live with `l`.
+    unsafe { m.dealloc(p, l) };
+    assert_eq!(m.profile_sys_bytes(), one_live, "the freed slot's page was not kept warm");
+    for round in 0..1000 {
+        let q = m.alloc_zeroed(l);
+        assert_eq!(q, p, "round {round}: the warm slot was not reused");
+        // SAFETY (test): live, 3000 bytes.
+        assert!(unsafe { std::slice::from_raw_parts(q, l.size()) }.iter().all(|&b| b == 0), "warm slot not zeroed");
+        // SAFETY (test): live, 3000 bytes.
+        unsafe { std::ptr::write_bytes(q, 0x5a, l.size()) };
+        // SAFETY (test): live with `l`.
+        unsafe { m.dealloc(q, l) };
+        assert_eq!(m.profile_sys_bytes(), one_live, "round {round}: profile memory grew");
+    }
+    let mut inuse = 0;
+    m.heap_profile(|r| inuse += r.inuse_objects());
+    assert_eq!(inuse, 0, "every sampled object was freed");
+    // More frees at once than warm slots: the extra slots' pages go back to the page source.
+    let many: Vec<*mut u8> = (0..WARM_SLOTS + 5).map(|_| m.alloc(l)).collect();
+    let peak = m.profile_sys_bytes();
+    for &q in &many {
+        // SAFETY (test): live with `l`.
+        unsafe { m.dealloc(q, l) };
+    }
+    assert_eq!(m.profile_sys_bytes(), peak - 5 * 8192, "beyond the warm slots, freed pages go back");
+    // A second free of a freed (now warm) sampled object is still reported.
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY (test): deliberately a double free; goheap must refuse it.
+        unsafe { m.dealloc(many[0], l) }
+    }));
+    assert!(r.is_err(), "a double free of a warm sampled slot was accepted");
 }

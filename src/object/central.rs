@@ -151,7 +151,10 @@ fn list_of(v: u8) -> SpanList {
 // SAFETY: the raw span pointers are only dereferenced under the Central lock that owns the lists.
 unsafe impl Send for Lists {}
 
-/// The central list of one size class (Go's `mcentral`).
+/// The central list of one size class (Go's `mcentral`). Aligned to a cache line, as Go pads its `mcentral`s:
+/// a producer refilling one class and a consumer flushing the next class would otherwise bounce the line
+/// holding both classes' locks.
+#[repr(align(64))]
 pub struct Central {
     shape: ClassShape,
     class: u8,
@@ -202,8 +205,31 @@ impl Central {
         pcache: Option<&mut PageCache>,
         cpu: u16,
     ) -> Option<NonNull<Span>> {
+        // SAFETY: no span to give back.
+        unsafe { self.swap_span(g, heap, pcache, cpu, None) }.0
+    }
+
+    /// [`Central::uncache_span`] of `old` (if any) and [`Central::cache_span`] in one hold of the class lock:
+    /// a CPU whose span ran out takes the lock once, not twice, per span. Returns the new span (`None` when
+    /// the page heap is out of memory) and the double free the sweep of `old` found, if any.
+    ///
+    /// # Safety
+    /// As for [`Central::uncache_span`] if `old` is `Some`.
+    pub unsafe fn swap_span<S: PageSource>(
+        &self,
+        g: Guarded<'_>,
+        heap: &Heap<S>,
+        pcache: Option<&mut PageCache>,
+        cpu: u16,
+        old: Option<NonNull<Span>>,
+    ) -> (Option<NonNull<Span>>, Option<usize>) {
+        let mut bad = None;
         {
             let mut lists = self.lock.lock(g);
+            if let Some(old) = old {
+                // SAFETY: forwarded contract; we hold the lock.
+                bad = unsafe { self.uncache_locked(&mut lists, old.as_ptr()) };
+            }
             // SAFETY: we hold the lock that guards the lists and the object fields of uncached spans.
             if let Some(s) = unsafe { lists.partial.pop().or_else(|| lists.empty.pop()) } {
                 // SAFETY: `s` came off our list, so it is live, uncached and ours until `cached_by` is set.
@@ -212,15 +238,15 @@ impl Central {
                     (*s).list = SpanList::None as u8;
                     Span::check(s);
                     (*s).cached_by = cpu;
-                    return Some(NonNull::new_unchecked(s));
+                    return (Some(NonNull::new_unchecked(s)), bad);
                 }
             }
         }
         // Grow without holding the class lock (Go's mcentral.grow): the heap may commit pages.
-        let s = self.grow(g, heap, pcache)?;
+        let Some(s) = self.grow(g, heap, pcache) else { return (None, bad) };
         // SAFETY: the span is fresh and not yet visible to anyone else.
         unsafe { (*s.as_ptr()).cached_by = cpu };
-        Some(s)
+        (Some(s), bad)
     }
 
     /// Allocates and shapes a new span for this class.
@@ -249,15 +275,23 @@ impl Central {
     /// `s` is a span of this class that CPU cache `cpu` caches, and the caller is that cache's owner and
     /// stops using `s` now.
     pub unsafe fn uncache_span(&self, g: Guarded<'_>, s: NonNull<Span>) -> Option<usize> {
-        let s = s.as_ptr();
         let mut lists = self.lock.lock(g);
+        // SAFETY: forwarded contract; we hold the lock.
+        unsafe { self.uncache_locked(&mut lists, s.as_ptr()) }
+    }
+
+    /// [`Central::uncache_span`] with the lock held (`lists` is its guard's data).
+    ///
+    /// # Safety
+    /// As for [`Central::uncache_span`].
+    unsafe fn uncache_locked(&self, lists: &mut Lists, s: *mut Span) -> Option<usize> {
         // SAFETY: under the lock no flusher can add deferred frees; the caller gives up the span, so the
         // object fields become the lock's.
         unsafe {
             debug_assert_ne!((*s).cached_by, NOT_CACHED);
             let swept = Span::sweep(s);
             (*s).cached_by = NOT_CACHED;
-            self.file(&mut lists, s);
+            self.file(lists, s);
             swept.bad
         }
     }

@@ -448,6 +448,7 @@ impl CpuCache {
         sh.stats.used.set(1);
         self.classes[c].refilled = true;
         let s = self.classes[c].span;
+        let mut old = None;
         if !s.is_null() {
             // SAFETY: we own the cached span's object fields.
             unsafe {
@@ -466,16 +467,24 @@ impl CpuCache {
                     }
                 }
                 self.classes[c].span = ptr::null_mut();
-                report_bad_sweep(t, t.centrals[c].uncache_span(g, NonNull::new_unchecked(s)));
+                old = Some(NonNull::new_unchecked(s));
             }
         }
-        let Some(s) = t.centrals[c].cache_span(g, &t.heap, Some(&mut self.pcache), sh.index) else {
+        // Give the used-up span back and take another under one hold of the class lock.
+        // SAFETY: we cached `old` (if any) and stop using it now.
+        let (new, bad) = unsafe { t.centrals[c].swap_span(g, &t.heap, Some(&mut self.pcache), sh.index, old) };
+        // The new span is recorded before a double free the sweep found is reported, and the object taken
+        // after it (a report hook that returns or unwinds leaves the cache and its counts consistent).
+        let s = new.map_or(ptr::null_mut(), |s| s.as_ptr());
+        if !s.is_null() {
+            sh.stats.refills.bump();
+            self.classes[c].span = s;
+        }
+        report_bad_sweep(t, bad);
+        if s.is_null() {
             return ptr::null_mut();
-        };
-        sh.stats.refills.bump();
-        let s = s.as_ptr();
-        self.classes[c].span = s;
-        // SAFETY: `cache_span` made us the owner of `s`, which has a free object.
+        }
+        // SAFETY: `swap_span` made us the owner of `s`, which has a free object.
         unsafe {
             let idx = Span::next_free(s).expect("cached span has a free object");
             sh.stats.nmalloc[c].bump();

@@ -31,7 +31,9 @@ use super::*;
 mod table;
 
 use table::{Special, TableState, Tables, REGION_BYTES, SLOT_BYTES};
-pub use table::{MAX_STACK_DEPTH, PROFILE_BUCKETS, PROFILE_RESERVATION_BYTES, PROFILE_SPECIALS, REGION_SLOTS};
+pub use table::{
+    MAX_STACK_DEPTH, PROFILE_BUCKETS, PROFILE_RESERVATION_BYTES, PROFILE_SPECIALS, REGION_SLOTS, WARM_SLOTS,
+};
 
 /// A stack-capture hook: fills `frames` with return addresses, innermost first, and returns how many it
 /// wrote. Called for each sample outside every allocator lock and guard (it may allocate; an allocation it
@@ -219,8 +221,10 @@ pub(super) struct Profiler {
     live_large: AtomicUsize,
     /// Per cache slot: its stack hook is running (a sample taken meanwhile gets no stack).
     in_hook: [crate::sync::atomic::AtomicBool; MAX_CPUS + 1],
-    /// Bytes the profile holds committed: its tables and the pages of live region objects.
+    /// Bytes the profile holds committed: its tables, the pages of live region objects and the warm slots.
     committed: AtomicUsize,
+    /// Of `committed`, the warm slots' pages (see [`WARM_SLOTS`]).
+    warm_bytes: AtomicUsize,
     dropped_records: AtomicU64,
     dropped_untracked: AtomicU64,
     dropped_no_stack: AtomicU64,
@@ -241,6 +245,7 @@ impl Profiler {
             live_large: AtomicUsize::new(0),
             in_hook: [const { crate::sync::atomic::AtomicBool::new(false) }; MAX_CPUS + 1],
             committed: AtomicUsize::new(0),
+            warm_bytes: AtomicUsize::new(0),
             dropped_records: AtomicU64::new(0),
             dropped_untracked: AtomicU64::new(0),
             dropped_no_stack: AtomicU64::new(0),
@@ -333,17 +338,19 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     }
 
     /// Bytes of memory the heap profile holds committed from the page source, outside the heap: its tables
-    /// (once the first sample made them) and the pages of live sampled small objects (Go counts its profile
-    /// buckets in `BuckHashSys`).
+    /// (once the first sample made them), the pages of live sampled small objects and of the at most
+    /// [`WARM_SLOTS`] freed slots kept for the next samples (Go counts its profile buckets in `BuckHashSys`).
     pub fn profile_sys_bytes(&self) -> usize {
         self.profiler.committed.load(Ordering::Relaxed)
     }
 
     /// Of [`Malloc::profile_sys_bytes`], the pages of live sampled objects in the profile's region (heap
-    /// memory in Go's accounting: `MemStats` counts them in `heap_inuse`, the tables in `buck_hash_sys`).
+    /// memory in Go's accounting: `MemStats` counts them in `heap_inuse`; the tables and the warm slots, the
+    /// profile's own overhead, in `buck_hash_sys`).
     pub(crate) fn profile_region_bytes(&self) -> usize {
         let tables = if self.profiler.region.load(Ordering::Acquire) != 0 { table::TABLE_BYTES } else { 0 };
-        self.profiler.committed.load(Ordering::Relaxed).saturating_sub(tables)
+        let warm = self.profiler.warm_bytes.load(Ordering::Relaxed);
+        self.profiler.committed.load(Ordering::Relaxed).saturating_sub(tables + warm)
     }
 
     /// What the heap profile could not keep (see [`ProfileDropped`]).
@@ -458,25 +465,45 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             return ptr::null_mut();
         }
         self.profiler.region.store(t.region, Ordering::Release);
-        let Some(slot) = t.take_slot() else { return ptr::null_mut() };
+        // A warm slot (freed, its pages still committed and counted) if one of this size waits.
+        let warm = t.take_warm(bytes);
+        let slot = match warm {
+            Some(slot) => {
+                self.profiler.warm_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                slot
+            }
+            None => {
+                let Some(slot) = t.take_slot() else { return ptr::null_mut() };
+                let p = t.region + slot * SLOT_BYTES;
+                // SAFETY: slot `slot` of our region is free and not warm, so none of its pages is committed.
+                if !unsafe { src.commit(NonNull::new_unchecked(p as *mut u8), bytes) } {
+                    t.put_slot(slot);
+                    return ptr::null_mut();
+                }
+                slot
+            }
+        };
         let p = t.region + slot * SLOT_BYTES;
-        // SAFETY: slot `slot` of our region is free, so none of its pages is committed.
-        if !unsafe { src.commit(NonNull::new_unchecked(p as *mut u8), bytes) } {
-            t.put_slot(slot);
-            return ptr::null_mut();
-        }
         // The record is filled in by `record_sample` (the bucket needs the stack, captured outside the lock);
         // until then an entry without a bucket marks the slot's object live.
         if !t.insert_special(Special { addr: p, size, bucket: u32::MAX, route: r as u32 }) {
-            // SAFETY: just committed, ours, unused.
-            unsafe { src.decommit(NonNull::new_unchecked(p as *mut u8), bytes) };
-            t.put_slot(slot);
+            if warm.is_some() {
+                // Still committed and counted: back to the warm set it came from.
+                t.put_warm(slot, bytes);
+                self.profiler.warm_bytes.fetch_add(bytes, Ordering::Relaxed);
+            } else {
+                // SAFETY: just committed, ours, unused.
+                unsafe { src.decommit(NonNull::new_unchecked(p as *mut u8), bytes) };
+                t.put_slot(slot);
+            }
             return ptr::null_mut();
         }
         drop(t);
-        self.profiler.committed.fetch_add(bytes, Ordering::Relaxed);
+        if warm.is_none() {
+            self.profiler.committed.fetch_add(bytes, Ordering::Relaxed);
+        }
         count_sampled(sh, r, true);
-        if zero && !src.commit_zeroes() {
+        if zero && (warm.is_some() || !src.commit_zeroes()) {
             // SAFETY: freshly committed, ours.
             unsafe { ptr::write_bytes(p as *mut u8, 0, size) };
         }
@@ -584,11 +611,17 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 b.free_bytes += s.size as u64;
             }
             let elem = if r == TINY_CLASS { TINY_SIZE } else { sizeclass::CLASSES[r].size as usize };
-            // SAFETY: the slot's first pages were committed for this object, which the caller gives up.
-            unsafe { self.t.heap.src(g).decommit(NonNull::new_unchecked(ptr), elem.next_multiple_of(PAGE_SIZE)) };
+            let bytes = elem.next_multiple_of(PAGE_SIZE);
             let slot = (addr - t.region) / SLOT_BYTES;
-            t.put_slot(slot);
-            self.profiler.committed.fetch_sub(elem.next_multiple_of(PAGE_SIZE), Ordering::Relaxed);
+            // Kept committed for the next sample of this size if the warm set has room (see `WARM_SLOTS`).
+            if t.put_warm(slot, bytes) {
+                self.profiler.warm_bytes.fetch_add(bytes, Ordering::Relaxed);
+            } else {
+                // SAFETY: the slot's first pages were committed for this object, which the caller gives up.
+                unsafe { self.t.heap.src(g).decommit(NonNull::new_unchecked(ptr), bytes) };
+                t.put_slot(slot);
+                self.profiler.committed.fetch_sub(bytes, Ordering::Relaxed);
+            }
             count_sampled(e.sh, r, false);
             None
         })();
