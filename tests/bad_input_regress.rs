@@ -200,6 +200,32 @@ fn tiny_double_free_never_hands_out_a_live_sibling() {
     expect_report(msg, a, "double free");
 }
 
+/// One-byte tiny objects: offset 15 of a block is never an object's start (the block's done mask reaches
+/// `0xffff` only through its retirement), so a block whose objects are all freed before it is retired is
+/// freed exactly once. If the owner handed out all 16 offsets, the sixteenth free would free the block while
+/// it is current and the retirement would free it again (reported by the flush, and the block handed out
+/// twice).
+#[test]
+fn tiny_block_freed_once_when_all_objects_die_before_retirement() {
+    let m = heap();
+    let one = l(1, 1);
+    let v: Vec<usize> = (0..16).map(|_| m.alloc(one) as usize).collect();
+    let block = v[0] & !15;
+    assert!(v[..15].iter().all(|&p| p & !15 == block), "15 one-byte objects share a block");
+    assert_ne!(v[15] & !15, block, "offset 15 is never a start");
+    for &p in &v {
+        // SAFETY (test): good frees.
+        unsafe { m.dealloc(p as *mut u8, one) };
+    }
+    // Retires the blocks (the first one's objects all freed) and flushes the stocks to the central list.
+    assert_eq!(report_of(|| m.flush_cpu_cache()), None);
+    let again: Vec<usize> = (0..4000).map(|_| m.alloc(one) as usize).collect();
+    let mut sorted = again.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), again.len(), "a tiny address was handed out twice");
+}
+
 /// Without `checks`, a small double free into this CPU's stock used to hand the same object out twice
 /// (eight times in a row until the stock flushed): the stock key catches it at the second free.
 #[test]
