@@ -15,7 +15,10 @@
 //! - a small free of an object that is on this CPU's stock already is refused (glibc tcache's key: every
 //!   stocked object carries a key in its second word; only a free that finds the key scans the stock);
 //! - a tiny free looks its span up in the page map first: a pointer in no span, in a span of another
-//!   class, or past the blocks (in the counts) is refused before any count changes;
+//!   class, or past the blocks (in their metadata) is refused before anything changes; then its block's
+//!   masks (see `object/cpucache.rs`, "The tiny protocol"): a pointer at no object's start (an interior
+//!   pointer) is refused, and a free of an object whose bit is already in the block's done mask (a double
+//!   free) is refused by the free's own `fetch_or`, which changes nothing then;
 //! - large frees and every `realloc` are validated against the page map (span, class, object start);
 //! - when a stock is flushed to the central list each object is validated (a live span of the stock's
 //!   class, an object's start, allocated), and when a span's deferred frees are folded (its sweep) a free of
@@ -23,8 +26,9 @@
 //!
 //! With feature `checks`, every free is checked at the moment of the free, before it touches any state:
 //! alignment, the span, the class, the object's start, and that the object is live (a per-object live bit
-//! for small objects, a per-block mask of live objects' first and inner bytes for tiny ones), so every cell below is reported at the free with
-//! the address, the reason and the span and class. Without the feature none of this is on the fast path.
+//! for small objects; tiny ones have their block's masks in every build), so every cell below is reported
+//! at the free with the address, the reason and the span and class. Without the feature none of this is on
+//! the fast path.
 //!
 //! With `checks`, freed small objects are also poisoned (Go's `clobberfree`): the free fills the object,
 //! past the two words a stock uses for its link and key, with `POISON`, and the allocation that hands the
@@ -60,22 +64,22 @@
 //! pointer is flushed or the span it went to is swept (a CPU's own `flush_cpu_cache`, its stock overflowing,
 //! or `background`) — if the stock hands the pointer out first, the report comes when that allocation is
 //! freed and flushed, and until then the stock's link (and key) words were written into the memory at the
-//! pointer. "harmless": no report, and no live object changes or is handed out twice. "gap": not detected
-//! without `checks`.
+//! pointer. "harmless": no report, and no live object changes or is handed out twice. No cell is
+//! undetected corruption (the tiny cells were until the block masks replaced the per-block count).
 //!
 //! | kind | tier | where | `checks` | without `checks` |
 //! |---|---|---|---|---|
-//! | double free | tiny | stock, this, other, uncached | free | gap: the block's count drops early and the block may be reused under a live sibling |
+//! | double free | tiny | stock, this, other, uncached | free | free (the block's done mask) |
 //! | double free | small | stock | free | free (stock key) |
 //! | double free | small | this, other, uncached | free | flush (the sweep or the flush finds the object not allocated) |
 //! | double free | large | uncached | free | free (no live span) |
 //! | foreign pointer (stack, static, another allocator's block) | tiny, small, large | — | free | free (arena check; tiny and large: page map) |
-//! | interior pointer | tiny | this, other, uncached | free | gap: counted as a free of the block |
+//! | interior pointer | tiny | this, other, uncached | free | free (the block's starts mask) |
 //! | interior pointer | small | this, other, uncached | free | flush |
 //! | interior pointer | large | uncached | free | free |
 //! | misaligned | tiny, small | this, other, uncached | free | free |
 //! | misaligned | large | uncached | free (interior) | free (interior) |
-//! | wrong size, smaller class | tiny (another tiny size) | this, other, uncached | harmless (the free counts the object once) | harmless |
+//! | wrong size, smaller class | tiny (another tiny size) | this, other, uncached | harmless (a tiny free goes by the object's start, not its size) | harmless |
 //! | wrong size, smaller class | small (a smaller class) | this, other, uncached | free | flush |
 //! | wrong size, smaller class | small (the tiny path) | this, other, uncached | free | free (page map) |
 //! | wrong size, larger class | tiny (a size class), small | this, other, uncached | free | flush |
@@ -86,8 +90,9 @@
 //! | wrong alignment | large | uncached | harmless (alignment matters only when allocating) | harmless |
 //!
 //! Not in the table, and not detectable by any allocator: a double free after the object was handed out
-//! again (it frees the new allocation). Also known: without `checks`, a double free whose first free sits on
-//! *another* CPU's stock is caught only when both reach the span (the key scan covers this CPU's stock).
+//! again (it frees the new allocation; tiny: after its block was taken again). Also known: without
+//! `checks`, a double free whose first free sits on *another* CPU's stock is caught only when both reach the
+//! span (the key scan covers this CPU's stock).
 
 use crate::sync::atomic::{AtomicPtr, Ordering};
 use core::fmt;

@@ -45,7 +45,7 @@
 //! | page | page | this file | 8 KiB ([`PAGE_SIZE`]), the heap's unit of memory |
 //! | span | `mspan` | [`page::span`] | a run of pages holding objects of one size class, or one large object |
 //! | size class | size class | [`object::sizeclass`] | one of 67 object sizes from 8 B to 32 KiB, with its span length |
-//! | tiny class | `tinySpanClass` | [`object::class`] | the 16-byte blocks small requests are packed into, with their counts |
+//! | tiny class | `tinySpanClass` | [`object::class`] | the 16-byte blocks small requests are packed into, with their start and freed masks |
 //! | CPU cache | `mcache` | [`object::cpucache`] | per-CPU spans and stocks of freed objects; the lock-free fast path |
 //! | central list | `mcentral` | [`object::central`] | per-class spans no CPU caches, under a per-class lock |
 //! | page heap | `mheap` | [`page::heap`] | spans, the page-to-span map, large objects, growth |
@@ -106,8 +106,9 @@
 //!    under the class lock, each bitmap word's worth of objects is folded into its span at once if no CPU
 //!    caches the span, else recorded in the span's atomic `free_bits` for the caching CPU to fold (so no
 //!    free ever takes another CPU's lock).
-//! 3. Tiny: decrement the block's count (atomically: objects of a block may be freed on several CPUs); the
-//!    free that brings a retired block's count to zero frees the block as a small object.
+//! 3. Tiny: check the block's starts mask (an object starts here) and set the object's bit in the block's
+//!    done mask (one `fetch_or`: objects of a block may be freed on several CPUs; a bit already set is a
+//!    double free); the free that completes a retired block's done mask frees the block as a small object.
 //! 4. Large: look up the span in the page map and return its pages to the page heap.
 //!
 //! ## Background work (the sweeper and scavenger goroutines of Go)
@@ -128,7 +129,7 @@
 //! - **Explicit frees.** Go frees only by sweeping after a GC marks; goheap's `dealloc` is explicit, so the
 //!   sweep became "fold deferred frees" and "return empty spans" (`central.rs`), and tcmalloc-style per-CPU
 //!   stocks make a free as cheap as an allocation (`cpucache.rs`).
-//! - **Tiny blocks** are reused when a per-block count says all their objects were freed, not when the GC
+//! - **Tiny blocks** are reused when a block's done mask says all their objects were freed, not when the GC
 //!   finds the block dead (`cpucache.rs`).
 //! - **Allocate-black and assists** have no counterpart: there is no collector to pace.
 //! - **Per-CPU, not per-P**: the CPU provider supplies the exclusivity Go gets from its scheduler (`cpu.rs`).
@@ -149,8 +150,9 @@
 //! whole catalogue: each kind of bad free × tier × where the object is, with and without `checks`). In every
 //! build the fast free checks that the pointer lies in the arena and is 8-byte aligned, and a free that finds
 //! the stock key in the object's second word scans the stock for a double free (glibc tcache's idea); the
-//! sweep reports frees of objects that were not allocated, and a tiny free checks its span's class. With the
-//! `checks` feature every free is verified at once (live bits, tiny live masks) and freed small objects are
+//! sweep reports frees of objects that were not allocated, and a tiny free checks its span's class and its
+//! block's masks (interior pointers and double frees). With the
+//! `checks` feature every free is verified at once (live bits) and freed small objects are
 //! poisoned and verified when handed out again (Go's `clobberfree`). Use after free and overflows are caught
 //! by efence mode ([`DebugFlags::EFENCE`], Go's `GODEBUG=efence=1`: freed pages are never reused) and, in
 //! production, by sampled guarded allocations (KFENCE / GWP-ASan: [`Malloc::set_guarded_sample_rate`]); see

@@ -20,7 +20,7 @@
 //!
 //! # Under loom
 //! loom's atomics have no `const fn new` and belong to one execution of the model, while goheap builds its
-//! structures in `const fn`s and keeps some atomics in statics or in raw memory (a tiny span's counts). So
+//! structures in `const fn`s and keeps some atomics in statics or in raw memory (a tiny span's block masks). So
 //! under `cfg(loom)` each atomic type here is a small wrapper holding its initial value and a pointer to the
 //! loom atomic, which is created on first use in each execution (a new `loom_model` iteration bumps a
 //! generation; all-zero bytes are a valid wrapper of 0, as for the real atomics). Atomics the code forms
@@ -523,10 +523,10 @@ mod loom_impl {
         /// The bytes at `addr` are live.
         unsafe fn from_bytes(addr: usize) -> Self;
     }
-    impl RawInit for atomic::AtomicI8 {
+    impl RawInit for atomic::AtomicU16 {
         unsafe fn from_bytes(addr: usize) -> Self {
             // SAFETY: the caller's contract.
-            atomic::AtomicI8::new(unsafe { core::ptr::read_volatile(addr as *const i8) })
+            atomic::AtomicU16::new(unsafe { core::ptr::read_volatile(addr as *const u16) })
         }
     }
     impl RawInit for atomic::AtomicU32 {

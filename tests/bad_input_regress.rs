@@ -132,6 +132,100 @@ fn tiny_free_of_a_foreign_pointer_is_refused() {
     expect_report(msg, a, "not a live allocation");
 }
 
+/// The tiny path was not checked at all: a tiny double free drove the block's count down while a
+/// sibling was live (the block was then reused under it). Now reported at the free in every build (the
+/// block's done mask already has the object's bit).
+#[test]
+fn tiny_double_free() {
+    let m = heap();
+    let a = m.alloc(l(8, 8));
+    let _sibling = m.alloc(l(8, 8));
+    // SAFETY (test): the first free is good.
+    unsafe { m.dealloc(a, l(8, 8)) };
+    // SAFETY (test): deliberately bad.
+    let msg = report_of(|| unsafe { m.dealloc(a, l(8, 8)) });
+    expect_report(msg, a as usize, "double free");
+}
+
+/// An interior tiny pointer (not the start of a tiny object) is refused at the free in every build (before:
+/// without `checks`, counted as a free of the block).
+#[test]
+fn tiny_interior_pointer() {
+    let m = heap();
+    let a = m.alloc(l(8, 4));
+    // SAFETY (test): deliberately bad.
+    let q = unsafe { a.add(4) };
+    let msg = report_of(|| unsafe { m.dealloc(q, l(8, 4)) });
+    expect_report(msg, q as usize, "interior pointer");
+}
+
+/// `realloc` of a freed tiny object is refused before it reads the object (every build).
+#[test]
+fn realloc_of_a_freed_tiny_object() {
+    let m = heap();
+    let a = m.alloc(l(8, 8));
+    let _sibling = m.alloc(l(8, 8));
+    // SAFETY (test): the free is good; the realloc deliberately bad.
+    unsafe { m.dealloc(a, l(8, 8)) };
+    let msg = report_of(|| unsafe {
+        m.realloc(a, l(8, 8), 100);
+    });
+    expect_report(msg, a as usize, "double free");
+}
+
+/// The corruption a tiny double free caused without `checks`: two objects in one retired block, the first
+/// freed twice. The block's count reached zero with the sibling live, the block went back to the stock and
+/// the next tiny allocations handed the live sibling's bytes out again (and wrote the stock's link into
+/// them). Now the second free is refused and the block stays allocated until the sibling is freed.
+#[test]
+fn tiny_double_free_never_hands_out_a_live_sibling() {
+    let m = heap();
+    let lay = l(8, 8);
+    let a = m.alloc(lay) as usize;
+    let sibling = m.alloc(lay) as usize;
+    assert_eq!(sibling, a + 8, "two tiny objects packed in one block");
+    // SAFETY (test): the sibling is live.
+    unsafe { std::ptr::write_bytes(sibling as *mut u8, 0xA5, 8) };
+    // Retire the block: both objects were handed out.
+    m.flush_cpu_cache();
+    // SAFETY (test): the first free is good.
+    unsafe { m.dealloc(a as *mut u8, lay) };
+    // SAFETY (test): deliberately bad.
+    let msg = report_of(|| unsafe { m.dealloc(a as *mut u8, lay) });
+    let again: Vec<usize> = (0..1000).map(|_| m.alloc(lay) as usize).collect();
+    let block = a & !15;
+    assert!(!again.iter().any(|&p| p & !15 == block), "the live sibling's block was handed out again");
+    // SAFETY (test): the sibling is live.
+    assert!(unsafe { std::slice::from_raw_parts(sibling as *const u8, 8) }.iter().all(|&b| b == 0xA5));
+    expect_report(msg, a, "double free");
+}
+
+/// One-byte tiny objects: offset 15 of a block is never an object's start (the block's done mask reaches
+/// `0xffff` only through its retirement), so a block whose objects are all freed before it is retired is
+/// freed exactly once. If the owner handed out all 16 offsets, the sixteenth free would free the block while
+/// it is current and the retirement would free it again (reported by the flush, and the block handed out
+/// twice).
+#[test]
+fn tiny_block_freed_once_when_all_objects_die_before_retirement() {
+    let m = heap();
+    let one = l(1, 1);
+    let v: Vec<usize> = (0..16).map(|_| m.alloc(one) as usize).collect();
+    let block = v[0] & !15;
+    assert!(v[..15].iter().all(|&p| p & !15 == block), "15 one-byte objects share a block");
+    assert_ne!(v[15] & !15, block, "offset 15 is never a start");
+    for &p in &v {
+        // SAFETY (test): good frees.
+        unsafe { m.dealloc(p as *mut u8, one) };
+    }
+    // Retires the blocks (the first one's objects all freed) and flushes the stocks to the central list.
+    assert_eq!(report_of(|| m.flush_cpu_cache()), None);
+    let again: Vec<usize> = (0..4000).map(|_| m.alloc(one) as usize).collect();
+    let mut sorted = again.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), again.len(), "a tiny address was handed out twice");
+}
+
 /// Without `checks`, a small double free into this CPU's stock used to hand the same object out twice
 /// (eight times in a row until the stock flushed): the stock key catches it at the second free.
 #[test]
@@ -265,45 +359,6 @@ fn rate_above_2_pow_62_does_not_sample_every_allocation() {
 #[cfg(feature = "checks")]
 mod with_checks {
     use super::*;
-
-    /// The tiny path was not checked at all: a tiny double free drove the block's count down while a
-    /// sibling was live (the block was then reused under it).
-    #[test]
-    fn tiny_double_free() {
-        let m = heap();
-        let a = m.alloc(l(8, 8));
-        let _sibling = m.alloc(l(8, 8));
-        // SAFETY (test): the first free is good.
-        unsafe { m.dealloc(a, l(8, 8)) };
-        // SAFETY (test): deliberately bad.
-        let msg = report_of(|| unsafe { m.dealloc(a, l(8, 8)) });
-        expect_report(msg, a as usize, "double free");
-    }
-
-    /// An interior tiny pointer (not the start of a live tiny object) is refused.
-    #[test]
-    fn tiny_interior_pointer() {
-        let m = heap();
-        let a = m.alloc(l(8, 4));
-        // SAFETY (test): deliberately bad.
-        let q = unsafe { a.add(4) };
-        let msg = report_of(|| unsafe { m.dealloc(q, l(8, 4)) });
-        expect_report(msg, q as usize, "interior pointer");
-    }
-
-    /// `realloc` of a freed tiny object is refused before it reads the object.
-    #[test]
-    fn realloc_of_a_freed_tiny_object() {
-        let m = heap();
-        let a = m.alloc(l(8, 8));
-        let _sibling = m.alloc(l(8, 8));
-        // SAFETY (test): the free is good; the realloc deliberately bad.
-        unsafe { m.dealloc(a, l(8, 8)) };
-        let msg = report_of(|| unsafe {
-            m.realloc(a, l(8, 8), 100);
-        });
-        expect_report(msg, a as usize, "double free");
-    }
 
     /// `clobberfree`: a freed small object is filled with a pattern, verified when it is handed out again;
     /// a write after free is reported with its address (here: the object comes back from the stock).

@@ -1,77 +1,188 @@
-//! Loom model (b): the objects of one tiny block freed from two CPUs at once. CPU 0 packs two 8-byte
-//! tiny objects into one 16-byte block and retires the block (its count becomes 2); CPU 0 and CPU 1 each
-//! free one object (`fetch_sub` AcqRel on the block's count) and then allocate a tiny object. Whichever
-//! free brings the count to 0 frees the block into its own CPU's stock, so that CPU's next tiny object
-//! may be the same block: a shadow cell per object (the two halves of the block) makes loom check that
-//! the other CPU's last use of its half happens before the reuse.
+//! Loom models of the tiny protocol (`src/object/cpucache.rs`, "The tiny protocol"), on the real code.
 //!
-//! Explored: 36 iterations (exhaustive: no preemption bound), under a second.
-//! Weakening caught: `free_tiny`'s `fetch_sub(1, AcqRel)` → `Relaxed` (src/object/cpucache.rs): loom
-//! reports "Causality violation: Concurrent write accesses to `UnsafeCell`" on a shadow cell of the
-//! block at once (in the first iterations).
+//! (a) `tiny_block_freed_from_two_cpus_while_retired`: CPU 0 packs two 8-byte tiny objects into one 16-byte
+//! block; CPU 1 and CPU 2 each free one of them (a `fetch_or` of its start into the block's done mask)
+//! while CPU 0 retires the block (its next tiny allocation does not fit: a `fetch_or` of the block's
+//! non-starts into the done mask). Whichever of the three operations completes the block frees it into its
+//! own CPU's stock, and each CPU then takes a tiny block and uses a 12-byte object in it, so the completing
+//! CPU reuses the block: a shadow cell per half of the block makes loom check that every other CPU's last
+//! use of its half happens before the reuse. At the end every block must have come back exactly once.
+//!
+//! (b) `tiny_double_and_interior_free`: the block retired, CPU 0 and CPU 1 free the same object at once
+//! (one of the two frees is a double free) and CPU 1 also frees an interior pointer of the sibling. Exactly
+//! one of the racing frees is reported as a double free, the interior free is reported, the live sibling's
+//! block is not handed out again, and after the sibling's free every block came back once. (The report hook
+//! panics and the model catches it: the default panic hook prints each expected report.)
+//!
+//! Explored (exhaustive: no preemption bound, release build): (a) 94 iterations, (b) 4; under a second
+//! together. The CPUs are primed (each has a current block and a cached tiny span) so the threads take
+//! blocks from their own stock or span: the central lists are `loom_remote_free`'s model.
+//! Weakenings caught (each tried on `src/object/cpucache.rs`, then restored):
+//! - `free_tiny`'s `fetch_or(bit, AcqRel)` → `Relaxed`: (a) fails with "Causality violation: Concurrent
+//!   write accesses to `UnsafeCell`" on a shadow cell of the block;
+//! - `retire_tiny`'s `fetch_or(!starts, AcqRel)` → `Relaxed`: (a) fails with the same causality violation
+//!   (CPU 0 reuses the block without acquiring the frees of CPUs 1 and 2);
+//! - `free_tiny`'s completion check on `old` instead of `old | bit`: the last free never frees its block,
+//!   and (a) fails its "every tiny block came back once" assertion.
 #![cfg(loom)]
 
 mod loom_common;
 
+use goheap::check::BadFree;
 use loom_common::*;
 use std::alloc::Layout;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
+fn l8() -> Layout {
+    Layout::from_size_align(8, 8).unwrap()
+}
+
+fn l12() -> Layout {
+    Layout::from_size_align(12, 4).unwrap()
+}
+
+/// Uses the 12-byte tiny object at `p`: the halves of its block it covers.
+fn use_obj(s: &Shadow, p: usize, v: u64) {
+    let block = p & !15;
+    s.write(block, v);
+    if p + 12 > block + 8 {
+        s.write(block + 8, v);
+    }
+}
+
+/// One CPU's part after its free: a 12-byte tiny object (its current block has no room for it, so it takes
+/// a block: the one just freed if this CPU's free or retirement completed it), used and freed.
+fn alloc_use_free(m: &M, s: &Shadow, v: u64) {
+    let p = m.alloc(l12()) as usize;
+    assert!(p != 0);
+    use_obj(s, p, v);
+    // SAFETY: `p` is ours.
+    unsafe { m.dealloc(p as *mut u8, l12()) };
+}
+
+/// Gives CPU `cpu` a current tiny block with no room for a 12-byte object (and a cached tiny span with free
+/// blocks), so the model's threads take blocks from their stock or span, never from the central list: the
+/// model explores the tiny protocol, not the central lists (`loom_remote_free` does those). Returns the
+/// 8-byte object that holds the block.
+fn prime(m: &M, cpu: usize) -> usize {
+    set_cpu(Some(cpu));
+    let x = m.alloc(l8()) as usize;
+    assert!(x != 0);
+    x
+}
+
+/// Both models, one after the other: loom's iteration generation and goheap's raw-atomic table are
+/// process-wide, so two models must not run at once (one `#[test]` per file, as in the other models).
 #[test]
-fn tiny_block_freed_from_two_cpus() {
-    run("tiny_block_freed_from_two_cpus", builder(None), || {
-        set_cpu(Some(0));
+fn tiny_protocol() {
+    tiny_block_freed_from_two_cpus_while_retired();
+    tiny_double_and_interior_free();
+}
+
+fn tiny_block_freed_from_two_cpus_while_retired() {
+    run("tiny_block_freed_from_two_cpus_while_retired", builder(None), || {
         let m: Arc<M> = Arc::from(new_malloc());
-        let l8 = Layout::from_size_align(8, 8).unwrap();
-        let (a, b) = (m.alloc(l8) as usize, m.alloc(l8) as usize);
+        // Warm-up (see `loom_common::warm_up`): the atomics every tiny path touches exist before the threads.
+        warm_up(&m, &[Some(1), Some(2), Some(0)], &[l8(), l12()]);
+        let (x1, x2) = (prime(&m, 1), prime(&m, 2));
+        set_cpu(Some(0));
+        let (a, b) = (m.alloc(l8()) as usize, m.alloc(l8()) as usize);
         assert!(a != 0 && b == a + 8, "two tiny objects packed in one block");
-        // Retires the block: its count becomes 2 (two objects handed out, none freed).
-        m.flush_cpu_cache();
-        // Warm-up (see `loom_common::warm_up`): one tiny free on this thread first, so the atomics every free
-        // reads (the guarded pool's bounds) exist before two threads read them; its block is retired too.
-        let x = m.alloc(l8);
-        assert!(!x.is_null());
-        // SAFETY: `x` is ours.
-        unsafe { m.dealloc(x, l8) };
-        m.flush_cpu_cache();
         let shadow = Arc::new(Shadow::new(&[a, b]));
         shadow.write(a, 1);
         shadow.write(b, 1);
-        // Uses the 12-byte tiny object at `p`: the halves of its block it covers.
-        let use_obj = |s: &Shadow, p: usize, v: u64| {
-            let block = p & !15;
-            s.write(block, v);
-            if p + 12 > block + 8 {
-                s.write(block + 8, v);
-            }
+        let cpu = |i: usize, p: usize| {
+            let (m, s) = (m.clone(), shadow.clone());
+            spawn(move || {
+                set_cpu(Some(i));
+                s.write(p, 10 + i as u64);
+                // SAFETY: `p` is live and ours (handed over by the spawn).
+                unsafe { m.dealloc(p as *mut u8, l8()) };
+                alloc_use_free(&m, &s, 20 + i as u64);
+            })
         };
-        let (m1, s1) = (m.clone(), shadow.clone());
+        let (t1, t2) = (cpu(1, a), cpu(2, b));
+        // CPU 0: the block is full, so this allocation takes a new block and retires the old one; the
+        // next one takes another block (the old one, if the retirement completed it).
+        let q = m.alloc(l12()) as usize;
+        assert!(q != 0);
+        use_obj(&shadow, q, 30);
+        alloc_use_free(&m, &shadow, 31);
+        t1.join().unwrap();
+        t2.join().unwrap();
+        // SAFETY: `q`, `x1` and `x2` are ours (the last two handed back by the joins).
+        unsafe {
+            m.dealloc(q as *mut u8, l12());
+            m.dealloc(x1 as *mut u8, l8());
+            m.dealloc(x2 as *mut u8, l8());
+        }
+        for cpu in [1, 2, 0] {
+            set_cpu(Some(cpu));
+            m.flush_cpu_cache();
+        }
+        assert_eq!(m.mem_stats().heap_objects, 0, "every tiny block came back once");
+        #[cfg(feature = "validate")]
+        m.validate();
+    });
+}
+
+fn hook(b: &BadFree) -> ! {
+    panic!("{b}")
+}
+
+/// Runs `f`; the report's message if it panicked (the hook panics with the report).
+fn report_of(f: impl FnOnce()) -> Option<String> {
+    catch_unwind(AssertUnwindSafe(f)).err().map(|e| {
+        e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap()
+    })
+}
+
+fn tiny_double_and_interior_free() {
+    run("tiny_double_and_interior_free", builder(None), || {
+        // The models' allocator, with a report hook that panics (each bad free below is caught).
+        let m: Arc<M> = Arc::new((*new_malloc()).with_report_hook(hook));
+        warm_up(&m, &[Some(1), Some(0)], &[l8(), l12()]);
+        let (a, b) = (m.alloc(l8()) as usize, m.alloc(l8()) as usize);
+        assert!(a != 0 && b == a + 8, "two tiny objects packed in one block");
+        // Retire the block: the block is full, so this takes a new one (kept live to the end).
+        let q = m.alloc(l12()) as usize;
+        assert!(q != 0 && q & !15 != a & !15);
+        let m1 = m.clone();
         let t = spawn(move || {
             set_cpu(Some(1));
-            s1.write(b, 2);
-            // SAFETY: `b` is live and ours (handed over by the spawn).
-            unsafe { m1.dealloc(b as *mut u8, l8) };
-            let l12 = Layout::from_size_align(12, 4).unwrap();
-            let p = m1.alloc(l12) as usize;
-            assert!(p != 0);
-            use_obj(&s1, p, 3);
-            // SAFETY: `p` is ours.
-            unsafe { m1.dealloc(p as *mut u8, l12) };
-            m1.flush_cpu_cache();
+            // SAFETY (test): one of the two frees of `a` is deliberately bad; so is the interior free.
+            let first = report_of(|| unsafe { m1.dealloc(a as *mut u8, l8()) });
+            let interior =
+                report_of(|| unsafe { m1.dealloc((b + 4) as *mut u8, Layout::from_size_align(4, 4).unwrap()) });
+            let p = m1.alloc(l12()) as usize;
+            (first, interior, p)
         });
-        shadow.write(a, 4);
-        // SAFETY: `a` is live and ours.
-        unsafe { m.dealloc(a as *mut u8, l8) };
-        let l12 = Layout::from_size_align(12, 4).unwrap();
-        let p = m.alloc(l12) as usize;
-        assert!(p != 0);
-        use_obj(&shadow, p, 5);
-        t.join().unwrap();
-        // SAFETY: `p` is ours.
-        unsafe { m.dealloc(p as *mut u8, l12) };
+        // SAFETY (test): as above.
+        let here = report_of(|| unsafe { m.dealloc(a as *mut u8, l8()) });
+        let p0 = m.alloc(l12()) as usize;
+        let (there, interior, p1) = t.join().unwrap();
+        let reports: Vec<&String> = [&here, &there].into_iter().flatten().collect();
+        assert_eq!(reports.len(), 1, "exactly one of two racing frees is a double free: {here:?} {there:?}");
+        let want = format!("invalid free of {a:#x}: double free");
+        assert!(reports[0].contains(&want), "{}", reports[0]);
+        let interior = interior.expect("interior free reported");
+        assert!(interior.contains(&format!("invalid free of {:#x}: interior pointer", b + 4)), "{interior}");
+        // The sibling `b` is live: its block is not handed out again.
+        for p in [p0, p1] {
+            assert!(p != 0 && p & !15 != b & !15, "the live sibling's block was handed out again");
+        }
+        // SAFETY (test): good frees; `p1` was handed over by the join.
+        unsafe {
+            m.dealloc(b as *mut u8, l8());
+            m.dealloc(p0 as *mut u8, l12());
+            m.dealloc(p1 as *mut u8, l12());
+            m.dealloc(q as *mut u8, l12());
+        }
         m.flush_cpu_cache();
-        let s = m.mem_stats();
-        assert_eq!(s.heap_objects, 0, "every tiny block came back once");
+        set_cpu(Some(1));
+        m.flush_cpu_cache();
+        assert_eq!(m.mem_stats().heap_objects, 0, "every tiny block came back once");
         #[cfg(feature = "validate")]
         m.validate();
     });

@@ -7,6 +7,7 @@
 //! `cargo xtask bench` builds one binary per allocator and runs the groups interleaved; see BENCHMARKS.md.
 //!
 //! `goheap-bench callgrind-pair64 N`: N 64-byte alloc+free pairs and nothing else, for instruction counts.
+//! `goheap-bench callgrind-pair8 N`: the same with 8-byte objects (goheap's tiny path).
 //! `goheap-bench --list`: the groups.
 
 mod alloc_sel;
@@ -917,9 +918,9 @@ fn latency(cfg: Cfg) {
     r.emit();
 }
 
-/// For callgrind: `n` 64-byte pairs after a short warm-up, nothing else.
+/// For callgrind: `n` pairs of `size`-byte objects after a short warm-up, nothing else.
 #[inline(never)]
-fn callgrind_pair64(n: u64) {
+fn callgrind_pair(n: u64, size: usize) {
     // goheap's sampling knobs, for measuring their fast-path cost (issue 12): GOHEAP_BENCH_PROFILE_RATE
     // (bytes, `set_profile_rate`) and GOHEAP_BENCH_GUARDED_RATE (`set_guarded_sample_rate`).
     #[cfg(feature = "alloc-goheap")]
@@ -937,7 +938,7 @@ fn callgrind_pair64(n: u64) {
         // SAFETY: non-zero layout; freed right away.
         unsafe { dealloc(black_box(alloc(big)), big) };
     }
-    let l = lay(64);
+    let l = lay(size);
     for _ in 0..(1000 + n) {
         // SAFETY: non-zero layout; freed right away.
         unsafe {
@@ -967,14 +968,21 @@ fn main() {
             }
             "callgrind-pair64" => {
                 let n = it.next().and_then(|s| s.parse().ok()).expect("callgrind-pair64 N");
-                callgrind_pair64(n);
+                callgrind_pair(n, 64);
+                return;
+            }
+            "callgrind-pair8" => {
+                let n = it.next().and_then(|s| s.parse().ok()).expect("callgrind-pair8 N");
+                callgrind_pair(n, 8);
                 return;
             }
             g => group = Some(g.to_string()),
         }
     }
     let Some(group) = group else {
-        eprintln!("usage: goheap-bench GROUP [--scale F] [--cap SECS] | --list | callgrind-pair64 N");
+        eprintln!(
+            "usage: goheap-bench GROUP [--scale F] [--cap SECS] | --list | callgrind-pair64 N | callgrind-pair8 N"
+        );
         std::process::exit(2);
     };
     match group.as_str() {

@@ -134,12 +134,10 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         let me = e.sh.index;
         drop(e);
         #[cfg(feature = "checks")]
-        if !p.is_null() {
-            if r == TINY_CLASS {
-                mark_tiny_live(p, size);
-            } else {
-                self.mark_live(p, ZERO);
-            }
+        if !p.is_null() && r != TINY_CLASS {
+            // (Tiny objects need no marking: the block's starts mask, stored by the tiny path in every build,
+            // is what a tiny free checks.)
+            self.mark_live(p, ZERO);
         }
         if sampled && !p.is_null() {
             self.record_sample(p as usize, size, r, me, false);
@@ -226,14 +224,4 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             }
         }
     }
-}
-
-/// With `checks`: marks a freshly allocated tiny object of `size` bytes live in its block's live mask.
-#[cfg(feature = "checks")]
-#[inline]
-fn mark_tiny_live(p: *mut u8, size: usize) {
-    let (start, inside) = crate::object::class::tiny_live_bits(p as usize, size);
-    // SAFETY: `p` was just handed out from a tiny block of a live tiny span; the mask is atomic.
-    let prev = unsafe { crate::object::class::tiny_live(p as usize) }.fetch_or(start | inside, Ordering::AcqRel);
-    debug_assert_eq!(prev & (start | inside), 0, "goheap: handed out a live tiny object {p:p}");
 }

@@ -4,9 +4,7 @@
 //! See `lib.rs` for an overview of the allocator and `malloc/mod.rs` for the guards and locks.
 
 use super::*;
-use crate::object::class::in_tiny_blocks;
-#[cfg(feature = "checks")]
-use crate::object::class::{tiny_live, tiny_live_bits};
+use crate::object::class::{in_tiny_blocks, tiny_check};
 
 impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// Frees `ptr`, allocated by this allocator with `layout`.
@@ -87,11 +85,13 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         }
         #[cfg(not(feature = "checks"))]
         let _ = checked;
-        // Without `checks`, the checks every build makes: the count a tiny free decrements must be a tiny
-        // block's, and a small object must lie in the heap's arena before it enters a stock.
+        // Without `checks`, the checks every build makes: a tiny free must lie in a tiny span's blocks
+        // (`free_tiny` then checks the block's masks: an object's start, not freed yet), and a small object
+        // must lie in the heap's arena before it enters a stock.
         #[cfg(not(feature = "checks"))]
         if r == TINY_CLASS {
-            self.validate_small(ptr, layout, r, false);
+            // `consume`: `free_tiny` checks the block's masks.
+            self.validate_small(ptr, layout, r, true);
         } else if !self.in_arena(ptr as usize) {
             let addr = ptr as usize;
             if addr % sizeclass::MIN_ALIGN != 0 {
@@ -102,7 +102,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         let e = self.enter();
         let g = e.held.guarded();
         if r == TINY_CLASS {
-            // SAFETY: forwarded contract: a tiny-path object (in a tiny span's blocks, checked above).
+            // SAFETY: forwarded contract: in a tiny span's blocks (checked above).
             unsafe { e.cache.free_tiny(&self.t, ptr, e.sh, g) }
         } else {
             // SAFETY: forwarded contract: an object of class `r`.
@@ -121,8 +121,9 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     }
 
     /// Validates `ptr` as a small or tiny object of route `r` (a size class or [`TINY_CLASS`]) for `layout`:
-    /// aligned, in a live span of that class, at an object's start (tiny: in the span's blocks, not its
-    /// counts). With `checks` also that the object is live; `consume` then marks it free (a free; a
+    /// aligned, in a live span of that class, at an object's start (tiny: in the span's blocks, at a start
+    /// in its block's masks, and not freed: in every build, unless `consume`, where `free_tiny` checks
+    /// them). With `checks` also that a small object is live; `consume` then marks it free (a free; a
     /// `realloc` only looks). Reports and does not return on failure.
     pub(super) fn validate_small(&self, ptr: *mut u8, layout: Layout, r: Route, consume: bool) {
         let addr = ptr as usize;
@@ -148,24 +149,14 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 if !in_tiny_blocks(addr) {
                     bad(Reason::Interior);
                 }
-                #[cfg(feature = "checks")]
-                {
-                    let mask = tiny_live(addr);
-                    let (start, inside) = tiny_live_bits(addr, layout.size());
-                    let not_live = |m: u32| {
-                        // Not the start of a live object: inside one, or freed already (or never handed out).
-                        bad(if m & (start << 16) != 0 { Reason::Interior } else { Reason::DoubleFree })
-                    };
-                    let m = mask.load(Ordering::Acquire);
-                    if m & start == 0 {
-                        not_live(m);
-                    }
-                    if consume && mask.fetch_and(!(start | inside), Ordering::AcqRel) & start == 0 {
-                        not_live(0); // a concurrent free of the same object won the race
+                // Every build: an object of the block starts here and is not freed (the block's masks). A
+                // free (`consume`) leaves this to `free_tiny`, which makes the same checks with its
+                // `fetch_or` (exact when two frees race); `realloc` only looks.
+                if !consume {
+                    if let Err(reason) = tiny_check(addr) {
+                        bad(reason);
                     }
                 }
-                #[cfg(not(feature = "checks"))]
-                let _ = consume;
                 return;
             }
             let (idx, exact) = Span::object_index(s, addr);

@@ -6,28 +6,35 @@
 //! [`super::sizeclass`] (Go's table, row for row), and [`TINY_CLASS`] = `NUM_SIZE_CLASSES` is the
 //! class of the 16-byte tiny blocks (Go's `tinySpanClass`). Class 0 means "no class" (large objects).
 //! This module is the one home of the tiny class's layout, used by the central lists (a fresh tiny span's
-//! counts) and the CPU caches (the tiny path).
+//! metadata) and the CPU caches (the tiny path).
 //!
 //! # Tiny span layout (one page)
-//! `[ block 0 | block 1 | ... | block n-1 | count 0 | ... | count n-1 | slack ]` with
-//! `n = TINY_BLOCKS_PER_SPAN = PAGE_SIZE / (TINY_SIZE + 1)` = 481: each 16-byte block has a one-byte count at
-//! `base + TINY_COUNTS_OFFSET + block`. See `cpucache.rs` for the count protocol.
+//! `[ block 0 | ... | block n-1 | done 0 | ... | done n-1 | starts 0 | ... | starts n-1 | slack ]` with
+//! `n = TINY_BLOCKS_PER_SPAN = PAGE_SIZE / (TINY_SIZE + 4)` = 409, the same in every build. Each 16-byte
+//! block has two 16-bit masks over its byte offsets (bit `i`: offset `i`):
 //!
-//! With the `checks` feature each block also has a 32-bit *live mask*, after the counts, 4-byte aligned: bit
-//! `i < 16` says a live tiny object starts at byte `i` of the block, bit `16 + i` that byte `i` is inside
-//! one (not its first byte). So a tiny free of an object that is not live is reported before it touches
-//! the count, as an interior pointer when a live object covers the byte, else as a double free:
-//! `[ blocks | counts | pad | mask 0 | ... | mask n-1 | slack ]`, `n = PAGE_SIZE / (TINY_SIZE + 5)` = 390.
+//! - its **starts** `A` (an `AtomicU16` at `base + TINY_STARTS_OFFSET + 2 * block`): the offsets at which the
+//!   block's owning CPU handed out an object. Written only by that CPU, with a plain `Relaxed` store of a
+//!   mask it keeps in a private field (so the allocation path never loads it, and performs no
+//!   read-modify-write). The first object is always at offset 0, and offset 15 is never a start (a 1-byte
+//!   object that would go there starts a new block), so `A` has bit 0 and not bit 15;
+//! - its **done** mask `D` (an `AtomicU16` at `base + TINY_META_OFFSET + 2 * block`): the starts freed so
+//!   far (one `fetch_or` per free, any CPU), and from the block's retirement on also every offset that is not
+//!   a start (`!A`, or-ed in by the owner when it leaves the block; it includes bit 15). So `D = 0xffff`
+//!   exactly when the block is retired and all its objects are freed.
+//!
+//! A free of offset `i` is refused as an interior pointer if `i` is not in `A`, and as a double free if `i`
+//! is already in `D`. See `cpucache.rs` ("The tiny protocol") for the protocol and why it is exact.
 //!
 //! # Invariants
 //! - `class_shape(c).nelems * class_shape(c).elemsize <= class_shape(c).npages * PAGE_SIZE` for every class;
-//! - for the tiny class, `TINY_COUNTS_OFFSET + TINY_BLOCKS_PER_SPAN <= PAGE_SIZE` (checked below).
+//! - for the tiny class, the metadata of the `TINY_BLOCKS_PER_SPAN` blocks ends within the page (checked
+//!   below); bytes of a tiny span at or above `TINY_META_OFFSET` are no object's.
 
 use super::sizeclass::{self, NUM_SIZE_CLASSES};
+use crate::check::Reason;
 use crate::page::span::Span;
-use crate::sync::atomic::AtomicI8;
-#[cfg(feature = "checks")]
-use crate::sync::atomic::AtomicU32;
+use crate::sync::atomic::{AtomicU16, Ordering};
 use crate::PAGE_SIZE;
 use core::ptr;
 
@@ -37,22 +44,23 @@ pub const TINY_SIZE: usize = 16;
 pub const TINY_CLASS: usize = NUM_SIZE_CLASSES;
 /// Allocation classes: the size classes (class 0 unused) plus the tiny class.
 pub const NUM_ALLOC_CLASSES: usize = NUM_SIZE_CLASSES + 1;
-/// Metadata bytes per tiny block: its count, and with `checks` its 32-bit live mask.
-const TINY_META_BYTES: usize = if cfg!(feature = "checks") { 5 } else { 1 };
-/// Tiny blocks per span: a one-page span holds `n` 16-byte blocks and their `n` one-byte counts,
-/// `n = PAGE_SIZE / (TINY_SIZE + 1)` = 481 (with `checks`, also their live masks: 390).
+/// The highest offset a tiny object may start at: offset 15 is never a start, so a retired block's done
+/// mask always gains bit 15 (see the module docs).
+pub(crate) const TINY_MAX_START: usize = TINY_SIZE - 2;
+/// A tiny block's done mask once it is retired and all its objects are freed.
+pub(crate) const TINY_DONE: u16 = u16::MAX;
+/// Metadata bytes per tiny block: its done mask and its starts mask.
+const TINY_META_BYTES: usize = 2 + 2;
+/// Tiny blocks per span: a one-page span holds `n` 16-byte blocks and their `n` done and starts masks,
+/// `n = PAGE_SIZE / (TINY_SIZE + 4)` = 409.
 pub const TINY_BLOCKS_PER_SPAN: usize = PAGE_SIZE / (TINY_SIZE + TINY_META_BYTES);
-/// Offset of the count array in a tiny span: `TINY_BLOCKS_PER_SPAN * TINY_SIZE`. Bytes of the span at or
-/// above it are no object's.
-pub(crate) const TINY_COUNTS_OFFSET: usize = TINY_BLOCKS_PER_SPAN * TINY_SIZE;
+/// Offset of the blocks' done masks in a tiny span: `TINY_BLOCKS_PER_SPAN * TINY_SIZE`. Bytes of the span
+/// at or above it are no object's.
+pub(crate) const TINY_META_OFFSET: usize = TINY_BLOCKS_PER_SPAN * TINY_SIZE;
+/// Offset of the blocks' starts masks, after the done masks.
+const TINY_STARTS_OFFSET: usize = TINY_META_OFFSET + 2 * TINY_BLOCKS_PER_SPAN;
 /// End of the metadata a fresh tiny span must have zeroed.
-const TINY_META_END: usize = if cfg!(feature = "checks") {
-    TINY_LIVE_OFFSET + 4 * TINY_BLOCKS_PER_SPAN
-} else {
-    TINY_COUNTS_OFFSET + TINY_BLOCKS_PER_SPAN
-};
-/// Offset of the live masks (feature `checks`), 4-byte aligned after the counts.
-const TINY_LIVE_OFFSET: usize = (TINY_COUNTS_OFFSET + TINY_BLOCKS_PER_SPAN + 3) & !3;
+const TINY_META_END: usize = TINY_STARTS_OFFSET + 2 * TINY_BLOCKS_PER_SPAN;
 
 const _: () = assert!(TINY_META_END <= PAGE_SIZE);
 
@@ -84,61 +92,83 @@ pub const fn class_shape(c: usize) -> ClassShape {
     }
 }
 
-/// Zeroes the block counts (and with `checks` the live masks) of a fresh tiny span.
+/// Zeroes the tiny-block metadata (done and starts masks) of a fresh tiny span: a free into a block that was
+/// never handed out finds no start there and is refused.
 ///
 /// # Safety
 /// `s` is a fresh span of the tiny class that nobody else uses yet.
 pub(crate) unsafe fn init_tiny_counts(s: *mut Span) {
-    // SAFETY: the span's page is committed and ours; the counts lie inside it.
+    // SAFETY: the span's page is committed and ours; the metadata lies inside it.
     unsafe {
         if (*s).needzero {
-            ptr::write_bytes(((*s).base + TINY_COUNTS_OFFSET) as *mut u8, 0, TINY_META_END - TINY_COUNTS_OFFSET);
+            ptr::write_bytes(((*s).base + TINY_META_OFFSET) as *mut u8, 0, TINY_META_END - TINY_META_OFFSET);
         }
         #[cfg(loom)]
-        crate::sync::loom_forget_raw((*s).base + TINY_COUNTS_OFFSET, TINY_META_END - TINY_COUNTS_OFFSET);
+        crate::sync::loom_forget_raw((*s).base + TINY_META_OFFSET, TINY_META_END - TINY_META_OFFSET);
     }
 }
 
-/// The count of the tiny block holding `addr`.
-///
-/// # Safety
-/// `addr` lies in a block of a live tiny span (tiny spans are one page, so the page is the span).
-#[inline]
-pub(crate) unsafe fn tiny_count(addr: usize) -> &'static AtomicI8 {
+/// The page (the span) and the block index of `addr`, in a tiny span.
+#[inline(always)]
+fn tiny_page_block(addr: usize) -> (usize, usize) {
     let page = addr & !(PAGE_SIZE - 1);
-    let block = (addr - page) / TINY_SIZE;
-    // SAFETY: the count byte lies in the same live span, and is only accessed atomically.
-    unsafe { crate::sync::raw_atomic::<AtomicI8>(page + TINY_COUNTS_OFFSET + block) }
+    (page, (addr - page) / TINY_SIZE)
 }
 
-/// Whether `addr`, in a tiny span, lies in its blocks (not in the counts or the slack after them).
+/// The bit of `addr`'s byte offset in its tiny block's masks.
+#[inline(always)]
+pub(crate) fn tiny_bit(addr: usize) -> u16 {
+    1 << (addr % TINY_SIZE)
+}
+
+/// The starts mask of the tiny block holding `addr` (see the module docs).
+///
+/// # Safety
+/// `addr` lies in the blocks of a live tiny span (see [`in_tiny_blocks`]).
+#[inline]
+pub(crate) unsafe fn tiny_starts(addr: usize) -> &'static AtomicU16 {
+    let (page, block) = tiny_page_block(addr);
+    // SAFETY: the mask lies in the same live span, 2-byte aligned, and is only accessed atomically.
+    unsafe { crate::sync::raw_atomic::<AtomicU16>(page + TINY_STARTS_OFFSET + 2 * block) }
+}
+
+/// The done mask (freed starts, and after retirement the non-starts) of the tiny block holding `addr` (see
+/// the module docs).
+///
+/// # Safety
+/// `addr` lies in the blocks of a live tiny span (see [`in_tiny_blocks`]).
+#[inline]
+pub(crate) unsafe fn tiny_done(addr: usize) -> &'static AtomicU16 {
+    let (page, block) = tiny_page_block(addr);
+    // SAFETY: the mask lies in the same live span, 2-byte aligned, and is only accessed atomically.
+    unsafe { crate::sync::raw_atomic::<AtomicU16>(page + TINY_META_OFFSET + 2 * block) }
+}
+
+/// Whether `addr`, in a tiny span, lies in its blocks (not in their masks or the slack after them).
 #[inline]
 pub(crate) fn in_tiny_blocks(addr: usize) -> bool {
-    addr & (PAGE_SIZE - 1) < TINY_COUNTS_OFFSET
+    addr & (PAGE_SIZE - 1) < TINY_META_OFFSET
 }
 
-/// With `checks`: the live mask of the tiny block holding `addr` (see the module docs).
+/// Checks a tiny free (or `realloc`) of `addr` against its block's masks, changing nothing: no object of the
+/// block starts at `addr` ([`Reason::Interior`]: inside an object, or never handed out), or the object
+/// there was freed already ([`Reason::DoubleFree`]). Loads only; the free's own `fetch_or` on the done mask
+/// (`CpuCache::free_tiny`) is what makes a double free exact when two frees race.
 ///
 /// # Safety
-/// `addr` lies in a block of a live tiny span (see [`in_tiny_blocks`]).
-#[cfg(feature = "checks")]
+/// `addr` lies in the blocks of a live tiny span (see [`in_tiny_blocks`]).
 #[inline]
-pub(crate) unsafe fn tiny_live(addr: usize) -> &'static AtomicU32 {
-    let page = addr & !(PAGE_SIZE - 1);
-    let block = (addr - page) / TINY_SIZE;
-    // SAFETY: the mask lies in the same live span, 4-byte aligned, and is only accessed atomically.
-    unsafe { crate::sync::raw_atomic::<AtomicU32>(page + TINY_LIVE_OFFSET + 4 * block) }
-}
-
-/// With `checks`: the live-mask bits of a tiny object of `size` bytes at `addr`: `(start, inside)`, its
-/// start bit and the bits of its other bytes (clamped to the block).
-#[cfg(feature = "checks")]
-#[inline]
-pub(crate) fn tiny_live_bits(addr: usize, size: usize) -> (u32, u32) {
-    let off = addr % TINY_SIZE;
-    let end = (off + size.max(1)).min(TINY_SIZE);
-    let bytes = |lo: usize, hi: usize| if hi > lo { ((1u32 << (hi - lo)) - 1) << lo } else { 0 };
-    (1 << off, bytes(off + 1, end) << 16)
+pub(crate) unsafe fn tiny_check(addr: usize) -> Result<(), Reason> {
+    let bit = tiny_bit(addr);
+    // SAFETY: the caller's contract.
+    let (starts, done) = unsafe { (tiny_starts(addr), tiny_done(addr)) };
+    if starts.load(Ordering::Relaxed) & bit == 0 {
+        return Err(Reason::Interior);
+    }
+    if done.load(Ordering::Relaxed) & bit != 0 {
+        return Err(Reason::DoubleFree);
+    }
+    Ok(())
 }
 
 /// The key a CPU stock writes into the second word of every object it holds (glibc tcache's `key`): a free
