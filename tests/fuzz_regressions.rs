@@ -55,7 +55,7 @@ fn ops_corpus_replays_clean() {
 fn bad_free_corpus_replays_clean() {
     let files = corpus("bad_free");
     assert!(files.len() >= 8, "the committed bad_free corpus is missing ({} files)", files.len());
-    replay(&files, |d| fuzz_harness::run_bad_free(d, false));
+    replay(&files, |d| fuzz_harness::run_bad_free(d));
 }
 
 /// The harness itself catches what it should (so a clean replay above means something): a block whose
@@ -100,13 +100,13 @@ fn harness_detects_corruption_and_reports() {
     assert_eq!((report.addr, report.reason), (p as usize, Reason::DoubleFree));
 }
 
-/// Replays `fuzz/regressions/known-defects/NAME` as target `bad_free` with the known-defect injections on.
+/// Replays `fuzz/regressions/known-defects/NAME` as target `bad_free`.
 fn replay_known_defect(name: &str) {
     let file = fuzz_dir().join("regressions/known-defects").join(name);
-    replay(&[file], |d| fuzz_harness::run_bad_free(d, true));
+    replay(&[file], |d| fuzz_harness::run_bad_free(d));
 }
 
-// Issue 12's defects, as `bad_free` finds them with GOHEAP_FUZZ_KNOWN_DEFECTS=1 (inputs minimized by libFuzzer
+// Issue 12's defects, as `bad_free` found them before their fixes (inputs minimized by libFuzzer
 // or written by hand in the harness's format; `GOHEAP_FUZZ_TRACE=1` with `replay_from_env` shows each
 // operation). Each failed before issue 12's fixes (branch c-badinput); the docs below describe the defect as it
 // was, and each case now checks the report the fuzz harness expects.
@@ -150,7 +150,7 @@ fn replay_from_env() {
     let target = std::env::var("GOHEAP_FUZZ_TARGET").unwrap_or_else(|_| "ops".into());
     let files = [PathBuf::from(path)];
     match target.as_str() {
-        "bad_free" => replay(&files, |d| fuzz_harness::run_bad_free(d, fuzz_harness::known_defects_from_env())),
+        "bad_free" => replay(&files, fuzz_harness::run_bad_free),
         _ => replay(&files, fuzz_harness::run_ops),
     }
 }

@@ -31,10 +31,6 @@ macro_rules! trace {
 pub struct Options {
     /// Inject bad frees (target `bad_free`); without it every operation is valid (target `ops`).
     pub inject: bool,
-    /// Also inject the kinds issue 12 lists as undetected today, even with `checks`: a tiny double free, a
-    /// tiny interior pointer (aligned, so not caught as misaligned), `realloc` of a bad pointer. Off by
-    /// default: they corrupt the heap until those defects are fixed.
-    pub known_defects: bool,
 }
 
 /// Arena of every fuzzed heap (`Malloc::with_max_bytes`).
@@ -427,19 +423,16 @@ impl<S: FuzzSource, P: CpuProvider> Interp<'_, S, P> {
             2 => self.inject_interior(inp),
             3 | 4 => self.inject_wrong_layout(inp),
             5 => self.inject_foreign(inp),
-            6 if self.opts.known_defects => self.inject_bad_realloc(inp),
+            6 => self.inject_bad_realloc(inp),
             _ => self.inject_interior(inp),
         }
     }
 
     fn inject_double_free(&mut self, inp: &mut Input, delayed: bool) {
-        let known = self.opts.known_defects;
-        let tiny_ok = |r: Route| known || r != Route::Tiny;
-        let f = if delayed && self.recently_freed.iter().any(|f| tiny_ok(f.route)) {
-            let cands: Vec<Freed> = self.recently_freed.iter().copied().filter(|f| tiny_ok(f.route)).collect();
-            cands[inp.u16() as usize % cands.len()]
+        let f = if delayed && !self.recently_freed.is_empty() {
+            self.recently_freed[inp.u16() as usize % self.recently_freed.len()]
         } else {
-            let Some(i) = self.pick(inp, |b| tiny_ok(self.route(b.layout))) else { return };
+            let Some(i) = self.pick(inp, |_| true) else { return };
             let b = self.shadow.remove(i);
             Shadow::verify(&b, "free (before a double free)");
             trace!("free {:#x} {:?} (first of a double free)", b.addr, b.layout);
@@ -465,18 +458,12 @@ impl<S: FuzzSource, P: CpuProvider> Interp<'_, S, P> {
     /// An interior pointer (or, for a tiny block, a misaligned one: aligned tiny interior pointers are not
     /// detected yet).
     fn inject_interior(&mut self, inp: &mut Input) {
-        let known = self.opts.known_defects;
-        let Some(i) = self.pick(inp, |b| {
-            b.layout.size() >= 2 && (known || self.route(b.layout) != Route::Tiny || b.layout.align() > 1)
-        }) else {
+        let Some(i) = self.pick(inp, |b| b.layout.size() >= 2) else {
             return;
         };
         let b = self.shadow.blocks[i];
         let size = b.layout.size();
-        let mut off = 1 + inp.u32() as usize % (size - 1);
-        if !known && self.route(b.layout) == Route::Tiny && off % b.layout.align() == 0 {
-            off -= 1; // `off` was a multiple of align >= 2, so `off - 1` is not (and stays >= 1)
-        }
+        let off = 1 + inp.u32() as usize % (size - 1);
         let addr = b.addr + off;
         match self.try_free(addr, b.layout) {
             Ok(()) => {

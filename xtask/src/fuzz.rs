@@ -25,8 +25,7 @@ usage: cargo xtask fuzz [--time SECS] [TARGET]
 Builds the fuzz targets in fuzz/ with rustup's nightly (cargo-fuzz, AddressSanitizer) and runs each one
 (or TARGET) for SECS seconds (default 60) on a scratch copy of its committed corpus fuzz/corpus/TARGET.
 Exits 1 if a target crashed (the crash input's path is printed), 2 if the toolchain cannot run.
-Targets: the files of fuzz/fuzz_targets/. Set GOHEAP_FUZZ_KNOWN_DEFECTS=1 to make bad_free also inject the
-bad frees issue 12 lists as undetected today.
+Targets: the files of fuzz/fuzz_targets/.
 ";
 
 /// Seconds per target of the short run in `cargo xtask test`.
@@ -141,14 +140,9 @@ fn print_outcome(r: &TargetRun) {
             println!("         {line}");
         }
         if let Some(a) = artifact {
-            let env = if std::env::var_os("GOHEAP_FUZZ_KNOWN_DEFECTS").is_some_and(|v| v == "1") {
-                "GOHEAP_FUZZ_KNOWN_DEFECTS=1 "
-            } else {
-                ""
-            };
-            println!("         reproduce: cd fuzz && {env}cargo +nightly fuzz run -O {} {}", r.name, a.display());
+            println!("         reproduce: cd fuzz && cargo +nightly fuzz run -O {} {}", r.name, a.display());
             println!(
-                "         read it:   {env}GOHEAP_FUZZ_TRACE=1 GOHEAP_FUZZ_TARGET={} GOHEAP_FUZZ_REPLAY={} \
+                "         read it:   GOHEAP_FUZZ_TRACE=1 GOHEAP_FUZZ_TARGET={} GOHEAP_FUZZ_REPLAY={} \
                  cargo test -p goheap --all-features --test fuzz_regressions replay_from_env -- --nocapture",
                 r.name,
                 a.display()
