@@ -12,7 +12,8 @@
 //!   kernel supplies) and gives the frames back through `FrameDeallocator`.
 //! - [`CpuIndexMap`]: APIC ID → dense cache index, filled as CPUs start (APIC IDs need not be dense).
 //! - [`IrqCpus`]: a [`CpuProvider`] whose guard keeps interrupts off for the whole allocator operation and
-//!   whose index comes from a kernel function (typically a GS-relative per-CPU load): for SMP kernels.
+//!   whose index comes from the kernel through a [`CpuIndex`] (typically a GS-relative per-CPU load,
+//!   inlined into the fast path; or a function pointer): for SMP kernels.
 //! - [`IrqSingle`]: the same for a kernel that runs goheap on one CPU (index 0, no per-CPU data).
 //! - [`IrqsOff`]: interrupts off on this CPU while alive, and the [`Guarded`] token that proves it (the key
 //!   to a [`GuardedMutex`](crate::cpu::GuardedMutex)).
@@ -113,21 +114,96 @@ impl CpuIndexMap {
     }
 }
 
-/// A CPU provider for kernels: interrupts off for the whole operation, index from `current_index`.
+/// Where [`IrqCpus`] reads the running CPU's dense cache index: the kernel's per-CPU data, inlined into
+/// goheap's fast path.
 ///
-/// `current_index` returns the running CPU's dense cache index, or `None` before the CPU has one (early
-/// boot); it runs with interrupts off and must not allocate. A per-CPU busy flag turns a re-entrant call
-/// (an exception handler that allocates while the allocator runs) into `None`, the shared-cache path.
+/// [`CpuIndex::current`] returns the running CPU's dense cache index (`0..MAX_CPUS`, each CPU its own),
+/// or `None` before the CPU has one (early boot). [`IrqCpus`] calls it with interrupts off on every
+/// allocation and free, so it must be cheap and must not allocate, take a lock that an allocating
+/// interrupt handler could hold, or fault. An index of `MAX_CPUS` or more counts as `None`.
+///
+/// Implement it on a zero-sized type whose `current` reads the index directly (a GS-relative load of the
+/// kernel's per-CPU block, marked `#[inline]`): the read is then compiled into goheap's fast path, with no
+/// call. A plain function pointer `fn() -> Option<usize>` implements it too (what [`IrqCpus::new`] takes):
+/// an indirect call per operation, and the call makes the fast path save and restore registers.
+///
+/// ```no_run
+/// use goheap::x86_64::{CpuIndex, IrqCpus};
+///
+/// /// The kernel's per-CPU block keeps the dense index at `gs:[8]`; `usize::MAX` there means "none yet".
+/// struct GsIndex;
+///
+/// impl CpuIndex for GsIndex {
+///     #[inline]
+///     fn current(&self) -> Option<usize> {
+///         let index: usize;
+///         // SAFETY: GS base points at this CPU's per-CPU block (set before the CPU allocates).
+///         unsafe { core::arch::asm!("mov {}, gs:[8]", out(reg) index, options(nostack, readonly, preserves_flags)) };
+///         Some(index) // out of range (`usize::MAX`): `IrqCpus` takes it as `None`
+///     }
+/// }
+///
+/// static CPUS: IrqCpus<GsIndex> = IrqCpus::with_index(GsIndex);
+/// ```
+pub trait CpuIndex: Sync {
+    /// The running CPU's dense cache index, or `None` (see the trait docs). Called with interrupts off.
+    fn current(&self) -> Option<usize>;
+}
+
+/// A kernel function giving the index (the form `IrqCpus::new` takes): called through the pointer.
+impl CpuIndex for fn() -> Option<usize> {
+    #[inline]
+    fn current(&self) -> Option<usize> {
+        self()
+    }
+}
+
+/// A CPU provider for kernels: interrupts off for the whole operation, index from a [`CpuIndex`].
+///
+/// The index comes from `I` (by default a function pointer, as [`IrqCpus::new`] takes; a type whose read
+/// is inlined, through [`IrqCpus::with_index`], keeps the fast path free of calls). It runs with
+/// interrupts off and must not allocate. A per-CPU busy flag turns a re-entrant call (an exception
+/// handler that allocates while the allocator runs) into `None`, the shared-cache path.
 #[derive(Debug)]
-pub struct IrqCpus {
-    current_index: fn() -> Option<usize>,
+pub struct IrqCpus<I: CpuIndex = fn() -> Option<usize>> {
+    index: I,
     busy: [AtomicBool; MAX_CPUS],
 }
 
 impl IrqCpus {
-    /// A provider reading the CPU index with `current_index`.
+    /// A provider reading the CPU index with `current_index`, through the function pointer (one indirect
+    /// call per operation; [`IrqCpus::with_index`] over a [`CpuIndex`] type avoids it).
     pub const fn new(current_index: fn() -> Option<usize>) -> Self {
-        IrqCpus { current_index, busy: [const { AtomicBool::new(false) }; MAX_CPUS] }
+        IrqCpus::with_index(current_index)
+    }
+}
+
+impl<I: CpuIndex> IrqCpus<I> {
+    /// A provider reading the CPU index from `index` (see [`CpuIndex`]).
+    pub const fn with_index(index: I) -> Self {
+        IrqCpus { index, busy: [const { AtomicBool::new(false) }; MAX_CPUS] }
+    }
+
+    /// The index source.
+    pub fn index(&self) -> &I {
+        &self.index
+    }
+
+    /// The running CPU's index if its busy flag is clear; then marks it busy when `claim`. Called with
+    /// interrupts off.
+    #[inline(always)]
+    fn take(&self, claim: bool) -> (Option<&AtomicBool>, Option<usize>) {
+        match self.index.current() {
+            Some(i) if i < MAX_CPUS && !self.busy[i].load(Ordering::Acquire) => {
+                if claim {
+                    self.busy[i].store(true, Ordering::Relaxed);
+                    (Some(&self.busy[i]), Some(i))
+                } else {
+                    (None, Some(i))
+                }
+            }
+            _ => (None, None),
+        }
     }
 }
 
@@ -135,7 +211,16 @@ impl IrqCpus {
 #[derive(Debug)]
 pub struct IrqGuard<'a> {
     busy: Option<&'a AtomicBool>,
-    were_enabled: bool,
+    /// RFLAGS as it was before `cli`: interrupts come back on if its IF bit was set.
+    rflags: u64,
+}
+
+impl IrqGuard<'_> {
+    /// Whether interrupts were on when the guard was taken (and come back on when it drops).
+    #[inline]
+    pub fn were_enabled(&self) -> bool {
+        self.rflags & mask::IF != 0
+    }
 }
 
 impl Drop for IrqGuard<'_> {
@@ -144,8 +229,8 @@ impl Drop for IrqGuard<'_> {
         if let Some(b) = self.busy {
             b.store(false, Ordering::Release);
         }
-        if self.were_enabled {
-            x86_64::instructions::interrupts::enable();
+        if self.rflags & mask::IF != 0 {
+            mask::enable();
         }
     }
 }
@@ -156,7 +241,7 @@ impl Drop for IrqGuard<'_> {
 /// speaks of one CPU.
 #[derive(Debug)]
 pub struct IrqsOff {
-    were_enabled: bool,
+    rflags: u64,
     _this_cpu: PhantomData<*const ()>,
 }
 
@@ -165,7 +250,7 @@ impl IrqsOff {
     #[inline]
     #[allow(clippy::new_without_default)] // a `Default` that executes `cli` would surprise
     pub fn new() -> Self {
-        IrqsOff { were_enabled: irqs_off(), _this_cpu: PhantomData }
+        IrqsOff { rflags: mask::save_and_disable(), _this_cpu: PhantomData }
     }
 
     /// The token for goheap's locks, valid while interrupts stay off.
@@ -180,50 +265,100 @@ impl IrqsOff {
 impl Drop for IrqsOff {
     #[inline]
     fn drop(&mut self) {
-        if self.were_enabled {
-            x86_64::instructions::interrupts::enable();
+        if self.rflags & mask::IF != 0 {
+            mask::enable();
         }
     }
 }
 
-/// Turns interrupts off; returns whether they were on (for the guard to restore).
-#[inline]
-fn irqs_off() -> bool {
-    let were_enabled = x86_64::instructions::interrupts::are_enabled();
-    x86_64::instructions::interrupts::disable();
-    were_enabled
+/// The interrupt flag: `pushfq; pop; cli` to save and mask, `sti; nop` to restore. The guards keep the
+/// saved RFLAGS and test its IF bit when they drop (no `popf`, which is slow on some cores). The `nop`
+/// after `sti` (as the `x86_64` crate's `enable`) is kept: without it, the `irq_single` test kernel (goheap
+/// calls in a loop with interrupts on, an allocating timer handler) made almost no progress under QEMU's
+/// TCG while its handler kept running, and timed out (step 200 of 600 after 5 minutes, twice); with it,
+/// it passes in seconds. The cause was not pinned down.
+#[cfg(not(test))]
+mod mask {
+    /// RFLAGS' interrupt-enable bit.
+    pub const IF: u64 = 1 << 9;
+
+    /// Reads RFLAGS, then turns interrupts off; returns the RFLAGS read.
+    #[inline(always)]
+    pub fn save_and_disable() -> u64 {
+        let rflags: u64;
+        // SAFETY: `pushfq`/`pop` read RFLAGS through the stack (balanced); `cli` masks interrupts on this CPU
+        // (kernel mode: the callers' contract, as `IrqsOff::new` and the providers state). Not `nomem`: the
+        // block orders memory accesses as a lock acquisition would.
+        unsafe { core::arch::asm!("pushfq", "pop {}", "cli", out(reg) rflags, options(preserves_flags)) };
+        rflags
+    }
+
+    /// Turns interrupts on (`sti; nop`: see the module's note on the `nop`).
+    #[inline(always)]
+    pub fn enable() {
+        // SAFETY: `sti` only unmasks interrupts on this CPU (the `nop` does nothing); called when they were
+        // on before the guard. Not `nomem`: the block orders memory accesses as a lock release would.
+        unsafe { core::arch::asm!("sti", "nop", options(preserves_flags, nostack)) };
+    }
+}
+
+/// The host's stand-in for the interrupt flag (unit tests: `cli` faults in user mode): a thread-local flag,
+/// so the providers' logic (index, busy flags, what the guards restore) is tested on the host.
+#[cfg(test)]
+mod mask {
+    use std::cell::Cell;
+
+    /// RFLAGS' interrupt-enable bit.
+    pub const IF: u64 = 1 << 9;
+
+    std::thread_local! {
+        /// This thread's "interrupts enabled" flag.
+        pub static ENABLED: Cell<bool> = const { Cell::new(true) };
+    }
+
+    /// Returns "RFLAGS" (only IF) and clears the flag.
+    pub fn save_and_disable() -> u64 {
+        ENABLED.with(|e| if e.replace(false) { IF } else { 0 })
+    }
+
+    /// Sets the flag.
+    pub fn enable() {
+        ENABLED.with(|e| e.set(true));
+    }
 }
 
 // SAFETY: an index is returned only to code running on that CPU with interrupts off, and only while the
 // CPU's busy flag was clear; `enter` sets the flag until the guard drops (a leaf section runs to its end
 // with interrupts off and calls nothing, so nothing on the CPU can enter in between). Another CPU never gets
-// the same index (the kernel's `current_index` is per CPU, and `CpuIndexMap` never hands an index out
-// twice). Interrupts off on one CPU plus the flag give exclusivity; Release/Acquire on the flag orders the
-// sections. `&IrqCpus` is a provider too (the blanket impl for references).
-unsafe impl CpuProvider for IrqCpus {
-    type Guard<'a> = IrqGuard<'a>;
+// the same index (the `CpuIndex` contract: each CPU its own, as `CpuIndexMap` never hands an index out
+// twice), and indices of `MAX_CPUS` or more are refused. Interrupts off on one CPU plus the flag give
+// exclusivity; Release/Acquire on the flag orders the sections. `&IrqCpus` is a provider too (the blanket
+// impl for references).
+unsafe impl<I: CpuIndex> CpuProvider for IrqCpus<I> {
+    type Guard<'a>
+        = IrqGuard<'a>
+    where
+        I: 'a;
 
     #[inline]
     fn enter(&self) -> (IrqGuard<'_>, Option<usize>) {
-        let were_enabled = irqs_off();
-        match (self.current_index)() {
-            Some(i) if i < MAX_CPUS && !self.busy[i].load(Ordering::Acquire) => {
-                self.busy[i].store(true, Ordering::Relaxed);
-                (IrqGuard { busy: Some(&self.busy[i]), were_enabled }, Some(i))
-            }
-            _ => (IrqGuard { busy: None, were_enabled }, None),
-        }
+        let rflags = mask::save_and_disable();
+        let (busy, idx) = self.take(true);
+        (IrqGuard { busy, rflags }, idx)
     }
 
-    type LeafGuard<'a> = IrqGuard<'a>;
+    type LeafGuard<'a>
+        = IrqGuard<'a>
+    where
+        I: 'a;
 
     /// As `enter`, with interrupts off, but reading the busy flag without setting it: a leaf section calls
     /// nothing, so only an exception handler could re-enter it, and an allocator fault is a bug either way.
     #[inline]
     fn enter_leaf(&self) -> (IrqGuard<'_>, Option<usize>) {
-        let were_enabled = irqs_off();
-        let idx = (self.current_index)().filter(|&i| i < MAX_CPUS && !self.busy[i].load(Ordering::Acquire));
-        (IrqGuard { busy: None, were_enabled }, idx)
+        let rflags = mask::save_and_disable();
+        let (_, idx) = self.take(false);
+        (IrqGuard { busy: None, rflags }, idx)
     }
 }
 
@@ -258,29 +393,37 @@ unsafe impl CpuProvider for IrqSingle {
 
     #[inline]
     fn enter(&self) -> (IrqGuard<'_>, Option<usize>) {
-        let were_enabled = irqs_off();
+        let rflags = mask::save_and_disable();
         if self.busy.load(Ordering::Relaxed) {
-            return (IrqGuard { busy: None, were_enabled }, None);
+            return (IrqGuard { busy: None, rflags }, None);
         }
         self.busy.store(true, Ordering::Relaxed);
-        (IrqGuard { busy: Some(&self.busy), were_enabled }, Some(0))
+        (IrqGuard { busy: Some(&self.busy), rflags }, Some(0))
     }
 
     type LeafGuard<'a> = IrqGuard<'a>;
 
     #[inline]
     fn enter_leaf(&self) -> (IrqGuard<'_>, Option<usize>) {
-        let were_enabled = irqs_off();
+        let rflags = mask::save_and_disable();
         let idx = if self.busy.load(Ordering::Relaxed) { None } else { Some(0) };
-        (IrqGuard { busy: None, were_enabled }, idx)
+        (IrqGuard { busy: None, rflags }, idx)
     }
 }
 
-// Both providers work by value and by reference (a compile-time check).
+// The providers work by value and by reference (a compile-time check).
 const _: fn() = || {
     fn provider<P: CpuProvider>() {}
+    struct Inline;
+    impl CpuIndex for Inline {
+        fn current(&self) -> Option<usize> {
+            None
+        }
+    }
     provider::<IrqCpus>();
     provider::<&IrqCpus>();
+    provider::<IrqCpus<Inline>>();
+    provider::<&IrqCpus<Inline>>();
     provider::<IrqSingle>();
     provider::<&IrqSingle>();
 };
@@ -489,6 +632,134 @@ mod tests {
         assert_eq!(m.index_of(300), None);
         assert_eq!(m.register(300), None);
         assert_eq!(m.len(), ids.len());
+    }
+
+    /// A `CpuIndex` that returns whatever the test set for the current thread (a "CPU" per thread).
+    struct FixedIndex;
+
+    std::thread_local! {
+        static INDEX: core::cell::Cell<Option<usize>> = const { core::cell::Cell::new(None) };
+    }
+
+    impl CpuIndex for FixedIndex {
+        fn current(&self) -> Option<usize> {
+            INDEX.with(|c| c.get())
+        }
+    }
+
+    fn interrupts_enabled() -> bool {
+        mask::ENABLED.with(|e| e.get())
+    }
+
+    #[test]
+    fn irq_cpus_gives_the_cpus_index_and_refuses_reentry() {
+        let cpus = IrqCpus::with_index(FixedIndex);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // No index yet (early boot): no cache, but interrupts are off all the same.
+                assert!(interrupts_enabled());
+                let (g, i) = cpus.enter_leaf();
+                assert_eq!(i, None);
+                assert!(!interrupts_enabled(), "the guard masks interrupts without an index too");
+                drop(g);
+                assert!(interrupts_enabled(), "dropping the guard restores them");
+
+                INDEX.with(|c| c.set(Some(5)));
+                assert_eq!(cpus.enter_leaf().1, Some(5));
+                let (outer, i) = cpus.enter();
+                assert_eq!(i, Some(5));
+                assert!(!interrupts_enabled());
+                // Re-entry on the same CPU while the full section is open (an exception handler that
+                // allocates): both kinds of section are refused the index and keep interrupts off.
+                let (inner, j) = cpus.enter();
+                assert_eq!(j, None, "re-entrant enter got the busy index");
+                assert_eq!(cpus.enter_leaf().1, None, "leaf section inside an enter section got the index");
+                drop(inner);
+                assert!(!interrupts_enabled(), "an inner guard must not turn interrupts on inside the outer");
+                assert_eq!(cpus.enter_leaf().1, None, "the inner guard cleared the outer's busy flag");
+                drop(outer);
+                assert!(interrupts_enabled());
+                assert_eq!(cpus.enter().1, Some(5), "the index is free again after the section");
+                // A leaf section leaves no mark.
+                drop(cpus.enter_leaf());
+                assert_eq!(cpus.enter().1, Some(5));
+
+                // Indices out of range are refused, not used.
+                INDEX.with(|c| c.set(Some(MAX_CPUS)));
+                assert_eq!(cpus.enter().1, None);
+                assert_eq!(cpus.enter_leaf().1, None);
+                INDEX.with(|c| c.set(Some(usize::MAX)));
+                assert_eq!(cpus.enter().1, None);
+            });
+            // Another "CPU" (thread) with its own index is not blocked by CPU 5's open section.
+            s.spawn(|| {
+                INDEX.with(|c| c.set(Some(7)));
+                let (g, i) = cpus.enter();
+                assert_eq!(i, Some(7));
+                drop(g);
+            });
+        });
+    }
+
+    #[test]
+    fn irq_guards_restore_the_interrupt_state_they_found() {
+        std::thread::spawn(|| {
+            let cpus = IrqCpus::with_index(FixedIndex);
+            INDEX.with(|c| c.set(Some(0)));
+            // Entered with interrupts already off (an interrupt handler, or code under `IrqsOff`): the guard
+            // must leave them off when it drops.
+            let off = IrqsOff::new();
+            assert!(!interrupts_enabled());
+            let (g, i) = cpus.enter();
+            assert_eq!(i, Some(0));
+            assert!(!g.were_enabled());
+            drop(g);
+            assert!(!interrupts_enabled(), "a guard taken with interrupts off turned them on");
+            drop(cpus.enter_leaf());
+            assert!(!interrupts_enabled());
+            drop(off);
+            assert!(interrupts_enabled());
+            let (g, _) = cpus.enter_leaf();
+            assert!(g.were_enabled());
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn irq_cpus_over_a_function_pointer_still_works() {
+        fn three() -> Option<usize> {
+            Some(3)
+        }
+        std::thread::spawn(|| {
+            static CPUS: IrqCpus = IrqCpus::new(three);
+            let (g, i) = CPUS.enter();
+            assert_eq!(i, Some(3));
+            assert_eq!(CPUS.enter().1, None);
+            drop(g);
+            // By reference too (`Malloc<_, &'static IrqCpus>`).
+            let by_ref: &IrqCpus = &CPUS;
+            assert_eq!(CpuProvider::enter_leaf(&by_ref).1, Some(3));
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn irq_single_refuses_reentry() {
+        std::thread::spawn(|| {
+            // SAFETY: only this thread uses the provider.
+            let one = unsafe { IrqSingle::new() };
+            let (g, i) = one.enter();
+            assert_eq!(i, Some(0));
+            assert_eq!(one.enter().1, None);
+            assert_eq!(one.enter_leaf().1, None);
+            drop(g);
+            assert!(interrupts_enabled());
+            assert_eq!(one.enter_leaf().1, Some(0));
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

@@ -13,8 +13,10 @@
 //!   talc, or the empty allocator that measures the harness's own cost), for measuring the same workload on another heap (the demo's phase 2, the `--bench` kernel
 //!   bench). Its area is one large goheap allocation; frees of its objects go to it by address.
 //!
-//! The global allocator picks the heap for `alloc` by a mode flag and for `dealloc` by address (early
-//! array, comparison area, else goheap), so a pointer always returns to the heap that made it.
+//! The global allocator picks the heap for `alloc` by a mode flag and for `dealloc` by address (goheap's
+//! level-4 entry minus the comparison area, the comparison area, the early array), so a pointer always
+//! returns to the heap that made it. Both jump through a table of one function per heap, so each heap is
+//! reached by the same instructions (what the kernel bench's harness subtraction relies on).
 //!
 //! # goheap's wiring
 //! goheap's one-call kernel setup, `goheap::x86_64::KernelHeap` (the path the crate's README and its
@@ -25,10 +27,12 @@
 //!   on the active page tables, and returning them when the scavenger decommits. The window holds goheap's
 //!   arena (at most [`HEAP_MAX_BYTES`], reserved, committed on demand), its page map and page-allocator
 //!   metadata, and its span descriptors.
-//! - CPU provider: `goheap::x86_64::IrqCpus` over [`current_cpu_index`] (interrupts off in the allocator).
+//! - CPU provider: `goheap::x86_64::IrqCpus` over `crate::percpu::GsIndex` (interrupts off in the allocator;
+//!   the CPU index is one `gs:`-relative load compiled into goheap's fast path).
 //! - TLB shoot-down: the hook in [`SHOOTDOWN`] runs after goheap unmaps heap pages, before their frames
 //!   are reused.
 
+use crate::percpu::GsIndex;
 use bootloader_api::BootInfo;
 use core::alloc::{GlobalAlloc, Layout};
 use core::ptr::NonNull;
@@ -57,8 +61,9 @@ pub const HEAP_WINDOW_BYTES: u64 =
 const _: () = assert!(HEAP_WINDOW_START >> 39 == (HEAP_WINDOW_START + HEAP_WINDOW_BYTES - 1) >> 39);
 const _: () = assert!(HEAP_WINDOW_START % PALLOC_CHUNK_BYTES as u64 == 0);
 
-/// The running CPU's goheap cache index. Runs with interrupts off inside the allocator; must not allocate.
-/// The dense index comes from `crate::percpu::CPU_MAP`, goheap's `CpuIndexMap` keyed by APIC ID.
+/// The running CPU's goheap cache index (what goheap reads inline through `crate::percpu::GsIndex`), for
+/// tests and reports. The dense index comes from `crate::percpu::CPU_MAP`, goheap's `CpuIndexMap` keyed by
+/// APIC ID.
 #[inline]
 pub fn current_cpu_index() -> Option<usize> {
     // `None` before `smp::init_bsp` set up the BSP's per-CPU data: goheap then uses its shared, locked
@@ -70,10 +75,10 @@ pub fn current_cpu_index() -> Option<usize> {
 /// no-op while only the BSP runs.
 pub const SHOOTDOWN: Option<ShootdownHook> = Some(crate::apic::tlb_shootdown);
 
-/// goheap's CPU provider in this kernel: `IrqCpus` (by value), or with the feature `irq-latency` the same
-/// wrapped in `crate::irqlat::MeasuredCpus`, which times every interrupts-off section.
+/// goheap's CPU provider in this kernel: `IrqCpus` over `GsIndex` (by value), or with the feature
+/// `irq-latency` the same wrapped in `crate::irqlat::MeasuredCpus`, which times every interrupts-off section.
 #[cfg(not(feature = "irq-latency"))]
-pub type Cpus = IrqCpus;
+pub type Cpus = IrqCpus<GsIndex>;
 /// goheap's CPU provider in this kernel (see the other definition).
 #[cfg(feature = "irq-latency")]
 pub type Cpus = crate::irqlat::MeasuredCpus;
@@ -82,9 +87,9 @@ pub type Cpus = crate::irqlat::MeasuredCpus;
 pub type Heap = KernelHeap<Cpus>;
 
 #[cfg(not(feature = "irq-latency"))]
-const PROVIDER: Cpus = IrqCpus::new(current_cpu_index);
+const PROVIDER: Cpus = IrqCpus::with_index(GsIndex);
 #[cfg(feature = "irq-latency")]
-static CPUS: IrqCpus = IrqCpus::new(current_cpu_index);
+static CPUS: IrqCpus<GsIndex> = IrqCpus::with_index(GsIndex);
 #[cfg(feature = "irq-latency")]
 const PROVIDER: Cpus = crate::irqlat::MeasuredCpus::new(&CPUS);
 
@@ -132,11 +137,18 @@ impl CompareKind {
 
 static COMPARE_LL: LockedHeap = LockedHeap::empty();
 static COMPARE_TALC: Talck<spinning_top::RawSpinlock, ErrOnOom> = Talck::new(Talc::new(ErrOnOom));
-/// The comparison heap's area `[start, end)`; empty when not in use.
-static COMPARE_START: AtomicUsize = AtomicUsize::new(0);
-static COMPARE_END: AtomicUsize = AtomicUsize::new(0);
-/// Which allocator owns the registered comparison area (a `MODE_COMPARE_*` value; frees go by it).
-static COMPARE_OWNER: AtomicU8 = AtomicU8::new(MODE_COMPARE_LL);
+/// The registered comparison area, in one place (one address to reach on `dealloc`'s path).
+struct CompareArea {
+    /// The area's start; 0 when none is registered.
+    start: AtomicUsize,
+    /// Its length in bytes; 0 when none is registered (so no address lies in `[start, start + len)`).
+    len: AtomicUsize,
+    /// Which allocator owns it (a `MODE_COMPARE_*` value; frees go by it).
+    owner: AtomicU8,
+}
+
+static AREA: CompareArea =
+    CompareArea { start: AtomicUsize::new(0), len: AtomicUsize::new(0), owner: AtomicU8::new(MODE_COMPARE_LL) };
 /// The span talc's `claim` returned for the registered area (`get_allocated_span` wants it back).
 static TALC_HEAP: spin::Mutex<Option<(usize, usize)>> = spin::Mutex::new(None);
 /// talc's allocated extent right after it claimed the area (its own metadata at the bottom): the heap
@@ -166,7 +178,7 @@ fn empty_alloc(layout: Layout) -> *mut u8 {
         start = 0;
     }
     EMPTY_OFF[cpu].store(start + size, Ordering::Relaxed);
-    (COMPARE_START.load(Ordering::Relaxed) + cpu * part + start) as *mut u8
+    (AREA.start.load(Ordering::Relaxed) + cpu * part + start) as *mut u8
 }
 
 /// The global allocator: dispatches to the early heap, goheap or the comparison heap (module docs).
@@ -204,9 +216,8 @@ fn owner_of(ptr: *mut u8) -> Owner {
     if (es..ee).contains(&a) {
         return Owner::Early;
     }
-    let (cs, ce) = (COMPARE_START.load(Ordering::Acquire), COMPARE_END.load(Ordering::Acquire));
-    if (cs..ce).contains(&a) {
-        return compare_owner(COMPARE_OWNER.load(Ordering::Acquire));
+    if in_compare_area(a) {
+        return compare_owner(AREA.owner.load(Ordering::Acquire));
     }
     Owner::Goheap
 }
@@ -220,6 +231,118 @@ fn current_owner() -> Owner {
     }
 }
 
+/// Whether address `a` lies in the registered comparison area.
+#[inline(always)]
+fn in_compare_area(a: usize) -> bool {
+    a.wrapping_sub(AREA.start.load(Ordering::Acquire)) < AREA.len.load(Ordering::Acquire)
+}
+
+// ---- The hot dispatch: one function per allocator, reached the same way by each ----
+//
+// `alloc` jumps through `ALLOC_FNS[MODE]` and `dealloc` through `DEALLOC_FNS[owner]`, so every allocator
+// (goheap, the peers and the empty allocator that measures the harness) is reached by the same few
+// instructions and runs in a function of its own, as it would as a kernel's only global allocator: none
+// pays for the others' register saves, and the kernel bench's harness subtraction (the empty allocator's
+// run) removes the same dispatch from every allocator's count.
+
+type AllocFn = unsafe fn(Layout) -> *mut u8;
+type DeallocFn = unsafe fn(*mut u8, Layout);
+
+/// `alloc` by mode (indexed by the `MODE_*` values).
+static ALLOC_FNS: [AllocFn; 5] = [alloc_early, alloc_goheap, alloc_ll, alloc_talc, alloc_empty];
+/// `dealloc` by owner (indexed by the `MODE_*` values of the heap that owns the pointer).
+static DEALLOC_FNS: [DeallocFn; 5] = [dealloc_early, dealloc_goheap, dealloc_ll, dealloc_talc, dealloc_empty];
+
+/// # Safety
+/// `GlobalAlloc::alloc`'s contract.
+unsafe fn alloc_early(layout: Layout) -> *mut u8 {
+    // SAFETY: forwarded with the caller's layout (non-zero size by GlobalAlloc's contract).
+    unsafe { EARLY.alloc(layout) }
+}
+
+/// # Safety
+/// `GlobalAlloc::alloc`'s contract.
+unsafe fn alloc_goheap(layout: Layout) -> *mut u8 {
+    HEAP.alloc(layout)
+}
+
+/// # Safety
+/// `GlobalAlloc::alloc`'s contract.
+unsafe fn alloc_ll(layout: Layout) -> *mut u8 {
+    // SAFETY: forwarded with the caller's layout.
+    unsafe { COMPARE_LL.alloc(layout) }
+}
+
+/// # Safety
+/// `GlobalAlloc::alloc`'s contract.
+unsafe fn alloc_talc(layout: Layout) -> *mut u8 {
+    // SAFETY: forwarded with the caller's layout.
+    unsafe { COMPARE_TALC.alloc(layout) }
+}
+
+/// # Safety
+/// `GlobalAlloc::alloc`'s contract, and routed to only after `compare_begin_empty` (see its contract).
+unsafe fn alloc_empty(layout: Layout) -> *mut u8 {
+    empty_alloc(layout)
+}
+
+/// # Safety
+/// `ptr` came from the early heap with `layout`.
+unsafe fn dealloc_early(ptr: *mut u8, layout: Layout) {
+    // SAFETY: the caller's contract.
+    unsafe { EARLY.dealloc(ptr, layout) }
+}
+
+/// # Safety
+/// `ptr` came from goheap with `layout`, or lies outside every heap (goheap then reports a bad free).
+unsafe fn dealloc_goheap(ptr: *mut u8, layout: Layout) {
+    // SAFETY: the caller's contract.
+    unsafe { HEAP.dealloc(ptr, layout) }
+}
+
+/// # Safety
+/// `ptr` came from the linked-list comparison heap with `layout`.
+unsafe fn dealloc_ll(ptr: *mut u8, layout: Layout) {
+    // SAFETY: the caller's contract.
+    unsafe { COMPARE_LL.dealloc(ptr, layout) }
+}
+
+/// # Safety
+/// `ptr` came from the talc comparison heap with `layout`.
+unsafe fn dealloc_talc(ptr: *mut u8, layout: Layout) {
+    // SAFETY: the caller's contract.
+    unsafe { COMPARE_TALC.dealloc(ptr, layout) }
+}
+
+/// The empty allocator frees nothing.
+unsafe fn dealloc_empty(_ptr: *mut u8, _layout: Layout) {}
+
+/// The `MODE_*` value of the heap that owns `ptr`: an address in goheap's level-4 entry is goheap's unless
+/// it lies in the registered comparison area (itself a goheap allocation); elsewhere, the early array's
+/// are the early heap's, and anything else goes to goheap, which reports it as a bad free.
+#[inline(always)]
+fn owner_mode(ptr: *mut u8) -> usize {
+    let a = ptr as usize;
+    if a >> 39 == (HEAP_WINDOW_START >> 39) as usize {
+        // Without a branch: goheap and the comparison heaps take the same instructions here (the kernel
+        // bench subtracts the empty allocator's run, a comparison heap's, from goheap's).
+        let owner = AREA.owner.load(Ordering::Acquire) as usize;
+        let in_area = (in_compare_area(a) as usize).wrapping_neg();
+        MODE_GOHEAP as usize ^ ((owner ^ MODE_GOHEAP as usize) & in_area)
+    } else {
+        let (es, ee) = early_range();
+        if (es..ee).contains(&a) {
+            MODE_EARLY as usize
+        } else {
+            MODE_GOHEAP as usize
+        }
+    }
+}
+
+// The level-4 test above: nothing but goheap's window (and the comparison area inside it) lies in its
+// level-4 entry (`KernelHeap::init` checks the entry is unused before goheap maps it).
+const _: () = assert!(HEAP_WINDOW_START >> 39 == (HEAP_WINDOW_START + HEAP_WINDOW_BYTES - 1) >> 39);
+
 // SAFETY: each pointer comes from exactly one of three allocators (early heap, goheap, comparison heap),
 // and `dealloc`/`realloc` return it to the allocator whose memory range contains it: the early array and
 // the comparison area are disjoint from each other and from goheap's window (the comparison area is a
@@ -231,16 +354,10 @@ fn current_owner() -> Owner {
 unsafe impl GlobalAlloc for KernelAllocator {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        match current_owner() {
-            Owner::Goheap => HEAP.alloc(layout),
-            // SAFETY: forwarded with the caller's layout (non-zero size by GlobalAlloc's contract).
-            Owner::CompareLl => unsafe { COMPARE_LL.alloc(layout) },
-            // SAFETY: as above.
-            Owner::CompareTalc => unsafe { COMPARE_TALC.alloc(layout) },
-            Owner::CompareEmpty => empty_alloc(layout),
-            // SAFETY: as above.
-            Owner::Early => unsafe { EARLY.alloc(layout) },
-        }
+        let mode = MODE.load(Ordering::Acquire) as usize;
+        // SAFETY: MODE only ever holds one of the five `MODE_*` values (0..5), the table's indices; the
+        // function is the current mode's allocator, called with the caller's layout (contract forwarded).
+        unsafe { (ALLOC_FNS.get_unchecked(mode))(layout) }
     }
 
     #[inline]
@@ -267,19 +384,11 @@ unsafe impl GlobalAlloc for KernelAllocator {
 
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        match owner_of(ptr) {
-            // SAFETY: `ptr` lies outside the other heaps' ranges, so goheap allocated it with `layout`.
-            Owner::Goheap => unsafe { HEAP.dealloc(ptr, layout) },
-            // SAFETY: `ptr` lies in the comparison area, which the linked-list heap owns, so that heap
-            // allocated it with `layout`.
-            Owner::CompareLl => unsafe { COMPARE_LL.dealloc(ptr, layout) },
-            // SAFETY: as above, for the area talc owns.
-            Owner::CompareTalc => unsafe { COMPARE_TALC.dealloc(ptr, layout) },
-            // The empty allocator frees nothing.
-            Owner::CompareEmpty => {}
-            // SAFETY: `ptr` lies in the early array, so the early heap allocated it with `layout`.
-            Owner::Early => unsafe { EARLY.dealloc(ptr, layout) },
-        }
+        let owner = owner_mode(ptr);
+        // SAFETY: `owner_mode` returns a `MODE_*` value (0..5): MODE_EARLY, MODE_GOHEAP, or the comparison
+        // area's owner (a `MODE_COMPARE_*` value); that heap allocated `ptr` with `layout` (see the impl's
+        // SAFETY: ranges are disjoint), or it is goheap for a pointer of no heap, which reports it.
+        unsafe { (DEALLOC_FNS.get_unchecked(owner))(ptr, layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
@@ -303,12 +412,15 @@ unsafe impl GlobalAlloc for KernelAllocator {
     }
 }
 
-/// Hands the early array to the early heap. Called by `kernel_demo::init`; later calls do nothing.
+/// Hands the early array to the early heap and points the BSP's GS base at the boot block goheap's CPU index
+/// reads (`percpu::init_boot_gs`). Called by `kernel_demo::init`; later calls do nothing.
 pub fn init() {
     static DONE: AtomicU8 = AtomicU8::new(0);
     if DONE.swap(1, Ordering::AcqRel) != 0 {
         return;
     }
+    // goheap's CPU index (`GsIndex`) reads GS: give the BSP a boot block until its per-CPU data exists.
+    crate::percpu::init_boot_gs();
     let (start, _) = early_range();
     // SAFETY: EARLY_AREA is EARLY_HEAP_SIZE bytes, lives for the whole run and is used by nothing but the
     // early heap; DONE makes this the only `init` on it.
@@ -362,7 +474,7 @@ pub unsafe fn compare_begin_empty(bytes: usize) -> bool {
 }
 
 fn begin(kind: CompareKind, bytes: usize) -> bool {
-    if COMPARE_END.load(Ordering::Acquire) != 0 {
+    if AREA.len.load(Ordering::Acquire) != 0 {
         return false;
     }
     let layout = Layout::from_size_align(bytes, 4096).expect("valid layout");
@@ -412,9 +524,9 @@ fn begin(kind: CompareKind, bytes: usize) -> bool {
             MODE_COMPARE_EMPTY
         }
     };
-    COMPARE_OWNER.store(mode, Ordering::Release);
-    COMPARE_START.store(area as usize, Ordering::Release);
-    COMPARE_END.store(area as usize + bytes, Ordering::Release);
+    AREA.owner.store(mode, Ordering::Release);
+    AREA.start.store(area as usize, Ordering::Release);
+    AREA.len.store(bytes, Ordering::Release);
     MODE.store(mode, Ordering::Release);
     true
 }
@@ -423,7 +535,7 @@ fn begin(kind: CompareKind, bytes: usize) -> bool {
 /// extent from the end of its metadata to the end of its highest live chunk (0 exactly when it is empty:
 /// talc coalesces free chunks, so with nothing live the top gap reaches down to its metadata).
 fn compare_used() -> usize {
-    match COMPARE_OWNER.load(Ordering::Acquire) {
+    match AREA.owner.load(Ordering::Acquire) {
         MODE_COMPARE_LL => return COMPARE_LL.lock().used(),
         // Frees nothing, holds nothing: its area may go back at once.
         MODE_COMPARE_EMPTY => return 0,
@@ -445,9 +557,10 @@ pub fn compare_end() -> usize {
     MODE.store(MODE_GOHEAP, Ordering::Release);
     let used = compare_used();
     if used == 0 {
-        let (start, end) = (COMPARE_START.load(Ordering::Acquire), COMPARE_END.load(Ordering::Acquire));
-        COMPARE_START.store(0, Ordering::Release);
-        COMPARE_END.store(0, Ordering::Release);
+        let (start, len) = (AREA.start.load(Ordering::Acquire), AREA.len.load(Ordering::Acquire));
+        let end = start + len;
+        AREA.len.store(0, Ordering::Release);
+        AREA.start.store(0, Ordering::Release);
         TALC_HEAP.lock().take();
         if let Some(p) = NonNull::new(start as *mut u8) {
             let layout = Layout::from_size_align(end - start, 4096).expect("valid layout");

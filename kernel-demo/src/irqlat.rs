@@ -283,18 +283,19 @@ pub use measured::{MeasuredCpus, MeasuredGuard};
 #[cfg(feature = "irq-latency")]
 mod measured {
     use super::{cpu, Ordering, CELLS, DEPTH, KIND, SKIPPED};
+    use crate::percpu::GsIndex;
     use crate::time::rdtsc;
     use goheap::cpu::CpuProvider;
     use goheap::x86_64::{IrqCpus, IrqGuard};
 
     /// goheap's kernel provider with every interrupts-off section timed (see the module docs).
     pub struct MeasuredCpus {
-        inner: &'static IrqCpus,
+        inner: &'static IrqCpus<GsIndex>,
     }
 
     impl MeasuredCpus {
         /// Measures the sections of `inner`.
-        pub const fn new(inner: &'static IrqCpus) -> Self {
+        pub const fn new(inner: &'static IrqCpus<GsIndex>) -> Self {
             MeasuredCpus { inner }
         }
     }

@@ -8,16 +8,22 @@
 //! Before the BSP ran [`init_cpu`], GS base is 0 and [`current_index`] returns `None` (a flag is checked
 //! first). An AP sets its GS base first thing in its start-up path ([`crate::smp`]), before anything that
 //! could call [`current_index`] runs on it.
+//!
+//! goheap reads the index through [`GsIndex`], its `CpuIndex`: the `gs:` load alone, inlined into its fast
+//! path, with no flag to check. For that, the BSP's GS base points at a *boot block* from [`init_boot_gs`]
+//! (called by `heap::init`, before goheap serves anything) until [`init_cpu`] points it at the BSP's
+//! `PerCpu`: the boot block's index field holds [`NO_INDEX`], which goheap refuses (out of range), so
+//! until then goheap uses its shared cache, as with [`current_index`]'s `None`.
 
 use crate::smp::MAX_CPUS;
 use core::cell::UnsafeCell;
 use core::mem::{offset_of, MaybeUninit};
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use goheap::x86_64::CpuIndexMap;
+use goheap::x86_64::{CpuIndex, CpuIndexMap};
 use x86_64::registers::model_specific::{GsBase, KernelGsBase};
 use x86_64::VirtAddr;
 
-/// APIC ID → dense CPU index, shared with goheap (`IrqCpus::new(percpu::current_index)` keys its caches
+/// APIC ID → dense CPU index, shared with goheap (`IrqCpus::with_index(percpu::GsIndex)` keys its caches
 /// by the same indices).
 pub static CPU_MAP: CpuIndexMap = CpuIndexMap::new();
 
@@ -56,6 +62,50 @@ static PUBLISHED: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MA
 /// Set once the BSP's GS base points at its `PerCpu`.
 static GS_READY: AtomicBool = AtomicBool::new(false);
 
+/// The index field of the boot block: no index (any value of goheap's `MAX_CPUS` or more is refused).
+pub const NO_INDEX: usize = usize::MAX;
+
+/// What the BSP's GS base points at before [`init_cpu`]: the first two words of a [`PerCpu`], with no
+/// self pointer (0) and no index ([`NO_INDEX`]). Only [`GsIndex`] reads it.
+#[repr(C)]
+struct BootBlock {
+    self_ptr: usize,
+    index: usize,
+}
+
+static BOOT_BLOCK: BootBlock = BootBlock { self_ptr: 0, index: NO_INDEX };
+
+/// Points the running CPU's GS base at the boot block if it has none yet (GS base 0), so [`GsIndex`] can
+/// read it. Call on the BSP before goheap serves allocations (`heap::init` does); [`init_cpu`] replaces it.
+pub fn init_boot_gs() {
+    if GsBase::read().as_u64() == 0 {
+        GsBase::write(VirtAddr::from_ptr(core::ptr::addr_of!(BOOT_BLOCK)));
+    }
+}
+
+/// goheap's [`CpuIndex`] in this kernel: the running CPU's dense index by one `gs:`-relative load, inlined
+/// into goheap's fast path (no call, no flag). Before the BSP's [`init_cpu`] it reads the boot block's
+/// [`NO_INDEX`], which goheap's `IrqCpus` takes as "no index" (shared cache).
+///
+/// Requires GS base to point at a boot block or a `PerCpu` on every CPU that calls goheap: the BSP's from
+/// [`init_boot_gs`] (before goheap serves anything), an AP's from its start-up path, as for
+/// [`current_index`].
+pub struct GsIndex;
+
+impl CpuIndex for GsIndex {
+    #[inline(always)]
+    fn current(&self) -> Option<usize> {
+        let index: usize;
+        // SAFETY: GS base points at the boot block or at this CPU's `PerCpu` (the type's requirement, met by
+        // `heap::init` on the BSP and by every AP's start-up path), whose second word (offset 8, checked at
+        // compile time for `PerCpu`; `repr(C)` for the boot block) is the index.
+        unsafe { core::arch::asm!("mov {}, gs:[8]", out(reg) index, options(nostack, preserves_flags, readonly)) };
+        Some(index)
+    }
+}
+
+const _: () = assert!(offset_of!(BootBlock, index) == 8);
+
 /// Fills slot `index` for the running CPU and points its GS base (and kernel GS base) at it.
 ///
 /// # Safety
@@ -91,8 +141,8 @@ pub unsafe fn init_cpu(index: usize, apic_id: u32) -> &'static PerCpu {
 
 /// The running CPU's dense index, or `None` before its per-CPU data is set up.
 ///
-/// One relaxed load of a global flag, then one `gs:`-relative load: no lock, no allocation. Meant for
-/// goheap's `IrqCpus::new(current_index)`, which calls it with interrupts off.
+/// One relaxed load of a global flag, then one `gs:`-relative load: no lock, no allocation. goheap reads
+/// the same field through [`GsIndex`] (without the flag).
 #[inline]
 pub fn current_index() -> Option<usize> {
     if !GS_READY.load(Ordering::Relaxed) {

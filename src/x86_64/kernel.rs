@@ -92,23 +92,29 @@ impl core::fmt::Display for InitError {
 /// }
 /// ```
 ///
-/// With several CPUs, `IrqCpus` (by value) reads each CPU's cache index from the kernel, and the shoot-down
-/// hook makes the other CPUs drop stale TLB entries after goheap unmaps heap pages:
+/// With several CPUs, `IrqCpus` (by value) reads each CPU's cache index from the kernel through a
+/// [`CpuIndex`](super::CpuIndex) (compiled into goheap's fast path), and the shoot-down hook makes the other
+/// CPUs drop stale TLB entries after goheap unmaps heap pages:
 ///
 /// ```no_run
-/// use goheap::x86_64::{CpuIndexMap, IrqCpus, KernelHeap};
+/// use goheap::x86_64::{CpuIndex, CpuIndexMap, IrqCpus, KernelHeap};
 ///
 /// /// APIC ID -> dense cache index; each CPU calls `CPU_MAP.register(its_apic_id)` when it starts.
 /// static CPU_MAP: CpuIndexMap = CpuIndexMap::new();
 ///
 /// /// The running CPU's cache index (`None`: not registered yet, goheap uses its shared cache). Runs with
 /// /// interrupts off inside goheap and must not allocate; a kernel with per-CPU data reads the index there
-/// /// (a GS-relative load), this one asks CPUID for the APIC ID.
-/// #[allow(unused_unsafe)]
-/// fn current_cpu_index() -> Option<usize> {
-///     // SAFETY: CPUID leaf 1 exists on every x86_64 CPU.
-///     let apic_id = unsafe { core::arch::x86_64::__cpuid(1) }.ebx >> 24;
-///     CPU_MAP.index_of(apic_id)
+/// /// (a GS-relative load, as the demo kernel's `percpu.rs` does), this one asks CPUID for the APIC ID.
+/// struct CurrentCpu;
+///
+/// impl CpuIndex for CurrentCpu {
+///     #[inline]
+///     #[allow(unused_unsafe)]
+///     fn current(&self) -> Option<usize> {
+///         // SAFETY: CPUID leaf 1 exists on every x86_64 CPU.
+///         let apic_id = unsafe { core::arch::x86_64::__cpuid(1) }.ebx >> 24;
+///         CPU_MAP.index_of(apic_id)
+///     }
 /// }
 ///
 /// /// Invalidates `[start, start + nbytes)` in the other online CPUs' TLBs and returns once they did: an
@@ -118,9 +124,12 @@ impl core::fmt::Display for InitError {
 /// }
 ///
 /// #[global_allocator]
-/// static HEAP: KernelHeap<IrqCpus> =
-///     KernelHeap::new(0x4444_0000_0000, 4 << 30, IrqCpus::new(current_cpu_index), Some(tlb_shootdown));
+/// static HEAP: KernelHeap<IrqCpus<CurrentCpu>> =
+///     KernelHeap::new(0x4444_0000_0000, 4 << 30, IrqCpus::with_index(CurrentCpu), Some(tlb_shootdown));
 /// ```
+///
+/// `IrqCpus::new(f)` over a plain `fn() -> Option<usize>` (the type `KernelHeap<IrqCpus>`) works as well,
+/// at the price of an indirect call on every allocation and free.
 pub struct KernelHeap<P: CpuProvider> {
     malloc: Malloc<KernelSource, P>,
     frames: BootFrames,

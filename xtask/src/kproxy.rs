@@ -281,9 +281,9 @@ fn section_from(recs: &[Record]) -> String {
          `bench/src/bin/kproxy.rs`. The kernel bench's five workloads (same sizes, counts and seeds) run \
          natively, all allocators in one process, {reps} repetitions interleaved (rotated order), after one \
          untimed warm-up pass. goheap is `Malloc<MmapSource, KernelShaped>`: the kernel's provider \
-         (`IrqCpus`) with a thread-local index read through a function pointer (the kernel's `gs:` load) and a \
+         (`IrqCpus<GsIndex>`) with a thread-local index read inline (the kernel's `gs:` load) and a \
          thread-local \"interrupts enabled\" flag saved, cleared and restored where the kernel does \
-         `pushf`/`cli`/`popf` (on silicon those cost somewhat more than these loads and stores), plus \
+         `pushf`/`cli`/`sti` (on silicon those cost somewhat more than these loads and stores), plus \
          `IrqCpus`' busy flags. llalloc (`linked_list_allocator::LockedHeap`) and talc (`Talck<spinning_top::\
          RawSpinlock, ErrOnOom>`) are fresh heaps over the same 64 MiB area for every run, behind their spin \
          locks, as in the kernel. Every call goes through one dispatch on a global mode, as the kernel's \

@@ -5,12 +5,12 @@
 //! # The allocators (all in this one process, repetitions interleaved)
 //! - `goheap`: `goheap::Malloc<MmapSource, KernelShaped>`, not `goheap::Hosted`: [`KernelShaped`] is
 //!   goheap's kernel provider (`goheap::x86_64::IrqCpus`) with the privileged instructions replaced by
-//!   what they do, in the same shape: the CPU index comes through a function pointer that reads a
-//!   thread-local index (the kernel's `gs:`-relative per-CPU load), and "interrupts off" is a thread-local
-//!   flag: saving it (the kernel's `pushf`) is a load, clearing it (`cli`) a store, restoring it (`popf`/
-//!   `sti`) a store, plus the per-index busy flags of `IrqCpus` for full sections. On silicon `cli`/`sti` and
-//!   especially `popf` cost more than a load or store (tens of cycles for `popf` on some cores), so the
-//!   proxy undercharges goheap's guard a little; it charges everything else natively.
+//!   what they do, in the same shape: the CPU index is an inlined read of a thread-local index (the
+//!   kernel's `CpuIndex`, `percpu::GsIndex`: a `gs:` load compiled into goheap's fast path), and
+//!   "interrupts off" is a thread-local flag: saving it (the kernel's `pushf`) is a load, clearing it
+//!   (`cli`) a store, restoring it (`sti`, when it was set) a store, plus the per-index busy flags of
+//!   `IrqCpus` for full sections. On silicon `pushf`, `cli` and `sti` cost more than a load or store, so
+//!   the proxy undercharges goheap's guard a little; it charges everything else natively.
 //! - `llalloc`: `linked_list_allocator::LockedHeap` (a spin lock), `talc`: `talc::Talck<spinning_top::
 //!   RawSpinlock, ErrOnOom>`: the kernel's peer heaps, each fresh for every run over the same 64 MiB area
 //!   (mapped and touched once at start-up, as the kernel's area is committed memory).
@@ -118,20 +118,20 @@ mod kernel_shaped {
         INDEX.with(|c| c.set(Some(i)));
     }
 
-    /// The kernel's `current_index` (a `gs:` load there, a TLS load here).
+    /// The kernel's `CpuIndex` read (`percpu::GsIndex`: a `gs:` load there, inlined; a TLS load here).
+    #[inline(always)]
     fn current_index() -> Option<usize> {
         INDEX.with(Cell::get)
     }
 
-    /// `IrqCpus` with interrupts replaced by a thread-local flag (see the binary's docs).
+    /// `IrqCpus<GsIndex>` with interrupts replaced by a thread-local flag (see the binary's docs).
     pub struct KernelShaped {
-        current_index: fn() -> Option<usize>,
         busy: [AtomicBool; MAX_CPUS],
     }
 
     impl KernelShaped {
         pub const fn new() -> Self {
-            KernelShaped { current_index, busy: [const { AtomicBool::new(false) }; MAX_CPUS] }
+            KernelShaped { busy: [const { AtomicBool::new(false) }; MAX_CPUS] }
         }
     }
 
@@ -175,7 +175,7 @@ mod kernel_shaped {
         fn enter(&self) -> (Guard<'_>, Option<usize>) {
             let were_enabled = irqs_off();
             let this = self;
-            match (this.current_index)() {
+            match current_index() {
                 Some(i) if i < MAX_CPUS && !this.busy[i].load(Ordering::Acquire) => {
                     this.busy[i].store(true, Ordering::Relaxed);
                     (Guard { busy: Some(&this.busy[i]), were_enabled }, Some(i))
@@ -190,7 +190,7 @@ mod kernel_shaped {
         fn enter_leaf(&self) -> (Guard<'_>, Option<usize>) {
             let were_enabled = irqs_off();
             let this = self;
-            let idx = (this.current_index)().filter(|&i| i < MAX_CPUS && !this.busy[i].load(Ordering::Acquire));
+            let idx = current_index().filter(|&i| i < MAX_CPUS && !this.busy[i].load(Ordering::Acquire));
             (Guard { busy: None, were_enabled }, idx)
         }
     }
