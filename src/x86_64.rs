@@ -273,10 +273,13 @@ impl Drop for IrqsOff {
 
 /// The interrupt flag: `pushfq; pop; cli` to save and mask, `sti; nop` to restore. The guards keep the
 /// saved RFLAGS and test its IF bit when they drop (no `popf`, which is slow on some cores). The `nop`
-/// after `sti` (as the `x86_64` crate's `enable`) is kept: without it, the `irq_single` test kernel (goheap
-/// calls in a loop with interrupts on, an allocating timer handler) made almost no progress under QEMU's
-/// TCG while its handler kept running, and timed out (step 200 of 600 after 5 minutes, twice); with it,
-/// it passes in seconds. The cause was not pinned down.
+/// after `sti` is kept: without it, the `irq_single` test kernel (goheap calls in a loop with interrupts
+/// on, an allocating timer handler) made almost no progress under QEMU's TCG while its handler kept
+/// running, and timed out (step 200 of 600 after 5 minutes, twice); with it, it passes in seconds. The
+/// likely cause is `sti`'s interrupt shadow (an interrupt is taken only after the instruction that follows
+/// `sti`) meeting TCG, which looks for pending interrupts at translation-block boundaries: the `nop` gives
+/// the shadow an instruction of its own, so the block can end with interrupts deliverable, before the
+/// loop's next `cli`. On hardware the `nop` costs nothing measurable.
 #[cfg(not(test))]
 mod mask {
     /// RFLAGS' interrupt-enable bit.
