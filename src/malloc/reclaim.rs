@@ -53,6 +53,23 @@ pub fn limit_reclaim_base_npages(limit: usize) -> usize {
     (limit / 8 / PAGE_SIZE).max(LIMIT_RECLAIM_MIN_NPAGES)
 }
 
+/// What a background step does after its pacing section (see [`Malloc::background_pacing`]).
+pub(super) struct BackgroundPlan {
+    /// Whether the total was above the memory limit (the step then reclaims for it: at once when idle,
+    /// else at the allocation path's pace), and whether the call is idle.
+    pub(super) over_limit: bool,
+    pub(super) idle: bool,
+    /// Empty spans each class keeps, the most each returns, and the most pages all return together.
+    pub(super) keep: usize,
+    pub(super) max_spans: usize,
+    pub(super) pages_left: usize,
+    /// Whether the calling CPU's page cache goes back to the heap (an idle step, if above the goal).
+    pub(super) flush_page_cache: bool,
+    /// The scavenger's pacing tick and byte budget.
+    pub(super) tick: Tick,
+    pub(super) budget: usize,
+}
+
 /// One cache slot's pacing state; written only by the slot's owner (plain relaxed stores).
 #[repr(align(64))]
 struct CpuPacing {
@@ -122,6 +139,14 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     #[cold]
     #[inline(never)]
     pub(super) fn reclaim(&self, cache: &mut CpuCache, sh: &CpuShared, g: Guarded<'_>) {
+        self.reclaim_caches(cache, sh, g);
+        for central in self.t.centrals.iter().skip(1) {
+            central.sweep(g, &self.t.heap, None, 0, usize::MAX);
+        }
+    }
+
+    /// Steps 1–3 of [`Malloc::reclaim`] (the caches; not the central lists' empty spans).
+    pub(super) fn reclaim_caches(&self, cache: &mut CpuCache, sh: &CpuShared, g: Guarded<'_>) {
         let e = self.pacing.flush_epoch.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
         self.pacing.cpu(sh.index).flush_seen.store(e, Ordering::Relaxed);
         cache.flush_all(&self.t, sh, g);
@@ -132,9 +157,6 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 shared.flush_all(&self.t, &self.shared.shared, g);
                 self.pacing.cpu(SHARED_INDEX).flush_seen.store(e, Ordering::Relaxed);
             }
-        }
-        for central in self.t.centrals.iter().skip(1) {
-            central.sweep(g, &self.t.heap, None, 0, usize::MAX);
         }
     }
 
@@ -159,6 +181,31 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         }
         self.reclaim(cache, sh, g);
         let released = heap.release_for_limit(g);
+        self.limit_reclaim_paced(volume);
+        released
+    }
+
+    /// The memory limit's reclaim as [`Malloc::limit_reclaim`], with no guard held by the caller: the caches
+    /// in one guarded section, then the central lists' empty spans and the release of free pages in
+    /// sections of a slice each (see `page/heap/slice.rs`). Returns bytes released.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn limit_reclaim_sliced(&self, forced: bool) -> usize {
+        let heap = &self.t.heap;
+        let volume = heap.alloc_volume_npages();
+        if !forced && volume < self.pacing.limit_next_npages.load(Ordering::Relaxed) {
+            return 0;
+        }
+        self.with_cache(|c, _, sh, g| self.reclaim_caches(c, sh, g));
+        self.sweep_sliced(0, usize::MAX, usize::MAX);
+        let released = heap.release_for_limit(crate::page::heap::slice::ProviderSections(&self.provider));
+        self.limit_reclaim_paced(volume);
+        released
+    }
+
+    /// Sets the interval to the next memory-limit reclaim after one at allocation volume `volume`.
+    fn limit_reclaim_paced(&self, volume: usize) {
+        let heap = &self.t.heap;
         let base = limit_reclaim_base_npages(heap.memory_limit());
         let every = if heap.over_limit() {
             let cur = self.pacing.limit_every_npages.load(Ordering::Relaxed).max(base);
@@ -168,19 +215,12 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         };
         self.pacing.limit_every_npages.store(every, Ordering::Relaxed);
         self.pacing.limit_next_npages.store(volume.saturating_add(every), Ordering::Relaxed);
-        released
     }
 
-    /// The sweep, page-cache and limit part of [`Malloc::background`] on the entered cache; returns the
-    /// pages swept, the pacing tick for the scavenger and the scavenge budget for this call.
-    pub(super) fn background_pacing(
-        &self,
-        cache: &mut CpuCache,
-        sh: &CpuShared,
-        g: Guarded<'_>,
-        max_spans: usize,
-        budget_bytes: usize,
-    ) -> (usize, Tick, usize) {
+    /// The pacing and limit part of [`Malloc::background`] on the entered cache; returns the plan for the
+    /// rest of the step (sweep bounds, page-cache flush, the scavenger's tick and budget), which the step
+    /// carries out in sections of its own.
+    pub(super) fn background_pacing(&self, sh: &CpuShared, max_spans: usize, budget_bytes: usize) -> BackgroundPlan {
         let heap = &self.t.heap;
         let cp = self.pacing.cpu(sh.index);
         let volume = heap.alloc_volume_npages();
@@ -195,32 +235,12 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         cp.bg_calls.store(calls, Ordering::Relaxed);
         let tick = Tick::Cpu((calls >= CALLS_PER_EPOCH).then_some(epoch));
         let over_limit = heap.over_limit();
-        if over_limit {
-            // Idle: meet the limit now; busy: at the allocation path's pace.
-            self.limit_reclaim(cache, sh, g, idle);
-        }
         let budget = if idle { budget_bytes.saturating_mul(IDLE_BUDGET_FACTOR) } else { budget_bytes };
-        let (keep, max_spans, mut pages_left) = if idle || over_limit {
+        let (keep, max_spans, pages_left) = if idle || over_limit {
             (0, usize::MAX, (budget / PAGE_SIZE).max(max_spans))
         } else {
             (KEEP_EMPTY_SPANS, max_spans, usize::MAX)
         };
-        let mut swept = 0;
-        for central in self.t.centrals.iter().skip(1) {
-            if pages_left == 0 {
-                break;
-            }
-            let n = central.sweep_budget(g, heap, Some(&mut cache.pcache), keep, max_spans, pages_left);
-            pages_left = pages_left.saturating_sub(n);
-            swept += n;
-        }
-        if idle
-            && heap.committed_npages.load(Ordering::Relaxed) * PAGE_SIZE
-                > heap.retained_goal_bytes.load(Ordering::Relaxed)
-        {
-            // The scavenger cannot reach the page cache's free pages: give them to the heap.
-            heap.flush_page_cache(g, &mut cache.pcache);
-        }
-        (swept, tick, budget)
+        BackgroundPlan { over_limit, idle, keep, max_spans, pages_left, flush_page_cache: idle, tick, budget }
     }
 }

@@ -53,7 +53,7 @@ impl<S: PageSource> Heap<S> {
             pc => self.alloc_span_locked(g, pc, npages, PAGE_SIZE, class),
         };
         if r.is_some() {
-            self.after_alloc(g);
+            self.after_alloc(&mut { g });
         }
         r
     }
@@ -67,7 +67,7 @@ impl<S: PageSource> Heap<S> {
         }
         let r = self.alloc_span_locked(g, None, npages, align.max(PAGE_SIZE), 0);
         if r.is_some() {
-            self.after_alloc(g);
+            self.after_alloc(&mut { g });
         }
         r
     }
@@ -308,7 +308,7 @@ impl<S: PageSource> Heap<S> {
         let n = self.inuse_npages.fetch_add(extra, Ordering::Relaxed) + extra;
         self.epoch_peak_npages.fetch_max(n, Ordering::Relaxed);
         self.alloc_volume_npages.fetch_add(extra, Ordering::Relaxed);
-        self.after_alloc(g);
+        self.after_alloc(&mut { g });
         true
     }
 }
@@ -334,7 +334,23 @@ impl<S: PageSource> Heap<S> {
             self.publish_span_stats(inner);
             return None;
         };
-        // Decommit every committed run of the range: the gaps between its scavenged runs.
+        self.decommit_committed_locked(inner, idx, npages);
+        if !self.commit_range_locked(inner, idx, npages) {
+            inner.pa.free_range(idx, npages);
+            // SAFETY: as above.
+            unsafe { inner.spans.free(s.cast()) };
+            self.publish_span_stats(inner);
+            return None;
+        }
+        self.publish_span(s, idx, npages, 0, false);
+        drop(lock);
+        self.after_alloc(&mut { g });
+        Some(s)
+    }
+
+    /// Decommits every committed run of the allocated range `[idx, idx + npages)` (the gaps between its
+    /// scavenged runs) and marks it scavenged. Heap lock held.
+    pub(super) fn decommit_committed_locked(&self, inner: &mut HeapInner, idx: usize, npages: usize) {
         let (end, mut pos) = (idx + npages, idx);
         while pos < end {
             let mut next = None;
@@ -358,16 +374,5 @@ impl<S: PageSource> Heap<S> {
             }
             pos = resume;
         }
-        if !self.commit_range_locked(inner, idx, npages) {
-            inner.pa.free_range(idx, npages);
-            // SAFETY: as above.
-            unsafe { inner.spans.free(s.cast()) };
-            self.publish_span_stats(inner);
-            return None;
-        }
-        self.publish_span(s, idx, npages, 0, false);
-        drop(lock);
-        self.after_alloc(g);
-        Some(s)
     }
 }
