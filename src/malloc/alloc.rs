@@ -2,6 +2,13 @@
 //! general path (tiny, small refills, sampling) and the large path.
 //!
 //! See `lib.rs` for an overview of the allocator and `malloc/mod.rs` for the guards and locks.
+//!
+//! # Large allocations in slices (interrupt latency)
+//! Above `COMMIT_SLICE_NPAGES` pages (not in guard mode) the large path does not enter the cache first:
+//! the page heap takes the run, commits it and publishes it in guarded sections of a slice each
+//! (`Heap::alloc_span_sliced`, see `page/heap/slice.rs`), then one short section does the bookkeeping on
+//! the cache; the clear of a dirty span for `alloc_zeroed` runs after it, with interrupts on (the span is
+//! the caller's alone by then).
 
 use super::*;
 use crate::object::class::{stock_key_slot, STOCK_KEY_MIN_SIZE};

@@ -2,6 +2,15 @@
 //! `release_all` (Go's `debug.FreeOSMemory`) and the memory limit.
 //!
 //! See `lib.rs` for an overview of the allocator and `malloc/mod.rs` for the guards and locks.
+//!
+//! # Slices (interrupt latency)
+//! `background`, `release_all` and `set_memory_limit` do not run in one guarded section: a first section
+//! on the caller's entered cache does what needs the cache (fold, flushes, pacing), then the central
+//! lists' sweep runs [`SWEEP_SLICE_SPANS`] spans per section (each section enters the cache again) and the
+//! heap's decommits one run per section (`ProviderSections`, see `page/heap/slice.rs`). Safe because each
+//! section leaves every structure consistent (a sweep returns whole spans under the central and heap
+//! locks; a run being decommitted is taken in the page allocator), and nothing is carried from one
+//! section to the next but counters.
 
 use super::*;
 use crate::page::heap::slice::ProviderSections;
@@ -31,7 +40,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// deferred frees into the calling CPU's cached spans, returns up to `max_spans` empty spans per class from
     /// the central lists to the page heap, and lets the scavenger give back up to `scavenge_budget_bytes`.
     /// The step works in guarded sections (interrupts off in a kernel) with windows between them: the pacing
-    /// and the fold in one, the sweep [`SWEEP_SLICE_SPANS`] spans per section, the scavenger one run of at
+    /// and the fold in one, the sweep `SWEEP_SLICE_SPANS` (8) spans per section, the scavenger one run of at
     /// most `DECOMMIT_SLICE_NPAGES` pages per section (see `page/heap/slice.rs`); so it is safe from an
     /// interrupt handler, and its budget bounds its whole time, not the time interrupts stay off.
     ///
@@ -92,7 +101,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// Go's `debug.FreeOSMemory`: flushes the calling CPU's cache (and the shared one), returns every empty
     /// span to the page heap and every free page to the page source. Returns the bytes released. Long (its
     /// time grows with the free memory), but in guarded sections with windows between them: flushing the
-    /// caches, then [`SWEEP_SLICE_SPANS`] spans per section, then one run of at most `DECOMMIT_SLICE_NPAGES`
+    /// caches, then `SWEEP_SLICE_SPANS` (8) spans per section, then one run of at most `DECOMMIT_SLICE_NPAGES`
     /// pages decommitted per section (see `page/heap/slice.rs`).
     ///
     /// The caches that departed holders left (host threads that exited, see `cpu.rs`) are flushed at once.

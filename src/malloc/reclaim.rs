@@ -2,6 +2,11 @@
 //!
 //! See `lib.rs` for an overview of the allocator and `malloc/mod.rs` for the guards and locks.
 //!
+//! Slices: [`Malloc::limit_reclaim_sliced`] (from `set_memory_limit`, the background step and the large
+//! path) flushes the caches in one guarded section, then sweeps and releases in sections of a slice each
+//! (see `maintenance.rs` and `page/heap/slice.rs`); [`Malloc::limit_reclaim`] (after a small allocation,
+//! inside its section) and the reclaim before failing still run inside the caller's one section.
+//!
 //! # Reclaim (Go's `mheap.alloc` reclaims before it fails)
 //! When the page heap says no to a span (page allocator full, arena bound reached, source out of memory:
 //! for a refill, a page-cache refill, heap growth or a large object), the allocation path calls

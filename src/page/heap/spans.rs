@@ -2,6 +2,9 @@
 //! allocation for large objects, freeing, and resizing a large object's span in place.
 //!
 //! See `lib.rs` for an overview of the allocator and `heap/mod.rs` for the heap's invariants.
+//!
+//! These paths run in the caller's one guarded section; large runs committed in slices (each slice a
+//! section of its own) are `slice.rs`'s `Heap::alloc_span_sliced`.
 
 use crate::sync::atomic::Ordering;
 use core::ptr::{addr_of_mut, NonNull};
