@@ -251,3 +251,28 @@ fn memory_limit_scavenging_decommits_in_slices() {
         unsafe { m.dealloc(p, layout) };
     }
 }
+
+#[test]
+fn realloc_growing_a_large_block_in_place_commits_in_slices() {
+    let m = new_malloc();
+    let layout = Layout::from_size_align(1 << 20, 8).unwrap();
+    let p = m.alloc(layout);
+    assert!(!p.is_null());
+    // SAFETY: `p` is ours, 1 MiB.
+    unsafe { p.write_bytes(0x5a, 1 << 20) };
+    reset();
+    // SAFETY: `p` is a live allocation of `layout`; 64 MiB is a valid size.
+    let q = unsafe { m.realloc(p, layout, MIB64) };
+    let (max, _, unguarded) = figures();
+    assert_eq!(q, p, "the block at the heap's end grows in place");
+    assert_eq!(unguarded, 0, "a source call outside the guard");
+    assert!(max <= BOUND_PAGES, "a section of realloc committed {max} pages");
+    // SAFETY: `q` is ours, 64 MiB, its first MiB copied or kept.
+    unsafe {
+        assert_eq!(*q.add((1 << 20) - 1), 0x5a);
+        q.add(MIB64 - 1).write(1);
+        m.dealloc(q, Layout::from_size_align(MIB64, 8).unwrap());
+    }
+    #[cfg(feature = "validate")]
+    m.with_guard(|g| m.heap().validate(g));
+}

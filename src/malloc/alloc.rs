@@ -136,11 +136,12 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             self.reclaim(e.cache, e.sh, g);
             p = small(e.cache);
         }
-        if !p.is_null() {
-            self.after_alloc_limit(e.cache, e.sh, g);
-        }
         let me = e.sh.index;
         drop(e);
+        if !p.is_null() {
+            // After the section: the limit's reclaim works in sections of its own.
+            self.after_alloc_limit();
+        }
         #[cfg(feature = "checks")]
         if !p.is_null() {
             if r == TINY_CLASS {
@@ -184,7 +185,6 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             s = span(e.cache);
         }
         let Some(s) = s else { return ptr::null_mut() };
-        self.after_alloc_limit(e.cache, e.sh, g);
         let s = s.as_ptr();
         // SAFETY: a fresh large span is ours alone.
         let p = unsafe {
@@ -208,6 +208,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         let sampled = self.count_sample(e.cache, size);
         let me = e.sh.index;
         drop(e);
+        self.after_alloc_limit();
         if needzero {
             // SAFETY: `p` is the start of `size` bytes of the fresh span, ours alone. Outside the guard: a
             // clear of many pages does not keep interrupts off.
@@ -244,9 +245,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         }
         let Some(s) = s else { return ptr::null_mut() };
         let s = s.as_ptr();
-        if self.t.heap.over_limit() {
-            self.limit_reclaim_sliced(false);
-        }
+        self.after_alloc_limit();
         let e = self.enter();
         // SAFETY: a fresh large span is ours alone.
         let (p, needzero) = unsafe {

@@ -2,10 +2,10 @@
 //!
 //! See `lib.rs` for an overview of the allocator and `malloc/mod.rs` for the guards and locks.
 //!
-//! Slices: [`Malloc::limit_reclaim_sliced`] (from `set_memory_limit`, the background step and the large
-//! path) flushes the caches in one guarded section, then sweeps and releases in sections of a slice each
-//! (see `maintenance.rs` and `page/heap/slice.rs`); [`Malloc::limit_reclaim`] (after a small allocation,
-//! inside its section) and the reclaim before failing still run inside the caller's one section.
+//! Slices: [`Malloc::limit_reclaim_sliced`] (after an allocation, outside its section; from
+//! `set_memory_limit` and the background step) flushes the caches in one guarded section, then sweeps and
+//! releases in sections of a slice each (see `maintenance.rs` and `page/heap/slice.rs`). The reclaim
+//! before failing (out of memory) still runs inside the allocation's one section.
 //!
 //! # Reclaim (Go's `mheap.alloc` reclaims before it fails)
 //! When the page heap says no to a span (page allocator full, arena bound reached, source out of memory:
@@ -165,34 +165,19 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         }
     }
 
-    /// After an allocation: the memory limit's reclaim if the total is above the limit (a few atomic loads
-    /// otherwise).
+    /// After an allocation, outside its guarded section: the memory limit's reclaim if the total is above
+    /// the limit (a few atomic loads otherwise).
     #[inline]
-    pub(super) fn after_alloc_limit(&self, cache: &mut CpuCache, sh: &CpuShared, g: Guarded<'_>) {
+    pub(super) fn after_alloc_limit(&self) {
         if self.t.heap.over_limit() {
-            self.limit_reclaim(cache, sh, g, false);
+            self.limit_reclaim_sliced(false);
         }
     }
 
-    /// The memory limit's reclaim (see the module docs): unless `forced`, only once the allocation volume
-    /// since the last one reaches the current interval. Returns bytes released.
-    #[cold]
-    #[inline(never)]
-    pub(super) fn limit_reclaim(&self, cache: &mut CpuCache, sh: &CpuShared, g: Guarded<'_>, forced: bool) -> usize {
-        let heap = &self.t.heap;
-        let volume = heap.alloc_volume_npages();
-        if !forced && volume < self.pacing.limit_next_npages.load(Ordering::Relaxed) {
-            return 0;
-        }
-        self.reclaim(cache, sh, g);
-        let released = heap.release_for_limit(g);
-        self.limit_reclaim_paced(volume);
-        released
-    }
-
-    /// The memory limit's reclaim as [`Malloc::limit_reclaim`], with no guard held by the caller: the caches
-    /// in one guarded section, then the central lists' empty spans and the release of free pages in
-    /// sections of a slice each (see `page/heap/slice.rs`). Returns bytes released.
+    /// The memory limit's reclaim (see the module docs), with no guard held by the caller: unless `forced`,
+    /// only once the allocation volume since the last one reaches the current interval. The caches in one
+    /// guarded section, then the central lists' empty spans and the release of free pages in sections of a
+    /// slice each (see `page/heap/slice.rs`). Returns bytes released.
     #[cold]
     #[inline(never)]
     pub(super) fn limit_reclaim_sliced(&self, forced: bool) -> usize {

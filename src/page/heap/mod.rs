@@ -26,7 +26,9 @@
 //! # Invariants (equations; counters are atomics read lock-free by `stats`)
 //! - `grown_bytes = pa.grown_chunks * PALLOC_CHUNK_BYTES <= reserved_bytes`; the page map is committed for
 //!   every grown page, and `map[p] != null` ⇔ page `p` belongs to an `InUse` span `s` with
-//!   `s.base <= addr(p) < s.base + s.npages * PAGE_SIZE`;
+//!   `s.base <= addr(p) < s.base + s.npages * PAGE_SIZE` (when quiescent: a large span's entries are
+//!   stored just before the section that counts it in use, and cleared just before the section that frees
+//!   it, outside the guard; only its owner knows its address meanwhile, see `slice.rs`);
 //! - `inuse_npages = Σ npages of InUse spans = #{p : map[p] != null}`;
 //! - allocated pages in `pa` = `inuse_npages + cached_npages + scav_inflight_npages + pending_npages +
 //!   retired_npages` (pages held free by page caches; pages the scavenger is decommitting without the lock;

@@ -226,11 +226,18 @@ impl<S: PageSource> Heap<S> {
                 }
                 off += k;
             }
+            // Publication: the descriptor's fields, then the page map (atomic stores, no lock: no guard
+            // needed, so with interrupts on; one store per page), then the counters under the heap lock.
+            // Nobody can reach the span before it is returned, so the order only matters for `validate`
+            // (quiescent) and bad frees, which find either no span or this one, `InUse`.
+            self.write_span_fields(s, idx, npages, 0, needzero);
+            self.set_map(idx, npages, s.as_ptr());
             secs.section(|g| {
                 let _lk = self.inner.lock(g);
                 self.pending_npages.fetch_sub(npages, Ordering::Relaxed);
-                self.publish_span(s, idx, npages, 0, needzero);
+                self.count_published(npages);
             });
+            self.check_map(idx, npages, s.as_ptr());
         }
         self.after_alloc(secs);
         Some(s)
