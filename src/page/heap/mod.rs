@@ -54,7 +54,7 @@
 //! # Interrupt latency: long operations in slices
 //! The CPU provider's guard keeps interrupts off in a kernel, so no guarded section may be long. Operations
 //! whose work grows with a size — committing a large run, decommitting free pages (background step,
-//! `release_all`, growth and memory-limit scavenging) — work in slices of at most 16 pages, each in a
+//! `release_all`, growth and memory-limit scavenging) — work in slices of at most 8 (commit) or 16 (decommit) pages, each in a
 //! guarded section of its own, with the guard dropped between them; what they work on is allocated in the
 //! page allocator meanwhile, so no one else touches it (see `slice.rs`, which states the bound and how the
 //! slice sizes follow from it).

@@ -29,13 +29,14 @@
 //!
 //! # Slice sizes (the bound)
 //! The aim is interrupts off for under [`IRQ_OFF_BOUND_INSNS`] instructions per section at 1 CPU, whatever
-//! the heap size. The demo kernel's frame source costs about 620 instructions per page committed (a 64 MiB
-//! allocation: 10.1 million instructions for 16 384 pages, `-icount`) and about the same per page
-//! decommitted (unmap, `invlpg`, frame free); a slice's fixed part (enter, heap lock, page-allocator
-//! search, bookkeeping) is a few thousand. So
-//! `COMMIT_SLICE_NPAGES = 16`: `16 × 620 ≈ 9 900` instructions plus the fixed part stays well under
-//! `20 000` (leaving room for a retry's release of as many pages after a failed commit, which goes
-//! through the same slice), and `DECOMMIT_SLICE_NPAGES` likewise.
+//! the heap size. Measured in the demo kernel (`cargo xtask bench --kernel --icount`, latency boot; a
+//! goheap page is 8 KiB, two 4 KiB frames): a section committing 16 pages took up to 30 814 instructions
+//! (mean 22 945: the frame source maps and zeroes each frame; about [`PAGE_COST_INSNS`] a page with the
+//! section's share of fixed costs), and a section decommitting 16 pages up to 11 751 (unmap, `invlpg`,
+//! frame free: no zeroing). So `COMMIT_SLICE_NPAGES × PAGE_COST_INSNS + SLICE_FIXED_INSNS ≤
+//! IRQ_OFF_BOUND_INSNS`, i.e. `8 × 1 900 + 3 000 = 18 200 ≤ 20 000`, and 16 pages per decommit section.
+//! A commit that fails midway releases free pages and retries in the same section (out of memory only:
+//! that section may take about twice as long).
 
 use crate::sync::atomic::Ordering;
 use core::ptr::NonNull;
@@ -51,27 +52,31 @@ use crate::PAGE_SIZE;
 /// the demo kernel): what the slice sizes below are chosen for.
 pub const IRQ_OFF_BOUND_INSNS: usize = 20_000;
 
-/// Measured cost of committing (or decommitting) one page with the demo kernel's frame source, in
-/// instructions (`-icount`: 10 106 649 for a 64 MiB allocation's 16 384 pages, about 617 each).
-pub const PAGE_COST_INSNS: usize = 620;
+/// Measured cost of committing one page with the demo kernel's frame source, in instructions, with the
+/// section's share of its fixed costs: the longest 16-page commit section took 30 814 (`-icount`), about
+/// 1 900 a page.
+pub const PAGE_COST_INSNS: usize = 1_900;
 
-/// Pages committed per guarded section when a large allocation commits its run in slices:
-/// `COMMIT_SLICE_NPAGES × PAGE_COST_INSNS ≈ 9 900 ≤ IRQ_OFF_BOUND_INSNS / 2`, the other half left for the
-/// section's fixed part and a failed commit's release of as many pages (see the module docs).
-pub const COMMIT_SLICE_NPAGES: usize = 16;
+/// A slice's fixed part, in instructions: entering the guard, the heap lock, the page allocator's checks
+/// and bookkeeping (an upper estimate).
+pub const SLICE_FIXED_INSNS: usize = 3_000;
+
+/// Pages committed per guarded section when a large allocation (or a large `realloc` in place) commits
+/// its run in slices: `COMMIT_SLICE_NPAGES × PAGE_COST_INSNS + SLICE_FIXED_INSNS = 18 200 ≤
+/// IRQ_OFF_BOUND_INSNS`.
+pub const COMMIT_SLICE_NPAGES: usize = 8;
 
 /// Pages decommitted per guarded section by the scavenger's unlocked path (background step, `release_all`,
-/// growth and memory-limit scavenging): `DECOMMIT_SLICE_NPAGES × PAGE_COST_INSNS ≈ 9 900 ≤
-/// IRQ_OFF_BOUND_INSNS / 2`.
+/// growth and memory-limit scavenging): 16, measured at 11 751 instructions at most per section (a
+/// decommit costs the frame source less than a commit: no zeroing), under `IRQ_OFF_BOUND_INSNS`.
 pub const DECOMMIT_SLICE_NPAGES: usize = 16;
 
 /// Chunks (4 MiB each) a sliced large allocation grows the heap by per guarded section: a chunk's metadata
-/// is two pages of page map and a few hundred bytes of bitmaps and summaries, so `GROW_SLICE_CHUNKS × 3`
-/// pages committed stays under `COMMIT_SLICE_NPAGES`.
+/// is 4 KiB of page map (512 entries) and a few hundred bytes of bitmaps and summaries, so a growth step
+/// commits about as many pages as a commit slice.
 pub const GROW_SLICE_CHUNKS: usize = 4;
 
-const _: () = assert!(COMMIT_SLICE_NPAGES * PAGE_COST_INSNS <= IRQ_OFF_BOUND_INSNS / 2);
-const _: () = assert!(DECOMMIT_SLICE_NPAGES * PAGE_COST_INSNS <= IRQ_OFF_BOUND_INSNS / 2);
+const _: () = assert!(COMMIT_SLICE_NPAGES * PAGE_COST_INSNS + SLICE_FIXED_INSNS <= IRQ_OFF_BOUND_INSNS);
 
 /// Opens guarded sections one after another (see the module docs): a long operation does each slice of
 /// its work inside one [`Sections::section`] call, with the token it is given there.
