@@ -239,7 +239,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         if s.is_none() {
             // Out of memory: give back what the allocator holds free and retry once (see `reclaim.rs`), the
             // central lists' empty spans in sections of their own.
-            self.with_cache(|c, _, sh, g| self.reclaim_caches(c, sh, g));
+            self.reclaim_caches_sliced();
             self.sweep_sliced(0, usize::MAX, usize::MAX);
             s = span(&mut secs);
         }

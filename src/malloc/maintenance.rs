@@ -94,8 +94,11 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
 
     /// Gives everything the calling CPU's cache holds back to the central lists and the page heap. A kernel
     /// calls it on every CPU before [`Malloc::release_all`] (other CPUs' caches are theirs alone).
+    ///
+    /// In guarded sections of a few classes each, with interrupt windows between them (see
+    /// `page/heap/slice.rs`).
     pub fn flush_cpu_cache(&self) {
-        self.with_cache(|c, t, sh, g| c.flush_all(t, sh, g));
+        self.flush_cache_sliced(None);
     }
 
     /// Go's `debug.FreeOSMemory`: flushes the calling CPU's cache (and the shared one), returns every empty
@@ -144,9 +147,9 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         }
         // The caches departed holders left (host threads that exited, see `orphans.rs`).
         self.flush_orphans(g, usize::MAX);
-        // This CPU's cache and the flush request to the others.
-        self.reclaim_caches(e.cache, e.sh, g);
         drop(e);
+        // This CPU's cache and the flush request to the others, a few flush steps per section.
+        self.reclaim_caches_sliced();
         // Every empty span of every central list, then every free page: in guarded sections with windows
         // between them (see `page/heap/slice.rs`).
         self.sweep_sliced(0, usize::MAX, usize::MAX);

@@ -43,7 +43,14 @@
 //! goal, so a kernel's idle loop at 100 Hz returns a freed burst within about a second.
 
 use super::*;
+use crate::object::cpucache::FLUSH_STEPS;
 use crate::page::heap::scavenger::{Tick, CALLS_PER_EPOCH};
+
+/// Flush steps (the tiny block, one class each, the page cache: `CpuCache::flush_step`) per guarded section
+/// of a sliced cache flush: a class's step returns its stock (at most a few hundred objects) to the central
+/// list and its cached span, a few thousand instructions at most, so two stay under the bound of
+/// `page/heap/slice.rs`.
+pub const FLUSH_SLICE_STEPS: usize = 2;
 
 /// An idle background call may sweep and scavenge this many times its budget.
 pub const IDLE_BUDGET_FACTOR: usize = 8;
@@ -165,6 +172,43 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         }
     }
 
+    /// [`Malloc::reclaim_caches`] with no guard held by the caller, in guarded sections of
+    /// [`FLUSH_SLICE_STEPS`] flush steps each (see `CpuCache::flush_step`), then the shared cache's flush
+    /// in one (it is rarely used in a kernel: only without a CPU index).
+    pub(super) fn reclaim_caches_sliced(&self) {
+        let e = self.pacing.flush_epoch.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        self.flush_cache_sliced(Some(e));
+        self.with_cache(|_, t, sh, g| {
+            if sh.index != SHARED_INDEX {
+                if let Some(_lock) = self.shared_lock.try_lock(g) {
+                    // SAFETY: the shared cache is only used under `shared_lock`, which we hold.
+                    let shared = unsafe { &mut *self.shared.cache.get() };
+                    shared.flush_all(t, &self.shared.shared, g);
+                    self.pacing.cpu(SHARED_INDEX).flush_seen.store(e, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+
+    /// Flushes the caller's cache as `CpuCache::flush_all` does, [`FLUSH_SLICE_STEPS`] steps per guarded
+    /// section (each section enters the caller's cache again; a step leaves the cache consistent); with
+    /// `seen = Some(e)`, records flush epoch `e` as honoured by that cache.
+    pub(super) fn flush_cache_sliced(&self, seen: Option<usize>) {
+        let mut i = 0;
+        while i < FLUSH_STEPS {
+            let end = (i + FLUSH_SLICE_STEPS).min(FLUSH_STEPS);
+            self.with_cache(|c, t, sh, g| {
+                if let (0, Some(e)) = (i, seen) {
+                    self.pacing.cpu(sh.index).flush_seen.store(e, Ordering::Relaxed);
+                }
+                for k in i..end {
+                    c.flush_step(t, k, sh, g);
+                }
+            });
+            i = end;
+        }
+    }
+
     /// After an allocation, outside its guarded section: the memory limit's reclaim if the total is above
     /// the limit (a few atomic loads otherwise).
     #[inline]
@@ -186,7 +230,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         if !forced && volume < self.pacing.limit_next_npages.load(Ordering::Relaxed) {
             return 0;
         }
-        self.with_cache(|c, _, sh, g| self.reclaim_caches(c, sh, g));
+        self.reclaim_caches_sliced();
         self.sweep_sliced(0, usize::MAX, usize::MAX);
         let released = heap.release_for_limit(crate::page::heap::slice::ProviderSections(&self.provider));
         self.limit_reclaim_paced(volume);

@@ -724,3 +724,33 @@ fn report_bad_sweep<S: PageSource>(t: &Tiers<S>, bad: Option<usize>) {
         crate::check::report_with(&t.heap, t.report_hook, addr, crate::check::Reason::DoubleFree);
     }
 }
+
+/// Steps of a sliced flush (see [`CpuCache::flush_step`]): the tiny block, each allocation class, the
+/// page cache.
+pub(crate) const FLUSH_STEPS: usize = NUM_ALLOC_CLASSES + 1;
+
+/// Flushing in slices (interrupt latency, see `page/heap/slice.rs`): [`CpuCache::flush_all`]'s steps one
+/// at a time, so that `Malloc` can run a few in each guarded section with interrupt windows between them.
+impl CpuCache {
+    /// Step `i` (`< FLUSH_STEPS`) of a sliced flush: 0 retires the tiny block; `c` in
+    /// `1..NUM_ALLOC_CLASSES` flushes class `c`'s stock (and its grown bound) and gives its cached span back;
+    /// the last gives the page cache back. All of them, in order, do what `flush_all` does.
+    pub(crate) fn flush_step<S: PageSource>(&mut self, t: &Tiers<S>, i: usize, sh: &CpuShared, g: Guarded<'_>) {
+        if i == 0 {
+            self.retire_tiny(t, sh, g);
+        } else if i < NUM_ALLOC_CLASSES {
+            let c = i;
+            let n = self.classes[c].nstock as usize;
+            self.flush_stock(t, c, n, sh, g);
+            self.set_stock_max(t, c, 0, sh, g);
+            let s = self.classes[c].span;
+            if !s.is_null() {
+                self.classes[c].span = ptr::null_mut();
+                // SAFETY: we cache `s` and stop using it now.
+                report_bad_sweep(t, unsafe { t.centrals[c].uncache_span(g, NonNull::new_unchecked(s)) });
+            }
+        } else {
+            t.heap.flush_page_cache(g, &mut self.pcache);
+        }
+    }
+}
