@@ -40,7 +40,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// deferred frees into the calling CPU's cached spans, returns up to `max_spans` empty spans per class from
     /// the central lists to the page heap, and lets the scavenger give back up to `scavenge_budget_bytes`.
     /// The step works in guarded sections (interrupts off in a kernel) with windows between them: the pacing
-    /// and the fold in one, the sweep `SWEEP_SLICE_SPANS` (8) spans per section, the scavenger one run of at
+    /// in one, the fold two classes per section, the sweep `SWEEP_SLICE_SPANS` (8) spans per section, the scavenger one run of at
     /// most `DECOMMIT_SLICE_NPAGES` pages per section (see `page/heap/slice.rs`); so it is safe from an
     /// interrupt handler, and its budget bounds its whole time, not the time interrupts stay off.
     ///
@@ -52,11 +52,17 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// allocation) and releases down to the limit.
     pub fn background(&self, max_spans: usize, scavenge_budget_bytes: usize) -> BackgroundReport {
         let mut rep = BackgroundReport::default();
-        let plan = self.with_cache(|c, t, sh, g| {
+        let plan = self.with_cache(|_, _, sh, g| {
             self.flush_orphans(g, ORPHANS_PER_BACKGROUND);
-            rep.nfolded = c.sweep_cached(t, sh, g);
             self.background_pacing(sh, max_spans, scavenge_budget_bytes)
         });
+        // The fold (and the halving of grown stock bounds), a few classes per section.
+        let mut from = 1;
+        while from < NUM_ALLOC_CLASSES {
+            let to = (from + super::reclaim::FLUSH_SLICE_STEPS).min(NUM_ALLOC_CLASSES);
+            rep.nfolded += self.with_cache(|c, t, sh, g| c.sweep_cached_classes(t, from, to, sh, g));
+            from = to;
+        }
         if plan.over_limit {
             // Idle: meet the limit now; busy: at the allocation path's pace.
             self.limit_reclaim_sliced(plan.idle);
