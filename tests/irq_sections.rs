@@ -276,3 +276,60 @@ fn realloc_growing_a_large_block_in_place_commits_in_slices() {
     #[cfg(feature = "validate")]
     m.with_guard(|g| m.heap().validate(g));
 }
+
+/// While large runs are committed in slices (and realloc'd in place), other threads run `release_all` and
+/// background steps without pause: they must never take a half-committed run for free pages (a live
+/// block's pages decommitted would read zero here), and the heap's accounting must balance at the end.
+#[test]
+fn release_all_and_background_leave_half_committed_runs_alone() {
+    use goheap::cpu::ThreadSlots;
+    use std::sync::atomic::AtomicBool;
+    static M: Malloc<MmapSource, ThreadSlots> = Malloc::with_max_bytes(MmapSource::new(), ThreadSlots::new(), 1 << 30);
+    static STOP: AtomicBool = AtomicBool::new(false);
+    let others: Vec<_> = (0..2)
+        .map(|k| {
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !STOP.load(Ordering::Relaxed) {
+                    if k == 0 {
+                        M.release_all();
+                    } else {
+                        M.background(usize::MAX, 1 << 20);
+                    }
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let page = 4096;
+    for i in 0..24usize {
+        let size = (8 << 20) + i * (1 << 20);
+        let layout = Layout::from_size_align(size, 8).unwrap();
+        let p = M.alloc(layout);
+        assert!(!p.is_null());
+        // SAFETY: `p` is ours, `size` bytes; one byte per 4 KiB page is written, then checked.
+        unsafe {
+            for off in (0..size).step_by(page) {
+                *p.add(off) = (off / page) as u8 | 1;
+            }
+            let bigger = size + (4 << 20);
+            let q = M.realloc(p, layout, bigger);
+            assert!(!q.is_null());
+            for off in (0..size).step_by(page) {
+                assert_eq!(*q.add(off), (off / page) as u8 | 1, "block {i}: byte at {off} lost");
+            }
+            *q.add(bigger - 1) = 7;
+            M.dealloc(q, Layout::from_size_align(bigger, 8).unwrap());
+        }
+    }
+    STOP.store(true, Ordering::Relaxed);
+    for t in others {
+        assert!(t.join().unwrap() > 0);
+    }
+    M.flush_cpu_cache();
+    M.release_all();
+    #[cfg(feature = "validate")]
+    M.validate();
+    assert_eq!(M.heap().stats().inuse_bytes, 0);
+}
