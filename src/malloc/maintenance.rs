@@ -104,7 +104,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// In guarded sections of a few classes each, with interrupt windows between them (see
     /// `page/heap/slice.rs`).
     pub fn flush_cpu_cache(&self) {
-        self.flush_cache_sliced(None);
+        self.flush_cache_sliced();
     }
 
     /// Go's `debug.FreeOSMemory`: flushes the calling CPU's cache (and the shared one), returns every empty

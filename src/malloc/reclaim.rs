@@ -176,9 +176,12 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// [`FLUSH_SLICE_STEPS`] flush steps each (see `CpuCache::flush_step`), then the shared cache's flush
     /// in one (it is rarely used in a kernel: only without a CPU index).
     pub(super) fn reclaim_caches_sliced(&self) {
-        let e = self.pacing.flush_epoch.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
-        self.flush_cache_sliced(Some(e));
+        // The caller's cache first, then the request to the others: a request made first would make the
+        // first section's entry flush the whole cache at once (`Malloc::enter` honours pending requests).
+        self.flush_cache_sliced();
         self.with_cache(|_, t, sh, g| {
+            let e = self.pacing.flush_epoch.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+            self.pacing.cpu(sh.index).flush_seen.store(e, Ordering::Relaxed);
             if sh.index != SHARED_INDEX {
                 if let Some(_lock) = self.shared_lock.try_lock(g) {
                     // SAFETY: the shared cache is only used under `shared_lock`, which we hold.
@@ -191,16 +194,12 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     }
 
     /// Flushes the caller's cache as `CpuCache::flush_all` does, [`FLUSH_SLICE_STEPS`] steps per guarded
-    /// section (each section enters the caller's cache again; a step leaves the cache consistent); with
-    /// `seen = Some(e)`, records flush epoch `e` as honoured by that cache.
-    pub(super) fn flush_cache_sliced(&self, seen: Option<usize>) {
+    /// section (each section enters the caller's cache again; a step leaves the cache consistent).
+    pub(super) fn flush_cache_sliced(&self) {
         let mut i = 0;
         while i < FLUSH_STEPS {
             let end = (i + FLUSH_SLICE_STEPS).min(FLUSH_STEPS);
             self.with_cache(|c, t, sh, g| {
-                if let (0, Some(e)) = (i, seen) {
-                    self.pacing.cpu(sh.index).flush_seen.store(e, Ordering::Relaxed);
-                }
                 for k in i..end {
                     c.flush_step(t, k, sh, g);
                 }

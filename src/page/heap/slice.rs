@@ -72,9 +72,9 @@ pub const COMMIT_SLICE_NPAGES: usize = 8;
 pub const DECOMMIT_SLICE_NPAGES: usize = 16;
 
 /// Chunks (4 MiB each) a sliced large allocation grows the heap by per guarded section: a chunk's metadata
-/// is 4 KiB of page map (512 entries) and a few hundred bytes of bitmaps and summaries, so a growth step
-/// commits about as many pages as a commit slice.
-pub const GROW_SLICE_CHUNKS: usize = 4;
+/// is 4 KiB of page map (512 entries) and a few hundred bytes of bitmaps and summaries (a page of each
+/// summary level the first time it is reached), so a growth step commits at most a few pages.
+pub const GROW_SLICE_CHUNKS: usize = 1;
 
 const _: () = assert!(COMMIT_SLICE_NPAGES * PAGE_COST_INSNS + SLICE_FIXED_INSNS <= IRQ_OFF_BOUND_INSNS);
 
