@@ -47,10 +47,11 @@ use crate::object::cpucache::FLUSH_STEPS;
 use crate::page::heap::scavenger::{Tick, CALLS_PER_EPOCH};
 
 /// Flush steps (the tiny block, one class each, the page cache: `CpuCache::flush_step`) per guarded section
-/// of a sliced cache flush: a class's step returns its stock (at most a few hundred objects) to the central
-/// list and its cached span, a few thousand instructions at most, so two stay under the bound of
-/// `page/heap/slice.rs`.
-pub const FLUSH_SLICE_STEPS: usize = 2;
+/// of a sliced cache flush (and classes per section of the background fold): a class's step returns its
+/// stock (up to a few hundred objects) to the central list and its cached span. Two per section measured
+/// up to 21 878 instructions in the demo kernel (`set_memory_limit`'s flush, `-icount`): one per section
+/// stays under the bound of `page/heap/slice.rs`.
+pub const FLUSH_SLICE_STEPS: usize = 1;
 
 /// An idle background call may sweep and scavenge this many times its budget.
 pub const IDLE_BUDGET_FACTOR: usize = 8;

@@ -179,11 +179,17 @@ impl<S: PageSource> Heap<S> {
                 }
             }
         }
+        // A descriptor first, in a section of its own when there are windows (refilling the descriptor
+        // allocator commits a block).
+        let desc = if windows { secs.section(|g| self.new_descriptor_locked(&mut *self.lock_ready(g)?)) } else { None };
         // Take the run (and a descriptor); finish at once if there is little to commit.
         let (s, idx, needzero) = secs.section(|g| {
             let mut lk = self.lock_ready(g)?;
             let inner = &mut *lk;
-            let s = self.new_descriptor_locked(inner)?;
+            let s = match desc {
+                Some(s) => s,
+                None => self.new_descriptor_locked(inner)?,
+            };
             let Some(idx) = self.alloc_pages_locked(inner, npages, align) else {
                 // SAFETY: `s` was just taken from this allocator and is unused.
                 unsafe { inner.spans.free(s.cast()) };
