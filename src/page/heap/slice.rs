@@ -71,6 +71,10 @@ pub const COMMIT_SLICE_NPAGES: usize = 8;
 /// decommit costs the frame source less than a commit: no zeroing), under `IRQ_OFF_BOUND_INSNS`.
 pub const DECOMMIT_SLICE_NPAGES: usize = 16;
 
+/// Largest span whose page map a sliced allocation stores inside its guarded section (one store per page,
+/// a few instructions each); a larger one is published with its map stores outside the guard.
+pub const PUBLISH_IN_SECTION_NPAGES: usize = 1024;
+
 /// Chunks (4 MiB each) a sliced large allocation grows the heap by per guarded section: a chunk's metadata
 /// is 4 KiB of page map (512 entries) and a few hundred bytes of bitmaps and summaries (a page of each
 /// summary level the first time it is reached), so a growth step commits at most a few pages.
@@ -183,7 +187,7 @@ impl<S: PageSource> Heap<S> {
         // allocator commits a block).
         let desc = if windows { secs.section(|g| self.new_descriptor_locked(&mut *self.lock_ready(g)?)) } else { None };
         // Take the run (and a descriptor); finish at once if there is little to commit.
-        let (s, idx, needzero) = secs.section(|g| {
+        let (s, idx, needzero, committed) = secs.section(|g| {
             let mut lk = self.lock_ready(g)?;
             let inner = &mut *lk;
             let s = match desc {
@@ -198,6 +202,7 @@ impl<S: PageSource> Heap<S> {
             };
             let nscav = inner.pa.count_scav(idx, npages);
             let needzero = !(fresh_zero || (nscav == npages && self.source.commit_zeroes()));
+            let mut committed = false;
             if !windows || (!fresh_zero && nscav <= COMMIT_SLICE_NPAGES) {
                 if !self.commit_slice_locked(inner, idx, npages, fresh_zero) {
                     inner.pa.free_range(idx, npages);
@@ -206,16 +211,19 @@ impl<S: PageSource> Heap<S> {
                     self.publish_span_stats(inner);
                     return None;
                 }
-                self.publish_span(s, idx, npages, 0, needzero);
-                return Some((s, usize::MAX, needzero));
+                if !windows || npages <= PUBLISH_IN_SECTION_NPAGES {
+                    self.publish_span(s, idx, npages, 0, needzero);
+                    return Some((s, usize::MAX, needzero, true));
+                }
+                committed = true; // published below, its page map outside the guard
             }
             self.pending_npages.fetch_add(npages, Ordering::Relaxed);
-            Some((s, idx, needzero))
+            Some((s, idx, needzero, committed))
         })?;
         if idx != usize::MAX {
             // The slices: the run is allocated in the page allocator and counted in `pending_npages`, so the
             // scavenger, `release_all` and other allocations leave it alone between sections.
-            let mut off = 0;
+            let mut off = if committed { npages } else { 0 };
             while off < npages {
                 let k = COMMIT_SLICE_NPAGES.min(npages - off);
                 let ok = secs.section(|g| {
