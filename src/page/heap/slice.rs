@@ -226,10 +226,15 @@ impl<S: PageSource> Heap<S> {
             let mut off = if committed { npages } else { 0 };
             while off < npages {
                 let k = COMMIT_SLICE_NPAGES.min(npages - off);
+                if fresh_zero {
+                    // The slice's dirty pages go back first, in a section of their own (a decommit and a
+                    // commit of a slice together would take about twice a slice's time).
+                    secs.section(|g| self.decommit_committed_locked(&mut self.inner.lock(g), idx + off, k));
+                }
                 let ok = secs.section(|g| {
                     let mut lk = self.inner.lock(g);
                     let inner = &mut *lk;
-                    if self.commit_slice_locked(inner, idx + off, k, fresh_zero) {
+                    if self.commit_slice_locked(inner, idx + off, k, false) {
                         return true;
                     }
                     // Out of memory: the whole run goes back (committed pages as free committed pages).
