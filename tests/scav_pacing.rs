@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use goheap::cpu::Guarded;
 use goheap::page::heap::scavenger::{ScavTrace, CALLS_PER_EPOCH, EPOCH_NANOS, PEAK_WINDOW_EPOCHS, SCAV_SLICE_NANOS};
+use goheap::page::heap::slice::DECOMMIT_SLICE_NPAGES;
 use goheap::page::heap::{span_info, Heap};
 use goheap::page::pagealloc::{PALLOC_CHUNK_BYTES, PALLOC_CHUNK_PAGES};
 use goheap::page::span::Span;
@@ -84,6 +85,8 @@ struct TimedSource;
 static PACE_NANOS: AtomicU64 = AtomicU64::new(1_000_000_000);
 const DECOMMIT_NANOS: u64 = 250_000;
 static SRC: MmapSource = MmapSource::new();
+/// Bytes of one decommit of the scavenger (a run of at most `DECOMMIT_SLICE_NPAGES` pages).
+const SLICE_BYTES: usize = DECOMMIT_SLICE_NPAGES * PAGE_SIZE;
 
 fn pace_clock() -> u64 {
     PACE_NANOS.load(Ordering::Relaxed)
@@ -110,7 +113,8 @@ unsafe impl PageSource for TimedSource {
 
 /// With a clock, a background step works for the CPU time its pacing allows (1% of the time elapsed, at
 /// most a 1 ms slice) and stops when it is used, whatever its byte budget; a step with no credit left does
-/// nothing; the time is counted in `scavenge_cpu_nanos`. Each decommit (one chunk here) costs 250 µs.
+/// nothing; the time is counted in `scavenge_cpu_nanos`. Each decommit (one run of `DECOMMIT_SLICE_NPAGES`
+/// pages here: the scavenger's slice, see `page/heap/slice.rs`) costs 250 µs.
 #[test]
 fn pacing_by_cpu_time() {
     let h = Heap::with_max_bytes(TimedSource, 512 * MIB);
@@ -121,8 +125,8 @@ fn pacing_by_cpu_time() {
         unsafe { h.free_span(g(), None, s) };
     }
     // Time passes (100 ms per step) until the 400 MiB peak leaves the window: nothing to release until
-    // then. The first step that releases has a full slice of credit (1 ms): four decommits of a whole free
-    // chunk, then the slice is used up (whatever its 1-page byte budget).
+    // then. The first step that releases has a full slice of credit (1 ms): four decommits of a run of
+    // `DECOMMIT_SLICE_NPAGES` pages, then the slice is used up (whatever its 1-page byte budget).
     let mut first = 0;
     for i in 0..PEAK_WINDOW_EPOCHS + 3 {
         PACE_NANOS.fetch_add(EPOCH_NANOS, Ordering::Relaxed);
@@ -135,13 +139,13 @@ fn pacing_by_cpu_time() {
         }
         assert_eq!(h.stats().scavenge_cpu_nanos, 0);
     }
-    assert_eq!(first, 4 * PALLOC_CHUNK_BYTES, "a 1 ms slice");
+    assert_eq!(first, 4 * SLICE_BYTES, "a 1 ms slice");
     assert_eq!(h.stats().scavenge_cpu_nanos, SCAV_SLICE_NANOS);
     // No time has passed since: no credit, the step does nothing although the heap is over its goal.
     assert_eq!(h.scavenge(g(), usize::MAX), 0, "no CPU time left");
     // 50 ms later: 1% of it is 500 µs, two decommits.
     PACE_NANOS.fetch_add(50_000_000, Ordering::Relaxed);
-    assert_eq!(h.scavenge(g(), usize::MAX), 2 * PALLOC_CHUNK_BYTES);
+    assert_eq!(h.scavenge(g(), usize::MAX), 2 * SLICE_BYTES);
     assert_eq!(h.stats().scavenge_cpu_nanos, SCAV_SLICE_NANOS + 500_000);
     // Over a long run the scavenger's time stays at 1% of the time elapsed (within one slice).
     let (c0, t0) = (h.stats().scavenge_cpu_nanos, pace_clock());

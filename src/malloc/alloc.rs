@@ -2,9 +2,17 @@
 //! general path (tiny, small refills, sampling) and the large path.
 //!
 //! See `lib.rs` for an overview of the allocator and `malloc/mod.rs` for the guards and locks.
+//!
+//! # Large allocations in slices (interrupt latency)
+//! Above `COMMIT_SLICE_NPAGES` pages (not in guard mode) the large path does not enter the cache first:
+//! the page heap takes the run, commits it and publishes it in guarded sections of a slice each
+//! (`Heap::alloc_span_sliced`, see `page/heap/slice.rs`), then one short section does the bookkeeping on
+//! the cache; the clear of a dirty span for `alloc_zeroed` runs after it, with interrupts on (the span is
+//! the caller's alone by then).
 
 use super::*;
 use crate::object::class::{stock_key_slot, STOCK_KEY_MIN_SIZE};
+use crate::page::heap::slice::{ProviderSections, COMMIT_SLICE_NPAGES};
 
 impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// Allocates memory for `layout`; null when out of memory. `layout.size()` may be 0 (then 1 byte is used).
@@ -128,11 +136,12 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             self.reclaim(e.cache, e.sh, g);
             p = small(e.cache);
         }
-        if !p.is_null() {
-            self.after_alloc_limit(e.cache, e.sh, g);
-        }
         let me = e.sh.index;
         drop(e);
+        if !p.is_null() {
+            // After the section: the limit's reclaim works in sections of its own.
+            self.after_alloc_limit();
+        }
         #[cfg(feature = "checks")]
         if !p.is_null() && r != TINY_CLASS {
             // (Tiny objects need no marking: the block's starts mask, stored by the tiny path in every build,
@@ -145,11 +154,16 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         p
     }
 
-    /// The large path (and guard mode): a span of whole pages for one object.
+    /// The large path (and guard mode): a span of whole pages for one object. Above
+    /// [`COMMIT_SLICE_NPAGES`] pages (not in guard mode) the span's pages are committed in slices, each in a
+    /// guarded section of its own (see [`Malloc::alloc_large_sliced`]).
     #[cold]
     pub(super) fn alloc_large(&self, size: usize, align: usize, zero: bool, guarded: bool) -> *mut u8 {
         // Guard mode: the object ends right before a guard page, so the body must leave room to align it.
         let npages = if guarded { npages_for(size + align - 1) + 1 } else { npages_for(size) };
+        if !guarded && npages > COMMIT_SLICE_NPAGES {
+            return self.alloc_large_sliced(size, align, zero, npages);
+        }
         let e = self.enter();
         let g = e.held.guarded();
         let span = |cache: &mut CpuCache| {
@@ -169,7 +183,6 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             s = span(e.cache);
         }
         let Some(s) = s else { return ptr::null_mut() };
-        self.after_alloc_limit(e.cache, e.sh, g);
         let s = s.as_ptr();
         // SAFETY: a fresh large span is ours alone.
         let p = unsafe {
@@ -186,14 +199,66 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             };
             e.sh.stats.large_nmalloc.bump();
             e.sh.stats.large_bytes_alloc.add((npages * PAGE_SIZE) as u64);
-            if zero && (*s).needzero {
-                ptr::write_bytes(p, 0, size);
-            }
             p
         };
+        // SAFETY: the span is ours alone until we return `p`.
+        let needzero = zero && unsafe { (*s).needzero };
         let sampled = self.count_sample(e.cache, size);
         let me = e.sh.index;
         drop(e);
+        self.after_alloc_limit();
+        if needzero {
+            // SAFETY: `p` is the start of `size` bytes of the fresh span, ours alone. Outside the guard: a
+            // clear of many pages does not keep interrupts off.
+            unsafe { ptr::write_bytes(p, 0, size) };
+        }
+        if sampled {
+            self.record_sample(p as usize, size, LARGE, me, true);
+        }
+        p
+    }
+
+    /// The large path for more than [`COMMIT_SLICE_NPAGES`] pages: the page heap takes the run, commits it
+    /// in slices and publishes it (`Heap::alloc_span_sliced`), each slice in a guarded section of its own
+    /// with interrupt windows between them; then one short section for the allocator's bookkeeping; the
+    /// clear of a dirty span for `alloc_zeroed` runs outside the guard.
+    #[cold]
+    #[inline(never)]
+    fn alloc_large_sliced(&self, size: usize, align: usize, zero: bool, npages: usize) -> *mut u8 {
+        let heap = &self.t.heap;
+        let mut secs = ProviderSections(&self.provider);
+        let fresh = zero && align <= PAGE_SIZE && size >= FRESH_ZERO_MIN_BYTES && heap.source().commit_zeroes();
+        let span = |secs: &mut ProviderSections<'_, P>| {
+            // Fresh zero pages rather than clearing dirty ones (see `Heap::alloc_span_fresh_zero`).
+            let s = if fresh { heap.alloc_span_sliced(secs, npages, PAGE_SIZE, true) } else { None };
+            s.or_else(|| heap.alloc_span_sliced(secs, npages, align, false))
+        };
+        let mut s = span(&mut secs);
+        if s.is_none() {
+            // Out of memory: give back what the allocator holds free and retry once (see `reclaim.rs`), the
+            // central lists' empty spans in sections of their own.
+            self.reclaim_caches_sliced();
+            self.sweep_sliced(0, usize::MAX, usize::MAX);
+            s = span(&mut secs);
+        }
+        let Some(s) = s else { return ptr::null_mut() };
+        let s = s.as_ptr();
+        self.after_alloc_limit();
+        let e = self.enter();
+        // SAFETY: a fresh large span is ours alone.
+        let (p, needzero) = unsafe {
+            Span::init_large(s);
+            ((*s).base as *mut u8, zero && (*s).needzero)
+        };
+        e.sh.stats.large_nmalloc.bump();
+        e.sh.stats.large_bytes_alloc.add((npages * PAGE_SIZE) as u64);
+        let sampled = self.count_sample(e.cache, size);
+        let me = e.sh.index;
+        drop(e);
+        if needzero {
+            // SAFETY: `p` is the start of `size` bytes of the fresh span, ours alone.
+            unsafe { ptr::write_bytes(p, 0, size) };
+        }
         if sampled {
             self.record_sample(p as usize, size, LARGE, me, true);
         }

@@ -215,6 +215,12 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         let (base, npages) = unsafe { ((*s.as_ptr()).base, (*s.as_ptr()).npages) };
         let guard_page = base + (npages - 1) * PAGE_SIZE;
         let efence = guarded && self.debug_flags().contains(DebugFlags::EFENCE);
+        if !guarded {
+            // The page map's stores (one per page, no lock) before the guard: a big span's free keeps
+            // interrupts off only for the page heap's part (see `page/heap/slice.rs`).
+            // SAFETY: the caller gives the object up; the span is this large object's.
+            unsafe { self.t.heap.unmap_span(s) };
+        }
         self.with_cache(|c, t, sh, g| {
             if efence {
                 // Efence: the pages are decommitted and never handed out again (see `page/heap/retire.rs`).
@@ -237,8 +243,15 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             }
             sh.stats.large_nfree.bump();
             sh.stats.large_bytes_free.add((npages * PAGE_SIZE) as u64);
-            // SAFETY: the caller gives the object up; the span holds nothing else.
-            unsafe { t.heap.free_span(g, Some(&mut c.pcache), s) };
+            // SAFETY: the caller gives the object up; the span holds nothing else; unmapped above unless
+            // guarded.
+            unsafe {
+                if guarded {
+                    t.heap.free_span(g, Some(&mut c.pcache), s);
+                } else {
+                    t.heap.free_span_unmapped(g, Some(&mut c.pcache), s);
+                }
+            }
         });
     }
 
@@ -281,16 +294,14 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             if old_npages == new_npages {
                 return ptr;
             }
-            let resized = self.with_cache(|_, t, sh, g| {
-                // SAFETY: the span is this large object's; the caller owns it.
-                if !unsafe { t.heap.resize_span_in_place(g, s, new_npages) } {
-                    return false;
-                }
-                sh.stats.large_bytes_free.add((old_npages * PAGE_SIZE) as u64);
-                sh.stats.large_bytes_alloc.add((new_npages * PAGE_SIZE) as u64);
-                true
-            });
-            if resized {
+            // In guarded sections of a slice each (see `page/heap/slice.rs`), then the statistics in one.
+            let secs = crate::page::heap::slice::ProviderSections(&self.provider);
+            // SAFETY: the span is this large object's; the caller owns it.
+            if unsafe { self.t.heap.resize_span_in_place(secs, s, new_npages) } {
+                self.with_cache(|_, _, sh, _| {
+                    sh.stats.large_bytes_free.add((old_npages * PAGE_SIZE) as u64);
+                    sh.stats.large_bytes_alloc.add((new_npages * PAGE_SIZE) as u64);
+                });
                 return ptr;
             }
         }

@@ -26,7 +26,7 @@
 //! objects it then allocates again benefits, one that only frees (the consumer of a producer/consumer
 //! pair) would merely hold the objects back longer. A program that frees batches of a thousand objects and
 //! allocates them again then soon never reaches the central list.
-//! The background step (`CpuCache::sweep_cached`) halves grown bounds back towards the base and flushes
+//! The background step (`CpuCache::sweep_cached_classes`) halves grown bounds back towards the base and flushes
 //! what no longer fits, and `flush_all` resets them, so an idle CPU does not keep a burst's worth of memory.
 //!
 //! The **tiny path** (Go's `mcache.tiny`): requests under [`TINY_SIZE`] bytes with alignment at most 8
@@ -756,21 +756,68 @@ impl CpuCache {
         }
         t.heap.flush_page_cache(g, &mut self.pcache);
     }
+}
 
-    /// The per-CPU part of the background sweep: halves grown stock bounds (flushing what no longer fits)
-    /// and folds the deferred frees of every span this cache holds. Returns the objects folded.
-    pub(crate) fn sweep_cached<S: PageSource>(&mut self, t: &Tiers<S>, sh: &CpuShared, g: Guarded<'_>) -> usize {
-        if self.grown_bytes != 0 {
-            for (c, &base) in STOCK_MAX.iter().enumerate().skip(1) {
-                let max = self.classes[c].max;
-                if max > base {
-                    self.set_stock_max(t, c, max / 2, sh, g);
-                }
+/// Reports a double free a sweep found (a deferred free of an object that was not allocated); the sweep
+/// has already dropped it, so the span's counts are exact whatever the report hook does.
+#[inline]
+fn report_bad_sweep<S: PageSource>(t: &Tiers<S>, bad: Option<usize>) {
+    if let Some(addr) = bad {
+        crate::check::report_with(&t.heap, t.report_hook, addr, crate::check::Reason::DoubleFree);
+    }
+}
+
+/// Steps of a sliced flush (see [`CpuCache::flush_step`]): the tiny block, each allocation class, the
+/// page cache.
+pub(crate) const FLUSH_STEPS: usize = NUM_ALLOC_CLASSES + 1;
+
+/// Flushing in slices (interrupt latency, see `page/heap/slice.rs`): [`CpuCache::flush_all`]'s steps one
+/// at a time, so that `Malloc` can run a few in each guarded section with interrupt windows between them.
+impl CpuCache {
+    /// Step `i` (`< FLUSH_STEPS`) of a sliced flush: 0 retires the tiny block; `c` in
+    /// `1..NUM_ALLOC_CLASSES` flushes class `c`'s stock (and its grown bound) and gives its cached span back;
+    /// the last gives the page cache back. All of them, in order, do what `flush_all` does.
+    pub(crate) fn flush_step<S: PageSource>(&mut self, t: &Tiers<S>, i: usize, sh: &CpuShared, g: Guarded<'_>) {
+        if i == 0 {
+            self.retire_tiny(t, sh, g);
+        } else if i < NUM_ALLOC_CLASSES {
+            let c = i;
+            let n = self.classes[c].nstock as usize;
+            self.flush_stock(t, c, n, sh, g);
+            self.set_stock_max(t, c, 0, sh, g);
+            let s = self.classes[c].span;
+            if !s.is_null() {
+                self.classes[c].span = ptr::null_mut();
+                // SAFETY: we cache `s` and stop using it now.
+                report_bad_sweep(t, unsafe { t.centrals[c].uncache_span(g, NonNull::new_unchecked(s)) });
             }
+        } else {
+            t.heap.flush_page_cache(g, &mut self.pcache);
         }
+    }
+}
+
+/// The background fold in slices (interrupt latency, see `page/heap/slice.rs`).
+impl CpuCache {
+    /// The per-CPU part of the background sweep for classes `[from, to)` (`1 <= from`, `to <=
+    /// NUM_ALLOC_CLASSES`; the background step covers `1..NUM_ALLOC_CLASSES` a few classes per guarded
+    /// section): halves their grown stock bounds (flushing what no longer fits) and folds the deferred frees
+    /// of their cached spans. Returns the objects folded.
+    pub(crate) fn sweep_cached_classes<S: PageSource>(
+        &mut self,
+        t: &Tiers<S>,
+        from: usize,
+        to: usize,
+        sh: &CpuShared,
+        g: Guarded<'_>,
+    ) -> usize {
         let mut n = 0;
-        for cc in self.classes.iter() {
-            let s = cc.span;
+        for (c, &base) in STOCK_MAX.iter().enumerate().take(to).skip(from) {
+            let max = self.classes[c].max;
+            if self.grown_bytes != 0 && max > base {
+                self.set_stock_max(t, c, max / 2, sh, g);
+            }
+            let s = self.classes[c].span;
             // SAFETY: we own the cached spans' object fields.
             if !s.is_null() && unsafe { Span::has_deferred_frees(s) } {
                 // SAFETY: as above.
@@ -780,14 +827,5 @@ impl CpuCache {
             }
         }
         n
-    }
-}
-
-/// Reports a double free a sweep found (a deferred free of an object that was not allocated); the sweep
-/// has already dropped it, so the span's counts are exact whatever the report hook does.
-#[inline]
-fn report_bad_sweep<S: PageSource>(t: &Tiers<S>, bad: Option<usize>) {
-    if let Some(addr) = bad {
-        crate::check::report_with(&t.heap, t.report_hook, addr, crate::check::Reason::DoubleFree);
     }
 }

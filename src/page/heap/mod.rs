@@ -26,11 +26,13 @@
 //! # Invariants (equations; counters are atomics read lock-free by `stats`)
 //! - `grown_bytes = pa.grown_chunks * PALLOC_CHUNK_BYTES <= reserved_bytes`; the page map is committed for
 //!   every grown page, and `map[p] != null` ⇔ page `p` belongs to an `InUse` span `s` with
-//!   `s.base <= addr(p) < s.base + s.npages * PAGE_SIZE`;
+//!   `s.base <= addr(p) < s.base + s.npages * PAGE_SIZE` (when quiescent: a large span's entries are
+//!   stored just before the section that counts it in use, and cleared just before the section that frees
+//!   it, outside the guard; only its owner knows its address meanwhile, see `slice.rs`);
 //! - `inuse_npages = Σ npages of InUse spans = #{p : map[p] != null}`;
-//! - allocated pages in `pa` = `inuse_npages + cached_npages + scav_inflight_npages + retired_npages` (pages
-//!   held free by page caches; pages the scavenger is decommitting without the lock; efence's retired
-//!   pages, see `retire.rs`);
+//! - allocated pages in `pa` = `inuse_npages + cached_npages + scav_inflight_npages + pending_npages +
+//!   retired_npages` (pages held free by page caches; pages the scavenger is decommitting without the lock;
+//!   large runs being committed in slices, see `slice.rs`; efence's retired pages, see `retire.rs`);
 //! - `committed_npages + retired_npages = grown_npages - pa.scav_npages - cache_scav_npages` (heap pages
 //!   backed by memory);
 //! - `scav ⊆ !alloc` in `pa` (allocated pages are committed; a cache carries its pages' scavenged bits);
@@ -49,6 +51,14 @@
 //! for growth; decommit when scavenging on the allocation path) or without it (commit on the page-cache
 //! path; decommit by the background scavenger and `release_all`, see `scavenger.rs`).
 //!
+//! # Interrupt latency: long operations in slices
+//! The CPU provider's guard keeps interrupts off in a kernel, so no guarded section may be long. Operations
+//! whose work grows with a size — committing a large run, decommitting free pages (background step,
+//! `release_all`, growth and memory-limit scavenging) — work in slices of at most 8 (commit) or 16 (decommit) pages, each in a
+//! guarded section of its own, with the guard dropped between them; what they work on is allocated in the
+//! page allocator meanwhile, so no one else touches it (see `slice.rs`, which states the bound and how the
+//! slice sizes follow from it).
+//!
 //! # Adapted from Go
 //! Go frees pages only from the GC sweeper; here spans are freed explicitly (`free_span`), so a free can go
 //! straight into the freeing CPU's page cache. Go reserves 64 MiB heap arenas anywhere in the address space;
@@ -60,6 +70,7 @@ pub mod pagecache;
 mod pagemap;
 mod retire;
 pub mod scavenger;
+pub mod slice;
 mod spans;
 mod stats;
 
@@ -181,6 +192,9 @@ pub struct Heap<S: PageSource> {
     pub(crate) window_peak_npages: AtomicUsize,
     /// Pages the background scavenger holds allocated while it decommits them without the heap lock.
     pub(crate) scav_inflight_npages: AtomicUsize,
+    /// Pages of large runs taken in the page allocator and being committed in slices, not yet published
+    /// as a span (see `slice.rs`).
+    pub(crate) pending_npages: AtomicUsize,
     /// Pages of retired spans (efence mode: allocated in `pa` forever, decommitted; see `retire.rs`).
     pub(crate) retired_npages: AtomicUsize,
     /// Pages handed out in spans since the heap was created (allocation volume: paces the scavenger's
@@ -241,6 +255,7 @@ impl<S: PageSource> Heap<S> {
             retained_goal_bytes: AtomicUsize::new(0),
             window_peak_npages: AtomicUsize::new(0),
             scav_inflight_npages: AtomicUsize::new(0),
+            pending_npages: AtomicUsize::new(0),
             retired_npages: AtomicUsize::new(0),
             alloc_volume_npages: AtomicUsize::new(0),
             scav_epoch: AtomicUsize::new(0),

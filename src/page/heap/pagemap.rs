@@ -19,6 +19,23 @@ impl<S: PageSource> Heap<S> {
 
     /// Fills in the page-level fields, marks the span `InUse` and publishes it in the page map.
     pub(super) fn publish_span(&self, s: NonNull<Span>, idx: usize, npages: usize, class: u8, needzero: bool) {
+        self.write_span_fields(s, idx, npages, class, needzero);
+        let sp = s.as_ptr();
+        self.set_map(idx, npages, sp);
+        self.check_map(idx, npages, sp);
+        self.count_published(npages);
+    }
+
+    /// Counts a published span of `npages` in the heap's counters.
+    pub(super) fn count_published(&self, npages: usize) {
+        let n = self.inuse_npages.fetch_add(npages, Ordering::Relaxed) + npages;
+        self.epoch_peak_npages.fetch_max(n, Ordering::Relaxed);
+        self.alloc_volume_npages.fetch_add(npages, Ordering::Relaxed);
+        self.spans_inuse.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Fills in the page-level fields of a descriptor nobody else can reach yet, marking it `InUse`.
+    pub(super) fn write_span_fields(&self, s: NonNull<Span>, idx: usize, npages: usize, class: u8, needzero: bool) {
         let sp = s.as_ptr();
         let base = self.arena_base.load(Ordering::Relaxed) + idx * PAGE_SIZE;
         // SAFETY: the descriptor is ours (fresh from the allocator or stash) and not reachable by anyone
@@ -32,12 +49,6 @@ impl<S: PageSource> Heap<S> {
             addr_of_mut!((*sp).prev).write(core::ptr::null_mut());
             addr_of_mut!((*sp).state).write(AtomicU8::new(SpanState::InUse as u8));
         }
-        self.set_map(idx, npages, sp);
-        self.check_map(idx, npages, sp);
-        let n = self.inuse_npages.fetch_add(npages, Ordering::Relaxed) + npages;
-        self.epoch_peak_npages.fetch_max(n, Ordering::Relaxed);
-        self.alloc_volume_npages.fetch_add(npages, Ordering::Relaxed);
-        self.spans_inuse.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Stores `s` (Release) in the page map entries of pages `[idx, idx + n)`.

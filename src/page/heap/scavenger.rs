@@ -89,14 +89,16 @@
 //! [`ScavState`] (epochs, window, claims, pacing credit) and the scavenge index live in `HeapInner`, under
 //! the heap lock. `ScavCounters` (chunks visited, CPU time, `scavtrace` switch and work figures, growth work,
 //! the clock's mirror) and `Heap::scavenge_cpu_nanos` are atomics, read and updated without it. Every entry point takes a [`Guarded`]
-//! token: it runs inside the CPU provider's guard, so no interrupt handler on the same CPU can wait for the
-//! heap lock it holds (in a kernel, interrupts stay off for the whole step: callers bound it by its budget
-//! or, with a clock, its slice). The background step, `release_all`, growth and limit reclaim call the
-//! source's `decommit` *without* the heap lock (still inside the guard), as Go does: under the lock a run
-//! is picked and taken in the page allocator (`PageAlloc::scav_take`; `scav_inflight_npages` counts such
-//! runs), the lock is dropped for the decommit, and the run is given back as scavenged under the lock again
-//! (`scav_return`). Scavenging on the allocation path over the memory limit and for a failed commit runs
-//! with the heap lock held and decommits under it. The `scavtrace` line is emitted with no lock held, and
+//! token or a [`Sections`] (see `slice.rs`): it runs inside the CPU provider's guard, so no interrupt
+//! handler on the same CPU can wait for the heap lock it holds. The background step, `release_all`, growth
+//! and memory-limit scavenging call the source's `decommit` *without* the heap lock (still inside a guard),
+//! as Go does: under the lock a run of at most [`DECOMMIT_SLICE_NPAGES`] pages is picked and taken in the
+//! page allocator (`PageAlloc::scav_take`; `scav_inflight_npages` counts such runs), the lock is dropped
+//! for the decommit, and the run is given back as scavenged under the lock again (`scav_return`). Each run
+//! is one guarded section: given sections with windows (`Malloc` passes its provider's), the guard is
+//! dropped between runs, so interrupts stay off for one run's decommit at most, whatever the step's budget
+//! (a token instead runs every section in the caller's one guard). Only scavenging for a failed commit
+//! runs with the heap lock held and decommits under it (at most the pages of the commit that failed). The `scavtrace` line is emitted with no lock held, and
 //! by `Malloc` after it left the CPU provider's guard.
 
 use crate::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
@@ -104,6 +106,7 @@ use core::fmt;
 use core::ptr::NonNull;
 
 use crate::cpu::Guarded;
+use crate::page::heap::slice::{Sections, DECOMMIT_SLICE_NPAGES};
 use crate::page::heap::{Heap, HeapInner};
 use crate::page::pagealloc::{PALLOC_CHUNK_PAGES, PALLOC_CHUNK_WORDS};
 
@@ -371,8 +374,8 @@ impl<S: PageSource> Heap<S> {
     /// `scavtrace` line of a generation that ended, if `scavtrace` is on (inside the caller's guard;
     /// `Malloc::background` logs after it). For a single caller: every [`CALLS_PER_EPOCH`] calls end an
     /// epoch (allocators with several CPUs use `Malloc::background`, which counts calls per CPU).
-    pub fn scavenge(&self, guarded: Guarded<'_>, budget_bytes: usize) -> usize {
-        let (step, log) = self.scavenge_paced(guarded, budget_bytes, Tick::Own);
+    pub fn scavenge(&self, mut guarded: impl Sections, budget_bytes: usize) -> usize {
+        let (step, log) = self.scavenge_paced(&mut guarded, budget_bytes, Tick::Own);
         if let Some(log) = log {
             log.emit(self);
         }
@@ -445,13 +448,57 @@ impl<S: PageSource> Heap<S> {
     /// a generation that ended instead of emitting it (the caller emits it outside its guard).
     pub(crate) fn scavenge_paced(
         &self,
-        guarded: Guarded<'_>,
+        secs: &mut impl Sections,
         budget_bytes: usize,
         tick: Tick,
     ) -> (ScavStep, Option<CycleLog>) {
+        // Three kinds of section: the plan (heap lock), the decommits (`scavenge_unlocked`, one section per
+        // run of at most `DECOMMIT_SLICE_NPAGES`), the pacing's settlement (heap lock).
+        let planned = secs.section(|guarded| self.scavenge_plan(guarded, budget_bytes, tick));
+        let Some((want, slice, mode, goal, step_start, log)) = planned else {
+            return (ScavStep::default(), None);
+        };
+        let mut spent = 0;
+        let released = match (want, slice) {
+            (0, _) => 0,
+            (_, Some((c, slice))) => {
+                let t0 = c();
+                let r = self.scavenge_unlocked(secs, want, mode, Some((c, t0 + slice)));
+                spent = c().saturating_sub(t0);
+                self.scavenge_cpu_nanos.fetch_add(spent, Ordering::Relaxed);
+                r
+            }
+            (_, None) => self.scavenge_unlocked(secs, want, mode, None),
+        };
+        self.scav_ctr.gen_bg_bytes.fetch_add(released, Ordering::Relaxed);
+        secs.section(|guarded| {
+            let mut g = self.inner.lock(guarded);
+            let st = &mut g.scav;
+            st.claimed_bytes -= want;
+            if let Some((_, slice)) = slice {
+                // Return what the slice left, or owe what it overran. The step's own time earns nothing:
+                // credit accrues from its end (so `spent ≈ 1%` of the time outside the scavenger).
+                st.credit_nanos = st.credit_nanos.saturating_add(slice as i64 - spent.min(i64::MAX as u64) as i64);
+                st.credit_nanos = st.credit_nanos.min(SCAV_SLICE_NANOS as i64);
+                st.credit_at = st.credit_at.max(step_start.saturating_add(spent));
+            }
+        });
+        let over_goal = self.committed_npages.load(Ordering::Relaxed) * PAGE_SIZE > goal;
+        (ScavStep { released, over_goal }, log)
+    }
+
+    /// The planning part of a scavenger step (heap lock held inside): advances the peak window, computes
+    /// the goal and claims the step's share of the excess. `None` before the heap is initialised.
+    #[allow(clippy::type_complexity)]
+    fn scavenge_plan(
+        &self,
+        guarded: Guarded<'_>,
+        budget_bytes: usize,
+        tick: Tick,
+    ) -> Option<(usize, Option<(fn() -> u64, u64)>, ScavMode, usize, u64, Option<CycleLog>)> {
         let mut g = self.inner.lock(guarded);
         if g.state != crate::page::heap::InitState::Ready {
-            return (ScavStep::default(), None);
+            return None;
         }
         let inner = &mut *g;
         let inuse = self.inuse_npages.load(Ordering::Relaxed);
@@ -495,32 +542,7 @@ impl<S: PageSource> Heap<S> {
         };
         st.claimed_bytes += want;
         drop(g);
-        let mut spent = 0;
-        let released = match (want, slice) {
-            (0, _) => 0,
-            (_, Some((c, slice))) => {
-                let t0 = c();
-                let r = self.scavenge_unlocked(guarded, want, mode, Some((c, t0 + slice)));
-                spent = c().saturating_sub(t0);
-                self.scavenge_cpu_nanos.fetch_add(spent, Ordering::Relaxed);
-                r
-            }
-            (_, None) => self.scavenge_unlocked(guarded, want, mode, None),
-        };
-        self.scav_ctr.gen_bg_bytes.fetch_add(released, Ordering::Relaxed);
-        let mut g = self.inner.lock(guarded);
-        let st = &mut g.scav;
-        st.claimed_bytes -= want;
-        if let Some((_, slice)) = slice {
-            // Return what the slice left, or owe what it overran. The step's own time earns nothing: credit
-            // accrues from its end (so `spent ≈ 1%` of the time outside the scavenger).
-            st.credit_nanos = st.credit_nanos.saturating_add(slice as i64 - spent.min(i64::MAX as u64) as i64);
-            st.credit_nanos = st.credit_nanos.min(SCAV_SLICE_NANOS as i64);
-            st.credit_at = st.credit_at.max(step_start.saturating_add(spent));
-        }
-        drop(g);
-        let over_goal = self.committed_npages.load(Ordering::Relaxed) * PAGE_SIZE > goal;
-        (ScavStep { released, over_goal }, log)
+        Some((want, slice, mode, goal, step_start, log))
     }
 
     /// A generation ended: if memory was released during it, counts a scavenger cycle and, with
@@ -585,8 +607,13 @@ impl<S: PageSource> Heap<S> {
     /// Releases every free committed page not held by a page cache (Go's `debug.FreeOSMemory`; flush the
     /// page caches first to include theirs). Returns bytes released; with `scavtrace` on, logs a
     /// `(forced)` line (inside the caller's guard; `Malloc::release_all` logs after it).
-    pub fn release_all(&self, guarded: Guarded<'_>) -> usize {
-        let (total, log) = self.release_all_step(guarded);
+    ///
+    /// Given a token, everything runs inside the caller's one guard; given sections
+    /// ([`ProviderSections`](crate::page::heap::slice::ProviderSections), as `Malloc::release_all` does),
+    /// each run of at most [`DECOMMIT_SLICE_NPAGES`] pages is decommitted in a section of its own, with
+    /// interrupt windows between them (see `slice.rs`).
+    pub fn release_all(&self, mut guarded: impl Sections) -> usize {
+        let (total, log) = self.release_all_step(&mut guarded);
         if let Some(log) = log {
             log.emit(self);
         }
@@ -594,11 +621,11 @@ impl<S: PageSource> Heap<S> {
     }
 
     /// [`Heap::release_all`], returning its `scavtrace` line instead of emitting it.
-    pub(crate) fn release_all_step(&self, guarded: Guarded<'_>) -> (usize, Option<CycleLog>) {
+    pub(crate) fn release_all_step(&self, secs: &mut impl Sections) -> (usize, Option<CycleLog>) {
         let total = self.timed(|| {
             let mut total = 0;
             loop {
-                let r = self.scavenge_unlocked(guarded, RELEASE_ALL_STEP_BYTES, ScavMode::Forced, None);
+                let r = self.scavenge_unlocked(secs, RELEASE_ALL_STEP_BYTES, ScavMode::Forced, None);
                 if r == 0 {
                     break;
                 }
@@ -625,7 +652,7 @@ impl<S: PageSource> Heap<S> {
     /// goal): called after every successful allocation without the heap lock; cheap (a few atomic loads)
     /// unless the total is over the limit or a growth left work. Logs nothing.
     #[inline]
-    pub(crate) fn after_alloc(&self, guarded: Guarded<'_>) {
+    pub(crate) fn after_alloc(&self, guarded: &mut impl Sections) {
         if self.scav_ctr.growth_todo_bytes.load(Ordering::Relaxed) != 0 {
             self.scavenge_for_growth(guarded);
         }
@@ -663,7 +690,8 @@ impl<S: PageSource> Heap<S> {
         // Free committed pages the heap itself holds (nothing to do without them).
         let busy = inuse
             + self.cached_npages.load(Ordering::Relaxed).saturating_sub(self.cache_scav_npages.load(Ordering::Relaxed))
-            + self.scav_inflight_npages.load(Ordering::Relaxed);
+            + self.scav_inflight_npages.load(Ordering::Relaxed)
+            + self.pending_npages.load(Ordering::Relaxed);
         if retained / PAGE_SIZE <= busy.saturating_sub(npages) {
             return;
         }
@@ -672,7 +700,7 @@ impl<S: PageSource> Heap<S> {
     }
 
     #[cold]
-    fn scavenge_for_growth(&self, guarded: Guarded<'_>) {
+    fn scavenge_for_growth(&self, guarded: &mut impl Sections) {
         let todo = self.scav_ctr.growth_todo_bytes.swap(0, Ordering::Relaxed);
         if todo == 0 {
             return;
@@ -683,11 +711,12 @@ impl<S: PageSource> Heap<S> {
     }
 
     #[cold]
-    fn scavenge_for_limit(&self, guarded: Guarded<'_>, limit: usize, total: usize) {
+    fn scavenge_for_limit(&self, guarded: &mut impl Sections, limit: usize, total: usize) {
         // Free committed pages the heap can release (page caches' committed pages are not reachable).
         let committed = self.committed_npages.load(Ordering::Relaxed);
         let busy = self.inuse_npages.load(Ordering::Relaxed)
-            + self.cached_npages.load(Ordering::Relaxed).saturating_sub(self.cache_scav_npages.load(Ordering::Relaxed));
+            + self.cached_npages.load(Ordering::Relaxed).saturating_sub(self.cache_scav_npages.load(Ordering::Relaxed))
+            + self.pending_npages.load(Ordering::Relaxed);
         if committed <= busy {
             return; // live data alone is over the limit: soft limit, carry on
         }
@@ -700,10 +729,8 @@ impl<S: PageSource> Heap<S> {
             return;
         }
         let want = total.saturating_sub(target).min((committed - busy) * PAGE_SIZE);
-        let r = self.timed(|| {
-            let mut g = self.inner.lock(guarded);
-            self.scavenge_locked(&mut g, want, ScavMode::Forced)
-        });
+        // Decommits without the heap lock, a run of at most `DECOMMIT_SLICE_NPAGES` per section.
+        let r = self.timed(|| self.scavenge_unlocked(guarded, want, ScavMode::Forced, None));
         // No log line here: this runs inside an allocation, and a logger that allocates would re-enter it.
         self.scav_alloc_bytes.fetch_add(r, Ordering::Relaxed);
         self.scav_ctr.gen_eager_bytes.fetch_add(r, Ordering::Relaxed);
@@ -719,7 +746,7 @@ impl<S: PageSource> Heap<S> {
     /// Releases free committed pages (not held by page caches) until the total is at the memory limit's
     /// goal (`limit - 5%`), decommitting without the heap lock. Used by the allocator's reclaim for the
     /// limit; the caller paces it. Returns bytes released (0 without a limit).
-    pub fn release_for_limit(&self, guarded: Guarded<'_>) -> usize {
+    pub fn release_for_limit(&self, mut guarded: impl Sections) -> usize {
         let limit = self.memory_limit.load(Ordering::Relaxed);
         if limit == usize::MAX {
             return 0;
@@ -729,7 +756,7 @@ impl<S: PageSource> Heap<S> {
         if want == 0 {
             return 0;
         }
-        let r = self.timed(|| self.scavenge_unlocked(guarded, want, ScavMode::Forced, None));
+        let r = self.timed(|| self.scavenge_unlocked(&mut guarded, want, ScavMode::Forced, None));
         self.scav_alloc_bytes.fetch_add(r, Ordering::Relaxed);
         self.scav_ctr.gen_eager_bytes.fetch_add(r, Ordering::Relaxed);
         r
@@ -763,7 +790,7 @@ impl<S: PageSource> Heap<S> {
     /// first run that ends at or after `t` (the CPU-time slice). Returns bytes released.
     pub(crate) fn scavenge_unlocked(
         &self,
-        guarded: Guarded<'_>,
+        secs: &mut impl Sections,
         want_bytes: usize,
         mode: ScavMode,
         deadline: Option<(fn() -> u64, u64)>,
@@ -771,33 +798,42 @@ impl<S: PageSource> Heap<S> {
         let want = want_bytes.div_ceil(PAGE_SIZE);
         let mut released = 0;
         let mut pending: Option<(usize, usize)> = None;
+        // One guarded section per run: give back the previous run, take the next (at most
+        // `DECOMMIT_SLICE_NPAGES`), decommit it. Between sections the taken run is allocated in the page
+        // allocator and counted in `scav_inflight_npages`, so nobody else touches it (see `slice.rs`).
         loop {
-            let mut g = self.inner.lock(guarded);
-            let inner = &mut *g;
-            if inner.state != crate::page::heap::InitState::Ready {
-                return 0;
-            }
-            if let Some((idx, n)) = pending.take() {
-                inner.pa.scav_return(idx, n);
-                self.committed_npages.fetch_sub(n, Ordering::Relaxed);
-                self.scav_inflight_npages.fetch_sub(n, Ordering::Relaxed);
-                released += n;
-                if deadline.is_some_and(|(c, t)| c() >= t) {
-                    break; // the slice is used up
+            let next = secs.section(|guarded| {
+                let mut g = self.inner.lock(guarded);
+                let inner = &mut *g;
+                if inner.state != crate::page::heap::InitState::Ready {
+                    return None;
                 }
+                if let Some((idx, n)) = pending.take() {
+                    inner.pa.scav_return(idx, n);
+                    self.committed_npages.fetch_sub(n, Ordering::Relaxed);
+                    self.scav_inflight_npages.fetch_sub(n, Ordering::Relaxed);
+                    released += n;
+                    if deadline.is_some_and(|(c, t)| c() >= t) {
+                        return None; // the slice is used up
+                    }
+                }
+                if released >= want {
+                    return None;
+                }
+                let (idx, n) = self.next_run(inner, mode, (want - released).min(DECOMMIT_SLICE_NPAGES))?;
+                inner.pa.scav_take(idx, n);
+                self.scav_inflight_npages.fetch_add(n, Ordering::Relaxed);
+                let addr = inner.arena_base + idx * PAGE_SIZE;
+                drop(g);
+                // SAFETY: the run is grown and committed, and taken by the scavenger above, so nothing else
+                // uses or allocates it until it is given back (as scavenged) in the next section.
+                unsafe { self.src(guarded).decommit(NonNull::new_unchecked(addr as *mut u8), n * PAGE_SIZE) };
+                Some((idx, n))
+            });
+            match next {
+                Some(run) => pending = Some(run),
+                None => break,
             }
-            if released >= want {
-                break;
-            }
-            let Some((idx, n)) = self.next_run(inner, mode, want - released) else { break };
-            inner.pa.scav_take(idx, n);
-            self.scav_inflight_npages.fetch_add(n, Ordering::Relaxed);
-            let addr = inner.arena_base + idx * PAGE_SIZE;
-            drop(g);
-            // SAFETY: the run is grown and committed, and taken by the scavenger above, so nothing else
-            // uses or allocates it until it is given back (as scavenged) on the next iteration.
-            unsafe { self.src(guarded).decommit(NonNull::new_unchecked(addr as *mut u8), n * PAGE_SIZE) };
-            pending = Some((idx, n));
         }
         let bytes = released * PAGE_SIZE;
         self.scav_released_bytes.fetch_add(bytes, Ordering::Relaxed);

@@ -2,13 +2,18 @@
 //! allocation for large objects, freeing, and resizing a large object's span in place.
 //!
 //! See `lib.rs` for an overview of the allocator and `heap/mod.rs` for the heap's invariants.
+//!
+//! These paths run in the caller's one guarded section; large runs committed in slices (each slice a
+//! section of its own) are `slice.rs`'s `Heap::alloc_span_sliced`.
 
 use crate::sync::atomic::Ordering;
 use core::ptr::{addr_of_mut, NonNull};
 
 use super::pagecache::{bit_mask, PageCache, PAGE_CACHE_MAX_NPAGES, SPAN_STASH_BATCH};
+use super::slice::{Sections, COMMIT_SLICE_NPAGES, GROW_SLICE_CHUNKS};
 use super::{Heap, HeapInner};
 use crate::cpu::Guarded;
+use crate::page::pagealloc::PALLOC_CHUNK_PAGES;
 use crate::page::span::{Span, SpanState};
 use crate::source::PageSource;
 use crate::PAGE_SIZE;
@@ -53,7 +58,7 @@ impl<S: PageSource> Heap<S> {
             pc => self.alloc_span_locked(g, pc, npages, PAGE_SIZE, class),
         };
         if r.is_some() {
-            self.after_alloc(g);
+            self.after_alloc(&mut { g });
         }
         r
     }
@@ -67,7 +72,7 @@ impl<S: PageSource> Heap<S> {
         }
         let r = self.alloc_span_locked(g, None, npages, align.max(PAGE_SIZE), 0);
         if r.is_some() {
-            self.after_alloc(g);
+            self.after_alloc(&mut { g });
         }
         r
     }
@@ -209,8 +214,30 @@ impl<S: PageSource> Heap<S> {
     /// # Safety
     /// `span` came from this heap, is `InUse`, and nothing uses it or its memory any more.
     pub unsafe fn free_span(&self, g: Guarded<'_>, pcache: Option<&mut PageCache>, span: NonNull<Span>) {
+        // SAFETY: forwarded contract.
+        unsafe {
+            self.unmap_span(span);
+            self.free_span_unmapped(g, pcache, span);
+        }
+    }
+
+    /// The first part of [`Heap::free_span`]: removes the span from the page map (one atomic store per
+    /// page, no lock, so no guard needed: a large free does it with interrupts on). Finish with
+    /// [`Heap::free_span_unmapped`].
+    ///
+    /// # Safety
+    /// As for [`Heap::free_span`].
+    pub unsafe fn unmap_span(&self, span: NonNull<Span>) {
         let (idx, npages) = self.span_idx(span);
         self.set_map(idx, npages, core::ptr::null_mut());
+    }
+
+    /// The rest of [`Heap::free_span`], after [`Heap::unmap_span`].
+    ///
+    /// # Safety
+    /// As for [`Heap::free_span`], and [`Heap::unmap_span`] was called on `span` since it was allocated.
+    pub unsafe fn free_span_unmapped(&self, g: Guarded<'_>, pcache: Option<&mut PageCache>, span: NonNull<Span>) {
+        let (idx, npages) = self.span_idx(span);
         self.check_map(idx, npages, core::ptr::null_mut());
         // SAFETY: the span is live (caller contract); `state` is an atomic field read lock-free elsewhere.
         unsafe { (*span.as_ptr()).state.store(SpanState::Dead as u8, Ordering::Release) };
@@ -251,11 +278,16 @@ impl<S: PageSource> Heap<S> {
     /// Resizes a large object's span in place: grows into the following pages if they are free (growing the
     /// heap if the span ends at its end), or shrinks by freeing the tail. `true` on success.
     ///
+    /// Given a token, one guarded section; given sections with windows (`Malloc::realloc` passes its
+    /// provider's), a growth that must commit more than `COMMIT_SLICE_NPAGES` pages takes the pages under
+    /// the heap lock (counted in `pending_npages`), commits them a slice per section and only then extends
+    /// the span, and the page map's stores (no lock) run outside every section (see `slice.rs`).
+    ///
     /// # Safety
     /// `span` came from this heap, is `InUse`, and the caller owns it (no concurrent free or resize); on
     /// shrink, nothing uses the dropped tail any more.
     #[must_use]
-    pub unsafe fn resize_span_in_place(&self, g: Guarded<'_>, span: NonNull<Span>, new_npages: usize) -> bool {
+    pub unsafe fn resize_span_in_place(&self, mut secs: impl Sections, span: NonNull<Span>, new_npages: usize) -> bool {
         let (idx, npages) = self.span_idx(span);
         if new_npages == npages {
             return true;
@@ -269,46 +301,97 @@ impl<S: PageSource> Heap<S> {
             self.set_map(idx + new_npages, cut, core::ptr::null_mut());
             // SAFETY: the caller owns the span; its page-level fields are ours to update (see Locking).
             unsafe { addr_of_mut!((*sp).npages).write(new_npages) };
-            let mut lk = self.inner.lock(g);
-            lk.pa.free_range(idx + new_npages, cut);
-            self.inuse_npages.fetch_sub(cut, Ordering::Relaxed);
+            secs.section(|g| {
+                let mut lk = self.inner.lock(g);
+                lk.pa.free_range(idx + new_npages, cut);
+                self.inuse_npages.fetch_sub(cut, Ordering::Relaxed);
+            });
             return true;
         }
         let extra = new_npages - npages;
-        let Some(mut lk) = self.lock_ready(g) else { return false };
-        let inner = &mut *lk;
         let from = idx + npages;
-        match from.checked_add(extra) {
-            Some(end) if end <= inner.arena_bytes / PAGE_SIZE => {}
-            _ => return false,
-        }
-        let grown = inner.pa.grown_npages();
-        let in_grown = grown.saturating_sub(from).min(extra);
-        if inner.pa.count_alloc(from, in_grown) != 0 {
-            return false;
-        }
-        if from + extra > grown && !self.grow_locked(inner, 0, from + extra) {
-            return false;
-        }
-        inner.pa.alloc_range(from, extra);
-        let nscav = inner.pa.count_scav(from, extra);
-        if !self.commit_range_locked(inner, from, extra) {
-            inner.pa.free_range(from, extra);
-            return false;
+        let windows = secs.windows();
+        // Take the pages (growing the heap first if the span ends at its end: at most `GROW_SLICE_CHUNKS`
+        // per section when there are windows).
+        let taken = loop {
+            let step = secs.section(|g| {
+                let Some(mut lk) = self.lock_ready(g) else { return Some(None) };
+                let inner = &mut *lk;
+                match from.checked_add(extra) {
+                    Some(end) if end <= inner.arena_bytes / PAGE_SIZE => {}
+                    _ => return Some(None),
+                }
+                let grown = inner.pa.grown_npages();
+                let in_grown = grown.saturating_sub(from).min(extra);
+                if inner.pa.count_alloc(from, in_grown) != 0 {
+                    return Some(None);
+                }
+                if from + extra > grown {
+                    let have = inner.pa.grown_chunks() * PALLOC_CHUNK_PAGES;
+                    let step_to = have + GROW_SLICE_CHUNKS * PALLOC_CHUNK_PAGES;
+                    if windows && from + extra > step_to {
+                        // Grow one step and come back in a new section.
+                        return if self.grow_locked(inner, 0, step_to) { None } else { Some(None) };
+                    }
+                    if !self.grow_locked(inner, 0, from + extra) {
+                        return Some(None);
+                    }
+                }
+                inner.pa.alloc_range(from, extra);
+                let nscav = inner.pa.count_scav(from, extra);
+                let needzero = nscav != extra || !self.source.commit_zeroes();
+                if windows && nscav > COMMIT_SLICE_NPAGES {
+                    self.pending_npages.fetch_add(extra, Ordering::Relaxed);
+                    return Some(Some((needzero, false)));
+                }
+                if !self.commit_range_locked(inner, from, extra) {
+                    inner.pa.free_range(from, extra);
+                    return Some(None);
+                }
+                Some(Some((needzero, true)))
+            });
+            if let Some(t) = step {
+                break t;
+            }
+        };
+        let Some((needzero, committed)) = taken else { return false };
+        if !committed {
+            let mut off = 0;
+            while off < extra {
+                let k = COMMIT_SLICE_NPAGES.min(extra - off);
+                let ok = secs.section(|g| {
+                    let mut lk = self.inner.lock(g);
+                    if self.commit_range_locked(&mut lk, from + off, k) {
+                        return true;
+                    }
+                    lk.pa.free_range(from, extra);
+                    self.pending_npages.fetch_sub(extra, Ordering::Relaxed);
+                    false
+                });
+                if !ok {
+                    return false;
+                }
+                off += k;
+            }
         }
         // SAFETY: as above.
         unsafe {
             addr_of_mut!((*sp).npages).write(new_npages);
-            if nscav != extra || !self.source.commit_zeroes() {
+            if needzero {
                 addr_of_mut!((*sp).needzero).write(true);
             }
         }
-        drop(lk);
         self.set_map(from, extra, sp);
-        let n = self.inuse_npages.fetch_add(extra, Ordering::Relaxed) + extra;
-        self.epoch_peak_npages.fetch_max(n, Ordering::Relaxed);
-        self.alloc_volume_npages.fetch_add(extra, Ordering::Relaxed);
-        self.after_alloc(g);
+        secs.section(|g| {
+            if !committed {
+                let _lk = self.inner.lock(g);
+                self.pending_npages.fetch_sub(extra, Ordering::Relaxed);
+            }
+            let n = self.inuse_npages.fetch_add(extra, Ordering::Relaxed) + extra;
+            self.epoch_peak_npages.fetch_max(n, Ordering::Relaxed);
+            self.alloc_volume_npages.fetch_add(extra, Ordering::Relaxed);
+        });
+        self.after_alloc(&mut secs);
         true
     }
 }
@@ -334,7 +417,23 @@ impl<S: PageSource> Heap<S> {
             self.publish_span_stats(inner);
             return None;
         };
-        // Decommit every committed run of the range: the gaps between its scavenged runs.
+        self.decommit_committed_locked(inner, idx, npages);
+        if !self.commit_range_locked(inner, idx, npages) {
+            inner.pa.free_range(idx, npages);
+            // SAFETY: as above.
+            unsafe { inner.spans.free(s.cast()) };
+            self.publish_span_stats(inner);
+            return None;
+        }
+        self.publish_span(s, idx, npages, 0, false);
+        drop(lock);
+        self.after_alloc(&mut { g });
+        Some(s)
+    }
+
+    /// Decommits every committed run of the allocated range `[idx, idx + npages)` (the gaps between its
+    /// scavenged runs) and marks it scavenged. Heap lock held.
+    pub(super) fn decommit_committed_locked(&self, inner: &mut HeapInner, idx: usize, npages: usize) {
         let (end, mut pos) = (idx + npages, idx);
         while pos < end {
             let mut next = None;
@@ -358,16 +457,5 @@ impl<S: PageSource> Heap<S> {
             }
             pos = resume;
         }
-        if !self.commit_range_locked(inner, idx, npages) {
-            inner.pa.free_range(idx, npages);
-            // SAFETY: as above.
-            unsafe { inner.spans.free(s.cast()) };
-            self.publish_span_stats(inner);
-            return None;
-        }
-        self.publish_span(s, idx, npages, 0, false);
-        drop(lock);
-        self.after_alloc(g);
-        Some(s)
     }
 }

@@ -204,6 +204,8 @@ impl<S: PageSource> Heap<S> {
         let cached = self.cached_npages.load(Ordering::Relaxed);
         let inflight = self.scav_inflight_npages.load(Ordering::Relaxed);
         assert_eq!(inflight, 0, "heap: validate() while the scavenger is decommitting (call it when quiescent)");
+        let pending = self.pending_npages.load(Ordering::Relaxed);
+        assert_eq!(pending, 0, "heap: validate() while a large run is being committed (call it when quiescent)");
         let retired = self.retired_npages.load(Ordering::Relaxed);
         assert_eq!(
             alloc_pages,

@@ -1,0 +1,335 @@
+//! Interrupt latency, bounded: no guarded section (interrupts off in a kernel) commits or decommits more
+//! than a slice of pages, whatever the size of the operation (see `src/page/heap/slice.rs`).
+//!
+//! The provider here counts, per outermost guarded section of the calling thread, the pages the page
+//! source commits and decommits in it (and the source calls made outside every section, which must be
+//! none). Before slicing, a 64 MiB allocation committed its 16 384 pages in one section, `release_all`
+//! decommitted up to 16 MiB per section and a background step its whole budget in one.
+
+use core::alloc::Layout;
+use core::ptr::NonNull;
+use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use goheap::cpu::{CpuProvider, MAX_CPUS};
+use goheap::page::heap::slice::{COMMIT_SLICE_NPAGES, DECOMMIT_SLICE_NPAGES};
+use goheap::source::mmap::MmapSource;
+use goheap::source::PageSource;
+use goheap::{Malloc, PAGE_SIZE};
+
+thread_local! {
+    /// Depth of the guarded sections open on this thread.
+    static DEPTH: Cell<usize> = const { Cell::new(0) };
+    /// Whether this thread's cache index is in use by an open `enter` section.
+    static BUSY: Cell<bool> = const { Cell::new(false) };
+    /// Pages committed or decommitted in the current outermost section.
+    static PAGES: Cell<usize> = const { Cell::new(0) };
+    /// Most pages in one section, and the number of sections, since the last `reset`.
+    static MAX_PAGES: Cell<usize> = const { Cell::new(0) };
+    static SECTIONS: Cell<usize> = const { Cell::new(0) };
+    /// Source calls made outside every section.
+    static UNGUARDED: Cell<usize> = const { Cell::new(0) };
+    static SLOT: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
+
+fn my_slot() -> Option<usize> {
+    let mut s = SLOT.with(Cell::get);
+    if s == usize::MAX {
+        s = NEXT_SLOT.fetch_add(1, Ordering::Relaxed);
+        SLOT.with(|c| c.set(s));
+    }
+    (s < MAX_CPUS).then_some(s)
+}
+
+fn reset() {
+    MAX_PAGES.with(|c| c.set(0));
+    SECTIONS.with(|c| c.set(0));
+    UNGUARDED.with(|c| c.set(0));
+}
+
+/// (most pages in one section, sections, source calls outside every section) since the last `reset`.
+fn figures() -> (usize, usize, usize) {
+    (MAX_PAGES.with(Cell::get), SECTIONS.with(Cell::get), UNGUARDED.with(Cell::get))
+}
+
+/// A provider that counts the source's pages per outermost section (a thread is a "CPU").
+#[derive(Debug, Default)]
+struct SectionCpus;
+
+struct SectionGuard {
+    busy: bool,
+}
+
+fn open_section() {
+    let d = DEPTH.with(Cell::get);
+    if d == 0 {
+        PAGES.with(|c| c.set(0));
+    }
+    DEPTH.with(|c| c.set(d + 1));
+}
+
+impl Drop for SectionGuard {
+    fn drop(&mut self) {
+        if self.busy {
+            BUSY.with(|b| b.set(false));
+        }
+        let d = DEPTH.with(Cell::get) - 1;
+        DEPTH.with(|c| c.set(d));
+        if d == 0 {
+            let p = PAGES.with(Cell::get);
+            MAX_PAGES.with(|c| c.set(c.get().max(p)));
+            SECTIONS.with(|c| c.set(c.get() + 1));
+        }
+    }
+}
+
+// SAFETY: a slot index belongs to one thread (handed out once by `NEXT_SLOT`), and `enter` marks it busy,
+// so a re-entrant `enter` on the same thread gets `None`; leaf sections refuse a busy index.
+unsafe impl CpuProvider for SectionCpus {
+    type Guard<'a> = SectionGuard;
+    fn enter(&self) -> (SectionGuard, Option<usize>) {
+        open_section();
+        match my_slot() {
+            Some(i) if !BUSY.with(Cell::get) => {
+                BUSY.with(|b| b.set(true));
+                (SectionGuard { busy: true }, Some(i))
+            }
+            _ => (SectionGuard { busy: false }, None),
+        }
+    }
+    type LeafGuard<'a> = SectionGuard;
+    fn enter_leaf(&self) -> (SectionGuard, Option<usize>) {
+        open_section();
+        let idx = if BUSY.with(Cell::get) { None } else { my_slot() };
+        (SectionGuard { busy: false }, idx)
+    }
+}
+
+/// `MmapSource` counting the pages of each commit and decommit in the calling thread's section.
+#[derive(Debug)]
+struct CountingSource(MmapSource);
+
+fn count(nbytes: usize) {
+    if DEPTH.with(Cell::get) == 0 {
+        UNGUARDED.with(|c| c.set(c.get() + 1));
+    }
+    PAGES.with(|c| c.set(c.get() + nbytes.div_ceil(PAGE_SIZE)));
+}
+
+// SAFETY: forwards to `MmapSource`, which upholds the contract.
+unsafe impl PageSource for CountingSource {
+    fn reserve(&self, nbytes: usize, align: usize) -> Option<NonNull<u8>> {
+        self.0.reserve(nbytes, align)
+    }
+    unsafe fn commit(&self, addr: NonNull<u8>, nbytes: usize) -> bool {
+        count(nbytes);
+        // SAFETY: forwarded contract.
+        unsafe { self.0.commit(addr, nbytes) }
+    }
+    unsafe fn decommit(&self, addr: NonNull<u8>, nbytes: usize) {
+        count(nbytes);
+        // SAFETY: forwarded contract.
+        unsafe { self.0.decommit(addr, nbytes) }
+    }
+    fn commit_zeroes(&self) -> bool {
+        self.0.commit_zeroes()
+    }
+}
+
+type M = Malloc<CountingSource, SectionCpus>;
+
+fn new_malloc() -> &'static M {
+    let m: &'static M =
+        Box::leak(Box::new(Malloc::with_max_bytes(CountingSource(MmapSource::new()), SectionCpus, 1 << 30)));
+    // No heap-profile sampling: the profiler's first sample commits its tables (a one-time cost, not one
+    // that grows with an operation's size), which would land in a random section.
+    m.set_profile_rate(0);
+    m
+}
+
+/// The most pages one section may commit or decommit: a slice, plus (for a failed commit's retry) as many
+/// released; the heap growth's metadata stays below one slice.
+const BOUND_PAGES: usize = 2 * COMMIT_SLICE_NPAGES;
+
+const MIB64: usize = 64 << 20;
+
+#[test]
+fn large_alloc_64mib_commits_in_slices() {
+    let m = new_malloc();
+    for zeroed in [false, true] {
+        reset();
+        let layout = Layout::from_size_align(MIB64, 8).unwrap();
+        let p = if zeroed { m.alloc_zeroed(layout) } else { m.alloc(layout) };
+        assert!(!p.is_null());
+        let (max, sections, unguarded) = figures();
+        assert_eq!(unguarded, 0, "a source call outside the guard");
+        assert!(max <= BOUND_PAGES, "zeroed={zeroed}: a section committed {max} pages (bound {BOUND_PAGES})");
+        assert!(sections >= MIB64 / PAGE_SIZE / COMMIT_SLICE_NPAGES, "{sections} sections");
+        // SAFETY: `p` is a live allocation of `layout`; it is ours.
+        unsafe {
+            p.write_bytes(0xa5, MIB64);
+            m.dealloc(p, layout);
+        }
+    }
+    // A fresh run again, after everything went back to the source.
+    m.release_all();
+    reset();
+    let layout = Layout::from_size_align(MIB64, 2 << 20).unwrap();
+    let p = m.alloc(layout);
+    assert!(!p.is_null() && p as usize % (2 << 20) == 0);
+    assert!(figures().0 <= BOUND_PAGES, "aligned: {:?}", figures());
+    // SAFETY: as above.
+    unsafe { m.dealloc(p, layout) };
+    #[cfg(feature = "validate")]
+    m.with_guard(|g| m.heap().validate(g));
+}
+
+#[test]
+fn release_all_of_a_big_heap_decommits_in_slices() {
+    let m = new_malloc();
+    let layout = Layout::from_size_align(1 << 20, 8).unwrap();
+    let ps: Vec<_> = (0..96).map(|_| m.alloc(layout)).collect();
+    let small = Layout::from_size_align(256, 8).unwrap();
+    let qs: Vec<_> = (0..20_000).map(|_| m.alloc(small)).collect();
+    assert!(ps.iter().chain(&qs).all(|p| !p.is_null()));
+    for &p in ps.iter() {
+        // SAFETY: live allocations of `layout`, ours.
+        unsafe { m.dealloc(p, layout) };
+    }
+    for &q in qs.iter() {
+        // SAFETY: live allocations of `small`, ours.
+        unsafe { m.dealloc(q, small) };
+    }
+    reset();
+    let released = m.release_all();
+    assert!(released >= 96 << 20, "released {released}");
+    let (max, _, unguarded) = figures();
+    assert_eq!(unguarded, 0, "a source call outside the guard");
+    assert!(max <= DECOMMIT_SLICE_NPAGES, "a section of release_all decommitted {max} pages");
+    assert_eq!(m.heap().stats().committed_bytes, 0);
+}
+
+#[test]
+fn background_step_decommits_in_slices() {
+    let m = new_malloc();
+    let layout = Layout::from_size_align(1 << 20, 8).unwrap();
+    let ps: Vec<_> = (0..64).map(|_| m.alloc(layout)).collect();
+    for &p in ps.iter() {
+        // SAFETY: live allocations of `layout`, ours.
+        unsafe { m.dealloc(p, layout) };
+    }
+    let mut released = 0;
+    reset();
+    for _ in 0..64 {
+        released += m.background(usize::MAX, 32 << 20).nbytes_released;
+    }
+    assert!(released >= 32 << 20, "released {released}");
+    let (max, _, unguarded) = figures();
+    assert_eq!(unguarded, 0, "a source call outside the guard");
+    assert!(max <= DECOMMIT_SLICE_NPAGES, "a section of a background step decommitted {max} pages");
+}
+
+#[test]
+fn memory_limit_scavenging_decommits_in_slices() {
+    let m = new_malloc();
+    let layout = Layout::from_size_align(1 << 20, 8).unwrap();
+    let ps: Vec<_> = (0..64).map(|_| m.alloc(layout)).collect();
+    for &p in ps.iter().skip(8) {
+        // SAFETY: live allocations of `layout`, ours.
+        unsafe { m.dealloc(p, layout) };
+    }
+    reset();
+    m.set_memory_limit(16 << 20);
+    let (max, _, unguarded) = figures();
+    assert!(m.heap().stats().committed_bytes <= 16 << 20, "{:?}", m.heap().stats());
+    assert_eq!(unguarded, 0, "a source call outside the guard");
+    assert!(max <= DECOMMIT_SLICE_NPAGES, "a section of the limit's release decommitted {max} pages");
+    for &p in ps.iter().take(8) {
+        // SAFETY: as above.
+        unsafe { m.dealloc(p, layout) };
+    }
+}
+
+#[test]
+fn realloc_growing_a_large_block_in_place_commits_in_slices() {
+    let m = new_malloc();
+    let layout = Layout::from_size_align(1 << 20, 8).unwrap();
+    let p = m.alloc(layout);
+    assert!(!p.is_null());
+    // SAFETY: `p` is ours, 1 MiB.
+    unsafe { p.write_bytes(0x5a, 1 << 20) };
+    reset();
+    // SAFETY: `p` is a live allocation of `layout`; 64 MiB is a valid size.
+    let q = unsafe { m.realloc(p, layout, MIB64) };
+    let (max, _, unguarded) = figures();
+    assert_eq!(q, p, "the block at the heap's end grows in place");
+    assert_eq!(unguarded, 0, "a source call outside the guard");
+    assert!(max <= BOUND_PAGES, "a section of realloc committed {max} pages");
+    // SAFETY: `q` is ours, 64 MiB, its first MiB copied or kept.
+    unsafe {
+        assert_eq!(*q.add((1 << 20) - 1), 0x5a);
+        q.add(MIB64 - 1).write(1);
+        m.dealloc(q, Layout::from_size_align(MIB64, 8).unwrap());
+    }
+    #[cfg(feature = "validate")]
+    m.with_guard(|g| m.heap().validate(g));
+}
+
+/// While large runs are committed in slices (and realloc'd in place), other threads run `release_all` and
+/// background steps without pause: they must never take a half-committed run for free pages (a live
+/// block's pages decommitted would read zero here), and the heap's accounting must balance at the end.
+#[test]
+fn release_all_and_background_leave_half_committed_runs_alone() {
+    use goheap::cpu::ThreadSlots;
+    use std::sync::atomic::AtomicBool;
+    static M: Malloc<MmapSource, ThreadSlots> = Malloc::with_max_bytes(MmapSource::new(), ThreadSlots::new(), 1 << 30);
+    static STOP: AtomicBool = AtomicBool::new(false);
+    let others: Vec<_> = (0..2)
+        .map(|k| {
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !STOP.load(Ordering::Relaxed) {
+                    if k == 0 {
+                        M.release_all();
+                    } else {
+                        M.background(usize::MAX, 1 << 20);
+                    }
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let page = 4096;
+    for i in 0..24usize {
+        let size = (8 << 20) + i * (1 << 20);
+        let layout = Layout::from_size_align(size, 8).unwrap();
+        let p = M.alloc(layout);
+        assert!(!p.is_null());
+        // SAFETY: `p` is ours, `size` bytes; one byte per 4 KiB page is written, then checked.
+        unsafe {
+            for off in (0..size).step_by(page) {
+                *p.add(off) = (off / page) as u8 | 1;
+            }
+            let bigger = size + (4 << 20);
+            let q = M.realloc(p, layout, bigger);
+            assert!(!q.is_null());
+            for off in (0..size).step_by(page) {
+                assert_eq!(*q.add(off), (off / page) as u8 | 1, "block {i}: byte at {off} lost");
+            }
+            *q.add(bigger - 1) = 7;
+            M.dealloc(q, Layout::from_size_align(bigger, 8).unwrap());
+        }
+    }
+    STOP.store(true, Ordering::Relaxed);
+    for t in others {
+        assert!(t.join().unwrap() > 0);
+    }
+    M.flush_cpu_cache();
+    M.release_all();
+    #[cfg(feature = "validate")]
+    M.validate();
+    assert_eq!(M.heap().stats().inuse_bytes, 0);
+}
