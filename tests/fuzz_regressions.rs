@@ -55,7 +55,7 @@ fn ops_corpus_replays_clean() {
 fn bad_free_corpus_replays_clean() {
     let files = corpus("bad_free");
     assert!(files.len() >= 8, "the committed bad_free corpus is missing ({} files)", files.len());
-    replay(&files, |d| fuzz_harness::run_bad_free(d));
+    replay(&files, fuzz_harness::run_bad_free);
 }
 
 /// The harness itself catches what it should (so a clean replay above means something): a block whose
@@ -103,7 +103,7 @@ fn harness_detects_corruption_and_reports() {
 /// Replays `fuzz/regressions/known-defects/NAME` as target `bad_free`.
 fn replay_known_defect(name: &str) {
     let file = fuzz_dir().join("regressions/known-defects").join(name);
-    replay(&[file], |d| fuzz_harness::run_bad_free(d));
+    replay(&[file], fuzz_harness::run_bad_free);
 }
 
 // Issue 12's defects, as `bad_free` found them before their fixes (inputs minimized by libFuzzer

@@ -5,6 +5,7 @@
 //! source commits and decommits in it (and the source calls made outside every section, which must be
 //! none). Before slicing, a 64 MiB allocation committed its 16 384 pages in one section, `release_all`
 //! decommitted up to 16 MiB per section and a background step its whole budget in one.
+#![cfg(feature = "std")]
 
 use core::alloc::Layout;
 use core::ptr::NonNull;

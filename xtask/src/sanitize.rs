@@ -52,8 +52,16 @@ use crate::{proc, say, EXIT_ERROR};
 
 const HOST: &str = "x86_64-unknown-linux-gnu";
 /// Integration tests that start threads (TSan's share).
-const TSAN_TESTS: &[&str] =
-    &["cpu_provider", "hosted_global", "malloc_threads", "page_scavenger", "page_threads", "stock_bounds"];
+const TSAN_TESTS: &[&str] = &[
+    "cpu_provider",
+    "hosted_global",
+    "irq_sections",
+    "malloc_threads",
+    "page_scavenger",
+    "page_threads",
+    "remote_free_pipeline",
+    "stock_bounds",
+];
 /// In `--short`: the threaded tests that take long under TSan are left out (one test of `malloc_threads`
 /// runs instead, see [`tsan_cargo_args`]).
 const TSAN_SHORT_SKIP: &[&str] = &["malloc_threads", "page_threads"];
