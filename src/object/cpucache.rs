@@ -741,20 +741,11 @@ impl CpuCache {
 
     /// Gives everything cached back: flushes every stock, retires the tiny block and returns every span to
     /// the central lists, and flushes the page cache to the heap. The cache stays usable.
+    /// (Every step of [`CpuCache::flush_step`], in one section.)
     pub(crate) fn flush_all<S: PageSource>(&mut self, t: &Tiers<S>, sh: &CpuShared, g: Guarded<'_>) {
-        self.retire_tiny(t, sh, g);
-        for c in 1..NUM_ALLOC_CLASSES {
-            let n = self.classes[c].nstock as usize;
-            self.flush_stock(t, c, n, sh, g);
-            self.set_stock_max(t, c, 0, sh, g);
-            let s = self.classes[c].span;
-            if !s.is_null() {
-                self.classes[c].span = ptr::null_mut();
-                // SAFETY: we cache `s` and stop using it now.
-                report_bad_sweep(t, unsafe { t.centrals[c].uncache_span(g, NonNull::new_unchecked(s)) });
-            }
+        for i in 0..FLUSH_STEPS {
+            self.flush_step(t, i, sh, g);
         }
-        t.heap.flush_page_cache(g, &mut self.pcache);
     }
 }
 
@@ -776,7 +767,7 @@ pub(crate) const FLUSH_STEPS: usize = NUM_ALLOC_CLASSES + 1;
 impl CpuCache {
     /// Step `i` (`< FLUSH_STEPS`) of a sliced flush: 0 retires the tiny block; `c` in
     /// `1..NUM_ALLOC_CLASSES` flushes class `c`'s stock (and its grown bound) and gives its cached span back;
-    /// the last gives the page cache back. All of them, in order, do what `flush_all` does.
+    /// the last gives the page cache back. All of them, in order, are `flush_all`.
     pub(crate) fn flush_step<S: PageSource>(&mut self, t: &Tiers<S>, i: usize, sh: &CpuShared, g: Guarded<'_>) {
         if i == 0 {
             self.retire_tiny(t, sh, g);
