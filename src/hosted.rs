@@ -234,8 +234,16 @@ impl Hosted {
         )
     }
 
+    /// The general path of an allocation (`Malloc::alloc_or`): [`Hosted::first_use`], then `Malloc`'s. One
+    /// function out of line, so the inlined fast path keeps no registers for it.
+    #[inline(never)]
+    fn alloc_slow<const ZERO: bool>(&self, layout: Layout) -> *mut u8 {
+        self.first_use();
+        self.0.alloc_general::<ZERO>(layout)
+    }
+
     /// Everything a first allocation sets up: the environment's knobs, then the fork handlers. Called on
-    /// the general path only (`Malloc::alloc_hooked`): the first allocation always takes it, and the fast
+    /// the general path only ([`Hosted::alloc_slow`]): the first allocation always takes it, and the fast
     /// path pays nothing.
     #[inline(always)]
     fn first_use(&self) {
@@ -405,11 +413,11 @@ impl Deref for Hosted {
 unsafe impl GlobalAlloc for Hosted {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        self.0.alloc_hooked::<false>(layout, || self.first_use())
+        self.0.alloc_or::<false>(layout, |l| self.alloc_slow::<false>(l))
     }
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        self.0.alloc_hooked::<true>(layout, || self.first_use())
+        self.0.alloc_or::<true>(layout, |l| self.alloc_slow::<true>(l))
     }
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {

@@ -102,7 +102,7 @@
 //!    object on this CPU's stock for its class (no lock, no atomic). When the stock
 //!    exceeds its bound, the bound doubles if this CPU also ran the class dry since it last grew and the
 //!    class and the cache may still grow (tcmalloc's cache resizing; the background step shrinks it
-//!    again), else half the stock goes to the central list:
+//!    again), else half the stock, at most `FLUSH_SLICE_OBJS` (64) objects, goes to the central list:
 //!    under the class lock, each bitmap word's worth of objects is folded into its span at once if no CPU
 //!    caches the span, else recorded in the span's atomic `free_bits` for the caching CPU to fold (so no
 //!    free ever takes another CPU's lock).

@@ -5,7 +5,7 @@
 #![cfg(feature = "std")]
 
 use goheap::cpu::ThreadSlots;
-use goheap::object::cpucache::{stock_cap, stock_max, STOCK_GROW_BYTES};
+use goheap::object::cpucache::{stock_cap, stock_max, FLUSH_SLICE_OBJS, STOCK_GROW_BYTES};
 use goheap::object::sizeclass::{class_of, CLASSES};
 use goheap::source::mmap::MmapSource;
 use goheap::Malloc;
@@ -47,10 +47,14 @@ fn overflowing_stock_grows_then_shrinks_and_resets() {
     assert_eq!(refills(), before, "the second batch took spans from the central lists");
     assert_eq!(m.stock_bound(c), grown, "a batch that fits does not grow the bound further");
 
-    // Background steps halve the grown bound down to the base, flushing what no longer fits.
+    // Background steps halve the grown bound down to the base, flushing what no longer fits: at most a
+    // slice of objects per step (interrupt latency), the bound staying at or above the stock of 1000.
     m.background(0, 0);
-    assert_eq!(m.stock_bound(c), (grown / 2).max(base));
-    for _ in 0..16 {
+    let slice = FLUSH_SLICE_OBJS as u32;
+    assert_eq!(m.stock_bound(c), (grown / 2).max(base).max(1000 - slice), "one step flushes one slice");
+    m.background(0, 0);
+    assert_eq!(m.stock_bound(c), (grown / 4).max(base).max(1000 - 2 * slice), "and the next one more");
+    for _ in 0..1000 / FLUSH_SLICE_OBJS {
         m.background(0, 0);
     }
     assert_eq!(m.stock_bound(c), base);

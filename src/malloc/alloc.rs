@@ -28,12 +28,11 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     }
 
     /// Whether a request of `size` bytes aligned to `align` may take the fast paths: a size class (not tiny,
-    /// not large) at the natural alignment, no debug knob.
+    /// not large) at the natural alignment, no debug knob. The knobs are folded into the size test
+    /// (`fast_span` is 0 while one is set), so this is a load, two compares and two branches.
     #[inline(always)]
     pub(super) fn fast_eligible(&self, size: usize, align: usize) -> bool {
-        self.debug_flags().is_empty()
-            && size.wrapping_sub(TINY_SIZE) <= MAX_SMALL_SIZE - TINY_SIZE
-            && align <= sizeclass::MIN_ALIGN
+        size.wrapping_sub(TINY_SIZE) < self.fast_span.load(Ordering::Relaxed) && align <= sizeclass::MIN_ALIGN
     }
 
     /// The fast path (kept small so that it inlines into callers without spilling): this CPU's stock or
@@ -42,14 +41,21 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// would end the sampling countdown goes to the general path, which draws the sample.
     #[inline(always)]
     pub(super) fn alloc_impl<const ZERO: bool>(&self, layout: Layout) -> *mut u8 {
-        self.alloc_hooked::<ZERO>(layout, || {})
+        self.alloc_or::<ZERO>(layout, |l| self.alloc_general::<ZERO>(l))
     }
 
-    /// [`Malloc::alloc_impl`], calling `slow` before the general path and never on the fast path: the hosted
-    /// allocator registers its `fork()` handlers there (the first allocation of an allocator always takes the
-    /// general path: nothing is cached yet), so the fast path pays nothing for it.
+    /// [`Malloc::alloc_impl`] with `general` in place of the general path, called (as the last thing, so in
+    /// tail position) for every request the fast path does not finish and never on the fast path. The
+    /// hosted allocator reads its environment and registers its `fork()` handlers there (the first
+    /// allocation of an allocator always takes the general path: nothing is cached yet), the kernel heap
+    /// reports a null result there; each passes one out-of-line function, so the fast path saves no
+    /// registers and pays nothing for either.
     #[inline(always)]
-    pub(crate) fn alloc_hooked<const ZERO: bool>(&self, layout: Layout, slow: impl FnOnce()) -> *mut u8 {
+    pub(crate) fn alloc_or<const ZERO: bool>(
+        &self,
+        layout: Layout,
+        general: impl FnOnce(Layout) -> *mut u8,
+    ) -> *mut u8 {
         let (size, align) = (layout.size(), layout.align());
         if self.fast_eligible(size, align) {
             let c = sizeclass::class_of(size);
@@ -63,9 +69,12 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 let cache = unsafe { &mut *slot.cache.get() };
                 let left = cache.next_sample - size as isize;
                 if left >= 0 {
+                    // Counted down before the attempt and given back if it fails (read again then, not kept):
+                    // no register holds `left` across the attempt, which keeps the inlined fast path free of
+                    // callee-saved registers even with a provider that keeps its saved flags in one.
+                    cache.next_sample = left;
                     // SAFETY: `class_of` returns a size class, below `NUM_ALLOC_CLASSES`.
                     if let Some(p) = unsafe { cache.alloc_fast::<ZERO>(c, &slot.shared) } {
-                        cache.next_sample = left;
                         drop(guard);
                         if !ZERO {
                             // SAFETY: `p` is ours, of a class of at least 16 bytes (the fast path's): clear
@@ -76,17 +85,19 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                         self.mark_live(p, ZERO);
                         return p;
                     }
+                    // SAFETY: a plain field of our cache; volatile only so the compiler reloads it.
+                    let now = unsafe { ptr::read_volatile(&cache.next_sample) };
+                    cache.next_sample = now + size as isize;
                 }
             }
             drop(guard);
         }
-        slow();
-        self.alloc_general::<ZERO>(layout)
+        general(layout)
     }
 
     /// Every allocation the fast path does not finish.
     #[inline(never)]
-    pub(super) fn alloc_general<const ZERO: bool>(&self, layout: Layout) -> *mut u8 {
+    pub(crate) fn alloc_general<const ZERO: bool>(&self, layout: Layout) -> *mut u8 {
         let (size, align) = (layout.size(), layout.align());
         let r = self.route(size, align);
         if r == LARGE || r == GUARDED {
@@ -124,7 +135,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 // SAFETY: `route` returns size classes below `NUM_SIZE_CLASSES` (or the tiny class, above).
                 let p = unsafe { cache.alloc::<S, ZERO>(t, r, e.sh, g) };
                 if !ZERO && !p.is_null() && class_shape(r).elemsize as usize >= STOCK_KEY_MIN_SIZE {
-                    // SAFETY: `p` is ours and has room for the stock key (cleared as in `alloc_impl`).
+                    // SAFETY: `p` is ours and has room for the stock key (cleared as in `alloc_or`).
                     unsafe { *stock_key_slot(p) = 0 };
                 }
                 p

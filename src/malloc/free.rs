@@ -18,44 +18,46 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     #[inline]
     pub unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         let (size, align) = (layout.size(), layout.align());
-        let fast = self.fast_eligible(size, align);
-        if fast {
-            let c = sizeclass::class_of(size);
-            #[cfg(feature = "checks")]
-            self.check_small_free(ptr, layout, c);
-            // A pointer outside the heap's arena, or misaligned, never enters a stock (the general path
-            // reports it).
-            if self.in_arena(ptr as usize) {
-                let (guard, idx) = self.provider.enter_leaf();
-                if let Some(i) = idx {
-                    // SAFETY: as in `alloc_impl`: index `i` is ours while the guard lives (a leaf section).
-                    let slot = unsafe { self.caches.get_unchecked(i) };
-                    // SAFETY: as above.
-                    let cache = unsafe { &mut *slot.cache.get() };
-                    // SAFETY: forwarded contract: `ptr` is a class-`c` object of ours (at least 16 bytes: the
-                    // fast path serves no smaller class); `c` is a size class.
-                    if unsafe { cache.free_fast(c, ptr, &slot.shared) } {
-                        drop(guard);
-                        return;
-                    }
-                }
-                drop(guard);
-            }
+        if !self.fast_eligible(size, align) {
+            // SAFETY: forwarded contract.
+            return unsafe { self.dealloc_general(ptr, layout, false) };
         }
-        // SAFETY: forwarded contract.
-        unsafe { self.dealloc_general(ptr, layout, fast) }
+        let c = sizeclass::class_of(size);
+        #[cfg(feature = "checks")]
+        self.check_small_free(ptr, layout, c);
+        // A pointer outside the heap's arena, or misaligned, never enters a stock (the general path reports
+        // it).
+        if self.in_arena(ptr as usize) {
+            let (guard, idx) = self.provider.enter_leaf();
+            if let Some(i) = idx {
+                // SAFETY: as in `alloc_or`: index `i` is ours while the guard lives (a leaf section).
+                let slot = unsafe { self.caches.get_unchecked(i) };
+                // SAFETY: as above.
+                let cache = unsafe { &mut *slot.cache.get() };
+                // SAFETY: forwarded contract: `ptr` is a class-`c` object of ours (at least 16 bytes: the fast
+                // path serves no smaller class); `c` is a size class.
+                if unsafe { cache.free_fast(c, ptr, &slot.shared) } {
+                    drop(guard);
+                    return;
+                }
+            }
+            drop(guard);
+        }
+        // Two tail calls rather than one with a flag, so the fast path keeps no register for the flag.
+        // SAFETY: forwarded contract; the fast path's checks ran.
+        unsafe { self.dealloc_general(ptr, layout, true) }
     }
 
     /// Whether `addr` lies in the grown part of the heap's arena and is 8-byte aligned (as every object of a
     /// size class is): the check every small free makes before its object may enter a stock. Two loads, a
-    /// rotate, a shift and a compare: with `off = addr - arena_base` and `grown` a multiple of 8,
-    /// `off.rotate_right(3) < grown >> 3` holds exactly when `off < grown` and `off % 8 == 0` (a misaligned
+    /// rotate and a compare: with `off = addr - arena_base` and `grown` a multiple of 8 (the heap keeps
+    /// `grown_words = grown >> 3`), `off.rotate_right(3) < grown >> 3` holds exactly when `off < grown` and `off % 8 == 0` (a misaligned
     /// offset rotates its low bits to the top, above any `grown >> 3`).
     #[inline(always)]
     pub(super) fn in_arena(&self, addr: usize) -> bool {
         let h = &self.t.heap;
         let off = addr.wrapping_sub(h.arena_base.load(Ordering::Relaxed));
-        off.rotate_right(3) < h.grown_bytes.load(Ordering::Relaxed) >> 3
+        off.rotate_right(3) < h.grown_words.load(Ordering::Relaxed)
     }
 
     /// Every free the fast path does not finish. `checked`: the fast path already ran the `checks`.

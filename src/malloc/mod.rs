@@ -21,7 +21,7 @@
 //! all of them: each lock is a [`GuardedMutex`] taken with the [`Guarded`] token of the guard
 //! (`Entered::held`), and the page source is called only with one, so every path that locks or calls the
 //! source is inside the guard by construction.
-//! The fast paths (`alloc_impl`, `dealloc`) take no lock and call nothing: they need no token.
+//! The fast paths (`alloc_or`, `dealloc`) take no lock and call nothing: they need no token.
 //!
 //! # Files, by concern
 //! - this file: the type, its construction, routing, entering a cache;
@@ -122,6 +122,20 @@ fn route(size: usize, align: usize) -> Route {
         }
     }
     LARGE
+}
+
+/// The sizes the fast paths serve, as a span above `TINY_SIZE`: `size - TINY_SIZE < FAST_SIZE_SPAN`
+/// (wrapping) exactly when `TINY_SIZE <= size <= MAX_SMALL_SIZE`, the small size classes.
+const FAST_SIZE_SPAN: usize = MAX_SMALL_SIZE - TINY_SIZE + 1;
+
+/// `Malloc::fast_span` for debug knobs `flags`: every knob closes the fast paths (each changes the route
+/// or what a free does), so one load and compare stands for "no knob and a small size class".
+const fn fast_span_for(flags: DebugFlags) -> usize {
+    if flags.is_empty() {
+        FAST_SIZE_SPAN
+    } else {
+        0
+    }
 }
 
 /// The route with debug knobs set.
@@ -242,6 +256,10 @@ pub struct Malloc<S: PageSource, P: CpuProvider> {
     provider: P,
     /// Debug knobs (`DebugFlags` bits); fixed once anything was allocated (see `set_debug_before_use`).
     debug: AtomicU32,
+    /// The fast paths' gate (see `fast_eligible`): `FAST_SIZE_SPAN` while no debug knob is set, 0 once one
+    /// is. Invariant: `fast_span == if debug == 0 { FAST_SIZE_SPAN } else { 0 }`; written with `debug` only,
+    /// so it too is fixed once anything was allocated.
+    fast_span: AtomicUsize,
     profiler: Profiler,
     /// Sampled guarded allocations (see `guarded.rs`).
     guarded: guarded::GuardedPool,
@@ -291,6 +309,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             shared_lock: GuardedMutex::new(()),
             provider,
             debug: AtomicU32::new(0),
+            fast_span: AtomicUsize::new(FAST_SIZE_SPAN),
             profiler: Profiler::new(),
             guarded: guarded::GuardedPool::new(),
             pacing: reclaim::Pacing::new(),
@@ -300,6 +319,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// This allocator with debug knobs `flags` (see [`DebugFlags`]).
     pub const fn with_debug(mut self, flags: DebugFlags) -> Self {
         self.debug = AtomicU32::new(flags.bits());
+        self.fast_span = AtomicUsize::new(fast_span_for(flags));
         self
     }
 
@@ -320,6 +340,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             return false;
         }
         self.debug.store(flags.bits(), Ordering::Relaxed);
+        self.fast_span.store(fast_span_for(flags), Ordering::Relaxed);
         true
     }
 

@@ -200,12 +200,16 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         let mut i = 0;
         while i < FLUSH_STEPS {
             let end = (i + FLUSH_SLICE_STEPS).min(FLUSH_STEPS);
-            self.with_cache(|c, t, sh, g| {
+            // A step that returns false (a class with more than a slice of objects) ends the section and
+            // runs again in the next.
+            i = self.with_cache(|c, t, sh, g| {
                 for k in i..end {
-                    c.flush_step(t, k, sh, g);
+                    if !c.flush_step(t, k, sh, g) {
+                        return k;
+                    }
                 }
+                end
             });
-            i = end;
         }
     }
 

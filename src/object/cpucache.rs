@@ -112,6 +112,12 @@ const STOCK_CAP_BYTES: usize = 1 << 20;
 const STOCK_CAP_OBJS: usize = 4096;
 /// Bytes by which one cache's stocks may grow beyond their base bounds, all classes together.
 pub const STOCK_GROW_BYTES: usize = 2 << 20;
+/// Objects one flush returns to a central list in one guarded section (interrupt latency, see
+/// `page/heap/slice.rs`): a full stock's half, a shrinking bound's excess and a sliced flush's class step
+/// each return at most this many per section. A flush costs up to about 160 instructions per object when
+/// its objects lie in different spans (`Central::flush`), so 64 stays well under the bound, where the 128
+/// of a full 64-byte stock's half measured 20 851 in the demo kernel (`-icount`).
+pub const FLUSH_SLICE_OBJS: usize = 64;
 
 /// Stock bound of class `c`: `clamp(STOCK_BYTES / size, STOCK_MIN_OBJS, STOCK_MAX_OBJS)`.
 pub const fn stock_max(c: usize) -> u32 {
@@ -567,8 +573,8 @@ impl CpuCache {
     }
 
     /// Class `c`'s stock is at its bound: doubles the bound if the class refilled since it last grew and
-    /// the class and the cache may still grow, else flushes half the stock (bounds are at least
-    /// `STOCK_MIN_OBJS`, so either way the stock ends below its bound).
+    /// the class and the cache may still grow, else flushes half the stock, at most [`FLUSH_SLICE_OBJS`]
+    /// objects (bounds are at least `STOCK_MIN_OBJS`, so either way the stock ends below its bound).
     #[inline(never)]
     fn make_room<S: PageSource>(&mut self, t: &Tiers<S>, c: usize, sh: &CpuShared, g: Guarded<'_>) {
         let size = class_shape(c).elemsize as usize;
@@ -581,15 +587,18 @@ impl CpuCache {
             self.grown_bytes += extra;
             return;
         }
-        let n = (cc.nstock / 2).max(1) as usize;
+        // Half the stock, at most a slice (the stock is at its bound here, so one object is always enough).
+        let n = ((cc.nstock / 2).max(1) as usize).min(FLUSH_SLICE_OBJS);
         self.flush_stock(t, c, n, sh, g);
     }
 
-    /// Sets class `c`'s stock bound to `max` (not below its base), flushing the objects beyond it.
+    /// Sets class `c`'s stock bound to `max` (not below its base), flushing the objects beyond it: at most
+    /// [`FLUSH_SLICE_OBJS`] of them, so a grown stock of thousands of objects comes down by a slice per
+    /// call, its bound staying at or above it.
     fn set_stock_max<S: PageSource>(&mut self, t: &Tiers<S>, c: usize, max: u32, sh: &CpuShared, g: Guarded<'_>) {
         let size = class_shape(c).elemsize as usize;
         let cc = &mut self.classes[c];
-        let max = max.max(STOCK_MAX[c]);
+        let max = max.max(STOCK_MAX[c]).max(cc.nstock.saturating_sub(FLUSH_SLICE_OBJS as u32));
         if max < cc.max {
             self.grown_bytes -= (cc.max - max) as usize * size;
             cc.max = max;
@@ -744,7 +753,7 @@ impl CpuCache {
     /// (Every step of [`CpuCache::flush_step`], in one section.)
     pub(crate) fn flush_all<S: PageSource>(&mut self, t: &Tiers<S>, sh: &CpuShared, g: Guarded<'_>) {
         for i in 0..FLUSH_STEPS {
-            self.flush_step(t, i, sh, g);
+            while !self.flush_step(t, i, sh, g) {}
         }
     }
 }
@@ -767,13 +776,19 @@ pub(crate) const FLUSH_STEPS: usize = NUM_ALLOC_CLASSES + 1;
 impl CpuCache {
     /// Step `i` (`< FLUSH_STEPS`) of a sliced flush: 0 retires the tiny block; `c` in
     /// `1..NUM_ALLOC_CLASSES` flushes class `c`'s stock (and its grown bound) and gives its cached span back;
-    /// the last gives the page cache back. All of them, in order, are `flush_all`.
-    pub(crate) fn flush_step<S: PageSource>(&mut self, t: &Tiers<S>, i: usize, sh: &CpuShared, g: Guarded<'_>) {
+    /// the last gives the page cache back. All of them, in order, each until it returns true, are
+    /// `flush_all`. Returns false, having flushed [`FLUSH_SLICE_OBJS`] objects, while a class's stock holds
+    /// more than that: the caller runs the same step again (in a section of its own, if it slices).
+    pub(crate) fn flush_step<S: PageSource>(&mut self, t: &Tiers<S>, i: usize, sh: &CpuShared, g: Guarded<'_>) -> bool {
         if i == 0 {
             self.retire_tiny(t, sh, g);
         } else if i < NUM_ALLOC_CLASSES {
             let c = i;
             let n = self.classes[c].nstock as usize;
+            if n > FLUSH_SLICE_OBJS {
+                self.flush_stock(t, c, FLUSH_SLICE_OBJS, sh, g);
+                return false;
+            }
             self.flush_stock(t, c, n, sh, g);
             self.set_stock_max(t, c, 0, sh, g);
             let s = self.classes[c].span;
@@ -785,6 +800,7 @@ impl CpuCache {
         } else {
             t.heap.flush_page_cache(g, &mut self.pcache);
         }
+        true
     }
 }
 

@@ -356,14 +356,14 @@ impl SpanObjs<'_> {
         if bit < 64 {
             let idx = *self.freeindex + bit;
             if (idx as usize) < self.nelems {
-                let next = idx + 1;
-                // At a word boundary the next word must be loaded: leave that to the slow path.
-                if next % 64 != 0 {
-                    *self.alloc_cache = (cache >> bit) >> 1;
-                    *self.freeindex = next;
-                    *self.nalloc += 1;
-                    return Some(idx as usize);
-                }
+                // Taking the word's last object leaves the cache 0 with `freeindex % 64 == 0`, the state
+                // `next_free` leaves at a word boundary (the invariant exempts it): the next call finds no
+                // bit and the slow path loads the next word. (Go's `nextFreeFast` instead refuses that last
+                // object; the test costs a compare and, inlined, a register.)
+                *self.alloc_cache = (cache >> bit) >> 1;
+                *self.freeindex = idx + 1;
+                *self.nalloc += 1;
+                return Some(idx as usize);
             }
         }
         None

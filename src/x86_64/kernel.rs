@@ -284,17 +284,20 @@ impl<P: CpuProvider> KernelHeap<P> {
     /// `Malloc::alloc`, and the report when it fails because the heap is not initialised.
     #[inline]
     pub fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = self.malloc.alloc(layout);
-        if p.is_null() {
-            self.null_result(layout);
-        }
-        p
+        self.malloc.alloc_or::<false>(layout, |l| self.alloc_slow::<false>(l))
     }
 
     /// `Malloc::alloc_zeroed`, with the same report as [`KernelHeap::alloc`].
     #[inline]
     pub fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = self.malloc.alloc_zeroed(layout);
+        self.malloc.alloc_or::<true>(layout, |l| self.alloc_slow::<true>(l))
+    }
+
+    /// The general path of an allocation (`Malloc::alloc_or`; the fast path never returns null) and the
+    /// report of a null result. One function out of line, so the inlined fast path keeps no registers for it.
+    #[inline(never)]
+    fn alloc_slow<const ZERO: bool>(&self, layout: Layout) -> *mut u8 {
+        let p = self.malloc.alloc_general::<ZERO>(layout);
         if p.is_null() {
             self.null_result(layout);
         }

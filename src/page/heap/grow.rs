@@ -110,6 +110,7 @@ impl<S: PageSource> Heap<S> {
         // SAFETY: `want_chunks <= max_chunks` and its metadata is committed (above).
         unsafe { inner.pa.grow(want_chunks) };
         self.grown_bytes.store(want_chunks * PALLOC_CHUNK_BYTES, Ordering::Release);
+        self.grown_words.store((want_chunks * PALLOC_CHUNK_BYTES) >> 3, Ordering::Release);
         true
     }
 

@@ -169,6 +169,10 @@ pub struct Heap<S: PageSource> {
     pub(crate) map_base: AtomicPtr<AtomicPtr<Span>>,
     /// Arena bytes covered by the page allocator and a committed page map (Release after the map commit).
     pub(crate) grown_bytes: AtomicUsize,
+    /// `grown_bytes >> 3`, stored with it (Release, after it): the small free's arena test compares a
+    /// rotated offset with this (`Malloc::in_arena`), one shift fewer on the fast path. Invariant (when
+    /// quiescent): `grown_words == grown_bytes >> 3`; a racing reader sees at most the older, smaller value.
+    pub(crate) grown_words: AtomicUsize,
     // ---- Counters (atomics; see the invariants) -----------------------------------------------------------
     pub(crate) inuse_npages: AtomicUsize,
     pub(crate) spans_inuse: AtomicUsize,
@@ -237,6 +241,7 @@ impl<S: PageSource> Heap<S> {
             arena_base: AtomicUsize::new(0),
             map_base: AtomicPtr::new(core::ptr::null_mut()),
             grown_bytes: AtomicUsize::new(0),
+            grown_words: AtomicUsize::new(0),
             inuse_npages: AtomicUsize::new(0),
             spans_inuse: AtomicUsize::new(0),
             cached_npages: AtomicUsize::new(0),

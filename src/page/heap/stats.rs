@@ -156,6 +156,11 @@ impl<S: PageSource> Heap<S> {
         g.spans.validate();
         let grown = g.pa.grown_npages();
         assert_eq!(self.grown_bytes.load(Ordering::Relaxed), grown * PAGE_SIZE, "heap: grown_bytes");
+        assert_eq!(
+            self.grown_words.load(Ordering::Relaxed),
+            self.grown_bytes.load(Ordering::Relaxed) >> 3,
+            "heap: grown_words"
+        );
         let map = self.map_base.load(Ordering::Relaxed);
         let base = g.arena_base;
         let mut inuse = 0;
