@@ -156,10 +156,22 @@ impl<S: PageSource> Heap<S> {
     /// keep their scavenged bit; the committed ones are now committed and counted).
     #[must_use]
     pub(crate) fn commit_range_locked(&self, inner: &mut HeapInner, idx: usize, n: usize) -> bool {
+        self.commit_range_attempts_locked(inner, idx, n, 2)
+    }
+
+    /// [`Heap::commit_range_locked`] without the release and retry: a caller that works in slices releases
+    /// in a section of its own (a release and a commit together would take twice a slice's time) and then
+    /// calls this again.
+    #[must_use]
+    pub(crate) fn commit_range_once_locked(&self, inner: &mut HeapInner, idx: usize, n: usize) -> bool {
+        self.commit_range_attempts_locked(inner, idx, n, 1)
+    }
+
+    fn commit_range_attempts_locked(&self, inner: &mut HeapInner, idx: usize, n: usize, attempts: usize) -> bool {
         if inner.pa.count_scav(idx, n) == 0 {
             return true; // all committed already (word-level check; the common case on a warm heap)
         }
-        for attempt in 0..2 {
+        for attempt in 0..attempts {
             let base = inner.arena_base;
             let mut ok = true;
             let mut runs = [(0usize, 0usize); 8];
@@ -193,7 +205,7 @@ impl<S: PageSource> Heap<S> {
             if ok {
                 return true;
             }
-            if attempt == 0 {
+            if attempt + 1 < attempts {
                 // Out of memory in the source: give back free committed pages and try once more.
                 let need = inner.pa.count_scav(idx, n) * PAGE_SIZE;
                 if self.release_for_commit_locked(inner, need) < need {
@@ -206,7 +218,7 @@ impl<S: PageSource> Heap<S> {
 
     /// Gives up to `need_bytes` of free committed pages back to the source so a failed commit can be
     /// retried. Returns bytes released.
-    pub(super) fn release_for_commit_locked(&self, inner: &mut HeapInner, need_bytes: usize) -> usize {
+    pub(crate) fn release_for_commit_locked(&self, inner: &mut HeapInner, need_bytes: usize) -> usize {
         let r = self.scavenge_locked(inner, need_bytes, super::scavenger::ScavMode::Forced);
         self.scav_alloc_bytes.fetch_add(r, Ordering::Relaxed);
         r

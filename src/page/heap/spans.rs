@@ -359,16 +359,11 @@ impl<S: PageSource> Heap<S> {
             let mut off = 0;
             while off < extra {
                 let k = COMMIT_SLICE_NPAGES.min(extra - off);
-                let ok = secs.section(|g| {
-                    let mut lk = self.inner.lock(g);
-                    if self.commit_range_locked(&mut lk, from + off, k) {
-                        return true;
-                    }
-                    lk.pa.free_range(from, extra);
-                    self.pending_npages.fetch_sub(extra, Ordering::Relaxed);
-                    false
-                });
-                if !ok {
+                if !self.commit_in_sections(&mut secs, from + off, k) {
+                    secs.section(|g| {
+                        self.inner.lock(g).pa.free_range(from, extra);
+                        self.pending_npages.fetch_sub(extra, Ordering::Relaxed);
+                    });
                     return false;
                 }
                 off += k;
