@@ -443,3 +443,41 @@ fn a_refused_commit_releases_in_its_own_section() {
     #[cfg(feature = "validate")]
     m.with_guard(|g| m.heap().validate(g));
 }
+
+/// A flush another CPU asks of a cache (`release_all` and the reclaim before failing ask every other cache)
+/// runs a slice per general-path entry of that cache, not all in the first: before, the first entry after
+/// the request flushed a grown stock of thousands of objects in one section. A `background` call finishes
+/// it, in sections of a slice.
+#[test]
+fn a_requested_flush_runs_a_slice_per_entry() {
+    use goheap::object::cpucache::{stock_max, FLUSH_SLICE_OBJS};
+    use goheap::object::sizeclass::class_of;
+    let m = new_malloc();
+    let c = class_of(64);
+    let layout = Layout::from_size_align(64, 8).unwrap();
+    let n = 4000;
+    for _ in 0..6 {
+        let v: Vec<*mut u8> = (0..n).map(|_| m.alloc(layout)).collect();
+        for p in v {
+            assert!(!p.is_null());
+            // SAFETY: allocated above with `layout`, freed once.
+            unsafe { m.dealloc(p, layout) };
+        }
+    }
+    let grown = m.stock_bound(c);
+    assert!(grown as usize >= n, "the stock did not grow: bound {grown}");
+    // Another thread (another cache slot) asks every other cache to flush.
+    std::thread::scope(|s| {
+        s.spawn(|| m.release_all());
+    });
+    // One general-path entry of ours (`stock_bound` enters the cache) runs one slice of the flush: the
+    // grown class is not reached yet. A class's bound goes back to its base when its whole stock is flushed.
+    assert_eq!(m.stock_bound(c), grown, "the first entry after the request flushed the whole cache");
+    // The next background call finishes the flush, a slice per section.
+    reset();
+    m.background(0, 0);
+    let (_, sections, unguarded) = figures();
+    assert_eq!(unguarded, 0);
+    assert_eq!(m.stock_bound(c), stock_max(c), "background did not finish the requested flush");
+    assert!(sections >= n / FLUSH_SLICE_OBJS, "{sections} sections");
+}

@@ -52,6 +52,8 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// allocation) and releases down to the limit.
     pub fn background(&self, max_spans: usize, scavenge_budget_bytes: usize) -> BackgroundReport {
         let mut rep = BackgroundReport::default();
+        // A flush another CPU's reclaim asked of this cache, if one is pending or in progress.
+        self.finish_requested_flush();
         let plan = self.with_cache(|_, _, sh, g| {
             self.flush_orphans(g, ORPHANS_PER_BACKGROUND);
             self.background_pacing(sh, max_spans, scavenge_budget_bytes)

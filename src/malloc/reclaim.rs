@@ -13,7 +13,8 @@
 //! [`Malloc::reclaim`] and retries once before returning null. Reclaim, with no goheap lock held:
 //! 1. asks every other cache to flush: `flush_epoch` is bumped, and each cache compares it with the epoch
 //!    it last flushed at whenever its owner next enters the general path (`Malloc::enter`: two relaxed
-//!    loads), flushing everything it holds if they differ. Other CPUs' caches are theirs alone (no lock
+//!    loads), and if they differ flushes everything it holds, a slice per entry (`Malloc::honour_flush`;
+//!    the next `background` call finishes it at once, in sections of a slice). Other CPUs' caches are theirs alone (no lock
 //!    guards them), so this request is the only safe way to reach them; a *later* retry then succeeds;
 //! 2. flushes the caller's own cache: its stocks and tiny block go to the central lists, its spans back to
 //!    their central lists, its page cache to the page heap;
@@ -88,6 +89,10 @@ pub(super) struct BackgroundPlan {
 struct CpuPacing {
     /// The flush epoch this cache last flushed at.
     flush_seen: AtomicUsize,
+    /// A requested flush in progress (see [`Malloc::honour_flush`]): its next step (0: none in progress)
+    /// and the flush epoch it started at.
+    flush_next: AtomicUsize,
+    flush_started: AtomicUsize,
     /// The scavenger epoch the slot's background calls are counted in, and their number.
     bg_epoch: AtomicUsize,
     bg_calls: AtomicUsize,
@@ -114,6 +119,8 @@ impl Pacing {
             cpus: [const {
                 CpuPacing {
                     flush_seen: AtomicUsize::new(0),
+                    flush_next: AtomicUsize::new(0),
+                    flush_started: AtomicUsize::new(0),
                     bg_epoch: AtomicUsize::new(0),
                     bg_calls: AtomicUsize::new(0),
                     bg_volume: AtomicUsize::new(0),
@@ -134,16 +141,51 @@ impl Pacing {
     fn cpu(&self, index: u16) -> &CpuPacing {
         &self.cpus[(index as usize).min(MAX_CPUS)]
     }
+
+    /// Cache `index` has flushed everything it held at flush epoch `e` (a requested flush in progress is
+    /// superseded).
+    fn flushed_at(&self, index: u16, e: usize) {
+        let p = self.cpu(index);
+        p.flush_next.store(0, Ordering::Relaxed);
+        p.flush_seen.store(e, Ordering::Relaxed);
+    }
 }
 
 impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
-    /// Honours a flush request (see the module docs): the entered cache `cache` gives back all it holds.
+    /// Honours a flush request (see the module docs), a slice per call: the entered cache `cache` runs the
+    /// next [`FLUSH_SLICE_STEPS`] steps of its flush (`CpuCache::flush_step`; a class's step returns at most
+    /// `FLUSH_SLICE_OBJS` objects and is run again while its stock holds more), so a request costs each of
+    /// the cache's next general-path entries a slice of interrupts-off time instead of costing one entry
+    /// the whole flush (thousands of objects for grown stocks). The request counts as honoured when the last
+    /// step is done: `flush_seen` becomes the epoch the flush started at, so a request made meanwhile asks
+    /// for another. Maintenance calls finish a flush in progress at once ([`Malloc::finish_requested_flush`]).
     #[cold]
     #[inline(never)]
     pub(super) fn honour_flush(&self, cache: &mut CpuCache, sh: &CpuShared, g: Guarded<'_>) {
-        let e = self.pacing.flush_epoch.load(Ordering::Relaxed);
-        self.pacing.cpu(sh.index).flush_seen.store(e, Ordering::Relaxed);
-        cache.flush_all(&self.t, sh, g);
+        let p = self.pacing.cpu(sh.index);
+        let mut i = p.flush_next.load(Ordering::Relaxed);
+        if i == 0 {
+            p.flush_started.store(self.pacing.flush_epoch.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        let end = (i + FLUSH_SLICE_STEPS).min(FLUSH_STEPS);
+        while i < end && cache.flush_step(&self.t, i, sh, g) {
+            i += 1;
+        }
+        if i == FLUSH_STEPS {
+            self.pacing.flushed_at(sh.index, p.flush_started.load(Ordering::Relaxed));
+        } else {
+            p.flush_next.store(i, Ordering::Relaxed);
+        }
+    }
+
+    /// Completes a flush requested of the caller's cache, a slice per guarded section (each entry runs one,
+    /// see [`Malloc::honour_flush`]). Bounded, so requests that keep coming cannot hold the caller here.
+    pub(super) fn finish_requested_flush(&self) {
+        for _ in 0..1 << 16 {
+            if !self.with_cache(|_, _, sh, _| self.pacing.flush_due(sh.index as usize)) {
+                break;
+            }
+        }
     }
 
     /// Reclaim before failing (see the module docs): asks the other caches to flush, flushes the caller's
@@ -161,14 +203,14 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// Steps 1–3 of [`Malloc::reclaim`] (the caches; not the central lists' empty spans).
     pub(super) fn reclaim_caches(&self, cache: &mut CpuCache, sh: &CpuShared, g: Guarded<'_>) {
         let e = self.pacing.flush_epoch.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
-        self.pacing.cpu(sh.index).flush_seen.store(e, Ordering::Relaxed);
+        self.pacing.flushed_at(sh.index, e);
         cache.flush_all(&self.t, sh, g);
         if sh.index != SHARED_INDEX {
             if let Some(_lock) = self.shared_lock.try_lock(g) {
                 // SAFETY: the shared cache is only used under `shared_lock`, which we hold.
                 let shared = unsafe { &mut *self.shared.cache.get() };
                 shared.flush_all(&self.t, &self.shared.shared, g);
-                self.pacing.cpu(SHARED_INDEX).flush_seen.store(e, Ordering::Relaxed);
+                self.pacing.flushed_at(SHARED_INDEX, e);
             }
         }
     }
@@ -182,13 +224,13 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         self.flush_cache_sliced();
         self.with_cache(|_, t, sh, g| {
             let e = self.pacing.flush_epoch.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
-            self.pacing.cpu(sh.index).flush_seen.store(e, Ordering::Relaxed);
+            self.pacing.flushed_at(sh.index, e);
             if sh.index != SHARED_INDEX {
                 if let Some(_lock) = self.shared_lock.try_lock(g) {
                     // SAFETY: the shared cache is only used under `shared_lock`, which we hold.
                     let shared = unsafe { &mut *self.shared.cache.get() };
                     shared.flush_all(t, &self.shared.shared, g);
-                    self.pacing.cpu(SHARED_INDEX).flush_seen.store(e, Ordering::Relaxed);
+                    self.pacing.flushed_at(SHARED_INDEX, e);
                 }
             }
         });
