@@ -18,7 +18,9 @@ use std::fmt::Write as _;
 const PEERS: &[&str] = &["llalloc", "talc"];
 /// The empty allocator: the harness's own cost.
 const EMPTY: &str = "empty";
-/// The host fast path's instructions per 64 B pair (issue 16), and the goal: within 1.2× of it in-kernel.
+/// The host fast path's instructions per 64 B pair as issue 16 states it (`callgrind-pair64` when the
+/// issue was filed), and the goal: within 1.2× of it in-kernel. The current host figure is in the host
+/// report's callgrind table; the goal stays at the issue's, the stricter of the two.
 pub(crate) const HOST_PAIR_INSNS: f64 = 69.0;
 const PAIR_GOAL_FACTOR: f64 = 1.2;
 
@@ -120,11 +122,11 @@ pub(crate) fn goals(icount: &Runs, tcg: &Runs) -> Vec<Goal> {
     v.push(Goal {
         what: format!(
             "in-kernel 64 B pair within {PAIR_GOAL_FACTOR}× of the host fast path's {HOST_PAIR_INSNS:.0} instructions \
-             (≤ {limit:.1}; 1 CPU, net of the harness)"
+             (the issue's figure; ≤ {limit:.1}; 1 CPU, net of the harness)"
         ),
         met: pair.map(|p| p <= limit),
         detail: pair.map_or("not measured".into(), |p| {
-            format!("{} instructions ({:.2}× the host's)", fmt_count(p), p / HOST_PAIR_INSNS)
+            format!("{} instructions ({:.2}× the issue's host figure)", fmt_count(p), p / HOST_PAIR_INSNS)
         }),
     });
     let mut worst: Option<(f64, String)> = None;

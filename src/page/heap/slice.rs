@@ -35,8 +35,11 @@
 //! section's share of fixed costs), and a section decommitting 16 pages up to 11 751 (unmap, `invlpg`,
 //! frame free: no zeroing). So `COMMIT_SLICE_NPAGES × PAGE_COST_INSNS + SLICE_FIXED_INSNS ≤
 //! IRQ_OFF_BOUND_INSNS`, i.e. `8 × 1 900 + 3 000 = 18 200 ≤ 20 000`, and 16 pages per decommit section.
-//! A commit that fails midway releases free pages and retries in the same section (out of memory only:
-//! that section may take about twice as long).
+//! A sliced commit that the source refuses (out of memory) releases free committed pages elsewhere in a
+//! section of its own and retries in a third (`Heap::commit_in_sections`); the section that takes a large
+//! run neither grows the heap (done before, a chunk per section) nor, if it committed pages, publishes the
+//! span (done after, in a section of its own): each together with a commit slice went over the bound.
+//! The object tier slices its flushes the same way (`object::cpucache::FLUSH_SLICE_OBJS`).
 
 use crate::sync::atomic::Ordering;
 use core::ptr::NonNull;
