@@ -51,8 +51,8 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// Whether `addr` lies in the grown part of the heap's arena and is 8-byte aligned (as every object of a
     /// size class is): the check every small free makes before its object may enter a stock. Two loads, a
     /// rotate and a compare: with `off = addr - arena_base` and `grown` a multiple of 8 (the heap keeps
-    /// `grown_words = grown >> 3`), `off.rotate_right(3) < grown >> 3` holds exactly when `off < grown` and `off % 8 == 0` (a misaligned
-    /// offset rotates its low bits to the top, above any `grown >> 3`).
+    /// `grown_words = grown >> 3`), `off.rotate_right(3) < grown >> 3` holds exactly when `off < grown` and
+    /// `off % 8 == 0` (a misaligned offset rotates its low bits to the top, above any `grown >> 3`).
     #[inline(always)]
     pub(super) fn in_arena(&self, addr: usize) -> bool {
         let h = &self.t.heap;

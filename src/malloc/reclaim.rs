@@ -14,8 +14,9 @@
 //! 1. asks every other cache to flush: `flush_epoch` is bumped, and each cache compares it with the epoch
 //!    it last flushed at whenever its owner next enters the general path (`Malloc::enter`: two relaxed
 //!    loads), and if they differ flushes everything it holds, a slice per entry (`Malloc::honour_flush`;
-//!    the next `background` call finishes it at once, in sections of a slice). Other CPUs' caches are theirs alone (no lock
-//!    guards them), so this request is the only safe way to reach them; a *later* retry then succeeds;
+//!    the next `background` call finishes it at once, in sections of a slice). Other CPUs' caches are
+//!    theirs alone (no lock guards them), so this request is the only safe way to reach them; a *later*
+//!    retry then succeeds;
 //! 2. flushes the caller's own cache: its stocks and tiny block go to the central lists, its spans back to
 //!    their central lists, its page cache to the page heap;
 //! 3. flushes the shared cache if its lock is free (`try_lock`: the caller may be its holder's interrupt);
