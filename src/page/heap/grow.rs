@@ -230,4 +230,45 @@ impl<S: PageSource> Heap<S> {
         self.publish_span_stats(inner);
         Some(p.cast())
     }
+
+    /// [`Heap::alloc_pages_locked`] for the unused descriptor `s`, which goes back to the span allocator if
+    /// no pages are found (heap lock held).
+    ///
+    /// # Safety
+    /// As for [`Heap::drop_unpublished_locked`].
+    pub(super) unsafe fn alloc_pages_for_locked(
+        &self,
+        inner: &mut HeapInner,
+        s: NonNull<Span>,
+        npages: usize,
+        align: usize,
+    ) -> Option<usize> {
+        let idx = self.alloc_pages_locked(inner, npages, align);
+        if idx.is_none() {
+            // SAFETY: forwarded contract.
+            unsafe { self.drop_unpublished_locked(inner, s, None) };
+        }
+        idx
+    }
+
+    /// The undo of a span allocation that failed before publication (heap lock held): the pages `run =
+    /// (idx, npages)` taken for it, if any, go back to the page allocator as they are (committed pages as
+    /// free committed pages), and the descriptor `s` to the span allocator.
+    ///
+    /// # Safety
+    /// `s` came from this heap's span allocator (directly or through a page cache's stash), was never
+    /// published and is not used after this call; `run` was allocated in the page allocator for it.
+    pub(super) unsafe fn drop_unpublished_locked(
+        &self,
+        inner: &mut HeapInner,
+        s: NonNull<Span>,
+        run: Option<(usize, usize)>,
+    ) {
+        if let Some((idx, npages)) = run {
+            inner.pa.free_range(idx, npages);
+        }
+        // SAFETY: the caller's contract: an unused descriptor of this span allocator.
+        unsafe { inner.spans.free(s.cast()) };
+        self.publish_span_stats(inner);
+    }
 }

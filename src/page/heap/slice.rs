@@ -199,21 +199,15 @@ impl<S: PageSource> Heap<S> {
                 Some(s) => s,
                 None => self.new_descriptor_locked(inner)?,
             };
-            let Some(idx) = self.alloc_pages_locked(inner, npages, align) else {
-                // SAFETY: `s` was just taken from this allocator and is unused.
-                unsafe { inner.spans.free(s.cast()) };
-                self.publish_span_stats(inner);
-                return None;
-            };
+            // SAFETY: `s` was just taken from this allocator and is unused.
+            let idx = unsafe { self.alloc_pages_for_locked(inner, s, npages, align) }?;
             let nscav = inner.pa.count_scav(idx, npages);
             let needzero = !(fresh_zero || (nscav == npages && self.source.commit_zeroes()));
             let mut committed = false;
             if !windows || (!fresh_zero && nscav <= COMMIT_SLICE_NPAGES) {
                 if !self.commit_slice_locked(inner, idx, npages, fresh_zero) {
-                    inner.pa.free_range(idx, npages);
-                    // SAFETY: as above.
-                    unsafe { inner.spans.free(s.cast()) };
-                    self.publish_span_stats(inner);
+                    // SAFETY: as above; the run was taken for `s` just now.
+                    unsafe { self.drop_unpublished_locked(inner, s, Some((idx, npages))) };
                     return None;
                 }
                 // Published in this section only if it committed nothing: a commit of a slice and the map
@@ -243,12 +237,9 @@ impl<S: PageSource> Heap<S> {
                     // The whole run goes back (committed pages as free committed pages).
                     secs.section(|g| {
                         let mut lk = self.inner.lock(g);
-                        let inner = &mut *lk;
-                        inner.pa.free_range(idx, npages);
                         self.pending_npages.fetch_sub(npages, Ordering::Relaxed);
-                        // SAFETY: `s` was taken in section 1 and never published.
-                        unsafe { inner.spans.free(s.cast()) };
-                        self.publish_span_stats(inner);
+                        // SAFETY: `s` and its run were taken in section 2 and never published.
+                        unsafe { self.drop_unpublished_locked(&mut lk, s, Some((idx, npages))) };
                     });
                     return None;
                 }

@@ -189,18 +189,12 @@ impl<S: PageSource> Heap<S> {
             }
             None => self.new_descriptor_locked(inner)?,
         };
-        let Some(idx) = self.alloc_pages_locked(inner, npages, align) else {
-            // SAFETY: `s` was just taken from this allocator (or a stash of it) and is unused.
-            unsafe { inner.spans.free(s.cast()) };
-            self.publish_span_stats(inner);
-            return None;
-        };
+        // SAFETY: `s` was just taken from this allocator (or a stash of it) and is unused.
+        let idx = unsafe { self.alloc_pages_for_locked(inner, s, npages, align) }?;
         let nscav = inner.pa.count_scav(idx, npages);
         if !self.commit_range_locked(inner, idx, npages) {
-            inner.pa.free_range(idx, npages);
-            // SAFETY: as above.
-            unsafe { inner.spans.free(s.cast()) };
-            self.publish_span_stats(inner);
+            // SAFETY: as above; the run was taken for `s` just now.
+            unsafe { self.drop_unpublished_locked(inner, s, Some((idx, npages))) };
             return None;
         }
         let needzero = !(nscav == npages && self.source.commit_zeroes());
@@ -406,18 +400,12 @@ impl<S: PageSource> Heap<S> {
         let mut lock = self.lock_ready(g)?;
         let inner = &mut *lock;
         let s = self.new_descriptor_locked(inner)?;
-        let Some(idx) = self.alloc_pages_locked(inner, npages, PAGE_SIZE) else {
-            // SAFETY: `s` was just taken from this allocator and is unused.
-            unsafe { inner.spans.free(s.cast()) };
-            self.publish_span_stats(inner);
-            return None;
-        };
+        // SAFETY: `s` was just taken from this allocator and is unused.
+        let idx = unsafe { self.alloc_pages_for_locked(inner, s, npages, PAGE_SIZE) }?;
         self.decommit_committed_locked(inner, idx, npages);
         if !self.commit_range_locked(inner, idx, npages) {
-            inner.pa.free_range(idx, npages);
-            // SAFETY: as above.
-            unsafe { inner.spans.free(s.cast()) };
-            self.publish_span_stats(inner);
+            // SAFETY: as above; the run was taken for `s` just now.
+            unsafe { self.drop_unpublished_locked(inner, s, Some((idx, npages))) };
             return None;
         }
         self.publish_span(s, idx, npages, 0, false);
