@@ -202,16 +202,34 @@ mod guard_mode {
     /// An overrun faults: run in a child process so the test can see the SIGSEGV.
     #[test]
     fn overrun_faults() {
+        overrun_of_faults("guard_mode::overrun_faults", 40);
+    }
+
+    /// The same for an object above `COMMIT_SLICE_NPAGES` pages, whose pages are committed in slices and
+    /// whose guard page is decommitted in the allocation's last section.
+    #[test]
+    fn overrun_of_a_large_object_faults() {
+        let size = (goheap::page::heap::slice::COMMIT_SLICE_NPAGES + 3) * goheap::PAGE_SIZE + 40;
+        overrun_of_faults("guard_mode::overrun_of_a_large_object_faults", size);
+    }
+
+    /// Runs test `name` again in a child, which allocates `size` bytes and writes one byte past them.
+    fn overrun_of_faults(name: &str, size: usize) {
         if std::env::var_os("GOHEAP_GUARD_CHILD").is_some() {
             let m = guarded();
-            let p = m.alloc(l(40, 8));
-            // SAFETY (test): deliberately writes one byte past the object, into the guard page.
-            unsafe { std::ptr::write_volatile(p.add(40), 1) };
+            let p = m.alloc(l(size, 8));
+            assert!(!p.is_null());
+            // SAFETY (test): the object is `size` bytes; then deliberately writes one byte past it, into the
+            // guard page.
+            unsafe {
+                std::ptr::write_bytes(p, 0x5a, size);
+                std::ptr::write_volatile(p.add(size), 1);
+            }
             std::process::exit(0); // not reached if the guard works
         }
         let exe = std::env::current_exe().unwrap();
         let out = std::process::Command::new(exe)
-            .args(["guard_mode::overrun_faults", "--exact", "--nocapture", "--test-threads=1"])
+            .args([name, "--exact", "--nocapture", "--test-threads=1"])
             .env("GOHEAP_GUARD_CHILD", "1")
             .output()
             .unwrap();

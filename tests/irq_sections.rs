@@ -517,3 +517,90 @@ fn a_commit_and_a_publication_take_separate_sections() {
     let (committed, _) = sections_of(m);
     assert!(partly > committed, "{partly} sections with a commit, {committed} without: published with the commit");
 }
+
+/// The reclaim before failing (a small allocation the source cannot commit for) flushes the caller's cache
+/// and sweeps the central lists in sections of a slice each, and retries in a section of its own: before,
+/// all of it ran inside the failing allocation's one section (a grown stock of thousands of objects
+/// flushed with interrupts off).
+#[test]
+fn the_reclaim_before_failing_runs_in_slices() {
+    use goheap::object::cpucache::{stock_max, FLUSH_SLICE_OBJS};
+    use goheap::object::sizeclass::class_of;
+    let m = new_malloc();
+    let c = class_of(64);
+    let small = Layout::from_size_align(64, 8).unwrap();
+    let n = 4000;
+    for _ in 0..6 {
+        let v: Vec<*mut u8> = (0..n).map(|_| m.alloc(small)).collect();
+        for p in v {
+            assert!(!p.is_null());
+            // SAFETY: allocated above with `small`, freed once.
+            unsafe { m.dealloc(p, small) };
+        }
+    }
+    let grown = m.stock_bound(c);
+    assert!(grown as usize >= n, "the stock did not grow: bound {grown}");
+    // No more frames: objects of another class fill what is committed, until one needs the reclaim (it
+    // flushes our stock, which resets the grown bound) to succeed.
+    let src = m.heap().source();
+    src.1.limit_bytes.store(src.1.committed_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+    let other = Layout::from_size_align(1024, 8).unwrap();
+    let mut kept = Vec::new();
+    let (sections, max, unguarded) = loop {
+        reset();
+        let p = m.alloc(other);
+        let (max, sections, unguarded) = figures();
+        assert!(!p.is_null(), "the allocation failed although the reclaim could free {n} objects' spans");
+        kept.push(p);
+        if m.stock_bound(c) != grown {
+            break (sections, max, unguarded);
+        }
+        assert!(kept.len() < 1 << 20, "no allocation needed the reclaim");
+    };
+    src.1.limit_bytes.store(usize::MAX, Ordering::Relaxed);
+    assert_eq!(m.stock_bound(c), stock_max(c));
+    assert_eq!(unguarded, 0, "a source call outside the guard");
+    assert!(max <= BOUND_PAGES, "a section did {max} pages of source work");
+    assert!(
+        sections >= n / FLUSH_SLICE_OBJS,
+        "the reclaim flushed {n} stocked objects in {sections} sections (a slice is {FLUSH_SLICE_OBJS} objects)"
+    );
+    for p in kept {
+        // SAFETY: live allocations of `other`, ours.
+        unsafe { m.dealloc(p, other) };
+    }
+    #[cfg(feature = "validate")]
+    m.with_guard(|g| m.heap().validate(g));
+}
+
+/// Guard mode (`DebugFlags::GUARD`): a 64 MiB object's pages are committed in slices as without the knob
+/// (before, guard mode's large objects committed every page in one section), and its free's page-map clear
+/// runs before the guard.
+#[test]
+fn a_guard_mode_large_object_commits_in_slices() {
+    use goheap::malloc::DebugFlags;
+    let m: &'static M = Box::leak(Box::new(
+        Malloc::with_max_bytes(CountingSource::new(), SectionCpus, 1 << 30).with_debug(DebugFlags::GUARD),
+    ));
+    m.set_profile_rate(0);
+    let layout = Layout::from_size_align(MIB64, 64).unwrap();
+    reset();
+    let p = m.alloc(layout);
+    assert!(!p.is_null());
+    let (max, sections, unguarded) = figures();
+    assert_eq!(unguarded, 0, "a source call outside the guard");
+    assert!(max <= BOUND_PAGES, "a section committed {max} pages (bound {BOUND_PAGES})");
+    assert!(sections >= MIB64 / PAGE_SIZE / COMMIT_SLICE_NPAGES, "{sections} sections");
+    // The object ends right before its guard page.
+    assert_eq!((p as usize + MIB64) % PAGE_SIZE, 0);
+    // SAFETY: `p` is a live allocation of `layout`, ours; written, then freed once.
+    unsafe {
+        p.write_bytes(0x5a, MIB64);
+        reset();
+        m.dealloc(p, layout);
+    }
+    let (max, _, unguarded) = figures();
+    assert_eq!(unguarded, 0);
+    assert!(max <= BOUND_PAGES, "the free did {max} pages of source work in a section");
+    assert_eq!(m.mem_stats().heap_objects, 0);
+}

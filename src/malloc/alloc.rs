@@ -122,30 +122,15 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 return p;
             }
         }
-        let t = &self.t;
-        let small = |cache: &mut CpuCache| {
-            if r == TINY_CLASS {
-                let p = cache.alloc_tiny(t, size.max(1), align, e.sh, g);
-                if ZERO && !p.is_null() {
-                    // SAFETY: `p` is a fresh allocation of `size` bytes.
-                    unsafe { ptr::write_bytes(p, 0, size) };
-                }
-                p
-            } else {
-                // SAFETY: `route` returns size classes below `NUM_SIZE_CLASSES` (or the tiny class, above).
-                let p = unsafe { cache.alloc::<S, ZERO>(t, r, e.sh, g) };
-                if !ZERO && !p.is_null() && class_shape(r).elemsize as usize >= STOCK_KEY_MIN_SIZE {
-                    // SAFETY: `p` is ours and has room for the stock key (cleared as in `alloc_or`).
-                    unsafe { *stock_key_slot(p) = 0 };
-                }
-                p
-            }
-        };
-        let mut p = small(e.cache);
+        let mut p = self.alloc_small::<ZERO>(e.cache, e.sh, g, size, align, r);
+        let mut e = e;
         if p.is_null() {
-            // Out of memory: give back what the allocator holds free and retry once (see `reclaim.rs`).
-            self.reclaim(e.cache, e.sh, g);
-            p = small(e.cache);
+            // Out of memory: give back what the allocator holds free and retry once (see `reclaim.rs`), in
+            // sections of their own; the retry enters again (possibly another CPU's cache, in a host).
+            drop(e);
+            self.reclaim_sliced();
+            e = self.enter();
+            p = self.alloc_small::<ZERO>(e.cache, e.sh, e.held.guarded(), size, align, r);
         }
         let me = e.sh.index;
         drop(e);
@@ -165,19 +150,51 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         p
     }
 
+    /// A small or tiny object of route `r` (not large) from `cache`, its stock key cleared. Null when out of
+    /// memory.
+    #[inline(always)]
+    fn alloc_small<const ZERO: bool>(
+        &self,
+        cache: &mut CpuCache,
+        sh: &CpuShared,
+        g: Guarded<'_>,
+        size: usize,
+        align: usize,
+        r: usize,
+    ) -> *mut u8 {
+        let t = &self.t;
+        if r == TINY_CLASS {
+            let p = cache.alloc_tiny(t, size.max(1), align, sh, g);
+            if ZERO && !p.is_null() {
+                // SAFETY: `p` is a fresh allocation of `size` bytes.
+                unsafe { ptr::write_bytes(p, 0, size) };
+            }
+            p
+        } else {
+            // SAFETY: `route` returns size classes below `NUM_SIZE_CLASSES` (or the tiny class, above).
+            let p = unsafe { cache.alloc::<S, ZERO>(t, r, sh, g) };
+            if !ZERO && !p.is_null() && class_shape(r).elemsize as usize >= STOCK_KEY_MIN_SIZE {
+                // SAFETY: `p` is ours and has room for the stock key (cleared as in `alloc_or`).
+                unsafe { *stock_key_slot(p) = 0 };
+            }
+            p
+        }
+    }
+
     /// The large path (and guard mode): a span of whole pages for one object. Above
-    /// [`COMMIT_SLICE_NPAGES`] pages (not in guard mode) the span's pages are committed in slices, each in a
-    /// guarded section of its own (see [`Malloc::alloc_large_sliced`]).
+    /// [`COMMIT_SLICE_NPAGES`] pages the span's pages are committed in slices, each in a guarded section of
+    /// its own (see [`Malloc::alloc_large_sliced`]).
+    ///
+    /// Guard mode (`guarded`): the object ends right before a guard page, the span's last page, which is
+    /// decommitted (see `guarded.rs`); the span has room to align the object below it.
     #[cold]
     pub(super) fn alloc_large(&self, size: usize, align: usize, zero: bool, guarded: bool) -> *mut u8 {
         // Guard mode: the object ends right before a guard page, so the body must leave room to align it.
         let npages = if guarded { npages_for(size + align - 1) + 1 } else { npages_for(size) };
-        if !guarded && npages > COMMIT_SLICE_NPAGES {
-            return self.alloc_large_sliced(size, align, zero, npages);
+        if npages > COMMIT_SLICE_NPAGES {
+            return self.alloc_large_sliced(size, align, zero, npages, guarded);
         }
-        let e = self.enter();
-        let g = e.held.guarded();
-        let span = |cache: &mut CpuCache| {
+        let span = |cache: &mut CpuCache, g: Guarded<'_>| {
             if zero && !guarded && align <= PAGE_SIZE && size >= FRESH_ZERO_MIN_BYTES {
                 // Fresh zero pages rather than clearing dirty ones (see `Heap::alloc_span_fresh_zero`).
                 self.t.heap.alloc_span_fresh_zero(g, npages).or_else(|| self.t.heap.alloc_span(g, None, npages, 0))
@@ -187,12 +204,17 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 self.t.heap.alloc_span_aligned(g, npages, align)
             }
         };
-        let mut s = span(e.cache);
+        let mut e = self.enter();
+        let mut s = span(e.cache, e.held.guarded());
         if s.is_none() {
-            // Out of memory: give back what the allocator holds free and retry once (see `reclaim.rs`).
-            self.reclaim(e.cache, e.sh, g);
-            s = span(e.cache);
+            // Out of memory: give back what the allocator holds free and retry once (see `reclaim.rs`), in
+            // sections of their own.
+            drop(e);
+            self.reclaim_sliced();
+            e = self.enter();
+            s = span(e.cache, e.held.guarded());
         }
+        let g = e.held.guarded();
         let Some(s) = s else { return ptr::null_mut() };
         let s = s.as_ptr();
         // SAFETY: a fresh large span is ours alone.
@@ -232,24 +254,25 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// The large path for more than [`COMMIT_SLICE_NPAGES`] pages: the page heap takes the run, commits it
     /// in slices and publishes it (`Heap::alloc_span_sliced`), each slice in a guarded section of its own
     /// with interrupt windows between them; then one short section for the allocator's bookkeeping; the
-    /// clear of a dirty span for `alloc_zeroed` runs outside the guard.
+    /// clear of a dirty span for `alloc_zeroed` runs outside the guard. In guard mode (`guarded`, see
+    /// [`Malloc::alloc_large`]) the span is page-aligned and its guard page decommitted in that last section.
     #[cold]
     #[inline(never)]
-    fn alloc_large_sliced(&self, size: usize, align: usize, zero: bool, npages: usize) -> *mut u8 {
+    fn alloc_large_sliced(&self, size: usize, align: usize, zero: bool, npages: usize, guarded: bool) -> *mut u8 {
         let heap = &self.t.heap;
         let mut secs = ProviderSections(&self.provider);
-        let fresh = zero && align <= PAGE_SIZE && size >= FRESH_ZERO_MIN_BYTES && heap.source().commit_zeroes();
+        let fresh =
+            zero && !guarded && align <= PAGE_SIZE && size >= FRESH_ZERO_MIN_BYTES && heap.source().commit_zeroes();
+        let span_align = if guarded { PAGE_SIZE } else { align };
         let span = |secs: &mut ProviderSections<'_, P>| {
             // Fresh zero pages rather than clearing dirty ones (see `Heap::alloc_span_fresh_zero`).
             let s = if fresh { heap.alloc_span_sliced(secs, npages, PAGE_SIZE, true) } else { None };
-            s.or_else(|| heap.alloc_span_sliced(secs, npages, align, false))
+            s.or_else(|| heap.alloc_span_sliced(secs, npages, span_align, false))
         };
         let mut s = span(&mut secs);
         if s.is_none() {
-            // Out of memory: give back what the allocator holds free and retry once (see `reclaim.rs`), the
-            // central lists' empty spans in sections of their own.
-            self.reclaim_caches_sliced();
-            self.sweep_sliced(0, usize::MAX, usize::MAX);
+            // Out of memory: give back what the allocator holds free and retry once (see `reclaim.rs`).
+            self.reclaim_sliced();
             s = span(&mut secs);
         }
         let Some(s) = s else { return ptr::null_mut() };
@@ -259,7 +282,17 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         // SAFETY: a fresh large span is ours alone.
         let (p, needzero) = unsafe {
             Span::init_large(s);
-            ((*s).base as *mut u8, zero && (*s).needzero)
+            let base = (*s).base;
+            let p = if guarded {
+                let guard = base + (npages - 1) * PAGE_SIZE;
+                // SAFETY: the guard page is committed, ours, and unused; it is committed again before the
+                // span goes back to the heap (`free_large`).
+                heap.src(e.held.guarded()).decommit_guard(NonNull::new_unchecked(guard as *mut u8), PAGE_SIZE);
+                ((guard - size) & !(align - 1)) as *mut u8
+            } else {
+                base as *mut u8
+            };
+            (p, zero && (*s).needzero)
         };
         e.sh.stats.large_nmalloc.bump();
         e.sh.stats.large_bytes_alloc.add((npages * PAGE_SIZE) as u64);

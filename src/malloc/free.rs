@@ -217,43 +217,39 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         let (base, npages) = unsafe { ((*s.as_ptr()).base, (*s.as_ptr()).npages) };
         let guard_page = base + (npages - 1) * PAGE_SIZE;
         let efence = guarded && self.debug_flags().contains(DebugFlags::EFENCE);
-        if !guarded {
-            // The page map's stores (one per page, no lock) before the guard: a big span's free keeps
-            // interrupts off only for the page heap's part (see `page/heap/slice.rs`).
-            // SAFETY: the caller gives the object up; the span is this large object's.
-            unsafe { self.t.heap.unmap_span(s) };
-        }
-        self.with_cache(|c, t, sh, g| {
-            if efence {
+        if efence {
+            self.with_cache(|_, t, sh, g| {
                 // Efence: the pages are decommitted and never handed out again (see `page/heap/retire.rs`).
                 sh.stats.large_nfree.bump();
                 sh.stats.large_bytes_free.add((npages * PAGE_SIZE) as u64);
                 // SAFETY: the caller gives the object up; the span holds nothing else; its last page is the
                 // guard page `alloc_large` decommitted.
                 unsafe { t.heap.retire_span(g, s, 1) };
+            });
+            return;
+        }
+        if guarded {
+            // The guard page back first, in a section of its own.
+            // SAFETY: the guard page was decommitted by `alloc_large`; the span is the caller's.
+            let ok = self.with_cache(|_, t, _, g| unsafe {
+                t.heap.src(g).commit_unguard(NonNull::new_unchecked(guard_page as *mut u8), PAGE_SIZE)
+            });
+            if !ok {
+                // The heap believes every page of the span committed: without the guard page back, the span
+                // cannot be reused. Keep it (leaked, still in use and mapped, so the heap's counts stay
+                // exact) rather than hand out an inaccessible page later.
                 return;
             }
-            if guarded {
-                // SAFETY: the guard page was decommitted by `alloc_large`; the span is the caller's.
-                let ok =
-                    unsafe { t.heap.src(g).commit_unguard(NonNull::new_unchecked(guard_page as *mut u8), PAGE_SIZE) };
-                if !ok {
-                    // The heap believes every page of the span committed: without the guard page back, the
-                    // span cannot be reused. Keep it (leaked) rather than hand out an inaccessible page later.
-                    return;
-                }
-            }
+        }
+        // The page map's stores (one per page, no lock) before the guard: a big span's free keeps interrupts
+        // off only for the page heap's part (see `page/heap/slice.rs`).
+        // SAFETY: the caller gives the object up; the span is this large object's.
+        unsafe { self.t.heap.unmap_span(s) };
+        self.with_cache(|c, t, sh, g| {
             sh.stats.large_nfree.bump();
             sh.stats.large_bytes_free.add((npages * PAGE_SIZE) as u64);
-            // SAFETY: the caller gives the object up; the span holds nothing else; unmapped above unless
-            // guarded.
-            unsafe {
-                if guarded {
-                    t.heap.free_span(g, Some(&mut c.pcache), s);
-                } else {
-                    t.heap.free_span_unmapped(g, Some(&mut c.pcache), s);
-                }
-            }
+            // SAFETY: the caller gives the object up; the span holds nothing else; unmapped above.
+            unsafe { t.heap.free_span_unmapped(g, Some(&mut c.pcache), s) };
         });
     }
 

@@ -5,12 +5,13 @@
 //! Slices: [`Malloc::limit_reclaim_sliced`] (after an allocation, outside its section; from
 //! `set_memory_limit` and the background step) flushes the caches in one guarded section, then sweeps and
 //! releases in sections of a slice each (see `maintenance.rs` and `page/heap/slice.rs`). The reclaim
-//! before failing (out of memory) still runs inside the allocation's one section.
+//! before failing ([`Malloc::reclaim_sliced`], out of memory) leaves the allocation's section, reclaims in
+//! sections of a slice each, and enters again for the retry.
 //!
 //! # Reclaim (Go's `mheap.alloc` reclaims before it fails)
 //! When the page heap says no to a span (page allocator full, arena bound reached, source out of memory:
 //! for a refill, a page-cache refill, heap growth or a large object), the allocation path calls
-//! [`Malloc::reclaim`] and retries once before returning null. Reclaim, with no goheap lock held:
+//! [`Malloc::reclaim_sliced`] and retries once before returning null. Reclaim, with no goheap lock held:
 //! 1. asks every other cache to flush: `flush_epoch` is bumped, and each cache compares it with the epoch
 //!    it last flushed at whenever its owner next enters the general path (`Malloc::enter`: two relaxed
 //!    loads), and if they differ flushes everything it holds, a slice per entry (`Malloc::honour_flush`;
@@ -189,34 +190,19 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         }
     }
 
-    /// Reclaim before failing (see the module docs): asks the other caches to flush, flushes the caller's
-    /// (entered) cache and the shared one if free, and returns every empty span to the page heap. Takes
-    /// and releases its locks one at a time; the caller holds none.
+    /// Reclaim before failing (see the module docs), with no guard held by the caller: flushes the caller's
+    /// cache, asks the other caches to flush and flushes the shared one if it is free
+    /// ([`Malloc::reclaim_caches_sliced`]), then returns every empty span to the page heap, each part in
+    /// guarded sections of a slice (see `page/heap/slice.rs`).
     #[cold]
     #[inline(never)]
-    pub(super) fn reclaim(&self, cache: &mut CpuCache, sh: &CpuShared, g: Guarded<'_>) {
-        self.reclaim_caches(cache, sh, g);
-        for central in self.t.centrals.iter().skip(1) {
-            central.sweep(g, &self.t.heap, None, 0, usize::MAX);
-        }
+    pub(super) fn reclaim_sliced(&self) {
+        self.reclaim_caches_sliced();
+        self.sweep_sliced(0, usize::MAX, usize::MAX);
     }
 
-    /// Steps 1–3 of [`Malloc::reclaim`] (the caches; not the central lists' empty spans).
-    pub(super) fn reclaim_caches(&self, cache: &mut CpuCache, sh: &CpuShared, g: Guarded<'_>) {
-        let e = self.pacing.flush_epoch.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
-        self.pacing.flushed_at(sh.index, e);
-        cache.flush_all(&self.t, sh, g);
-        if sh.index != SHARED_INDEX {
-            if let Some(_lock) = self.shared_lock.try_lock(g) {
-                // SAFETY: the shared cache is only used under `shared_lock`, which we hold.
-                let shared = unsafe { &mut *self.shared.cache.get() };
-                shared.flush_all(&self.t, &self.shared.shared, g);
-                self.pacing.flushed_at(SHARED_INDEX, e);
-            }
-        }
-    }
-
-    /// [`Malloc::reclaim_caches`] with no guard held by the caller, in guarded sections of
+    /// Steps 1–3 of the reclaim (the caches; not the central lists' empty spans), with no guard held by
+    /// the caller, in guarded sections of
     /// [`FLUSH_SLICE_STEPS`] flush steps each (see `CpuCache::flush_step`), then the shared cache's flush
     /// in one (it is rarely used in a kernel: only without a CPU index).
     pub(super) fn reclaim_caches_sliced(&self) {
