@@ -767,6 +767,32 @@ fn section_from(recs: &[Record], raw: &str) -> String {
         }
     }
 
+    // The harness's share: the empty allocator's time bounds any allocator's factor over llalloc.
+    if let Some(&top) = cpus.last() {
+        let med = |w: &str, a: &str| {
+            let mut v: Vec<f64> = runs.of(top, w, a).map(|r| r.cost).collect();
+            (!v.is_empty()).then(|| median(&mut v))
+        };
+        let v: Vec<String> = runs
+            .workloads()
+            .iter()
+            .filter_map(|w| {
+                let (e, l, g) = (med(w, "empty")?, med(w, "llalloc")?, med(w, "goheap")?);
+                (e > 0.0).then(|| format!("{w} {:.0}% of goheap's time (ceiling {:.1}×)", 100.0 * e / g, l / e))
+            })
+            .collect();
+        if !v.is_empty() {
+            let _ = writeln!(
+                md,
+                "- At {top} CPU{}, the harness alone (the empty allocator through the same loop) takes: {}. No \
+                 allocator can be more times faster than llalloc than the ceiling (llalloc's time over the \
+                 harness's); the goal below is judged net of the harness where the ceiling is under 10×.",
+                if top == 1 { "" } else { "s" },
+                v.join(", ")
+            );
+        }
+    }
+
     let _ = writeln!(md, "\nWorkloads (operations per CPU per run, from goheap's uncapped runs):\n");
     for w in runs.workloads() {
         let what = WORKLOADS.iter().find(|x| x.0 == w).map_or("", |x| x.1);
@@ -952,6 +978,14 @@ mod tests {
         );
         assert!(md.contains("- `pair-64` (25 per CPU)"), "{md}");
         assert!(md.contains("| goheap `checks` (every free verified) | off (1 CPU), off (4 CPUs) |"), "{md}");
+        assert!(!md.contains("the harness alone"), "no empty-allocator runs, no ceiling: {md}");
+        // With the empty allocator at 4 CPUs (5 cycles/op): 25% of goheap's median 20, ceiling 200 / 5 = 40×.
+        let mut with_empty = sample();
+        for rep in 0..3 {
+            with_empty.push(run_line(4, "pair-64", "empty", rep, 500, 100, false));
+        }
+        let md = section_from(&with_empty, "x");
+        assert!(md.contains("the harness alone (the empty allocator through the same loop) takes: pair-64 25% of goheap's time (ceiling 40.0×)"), "{md}");
         // Nothing to report: nothing written.
         assert_eq!(section_from(&[], "x"), "");
     }

@@ -149,22 +149,53 @@ pub(crate) fn goals(icount: &Runs, tcg: &Runs) -> Vec<Goal> {
         met: worst.as_ref().map(|(r, _)| *r <= 0.7),
         detail: worst.as_ref().map_or("not measured".into(), |(r, at)| format!("worst ratio {r:.2} ({at})")),
     });
-    let top = 4;
-    let mut slowest: Option<(f64, String)> = None;
-    for w in tcg.workloads() {
-        if let Some(c) = tcg.cell(top, w, "llalloc") {
-            let times = 1.0 / c.ratio;
-            if slowest.as_ref().is_none_or(|(x, _)| times < *x) {
-                slowest = Some((times, w.to_string()));
-            }
-        }
-    }
-    v.push(Goal {
-        what: "at 4 CPUs ≥ 10× faster than linked_list_allocator by TSC on every workload (TCG)".into(),
-        met: slowest.as_ref().map(|(t, _)| *t >= 10.0),
-        detail: slowest.as_ref().map_or("not measured".into(), |(t, w)| format!("smallest factor {t:.1}× ({w})")),
-    });
+    v.push(tcg_goal(tcg, 4));
     v
+}
+
+/// The goal "at `cpus` CPUs ≥ 10× faster than linked_list_allocator by TSC on every workload", judged per
+/// workload from the TCG medians. The raw factor is llalloc's time per operation over goheap's. Both include
+/// the harness (the ring, the loop, the kernel's dispatch: the empty allocator's time), so no allocator
+/// can reach more than the *ceiling* llalloc / empty; where that ceiling is below 10× the raw goal is out of
+/// reach by construction, and the workload is judged net of the harness instead ((llalloc − empty) /
+/// (goheap − empty), as the `-icount` counts are). A workload where goheap's median is not above the
+/// empty allocator's cannot be judged (the harness's noise is larger than goheap's cost).
+fn tcg_goal(tcg: &Runs, cpus: u32) -> Goal {
+    const FACTOR: f64 = 10.0;
+    let what = format!(
+        "at {cpus} CPUs ≥ {FACTOR:.0}× faster than linked_list_allocator by TSC on every workload (TCG; net of the \
+         harness where the harness alone caps the raw factor below {FACTOR:.0}×)"
+    );
+    let (mut parts, mut all, mut any) = (Vec::new(), true, false);
+    for w in tcg.workloads() {
+        let (Some((g, _, _)), Some((l, _, _))) = (stats(tcg, cpus, w, "goheap"), stats(tcg, cpus, w, "llalloc")) else {
+            continue;
+        };
+        any = true;
+        let raw = l / g;
+        let empty = stats(tcg, cpus, w, EMPTY).map(|(e, _, _)| e);
+        let ceiling = empty.filter(|e| *e > 0.0).map(|e| l / e);
+        let ok = if raw >= FACTOR {
+            parts.push(format!("{w} {raw:.1}×"));
+            true
+        } else if let (Some(e), Some(c)) = (empty, ceiling.filter(|c| *c < FACTOR)) {
+            if g > e {
+                let n = (l - e) / (g - e);
+                parts.push(format!("{w} {raw:.1}× raw, ceiling {c:.1}×, {n:.0}× net"));
+                n >= FACTOR
+            } else {
+                parts.push(format!(
+                    "{w} {raw:.1}× raw, ceiling {c:.1}×, not measurable (goheap within the harness's time)"
+                ));
+                false
+            }
+        } else {
+            parts.push(format!("{w} {raw:.1}×"));
+            false
+        };
+        all &= ok;
+    }
+    Goal { what, met: any.then_some(all), detail: if any { parts.join("; ") } else { "not measured".into() } }
 }
 
 fn mark(met: Option<bool>) -> &'static str {
@@ -532,9 +563,36 @@ mod tests {
         assert_eq!(g[1].met, Some(false));
         assert!(g[1].detail.contains("1.18 (pair-64 against talc)"), "{g:?}");
         assert_eq!(g[2].met, Some(false));
-        // 4 CPUs: pair 12×, wset 9×: not met, smallest 9.0× on wset.
+        // 4 CPUs: pair 12×, wset 9× (no harness run: no ceiling, judged raw): not met.
         assert_eq!(g[3].met, Some(false));
-        assert!(g[3].detail.contains("9.0× (wset)"), "{g:?}");
+        assert!(g[3].detail.contains("pair-64 12.0×; wset 9.0×"), "{g:?}");
+        // With harness runs: wset's ceiling is 9000 / 800 = 11.25× (≥ 10: still judged raw, not met); a
+        // ceiling below 10× is judged net; a goheap within the harness's time cannot be judged.
+        let mut with_empty = tcg_recs.clone();
+        for rep in 0..3 {
+            with_empty.push(run(4, "wset", "empty", rep, 800, 100));
+        }
+        let g = tcg_goal(&Runs::from_records(&with_empty), 4);
+        assert_eq!(g.met, Some(false), "{g:?}");
+        assert!(g.detail.contains("wset 9.0×"), "{g:?}");
+        let mut capped = Vec::new();
+        for rep in 0..3 {
+            // Ceiling 2000 / 250 = 8×; net (2000 - 250) / (260 - 250) = 175×.
+            capped.push(run(4, "pair-64", "goheap", rep, 260, 1));
+            capped.push(run(4, "pair-64", "llalloc", rep, 2000, 1));
+            capped.push(run(4, "pair-64", "empty", rep, 250, 1));
+        }
+        let g = tcg_goal(&Runs::from_records(&capped), 4);
+        assert_eq!(g.met, Some(true), "{g:?}");
+        assert!(g.detail.contains("pair-64 7.7× raw, ceiling 8.0×, 175× net"), "{g:?}");
+        for rep in 0..3 {
+            capped.push(run(4, "prodcons-64", "goheap", rep, 1700, 1));
+            capped.push(run(4, "prodcons-64", "llalloc", rep, 5000, 1));
+            capped.push(run(4, "prodcons-64", "empty", rep, 2700, 1));
+        }
+        let g = tcg_goal(&Runs::from_records(&capped), 4);
+        assert_eq!(g.met, Some(false), "{g:?}");
+        assert!(g.detail.contains("prodcons-64 2.9× raw, ceiling 1.9×, not measurable"), "{g:?}");
         // Nothing measured: nothing judged.
         let none = goals(&Runs::from_records(&[]), &Runs::from_records(&[]));
         assert!(none.iter().all(|g| g.met.is_none()));
