@@ -57,7 +57,7 @@
 //!   operations (a large allocation's commits, the scavenger's decommits, `release_all`, a `background`
 //!   step, limit reclaim, the reclaim before failing) run as many sections with interrupt windows between
 //!   them, each kept under `page::heap::slice::IRQ_OFF_BOUND_INSNS` instructions where measured (see
-//!   `slice.rs` and the README's interrupt-latency paragraph for what is not sliced yet). The scavenger's
+//!   `slice.rs` and the README's interrupt-latency paragraph for the list). The scavenger's
 //!   log line (through the `log` facade) is emitted after the guard ends, in the caller's context: a
 //!   handler that calls `background` or `release_all` needs a logger that may run there.
 //! - **Not safe**: NMI and machine-check handlers (they interrupt a guard, so they could spin on a lock

@@ -171,8 +171,8 @@ type M = Malloc<CountingSource, SectionCpus>;
 
 fn new_malloc() -> &'static M {
     let m: &'static M = Box::leak(Box::new(Malloc::with_max_bytes(CountingSource::new(), SectionCpus, 1 << 30)));
-    // No heap-profile sampling: the profiler's first sample commits its tables (a one-time cost, not one
-    // that grows with an operation's size), which would land in a random section.
+    // No heap-profile sampling: the profiler's first sample makes its tables in sections of its own
+    // (`the_first_sample_makes_the_profile_tables_in_slices`), which would add to a random call's count.
     m.set_profile_rate(0);
     m
 }
@@ -603,4 +603,56 @@ fn a_guard_mode_large_object_commits_in_slices() {
     assert_eq!(unguarded, 0);
     assert!(max <= BOUND_PAGES, "the free did {max} pages of source work in a section");
     assert_eq!(m.mem_stats().heap_objects, 0);
+}
+
+/// The heap profiler's first sample makes its tables (408 KiB) a commit slice per guarded section and
+/// clears them with interrupts on: before, the sampled allocation's one section committed (and, where the
+/// source does not hand out zeroed pages, cleared) all of them.
+#[test]
+fn the_first_sample_makes_the_profile_tables_in_slices() {
+    let m: &'static M = Box::leak(Box::new(Malloc::with_max_bytes(CountingSource::new(), SectionCpus, 1 << 30)));
+    // Every allocation sampled.
+    m.set_profile_rate(1);
+    let layout = Layout::from_size_align(64, 8).unwrap();
+    assert_eq!(m.profile_sys_bytes(), 0);
+    reset();
+    let p = m.alloc(layout);
+    assert!(!p.is_null());
+    let (max, sections, unguarded) = figures();
+    let tables_npages = m.profile_sys_bytes() / PAGE_SIZE;
+    assert!(tables_npages > BOUND_PAGES, "the tables were not made ({tables_npages} pages committed)");
+    assert_eq!(unguarded, 0, "a source call outside the guard");
+    assert!(max <= BOUND_PAGES, "a section committed {max} pages (bound {BOUND_PAGES})");
+    assert!(sections >= tables_npages / COMMIT_SLICE_NPAGES, "{tables_npages} pages in {sections} sections");
+    let mut records = 0;
+    m.heap_profile(|_| records += 1);
+    assert_eq!(records, 1, "the first sample was not recorded");
+    // SAFETY: live allocation of `layout`, ours.
+    unsafe { m.dealloc(p, layout) };
+}
+
+/// Efence mode (`DebugFlags::EFENCE`): a freed 64 MiB object's pages are decommitted a slice per section
+/// (before, its retirement decommitted all of them in one), and never handed out again.
+#[test]
+fn an_efence_free_decommits_in_slices() {
+    use goheap::malloc::DebugFlags;
+    let m: &'static M = Box::leak(Box::new(
+        Malloc::with_max_bytes(CountingSource::new(), SectionCpus, 1 << 30).with_debug(DebugFlags::EFENCE),
+    ));
+    m.set_profile_rate(0);
+    let layout = Layout::from_size_align(MIB64, 8).unwrap();
+    let p = m.alloc(layout);
+    assert!(!p.is_null());
+    reset();
+    // SAFETY: `p` is a live allocation of `layout`, ours; freed once.
+    unsafe { m.dealloc(p, layout) };
+    let (max, sections, unguarded) = figures();
+    assert_eq!(unguarded, 0, "a source call outside the guard");
+    assert!(max <= BOUND_PAGES, "a section decommitted {max} pages (bound {BOUND_PAGES})");
+    assert!(sections >= MIB64 / PAGE_SIZE / DECOMMIT_SLICE_NPAGES, "{sections} sections");
+    let st = m.mem_stats();
+    assert_eq!(st.heap_objects, 0);
+    assert!(st.efence_retired_bytes >= MIB64 as u64, "retired {} bytes", st.efence_retired_bytes);
+    #[cfg(feature = "validate")]
+    m.with_guard(|g| m.heap().validate(g));
 }

@@ -103,13 +103,19 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         if r == LARGE || r == GUARDED {
             return self.alloc_large(size, align, ZERO, r == GUARDED);
         }
-        let e = self.enter();
-        let g = e.held.guarded();
+        let mut e = self.enter();
         // The sampling countdown is counted before allocating: a sampled allocation may be guarded (placed in
         // the guarded pool, see `guarded.rs`); otherwise a sampled small or tiny object lives in the profile's
         // region (see `profile/table.rs`). Either way it is tracked by address, so its free updates the
         // profile's in-use counts.
         let sampled = self.count_sample(e.cache, size);
+        if sampled && !self.tables_made() {
+            // The first sample: the profile's tables are made in sections of their own.
+            drop(e);
+            self.prepare_tables();
+            e = self.enter();
+        }
+        let g = e.held.guarded();
         if sampled {
             let mut p = if self.guarded_pick() { self.alloc_guarded(size, align, ZERO, g) } else { ptr::null_mut() };
             if p.is_null() {
@@ -123,7 +129,6 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             }
         }
         let mut p = self.alloc_small::<ZERO>(e.cache, e.sh, g, size, align, r);
-        let mut e = e;
         if p.is_null() {
             // Out of memory: give back what the allocator holds free and retry once (see `reclaim.rs`), in
             // sections of their own; the retry enters again (possibly another CPU's cache, in a host).

@@ -5,6 +5,7 @@
 
 use super::*;
 use crate::object::class::{in_tiny_blocks, tiny_check};
+use crate::page::heap::slice::ProviderSections;
 
 impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// Frees `ptr`, allocated by this allocator with `layout`.
@@ -218,14 +219,15 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         let guard_page = base + (npages - 1) * PAGE_SIZE;
         let efence = guarded && self.debug_flags().contains(DebugFlags::EFENCE);
         if efence {
-            self.with_cache(|_, t, sh, g| {
-                // Efence: the pages are decommitted and never handed out again (see `page/heap/retire.rs`).
+            // Efence: the pages are decommitted and never handed out again (see `page/heap/retire.rs`), a
+            // decommit slice per guarded section.
+            self.with_cache(|_, _, sh, _| {
                 sh.stats.large_nfree.bump();
                 sh.stats.large_bytes_free.add((npages * PAGE_SIZE) as u64);
-                // SAFETY: the caller gives the object up; the span holds nothing else; its last page is the
-                // guard page `alloc_large` decommitted.
-                unsafe { t.heap.retire_span(g, s, 1) };
             });
+            // SAFETY: the caller gives the object up; the span holds nothing else; its last page is the guard
+            // page `alloc_large` decommitted.
+            unsafe { self.t.heap.retire_span(&mut ProviderSections(&self.provider), s, 1) };
             return;
         }
         if guarded {

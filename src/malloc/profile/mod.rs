@@ -30,6 +30,7 @@ use super::*;
 
 mod table;
 
+use crate::page::heap::slice::COMMIT_SLICE_NPAGES;
 use table::{Special, TableState, Tables, REGION_BYTES, SLOT_BYTES};
 pub use table::{
     MAX_STACK_DEPTH, PROFILE_BUCKETS, PROFILE_RESERVATION_BYTES, PROFILE_SPECIALS, REGION_SLOTS, WARM_SLOTS,
@@ -435,16 +436,77 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         true
     }
 
-    /// Makes the tables at first use (under their lock) and counts their memory.
-    fn ensure_tables(&self, t: &mut Tables, g: Guarded<'_>) -> bool {
-        if t.state == TableState::Ready {
-            return true;
+    /// Makes the tables at the first sample, with no guard held by the caller (interrupt latency, see
+    /// `page/heap/slice.rs`): claims them in one guarded section (another caller that finds them claimed
+    /// or failed returns at once, and its record is dropped, counted), reserves the profile's address space
+    /// in it, commits the tables a commit slice per section, clears them with interrupts on (unless the
+    /// source hands out zeroed pages) and publishes them in a last section. A refused reservation or commit
+    /// gives the committed part back and marks the tables failed for good. A load when they exist.
+    #[cold]
+    pub(super) fn prepare_tables(&self) {
+        if self.tables_made() {
+            return;
         }
-        let ok = t.ensure(self.t.heap.src(g));
-        if ok {
+        let Some(base) = self.with_guard(|g| {
+            let mut t = self.profiler.tables.lock(g);
+            if !t.claim() {
+                return None;
+            }
+            let base = self.t.heap.src(g).reserve(table::PROFILE_RESERVATION_BYTES, PAGE_SIZE);
+            if base.is_none() {
+                t.fail();
+            }
+            base
+        }) else {
+            return;
+        };
+        let tables = base.as_ptr() as usize + table::REGION_BYTES;
+        let slice = COMMIT_SLICE_NPAGES * PAGE_SIZE;
+        let mut ncommitted = 0;
+        while ncommitted < table::TABLE_BYTES {
+            let n = slice.min(table::TABLE_BYTES - ncommitted);
+            // SAFETY: the range lies in the tables' part of our fresh reservation, page-aligned (TABLE_BYTES is
+            // whole pages) and not committed yet.
+            let ok = self.with_guard(|g| unsafe {
+                self.t.heap.src(g).commit(NonNull::new_unchecked((tables + ncommitted) as *mut u8), n)
+            });
+            if !ok {
+                let mut at = 0;
+                while at < ncommitted {
+                    let n = slice.min(ncommitted - at);
+                    // SAFETY: committed above, ours, unused.
+                    self.with_guard(|g| unsafe {
+                        self.t.heap.src(g).decommit(NonNull::new_unchecked((tables + at) as *mut u8), n)
+                    });
+                    at += n;
+                }
+                self.with_guard(|g| self.profiler.tables.lock(g).fail());
+                return;
+            }
+            ncommitted += n;
+        }
+        if !self.t.heap.source().commit_zeroes() {
+            // SAFETY: just committed, ours, not published yet. Outside the guard: interrupts stay on.
+            unsafe { ptr::write_bytes(tables as *mut u8, 0, table::TABLE_BYTES) };
+        }
+        self.with_guard(|g| {
+            let mut t = self.profiler.tables.lock(g);
+            // SAFETY: we claimed the tables; the reservation's tables are committed and zero.
+            unsafe { t.publish(base.as_ptr() as usize) };
             self.profiler.committed.fetch_add(table::TABLE_BYTES, Ordering::Relaxed);
-        }
-        ok
+            self.profiler.region.store(t.region, Ordering::Release);
+        });
+    }
+
+    /// Whether the tables are made (a load, no lock; see [`Malloc::prepare_tables`]).
+    #[inline]
+    pub(super) fn tables_made(&self) -> bool {
+        self.profiler.region.load(Ordering::Acquire) != 0
+    }
+
+    /// Whether the tables are made (see [`Malloc::prepare_tables`]); the caller holds their lock.
+    fn tables_ready(t: &Tables) -> bool {
+        t.state == TableState::Ready
     }
 
     /// Places a sampled small or tiny object of route `r` in the profile's region (zeroed if `zero`), or
@@ -461,7 +523,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         let bytes = elem.next_multiple_of(PAGE_SIZE);
         let src = self.t.heap.src(g);
         let mut t = self.profiler.tables.lock(g);
-        if !self.ensure_tables(&mut t, g) {
+        if !Self::tables_ready(&t) {
             return ptr::null_mut();
         }
         self.profiler.region.store(t.region, Ordering::Release);
@@ -528,9 +590,10 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         let mut frames = [0usize; MAX_STACK_DEPTH];
         let depth = self.capture_stack(&mut frames, cpu);
         let is_large = r == LARGE || r == GUARDED;
+        self.prepare_tables();
         let untracked = self.with_guard(|g| {
             let mut t = self.profiler.tables.lock(g);
-            if !self.ensure_tables(&mut t, g) {
+            if !Self::tables_ready(&t) {
                 return None;
             }
             self.profiler.region.store(t.region, Ordering::Release);

@@ -7,7 +7,8 @@
 //! # Memory
 //! Everything here lives in one reservation from the page source, made at the first sample (Go keeps its
 //! buckets in persistentalloc'd memory, outside the heap): the sampled-object region ([`REGION_BYTES`],
-//! committed a slot at a time) followed by the tables ([`TABLE_BYTES`], committed at once). Nothing is ever
+//! committed a slot at a time) followed by the tables ([`TABLE_BYTES`], committed at the first sample, a
+//! commit slice per guarded section, and cleared with interrupts on: `Profiler::prepare_tables`). Nothing is ever
 //! allocated through the allocator's own paths, and every table has a fixed capacity: a record that does not
 //! fit is dropped and counted, never a panic.
 //!
@@ -85,6 +86,9 @@ pub(in crate::malloc) struct Special {
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(in crate::malloc) enum TableState {
     Untried,
+    /// One caller is reserving, committing and clearing them, in sections of its own (records meanwhile
+    /// are dropped, counted, as when the tables are full).
+    Preparing,
     Ready,
     /// The page source refused the reservation or the commit: records are dropped (counted).
     Failed,
@@ -121,30 +125,35 @@ impl Tables {
         }
     }
 
-    /// Reserves and commits the tables at first use. `false` if the page source refused (then for good).
-    pub fn ensure<S: PageSource>(&mut self, src: &S) -> bool {
-        match self.state {
-            TableState::Ready => return true,
-            TableState::Failed => return false,
-            TableState::Untried => {}
+    /// Claims the making of the tables (`Untried` → `Preparing`): true for the one caller that then makes
+    /// them (`Profiler::prepare_tables`) and ends with [`Tables::publish`] or [`Tables::fail`].
+    pub fn claim(&mut self) -> bool {
+        let claimed = self.state == TableState::Untried;
+        if claimed {
+            self.state = TableState::Preparing;
         }
-        self.state = TableState::Failed;
-        let Some(base) = src.reserve(PROFILE_RESERVATION_BYTES, PAGE_SIZE) else { return false };
-        let tables = base.as_ptr() as usize + REGION_BYTES;
-        // SAFETY: the range is the tail of our fresh reservation, page-aligned and not committed.
-        if !unsafe { src.commit(NonNull::new_unchecked(tables as *mut u8), TABLE_BYTES) } {
-            return false;
-        }
-        if !src.commit_zeroes() {
-            // SAFETY: just committed, ours.
-            unsafe { ptr::write_bytes(tables as *mut u8, 0, TABLE_BYTES) };
-        }
-        self.buckets = tables as *mut Bucket;
+        claimed
+    }
+
+    /// Publishes the tables made in reservation `base` (the region, then the committed, zeroed tables at
+    /// `base + REGION_BYTES`).
+    ///
+    /// # Safety
+    /// The caller claimed them, and `base` is a reservation of [`PROFILE_RESERVATION_BYTES`] whose last
+    /// [`TABLE_BYTES`] are committed and zero.
+    pub unsafe fn publish(&mut self, base: usize) {
+        debug_assert!(self.state == TableState::Preparing);
+        self.buckets = (base + REGION_BYTES) as *mut Bucket;
         // SAFETY: within the committed tables (TABLE_BYTES covers both arrays).
         self.specials = unsafe { self.buckets.add(PROFILE_BUCKETS) } as *mut Special;
-        self.region = base.as_ptr() as usize;
+        self.region = base;
         self.state = TableState::Ready;
-        true
+    }
+
+    /// The claimed making failed (the page source refused): records are dropped from now on.
+    pub fn fail(&mut self) {
+        debug_assert!(self.state == TableState::Preparing);
+        self.state = TableState::Failed;
     }
 
     /// The bucket of `stack` and `size`, created if new; `None` when the table is full.

@@ -18,8 +18,8 @@
 use crate::sync::atomic::Ordering;
 use core::ptr::NonNull;
 
+use super::slice::{Sections, DECOMMIT_SLICE_NPAGES};
 use super::Heap;
-use crate::cpu::Guarded;
 use crate::page::span::{Span, SpanState};
 use crate::source::PageSource;
 use crate::PAGE_SIZE;
@@ -30,10 +30,15 @@ impl<S: PageSource> Heap<S> {
     /// itself, e.g. a guard page, while the heap still counts them committed), and leaves every page
     /// allocated in the page allocator, so no later allocation is ever placed there.
     ///
+    /// In `secs`' sections (interrupt latency, see `slice.rs`): the page map is cleared before the first
+    /// (lock-free stores), the pages are decommitted [`DECOMMIT_SLICE_NPAGES`] per section, and the counts
+    /// and the descriptor are settled in the last. Until then the span is Dead, unmapped and still counted
+    /// in use: the heap's equations (`validate`) hold again once the call returns.
+    ///
     /// # Safety
     /// `span` came from this heap, is `InUse`, nothing uses it or its memory any more, and its last
     /// `tail_decommitted` pages (fewer than its page count) were decommitted through the source.
-    pub unsafe fn retire_span(&self, g: Guarded<'_>, span: NonNull<Span>, tail_decommitted: usize) {
+    pub unsafe fn retire_span(&self, secs: &mut impl Sections, span: NonNull<Span>, tail_decommitted: usize) {
         let (idx, npages) = self.span_idx(span);
         debug_assert!(tail_decommitted < npages);
         self.set_map(idx, npages, core::ptr::null_mut());
@@ -43,17 +48,26 @@ impl<S: PageSource> Heap<S> {
             (*span.as_ptr()).state.store(SpanState::Dead as u8, Ordering::Release);
             (*span.as_ptr()).base
         };
-        self.inuse_npages.fetch_sub(npages, Ordering::Relaxed);
-        self.spans_inuse.fetch_sub(1, Ordering::Relaxed);
         let body = npages - tail_decommitted;
-        // SAFETY: the pages are the caller's (given up), committed (the span's pages are, except the tail the
-        // caller decommitted), and nothing uses them.
-        unsafe { self.src(g).decommit_guard(NonNull::new_unchecked(base as *mut u8), body * PAGE_SIZE) };
-        self.committed_npages.fetch_sub(npages, Ordering::Relaxed);
-        self.retired_npages.fetch_add(npages, Ordering::Relaxed);
-        let mut lk = self.inner.lock(g);
-        // SAFETY: the descriptor is Dead and unreachable now (the page map no longer names it).
-        unsafe { lk.spans.free(span.cast()) };
-        self.publish_span_stats(&lk);
+        let mut done = 0;
+        while done < body {
+            let n = DECOMMIT_SLICE_NPAGES.min(body - done);
+            // SAFETY: the pages are the caller's (given up), committed (the span's pages are, except the tail
+            // the caller decommitted), and nothing uses them.
+            secs.section(|g| unsafe {
+                self.src(g).decommit_guard(NonNull::new_unchecked((base + done * PAGE_SIZE) as *mut u8), n * PAGE_SIZE)
+            });
+            done += n;
+        }
+        secs.section(|g| {
+            self.inuse_npages.fetch_sub(npages, Ordering::Relaxed);
+            self.spans_inuse.fetch_sub(1, Ordering::Relaxed);
+            self.committed_npages.fetch_sub(npages, Ordering::Relaxed);
+            self.retired_npages.fetch_add(npages, Ordering::Relaxed);
+            let mut lk = self.inner.lock(g);
+            // SAFETY: the descriptor is Dead and unreachable now (the page map no longer names it).
+            unsafe { lk.spans.free(span.cast()) };
+            self.publish_span_stats(&lk);
+        });
     }
 }
