@@ -74,7 +74,7 @@
 //! ## The allocation path ([`Malloc::alloc`], Go's `mallocgc`)
 //!
 //! 1. Route by size and alignment (one function decides for alloc, free and realloc):
-//!    tiny (`size < 16`, `align <= 8`), small (`size <= 32 KiB`, some class aligned enough) or large.
+//!    tiny (`size <= 8`, `align <= 8`; Go's bound is 16, see `object/cpucache.rs`), small (`size <= 32 KiB`, some class aligned enough) or large.
 //! 2. Enter the CPU cache: the [`CpuProvider`](cpu::CpuProvider) returns this CPU's cache index and a guard
 //!    (interrupts off in a kernel; a per-thread slot on a host). No lock, no atomic read-modify-write. The
 //!    fast path (steps 3 and the free's step 2 when nothing overflows) is a *leaf section* that calls

@@ -13,7 +13,7 @@
 //!
 //! # Go's counting rules, and goheap's
 //!
-//! - **Tiny objects** (requests under 16 B packed into 16-byte blocks) are counted as Go counts them
+//! - **Tiny objects** (requests of 8 B and less packed into 16-byte blocks) are counted as Go counts them
 //!   (`runtime/mstats.go`, `runtime/metrics.go`): a *block* is one heap object, one allocation of the 16-byte
 //!   size class. `/gc/heap/allocs:objects`, `/gc/heap/frees:objects`, `/gc/heap/objects:objects`,
 //!   `allocs-by-size` and `frees-by-size` count blocks, not the tiny objects in them; the tiny objects are

@@ -142,6 +142,15 @@ fn known_defect_realloc_tiny_interior_pointer() {
     replay_known_defect("realloc-tiny-interior");
 }
 
+/// Found by `cargo xtask test`'s short `bad_free` run the day the tiny bound went from 16 to 8 bytes (the
+/// crash input, not minimized): the harness's route model still called `Layout(9, 4)` tiny, so a free of
+/// such an object with `Layout(9, 16)` (the 16-byte class either way) looked like a wrong-route free that
+/// goheap failed to report. The model now takes goheap's `TINY_REQUEST_LIMIT`; goheap was right.
+#[test]
+fn harness_model_tiny_bound() {
+    replay_known_defect("tiny-bound-wrong-layout");
+}
+
 /// Replays the file named by `GOHEAP_FUZZ_REPLAY` as target `GOHEAP_FUZZ_TARGET` (`ops` by default), for
 /// reading a crash input with `GOHEAP_FUZZ_TRACE=1`; does nothing without it.
 #[test]

@@ -32,8 +32,9 @@ struct Known {
     frees_by_bucket: BTreeMap<usize, u64>,
 }
 
+/// goheap's tiny path: requests of at most 8 bytes (Go's bound is 16; see `object/cpucache.rs`).
 fn is_tiny(l: Layout) -> bool {
-    l.size() < 16 && l.align() <= 8
+    l.size() <= 8 && l.align() <= 8
 }
 
 /// The histogram bucket a non-tiny request lands in: its size class minus one, or the last for large.

@@ -1,12 +1,13 @@
 //! Loom models of the tiny protocol (`src/object/cpucache.rs`, "The tiny protocol"), on the real code.
 //!
-//! (a) `tiny_block_freed_from_two_cpus_while_retired`: CPU 0 packs two 8-byte tiny objects into one 16-byte
-//! block; CPU 1 and CPU 2 each free one of them (a `fetch_or` of its start into the block's done mask)
-//! while CPU 0 retires the block (its next tiny allocation does not fit: a `fetch_or` of the block's
-//! non-starts into the done mask). Whichever of the three operations completes the block frees it into its
-//! own CPU's stock, and each CPU then takes a tiny block and uses a 12-byte object in it, so the completing
-//! CPU reuses the block: a shadow cell per half of the block makes loom check that every other CPU's last
-//! use of its half happens before the reuse. At the end every block must have come back exactly once.
+//! (a) `tiny_block_freed_from_two_cpus_while_retired`: CPU 0 packs two 7-byte tiny objects into one 16-byte
+//! block (offsets 0 and 7); CPU 1 and CPU 2 each free one of them (a `fetch_or` of its start into the
+//! block's done mask) while CPU 0 retires the block (its next tiny allocation does not fit: a `fetch_or` of
+//! the block's non-starts into the done mask). Whichever of the three operations completes the block frees it
+//! into its own CPU's stock, and each CPU then takes a tiny block and uses two 7-byte objects in it (offsets
+//! 0 and 7 again), so the completing CPU reuses the block: a shadow cell per object makes loom check that
+//! every other CPU's last use of that part of the block happens before the reuse. At the end every block
+//! must have come back exactly once.
 //!
 //! (b) `tiny_double_and_interior_free`: the block retired, CPU 0 and CPU 1 free the same object at once
 //! (one of the two frees is a double free) and CPU 1 also frees an interior pointer of the sibling. Exactly
@@ -14,9 +15,14 @@
 //! block is not handed out again, and after the sibling's free every block came back once. (The report hook
 //! panics and the model catches it: the default panic hook prints each expected report.)
 //!
+//! Tiny objects are requests of at most 8 bytes (`object::class::TINY_REQUEST_LIMIT`); until 2026-12-01 they
+//! were those under 16, and the models packed two 8-byte objects per block, reused by one 12-byte object
+//! (now a size class's).
+//!
 //! Explored (exhaustive: no preemption bound, release build): (a) 94 iterations, (b) 4; under a second
-//! together. The CPUs are primed (each has a current block and a cached tiny span) so the threads take
-//! blocks from their own stock or span: the central lists are `loom_remote_free`'s model.
+//! together. The CPUs are primed (each has a current block with no room for a 7-byte object, and a cached
+//! tiny span) so the threads take blocks from their own stock or span: the central lists are
+//! `loom_remote_free`'s model.
 //! Weakenings caught (each tried on `src/object/cpucache.rs`, then restored):
 //! - `free_tiny`'s `fetch_or(bit, AcqRel)` → `Relaxed`: (a) fails with "Causality violation: Concurrent
 //!   write accesses to `UnsafeCell`" on a shadow cell of the block;
@@ -34,42 +40,51 @@ use std::alloc::Layout;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-fn l8() -> Layout {
-    Layout::from_size_align(8, 8).unwrap()
+/// A 7-byte tiny object: two fill a block's first 14 bytes, and a block at offset 10 or more has no room
+/// for one.
+fn l7() -> Layout {
+    Layout::from_size_align(7, 1).unwrap()
 }
 
-fn l12() -> Layout {
-    Layout::from_size_align(12, 4).unwrap()
+/// A 3-byte tiny object: after a 7-byte one (offset 7) it leaves the block with no room for a 7-byte one.
+fn l3() -> Layout {
+    Layout::from_size_align(3, 1).unwrap()
 }
 
-/// Uses the 12-byte tiny object at `p`: the halves of its block it covers.
-fn use_obj(s: &Shadow, p: usize, v: u64) {
-    let block = p & !15;
-    s.write(block, v);
-    if p + 12 > block + 8 {
-        s.write(block + 8, v);
+/// One CPU's part after its free: two 7-byte tiny objects (its current block has no room for them, so it
+/// takes a block: the one just freed if this CPU's free or retirement completed it, whose objects sat at
+/// the same offsets), used and freed.
+fn alloc_use_free(m: &M, s: &Shadow, v: u64) {
+    let p = m.alloc(l7()) as usize;
+    let p2 = m.alloc(l7()) as usize;
+    assert!(p != 0 && p2 == p + 7, "two 7-byte objects at the start of a fresh block");
+    s.write(p, v);
+    s.write(p2, v);
+    // SAFETY: `p` and `p2` are ours.
+    unsafe {
+        m.dealloc(p as *mut u8, l7());
+        m.dealloc(p2 as *mut u8, l7());
     }
 }
 
-/// One CPU's part after its free: a 12-byte tiny object (its current block has no room for it, so it takes
-/// a block: the one just freed if this CPU's free or retirement completed it), used and freed.
-fn alloc_use_free(m: &M, s: &Shadow, v: u64) {
-    let p = m.alloc(l12()) as usize;
-    assert!(p != 0);
-    use_obj(s, p, v);
-    // SAFETY: `p` is ours.
-    unsafe { m.dealloc(p as *mut u8, l12()) };
-}
-
-/// Gives CPU `cpu` a current tiny block with no room for a 12-byte object (and a cached tiny span with free
+/// Gives CPU `cpu` a current tiny block with no room for a 7-byte object (and a cached tiny span with free
 /// blocks), so the model's threads take blocks from their stock or span, never from the central list: the
 /// model explores the tiny protocol, not the central lists (`loom_remote_free` does those). Returns the
-/// 8-byte object that holds the block.
-fn prime(m: &M, cpu: usize) -> usize {
+/// two objects that hold the block.
+fn prime(m: &M, cpu: usize) -> (usize, usize) {
     set_cpu(Some(cpu));
-    let x = m.alloc(l8()) as usize;
-    assert!(x != 0);
-    x
+    let (x, y) = (m.alloc(l7()) as usize, m.alloc(l3()) as usize);
+    assert!(x != 0 && y == x + 7);
+    (x, y)
+}
+
+/// Frees the two objects `prime` returned.
+fn unprime(m: &M, (x, y): (usize, usize)) {
+    // SAFETY: `prime`'s objects, ours.
+    unsafe {
+        m.dealloc(x as *mut u8, l7());
+        m.dealloc(y as *mut u8, l3());
+    }
 }
 
 /// Both models, one after the other: loom's iteration generation and goheap's raw-atomic table are
@@ -84,11 +99,11 @@ fn tiny_block_freed_from_two_cpus_while_retired() {
     run("tiny_block_freed_from_two_cpus_while_retired", builder(None), || {
         let m: Arc<M> = Arc::from(new_malloc());
         // Warm-up (see `loom_common::warm_up`): the atomics every tiny path touches exist before the threads.
-        warm_up(&m, &[Some(1), Some(2), Some(0)], &[l8(), l12()]);
+        warm_up(&m, &[Some(1), Some(2), Some(0)], &[l7(), l3()]);
         let (x1, x2) = (prime(&m, 1), prime(&m, 2));
         set_cpu(Some(0));
-        let (a, b) = (m.alloc(l8()) as usize, m.alloc(l8()) as usize);
-        assert!(a != 0 && b == a + 8, "two tiny objects packed in one block");
+        let (a, b) = (m.alloc(l7()) as usize, m.alloc(l7()) as usize);
+        assert!(a != 0 && b == a + 7, "two tiny objects packed in one block");
         let shadow = Arc::new(Shadow::new(&[a, b]));
         shadow.write(a, 1);
         shadow.write(b, 1);
@@ -98,25 +113,24 @@ fn tiny_block_freed_from_two_cpus_while_retired() {
                 set_cpu(Some(i));
                 s.write(p, 10 + i as u64);
                 // SAFETY: `p` is live and ours (handed over by the spawn).
-                unsafe { m.dealloc(p as *mut u8, l8()) };
+                unsafe { m.dealloc(p as *mut u8, l7()) };
                 alloc_use_free(&m, &s, 20 + i as u64);
             })
         };
         let (t1, t2) = (cpu(1, a), cpu(2, b));
-        // CPU 0: the block is full, so this allocation takes a new block and retires the old one; the
-        // next one takes another block (the old one, if the retirement completed it).
-        let q = m.alloc(l12()) as usize;
-        assert!(q != 0);
-        use_obj(&shadow, q, 30);
+        // CPU 0: the block has no room, so this allocation takes a new block and retires the old one (the
+        // 3-byte filler leaves the new one with no room either); the next ones take another block (the old
+        // one, if the retirement completed it).
+        let (q, q3) = (m.alloc(l7()) as usize, m.alloc(l3()) as usize);
+        assert!(q != 0 && q3 == q + 7);
+        shadow.write(q, 30);
         alloc_use_free(&m, &shadow, 31);
         t1.join().unwrap();
         t2.join().unwrap();
-        // SAFETY: `q`, `x1` and `x2` are ours (the last two handed back by the joins).
-        unsafe {
-            m.dealloc(q as *mut u8, l12());
-            m.dealloc(x1 as *mut u8, l8());
-            m.dealloc(x2 as *mut u8, l8());
-        }
+        // `q`, `x1` and `x2` are ours (the last two handed back by the joins).
+        unprime(&m, (q, q3));
+        unprime(&m, x1);
+        unprime(&m, x2);
         for cpu in [1, 2, 0] {
             set_cpu(Some(cpu));
             m.flush_cpu_cache();
@@ -142,25 +156,24 @@ fn tiny_double_and_interior_free() {
     run("tiny_double_and_interior_free", builder(None), || {
         // The models' allocator, with a report hook that panics (each bad free below is caught).
         let m: Arc<M> = Arc::new((*new_malloc()).with_report_hook(hook));
-        warm_up(&m, &[Some(1), Some(0)], &[l8(), l12()]);
-        let (a, b) = (m.alloc(l8()) as usize, m.alloc(l8()) as usize);
-        assert!(a != 0 && b == a + 8, "two tiny objects packed in one block");
-        // Retire the block: the block is full, so this takes a new one (kept live to the end).
-        let q = m.alloc(l12()) as usize;
+        warm_up(&m, &[Some(1), Some(0)], &[l7(), l3()]);
+        let (a, b) = (m.alloc(l7()) as usize, m.alloc(l7()) as usize);
+        assert!(a != 0 && b == a + 7, "two tiny objects packed in one block");
+        // Retire the block: it has no room, so this takes a new one (kept live to the end).
+        let q = m.alloc(l7()) as usize;
         assert!(q != 0 && q & !15 != a & !15);
         let m1 = m.clone();
         let t = spawn(move || {
             set_cpu(Some(1));
             // SAFETY (test): one of the two frees of `a` is deliberately bad; so is the interior free.
-            let first = report_of(|| unsafe { m1.dealloc(a as *mut u8, l8()) });
-            let interior =
-                report_of(|| unsafe { m1.dealloc((b + 4) as *mut u8, Layout::from_size_align(4, 4).unwrap()) });
-            let p = m1.alloc(l12()) as usize;
+            let first = report_of(|| unsafe { m1.dealloc(a as *mut u8, l7()) });
+            let interior = report_of(|| unsafe { m1.dealloc((b + 4) as *mut u8, l3()) });
+            let p = m1.alloc(l7()) as usize;
             (first, interior, p)
         });
         // SAFETY (test): as above.
-        let here = report_of(|| unsafe { m.dealloc(a as *mut u8, l8()) });
-        let p0 = m.alloc(l12()) as usize;
+        let here = report_of(|| unsafe { m.dealloc(a as *mut u8, l7()) });
+        let p0 = m.alloc(l7()) as usize;
         let (there, interior, p1) = t.join().unwrap();
         let reports: Vec<&String> = [&here, &there].into_iter().flatten().collect();
         assert_eq!(reports.len(), 1, "exactly one of two racing frees is a double free: {here:?} {there:?}");
@@ -174,10 +187,10 @@ fn tiny_double_and_interior_free() {
         }
         // SAFETY (test): good frees; `p1` was handed over by the join.
         unsafe {
-            m.dealloc(b as *mut u8, l8());
-            m.dealloc(p0 as *mut u8, l12());
-            m.dealloc(p1 as *mut u8, l12());
-            m.dealloc(q as *mut u8, l12());
+            m.dealloc(b as *mut u8, l7());
+            m.dealloc(p0 as *mut u8, l7());
+            m.dealloc(p1 as *mut u8, l7());
+            m.dealloc(q as *mut u8, l7());
         }
         m.flush_cpu_cache();
         set_cpu(Some(1));

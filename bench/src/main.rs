@@ -8,6 +8,8 @@
 //!
 //! `goheap-bench callgrind-pair64 N`: N 64-byte alloc+free pairs and nothing else, for instruction counts.
 //! `goheap-bench callgrind-pair8 N`: the same with 8-byte objects (goheap's tiny path).
+//! `goheap-bench callgrind-pair12 N`: the same with 12-byte objects (goheap's 16-byte class since the tiny
+//! bound went from 16 to 8 bytes; the tiny path before).
 //! `goheap-bench --list`: the groups.
 
 mod alloc_sel;
@@ -978,12 +980,18 @@ fn main() {
                 callgrind_pair::<8>(n);
                 return;
             }
+            "callgrind-pair12" => {
+                let n = it.next().and_then(|s| s.parse().ok()).expect("callgrind-pair12 N");
+                callgrind_pair::<12>(n);
+                return;
+            }
             g => group = Some(g.to_string()),
         }
     }
     let Some(group) = group else {
         eprintln!(
-            "usage: goheap-bench GROUP [--scale F] [--cap SECS] | --list | callgrind-pair64 N | callgrind-pair8 N"
+            "usage: goheap-bench GROUP [--scale F] [--cap SECS] | --list | callgrind-pair64 N | callgrind-pair8 N | \
+             callgrind-pair12 N"
         );
         std::process::exit(2);
     };

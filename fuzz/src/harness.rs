@@ -8,6 +8,7 @@ use super::sources::{FuzzSource, Unmapping};
 use goheap::check::{BadFree, Reason};
 use goheap::cpu::{CpuProvider, NoCpuCache, ThreadSlots};
 use goheap::malloc::DebugFlags;
+use goheap::object::class::TINY_REQUEST_LIMIT;
 use goheap::source::bounded::BoundedSource;
 use goheap::{Malloc, PAGE_SIZE};
 use std::alloc::Layout;
@@ -175,7 +176,8 @@ impl<S: FuzzSource, P: CpuProvider> Interp<'_, S, P> {
         if self.cfg.debug.contains(DebugFlags::GUARD) {
             return Route::Guarded;
         }
-        if l.size() < 16 && l.align() <= 8 && !self.cfg.debug.contains(DebugFlags::NO_TINY) {
+        // goheap's tiny bound (requests of at most 8 bytes; Go's is 16).
+        if l.size() < TINY_REQUEST_LIMIT && l.align() <= 8 && !self.cfg.debug.contains(DebugFlags::NO_TINY) {
             return Route::Tiny;
         }
         if l.size() > MAX_SMALL || l.align() > PAGE_SIZE {

@@ -1,6 +1,6 @@
 //! The demo workload and its report (issue 5), run on every CPU at once.
 //!
-//! Every CPU churns through `Box`/`Vec`/`String`/`BTreeMap` objects on goheap's three paths (tiny < 16 B,
+//! Every CPU churns through `Box`/`Vec`/`String`/`BTreeMap` objects on goheap's three paths (tiny ≤ 8 B,
 //! small up to 32 KiB, large above), keeps a window of them alive, frees them in random order, and hands
 //! some to other CPUs through per-CPU inboxes (spin-locked `VecDeque`s) to be checked and freed there.
 //! Every object carries a checksum of its fill pattern, verified when it is freed: a heap bug shows up as

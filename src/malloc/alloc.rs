@@ -32,7 +32,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// (`fast_span` is 0 while one is set), so this is a load, two compares and two branches.
     #[inline(always)]
     pub(super) fn fast_eligible(&self, size: usize, align: usize) -> bool {
-        size.wrapping_sub(TINY_SIZE) < self.fast_span.load(Ordering::Relaxed) && align <= sizeclass::MIN_ALIGN
+        size.wrapping_sub(TINY_REQUEST_LIMIT) < self.fast_span.load(Ordering::Relaxed) && align <= sizeclass::MIN_ALIGN
     }
 
     /// The fast path (kept small so that it inlines into callers without spilling): this CPU's stock or
@@ -77,7 +77,8 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                     if let Some(p) = unsafe { cache.alloc_fast::<ZERO>(c, &slot.shared) } {
                         drop(guard);
                         if !ZERO {
-                            // SAFETY: `p` is ours, of a class of at least 16 bytes (the fast path's): clear
+                            // SAFETY: `p` is ours, of a class of at least 16 bytes (the fast path's: requests of
+                            // `TINY_REQUEST_LIMIT` bytes and up round up to 16 or more): clear
                             // the stock key it may carry, so its free does not scan the stock.
                             unsafe { *stock_key_slot(p) = 0 };
                         }

@@ -7,7 +7,7 @@
 //! use. It implements [`GlobalAlloc`] and allocator-api2's `Allocator`.
 //!
 //! # Routing (the same function decides for `alloc`, `dealloc` and `realloc`)
-//! - `size < 16 && align <= 8`: tiny path (packed into 16-byte blocks);
+//! - `size <= 8 && align <= 8`: tiny path (packed into 16-byte blocks; Go's bound is 16, see `cpucache.rs`);
 //! - `size <= 32 KiB` and some class's size is a multiple of `align` (`align <= 8 KiB`): small path, class
 //!   `class_for(size, align)`;
 //! - otherwise: large path, whole pages from the page heap, any alignment.
@@ -36,7 +36,7 @@
 use crate::check::{self, Reason};
 use crate::cpu::{CpuProvider, Guarded, GuardedMutex, MAX_CPUS};
 use crate::object::central::{Central, KEEP_EMPTY_SPANS};
-use crate::object::class::{class_shape, ClassShape, NUM_ALLOC_CLASSES, TINY_CLASS, TINY_SIZE};
+use crate::object::class::{class_shape, ClassShape, NUM_ALLOC_CLASSES, TINY_CLASS, TINY_REQUEST_LIMIT, TINY_SIZE};
 use crate::object::cpucache::{CpuCache, CpuShared, Tiers};
 use crate::object::sizeclass::{self, NUM_SIZE_CLASSES};
 use crate::page::heap::Heap;
@@ -96,7 +96,7 @@ bitflags::bitflags! {
         /// pages are reused (a use after free is not caught: see [`DebugFlags::EFENCE`]). Slow and
         /// page-hungry, for debugging only.
         const GUARD = 1 << 0;
-        /// No tiny path: requests under 16 B take the size classes (to measure what the tiny path saves).
+        /// No tiny path: requests of 8 B and less take the size classes (to measure what the tiny path saves).
         const NO_TINY = 1 << 1;
         /// Go's efence (`GODEBUG=efence=1`): every object on pages of its own, ending right before a
         /// decommitted guard page as in [`DebugFlags::GUARD`], and on free its pages are decommitted and
@@ -114,7 +114,7 @@ bitflags::bitflags! {
 #[inline(always)]
 fn route(size: usize, align: usize) -> Route {
     if size <= MAX_SMALL_SIZE {
-        if size < TINY_SIZE && align <= 8 {
+        if size < TINY_REQUEST_LIMIT && align <= 8 {
             return TINY_CLASS;
         }
         if let Some(c) = sizeclass::class_for(size, align) {
@@ -124,9 +124,10 @@ fn route(size: usize, align: usize) -> Route {
     LARGE
 }
 
-/// The sizes the fast paths serve, as a span above `TINY_SIZE`: `size - TINY_SIZE < FAST_SIZE_SPAN`
-/// (wrapping) exactly when `TINY_SIZE <= size <= MAX_SMALL_SIZE`, the small size classes.
-const FAST_SIZE_SPAN: usize = MAX_SMALL_SIZE - TINY_SIZE + 1;
+/// The sizes the fast paths serve, as a span above `TINY_REQUEST_LIMIT`: `size - TINY_REQUEST_LIMIT <
+/// FAST_SIZE_SPAN` (wrapping) exactly when `TINY_REQUEST_LIMIT <= size <= MAX_SMALL_SIZE`, the requests
+/// the size classes serve.
+const FAST_SIZE_SPAN: usize = MAX_SMALL_SIZE - TINY_REQUEST_LIMIT + 1;
 
 /// `Malloc::fast_span` for debug knobs `flags`: every knob closes the fast paths (each changes the route
 /// or what a free does), so one load and compare stands for "no knob and a small size class".
@@ -144,7 +145,7 @@ fn route_debug(debug: DebugFlags, size: usize, align: usize) -> Route {
     if debug.intersects(DebugFlags::GUARD.union(DebugFlags::EFENCE)) {
         return GUARDED;
     }
-    if debug.contains(DebugFlags::NO_TINY) && size < TINY_SIZE {
+    if debug.contains(DebugFlags::NO_TINY) && size < TINY_REQUEST_LIMIT {
         return sizeclass::class_for(size.max(1), align).unwrap_or(LARGE);
     }
     route(size, align)

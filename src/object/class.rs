@@ -38,8 +38,15 @@ use crate::sync::atomic::{AtomicU16, Ordering};
 use crate::PAGE_SIZE;
 use core::ptr;
 
-/// Requests smaller than this (and aligned to at most 8) take the tiny path: Go's `maxTinySize`.
+/// Size of a tiny block: Go's `maxTinySize`.
 pub const TINY_SIZE: usize = 16;
+/// Requests smaller than this, 8 bytes and under (and aligned to at most 8), take the tiny path; Go's
+/// bound is [`TINY_SIZE`] (see `cpucache.rs`, "Adapted from Go: the bound", for why goheap's is lower).
+pub const TINY_REQUEST_LIMIT: usize = 9;
+const _: () = assert!(
+    crate::object::sizeclass::CLASSES[2].size as usize == STOCK_KEY_MIN_SIZE,
+    "the fast paths serve requests of TINY_REQUEST_LIMIT bytes and up: they must all have room for the stock key"
+);
 /// Allocation class of tiny blocks: one past the size classes.
 pub const TINY_CLASS: usize = NUM_SIZE_CLASSES;
 /// Allocation classes: the size classes (class 0 unused) plus the tiny class.
@@ -176,7 +183,11 @@ pub(crate) unsafe fn tiny_check(addr: usize) -> Result<(), Reason> {
 /// scanned. Objects leave a stock with the key cleared (allocation, flush), so user data holds it only if
 /// the user wrote it (which costs a scan, never a false report). Used for objects of at least
 /// [`STOCK_KEY_MIN_SIZE`] bytes (every size class but the 8-byte one).
-pub(crate) const STOCK_KEY: usize = 0x9d1e_f7ee_c0de_5eb1_u64 as usize;
+///
+/// Its value is the sign extension of a 32-bit immediate (`0xc0de_5eb1`), so on x86-64 the fast paths
+/// compare and store it with an immediate operand instead of loading it into a register first.
+pub(crate) const STOCK_KEY: usize = 0xffff_ffff_c0de_5eb1_u64 as usize;
+const _: () = assert!(STOCK_KEY as u64 == (0xc0de_5eb1_u32 as i32 as i64) as u64);
 /// Smallest object that has room for the stock key after its link.
 pub(crate) const STOCK_KEY_MIN_SIZE: usize = 2 * core::mem::size_of::<usize>();
 

@@ -29,10 +29,22 @@
 //! The background step (`CpuCache::sweep_cached_classes`) halves grown bounds back towards the base and flushes
 //! what no longer fits, and `flush_all` resets them, so an idle CPU does not keep a burst's worth of memory.
 //!
-//! The **tiny path** (Go's `mcache.tiny`): requests under [`TINY_SIZE`] bytes with alignment at most 8
-//! are packed into 16-byte blocks. Go can recycle a block when the GC finds all its objects dead; with
-//! explicit frees, goheap tracks each block in two 16-bit masks over its byte offsets, kept after the
-//! blocks at the end of each tiny span (layout in `class.rs`): its *starts* `A` and its *done* mask `D`.
+//! The **tiny path** (Go's `mcache.tiny`): requests of at most 8 bytes (under
+//! [`TINY_REQUEST_LIMIT`](super::class::TINY_REQUEST_LIMIT)) with alignment at most 8 are packed into
+//! 16-byte blocks. Go can recycle a block when the GC finds all its objects dead; with explicit frees,
+//! goheap tracks each block in two 16-bit masks over its byte offsets, kept after the blocks at the end of
+//! each tiny span (layout in `class.rs`): its *starts* `A` and its *done* mask `D`.
+//!
+//! *Adapted from Go: the bound.* Go packs every noscan request under 16 bytes ([`TINY_SIZE`]). goheap's
+//! explicit free of a tiny object is dearer than a small object's: it looks the span up and checks the
+//! block's masks, then performs a `fetch_or`, all on the general path (361 instructions per alloc+free pair
+//! of 8 bytes in callgrind, `goheap-bench callgrind-pair8`, against 77 for a 64-byte pair). Packing buys
+//! nothing for a request of 9 to 15 bytes aligned to 8 (it fills a block alone, as the 16-byte class would
+//! hold it), so requests of 9 bytes and up take the size classes and their fast paths. Requests of 8 bytes
+//! and less stay tiny: several share a block, and the block's masks catch every double free at the free in
+//! every build, which the 8-byte class could not do without `checks` (its objects have no room for the
+//! stock key). What goheap gives up is packing a 9- to 15-byte object of alignment under 8 with a smaller
+//! one in the rest of its block.
 //!
 //! # The tiny protocol
 //!
@@ -71,8 +83,9 @@
 //! object that would start at offset 15 takes a new block. (With a separate retired bit next to the freed
 //! starts, the word would need 17 bits: six bytes per block, 372 blocks per page, a third more memory for
 //! tiny objects than the count byte.) In callgrind (`goheap-bench callgrind-pair8`) a tiny alloc+free pair
-//! costs 393 instructions against 357 with the count (x86 has no fetch-or that returns the old value: the
-//! `fetch_or`s are compare-exchange loops); the 64-byte pair is unchanged (117). With `checks` the same
+//! cost 393 instructions against 357 with the count (x86 has no fetch-or that returns the old value: the
+//! `fetch_or`s are compare-exchange loops), when the fast paths were slower; the 64-byte pair was unchanged
+//! (117). With `checks` the same
 //! masks serve its reports (the reason comes from `A` and `D`; the span and class from the page map), so
 //! there is no second per-block mechanism and the tiny allocation path performs no read-modify-write in that
 //! build either.
@@ -641,7 +654,7 @@ impl CpuCache {
         }
     }
 
-    /// Allocates `size` bytes aligned to `align` (`size < TINY_SIZE`, `align <= 8`) from the current tiny
+    /// Allocates `size` bytes aligned to `align` (`size < TINY_REQUEST_LIMIT`, `align <= 8`) from the current tiny
     /// block, starting a new block when it does not fit.
     #[inline(always)]
     pub(crate) fn alloc_tiny<S: PageSource>(
