@@ -177,6 +177,19 @@ fn new_malloc() -> &'static M {
     m
 }
 
+/// Grows the calling cache's stock of `layout`'s class to hold `n` objects: each batch that runs the stock
+/// dry and overflows it doubles the bound once; the last leaves `n` objects in the stock.
+fn grow_stock(m: &M, layout: Layout, n: usize) {
+    for _ in 0..6 {
+        let v: Vec<*mut u8> = (0..n).map(|_| m.alloc(layout)).collect();
+        for p in v {
+            assert!(!p.is_null());
+            // SAFETY: allocated above with `layout`, freed once.
+            unsafe { m.dealloc(p, layout) };
+        }
+    }
+}
+
 /// The most pages one section may commit or decommit: a commit slice, or a release before a failed
 /// commit's retry (in a section of its own since `a_refused_commit_releases_in_its_own_section`); the heap
 /// growth's metadata stays below one slice.
@@ -375,16 +388,7 @@ fn a_grown_stock_flushes_in_slices() {
     let layout = Layout::from_size_align(64, 8).unwrap();
     let n = 4000;
     assert!(stock_cap(class_of(64)) as usize >= n);
-    // Each batch that runs the stock dry and overflows it doubles the bound once; the last leaves `n` objects
-    // in the stock.
-    for _ in 0..6 {
-        let v: Vec<*mut u8> = (0..n).map(|_| m.alloc(layout)).collect();
-        for p in v {
-            assert!(!p.is_null());
-            // SAFETY: allocated above with `layout`, freed once.
-            unsafe { m.dealloc(p, layout) };
-        }
-    }
+    grow_stock(m, layout, n);
     assert!(m.stock_bound(class_of(64)) as usize >= n, "the stock did not grow: {}", m.stock_bound(class_of(64)));
     reset();
     m.flush_cpu_cache();
@@ -456,14 +460,7 @@ fn a_requested_flush_runs_a_slice_per_entry() {
     let c = class_of(64);
     let layout = Layout::from_size_align(64, 8).unwrap();
     let n = 4000;
-    for _ in 0..6 {
-        let v: Vec<*mut u8> = (0..n).map(|_| m.alloc(layout)).collect();
-        for p in v {
-            assert!(!p.is_null());
-            // SAFETY: allocated above with `layout`, freed once.
-            unsafe { m.dealloc(p, layout) };
-        }
-    }
+    grow_stock(m, layout, n);
     let grown = m.stock_bound(c);
     assert!(grown as usize >= n, "the stock did not grow: bound {grown}");
     // Another thread (another cache slot) asks every other cache to flush.
@@ -530,14 +527,7 @@ fn the_reclaim_before_failing_runs_in_slices() {
     let c = class_of(64);
     let small = Layout::from_size_align(64, 8).unwrap();
     let n = 4000;
-    for _ in 0..6 {
-        let v: Vec<*mut u8> = (0..n).map(|_| m.alloc(small)).collect();
-        for p in v {
-            assert!(!p.is_null());
-            // SAFETY: allocated above with `small`, freed once.
-            unsafe { m.dealloc(p, small) };
-        }
-    }
+    grow_stock(m, small, n);
     let grown = m.stock_bound(c);
     assert!(grown as usize >= n, "the stock did not grow: bound {grown}");
     // No more frames: objects of another class fill what is committed, until one needs the reclaim (it
