@@ -170,7 +170,13 @@ unsafe impl PageSource for CountingSource {
 type M = Malloc<CountingSource, SectionCpus>;
 
 fn new_malloc() -> &'static M {
-    let m: &'static M = Box::leak(Box::new(Malloc::with_max_bytes(CountingSource::new(), SectionCpus, 1 << 30)));
+    new_malloc_with(goheap::malloc::DebugFlags::empty())
+}
+
+/// [`new_malloc`] with debug knobs `debug` set.
+fn new_malloc_with(debug: goheap::malloc::DebugFlags) -> &'static M {
+    let m: &'static M =
+        Box::leak(Box::new(Malloc::with_max_bytes(CountingSource::new(), SectionCpus, 1 << 30).with_debug(debug)));
     // No heap-profile sampling: the profiler's first sample makes its tables in sections of its own
     // (`the_first_sample_makes_the_profile_tables_in_slices`), which would add to a random call's count.
     m.set_profile_rate(0);
@@ -178,8 +184,9 @@ fn new_malloc() -> &'static M {
 }
 
 /// Grows the calling cache's stock of `layout`'s class to hold `n` objects: each batch that runs the stock
-/// dry and overflows it doubles the bound once; the last leaves `n` objects in the stock.
-fn grow_stock(m: &M, layout: Layout, n: usize) {
+/// dry and overflows it doubles the bound once; the last leaves `n` objects in the stock. Returns the grown
+/// bound (at least `n`).
+fn grow_stock(m: &M, layout: Layout, n: usize) -> u32 {
     for _ in 0..6 {
         let v: Vec<*mut u8> = (0..n).map(|_| m.alloc(layout)).collect();
         for p in v {
@@ -188,6 +195,10 @@ fn grow_stock(m: &M, layout: Layout, n: usize) {
             unsafe { m.dealloc(p, layout) };
         }
     }
+    let c = goheap::object::sizeclass::class_of(layout.size());
+    let grown = m.stock_bound(c);
+    assert!(grown as usize >= n, "the stock did not grow: bound {grown}");
+    grown
 }
 
 /// The most pages one section may commit or decommit: a commit slice, or a release before a failed
@@ -389,7 +400,6 @@ fn a_grown_stock_flushes_in_slices() {
     let n = 4000;
     assert!(stock_cap(class_of(64)) as usize >= n);
     grow_stock(m, layout, n);
-    assert!(m.stock_bound(class_of(64)) as usize >= n, "the stock did not grow: {}", m.stock_bound(class_of(64)));
     reset();
     m.flush_cpu_cache();
     let (_, sections, unguarded) = figures();
@@ -460,9 +470,7 @@ fn a_requested_flush_runs_a_slice_per_entry() {
     let c = class_of(64);
     let layout = Layout::from_size_align(64, 8).unwrap();
     let n = 4000;
-    grow_stock(m, layout, n);
-    let grown = m.stock_bound(c);
-    assert!(grown as usize >= n, "the stock did not grow: bound {grown}");
+    let grown = grow_stock(m, layout, n);
     // Another thread (another cache slot) asks every other cache to flush.
     std::thread::scope(|s| {
         s.spawn(|| m.release_all());
@@ -527,9 +535,7 @@ fn the_reclaim_before_failing_runs_in_slices() {
     let c = class_of(64);
     let small = Layout::from_size_align(64, 8).unwrap();
     let n = 4000;
-    grow_stock(m, small, n);
-    let grown = m.stock_bound(c);
-    assert!(grown as usize >= n, "the stock did not grow: bound {grown}");
+    let grown = grow_stock(m, small, n);
     // No more frames: objects of another class fill what is committed, until one needs the reclaim (it
     // flushes our stock, which resets the grown bound) to succeed.
     let src = m.heap().source();
@@ -569,10 +575,7 @@ fn the_reclaim_before_failing_runs_in_slices() {
 #[test]
 fn a_guard_mode_large_object_commits_in_slices() {
     use goheap::malloc::DebugFlags;
-    let m: &'static M = Box::leak(Box::new(
-        Malloc::with_max_bytes(CountingSource::new(), SectionCpus, 1 << 30).with_debug(DebugFlags::GUARD),
-    ));
-    m.set_profile_rate(0);
+    let m = new_malloc_with(DebugFlags::GUARD);
     let layout = Layout::from_size_align(MIB64, 64).unwrap();
     reset();
     let p = m.alloc(layout);
@@ -600,7 +603,7 @@ fn a_guard_mode_large_object_commits_in_slices() {
 /// source does not hand out zeroed pages, cleared) all of them.
 #[test]
 fn the_first_sample_makes_the_profile_tables_in_slices() {
-    let m: &'static M = Box::leak(Box::new(Malloc::with_max_bytes(CountingSource::new(), SectionCpus, 1 << 30)));
+    let m = new_malloc();
     // Every allocation sampled.
     m.set_profile_rate(1);
     let layout = Layout::from_size_align(64, 8).unwrap();
@@ -626,10 +629,7 @@ fn the_first_sample_makes_the_profile_tables_in_slices() {
 #[test]
 fn an_efence_free_decommits_in_slices() {
     use goheap::malloc::DebugFlags;
-    let m: &'static M = Box::leak(Box::new(
-        Malloc::with_max_bytes(CountingSource::new(), SectionCpus, 1 << 30).with_debug(DebugFlags::EFENCE),
-    ));
-    m.set_profile_rate(0);
+    let m = new_malloc_with(DebugFlags::EFENCE);
     let layout = Layout::from_size_align(MIB64, 8).unwrap();
     let p = m.alloc(layout);
     assert!(!p.is_null());

@@ -504,7 +504,8 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         self.profiler.region.load(Ordering::Acquire) != 0
     }
 
-    /// Whether the tables are made (see [`Malloc::prepare_tables`]); the caller holds their lock.
+    /// Whether the tables are made (see [`Malloc::prepare_tables`], which also publishes `region`); the caller
+    /// holds their lock.
     fn tables_ready(t: &Tables) -> bool {
         t.state == TableState::Ready
     }
@@ -526,7 +527,6 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         if !Self::tables_ready(&t) {
             return ptr::null_mut();
         }
-        self.profiler.region.store(t.region, Ordering::Release);
         // A warm slot (freed, its pages still committed and counted) if one of this size waits.
         let warm = t.take_warm(bytes);
         let slot = match warm {
@@ -596,7 +596,6 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             if !Self::tables_ready(&t) {
                 return None;
             }
-            self.profiler.region.store(t.region, Ordering::Release);
             // A full bucket table drops the sample (a region object keeps its record, without a bucket).
             let b = t.bucket(&frames[..depth], size)?;
             let bk = t.bucket_at(b);
