@@ -87,7 +87,8 @@
 //!    (no heap lock), else from the radix-tree page allocator under the heap lock, growing the heap by
 //!    committing pages from the page source when needed.
 //! 6. Tiny: bump an offset in the CPU's current 16-byte block; take a new block (a small allocation of the
-//!    tiny class) when the request does not fit.
+//!    tiny class) when the request does not fit. Both run in a leaf section (the tiny fast path, out of
+//!    line) while the new block comes off the tiny class's stock or cached span; else the general path.
 //! 7. Large: a span of whole pages straight from the page heap, any alignment.
 //!
 //! If the page allocator, the arena bound or the page source says no, every step unwinds without changing
@@ -109,6 +110,8 @@
 //! 3. Tiny: check the block's starts mask (an object starts here) and set the object's bit in the block's
 //!    done mask (one `fetch_or`: objects of a block may be freed on several CPUs; a bit already set is a
 //!    double free); the free that completes a retired block's done mask frees the block as a small object.
+//!    A free in a live tiny span's blocks (a page-map lookup) runs in a leaf section: the `fetch_or` is
+//!    this path's one atomic read-modify-write, as objects of one block may be freed on several CPUs.
 //! 4. Large: look up the span in the page map and return its pages to the page heap.
 //!
 //! ## Background work (the sweeper and scavenger goroutines of Go)

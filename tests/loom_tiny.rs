@@ -22,13 +22,14 @@
 //! Explored (exhaustive: no preemption bound, release build): (a) 94 iterations, (b) 4; under a second
 //! together. The CPUs are primed (each has a current block with no room for a 7-byte object, and a cached
 //! tiny span) so the threads take blocks from their own stock or span: the central lists are
-//! `loom_remote_free`'s model.
-//! Weakenings caught (each tried on `src/object/cpucache.rs`, then restored):
-//! - `free_tiny`'s `fetch_or(bit, AcqRel)` → `Relaxed`: (a) fails with "Causality violation: Concurrent
-//!   write accesses to `UnsafeCell`" on a shadow cell of the block;
-//! - `retire_tiny`'s `fetch_or(!starts, AcqRel)` → `Relaxed`: (a) fails with the same causality violation
-//!   (CPU 0 reuses the block without acquiring the frees of CPUs 1 and 2);
-//! - `free_tiny`'s completion check on `old` instead of `old | bit`: the last free never frees its block,
+//! `loom_remote_free`'s model. Since 2026-12-01 these allocations and frees run on the tiny fast paths
+//! (leaf sections: `Malloc::alloc_tiny_or`, `Malloc::dealloc_tiny`), and the models exercise them.
+//! Weakenings caught (each tried on the source, then restored; the first two again on 2026-12-01):
+//! - `tiny_release`'s (`src/object/class.rs`) `fetch_or(bit, AcqRel)` → `Relaxed`: (a) fails with
+//!   "Causality violation: Concurrent write accesses to `UnsafeCell`" on a shadow cell of the block;
+//! - `retire_tiny_masks`'s (`src/object/cpucache.rs`) `fetch_or(!starts, AcqRel)` → `Relaxed`: (a) fails
+//!   with the same causality violation (CPU 0 reuses the block without acquiring the frees of CPUs 1 and 2);
+//! - `tiny_release`'s completion check on `old` instead of `old | bit`: the last free never frees its block,
 //!   and (a) fails its "every tiny block came back once" assertion.
 #![cfg(loom)]
 

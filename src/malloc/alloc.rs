@@ -92,8 +92,65 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 }
             }
             drop(guard);
+        } else if self.tiny_eligible(size, align) {
+            return self.alloc_tiny_or::<ZERO>(layout, general);
         }
         general(layout)
+    }
+
+    /// Whether a request of `size` bytes aligned to `align` may take the tiny fast paths: a tiny request
+    /// (under [`TINY_REQUEST_LIMIT`], aligned to at most 8) with no debug knob set.
+    #[inline(always)]
+    pub(super) fn tiny_eligible(&self, size: usize, align: usize) -> bool {
+        size < TINY_REQUEST_LIMIT && align <= sizeclass::MIN_ALIGN && self.fast_span.load(Ordering::Relaxed) != 0
+    }
+
+    /// The tiny fast path, out of line (the size classes' fast path inlines; this one keeps it out of their
+    /// callers): a leaf section that takes the object from this CPU's tiny block, or a new block from the
+    /// tiny class's stock or cached span ([`CpuCache::alloc_tiny_leaf`]); else `general`. As the size
+    /// classes' fast path, it counts the sampling countdown down and leaves an allocation that would end it to
+    /// the general path. A block the change of blocks found all freed that does not fit the stock is freed
+    /// after the section, in one of its own.
+    #[inline(never)]
+    fn alloc_tiny_or<const ZERO: bool>(&self, layout: Layout, general: impl FnOnce(Layout) -> *mut u8) -> *mut u8 {
+        let (size, align) = (layout.size(), layout.align());
+        let (guard, idx) = self.provider.enter_leaf();
+        if let Some(i) = idx {
+            debug_assert!(i < MAX_CPUS);
+            // SAFETY: as in `alloc_or`: index `i < MAX_CPUS` is ours while the guard lives (a leaf section).
+            let slot = unsafe { self.caches.get_unchecked(i) };
+            // SAFETY: as above.
+            let cache = unsafe { &mut *slot.cache.get() };
+            let left = cache.next_sample - size as isize;
+            if left >= 0 {
+                cache.next_sample = left;
+                let (p, freed) = cache.alloc_tiny_leaf(size.max(1), align, &slot.shared);
+                if !p.is_null() {
+                    drop(guard);
+                    if freed != 0 {
+                        self.free_tiny_block(freed);
+                    }
+                    if ZERO {
+                        // SAFETY: `p` is a fresh allocation of at least `size` bytes.
+                        unsafe { ptr::write_bytes(p, 0, size) };
+                    }
+                    return p;
+                }
+                cache.next_sample += size as isize;
+            }
+        }
+        drop(guard);
+        general(layout)
+    }
+
+    /// Frees tiny block `block`, all of whose objects were freed, in a section of its own: the tiny fast
+    /// paths' rest when the block did not fit the tiny class's stock.
+    #[cold]
+    pub(super) fn free_tiny_block(&self, block: usize) {
+        self.with_cache(|cache, t, sh, g| {
+            // SAFETY: a tiny block all of whose objects were freed, which only we free: a free tiny-class object.
+            unsafe { cache.free(t, TINY_CLASS, block as *mut u8, sh, g) }
+        });
     }
 
     /// Every allocation the fast path does not finish.

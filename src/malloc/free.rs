@@ -4,7 +4,7 @@
 //! See `lib.rs` for an overview of the allocator and `malloc/mod.rs` for the guards and locks.
 
 use super::*;
-use crate::object::class::{in_tiny_blocks, tiny_check};
+use crate::object::class::{in_tiny_blocks, tiny_check, tiny_release};
 use crate::page::heap::slice::ProviderSections;
 
 impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
@@ -20,6 +20,10 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     pub unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         let (size, align) = (layout.size(), layout.align());
         if !self.fast_eligible(size, align) {
+            if self.tiny_eligible(size, align) {
+                // SAFETY: forwarded contract.
+                return unsafe { self.dealloc_tiny(ptr, layout) };
+            }
             // SAFETY: forwarded contract.
             return unsafe { self.dealloc_general(ptr, layout, false) };
         }
@@ -59,6 +63,66 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         let h = &self.t.heap;
         let off = addr.wrapping_sub(h.arena_base.load(Ordering::Relaxed));
         off.rotate_right(3) < h.grown_words.load(Ordering::Relaxed)
+    }
+
+    /// The tiny fast path of a free, out of line: `ptr` is checked as the general path checks a tiny free (in
+    /// the heap's arena, aligned to `layout`, in the blocks of a live tiny span, at an object's start), its
+    /// block's masks updated ([`tiny_release`]), and the free counted in a leaf section, which also puts a
+    /// block the free completed on the tiny class's stock. A pointer that fails a check goes to the general
+    /// path unchanged (which reports it), a double free is reported here; a completed block that does not
+    /// fit the stock is freed in a section of its own.
+    ///
+    /// # Safety
+    /// As for [`Malloc::dealloc`].
+    #[inline(never)]
+    unsafe fn dealloc_tiny(&self, ptr: *mut u8, layout: Layout) {
+        let addr = ptr as usize;
+        // Sampled objects (the profile's region, the guarded pool) lie outside the arena: no span.
+        let tiny_span = match self.t.heap.span_of(addr) {
+            // SAFETY: a live span's shape fields are immutable while it is in use.
+            Some(s) => unsafe { (*s.as_ptr()).class as usize == TINY_CLASS },
+            None => false,
+        };
+        if !tiny_span || addr & (layout.align() - 1) != 0 || !in_tiny_blocks(addr) {
+            // SAFETY: forwarded contract.
+            return unsafe { self.dealloc_general(ptr, layout, false) };
+        }
+        // SAFETY: in the blocks of a live tiny span (checked above).
+        let freed = match unsafe { tiny_release(addr) } {
+            Ok(freed) => freed,
+            // SAFETY: forwarded contract; nothing changed (an interior pointer: the general path reports it).
+            Err(Reason::Interior) => return unsafe { self.dealloc_general(ptr, layout, false) },
+            Err(reason) => self.report(addr, reason),
+        };
+        let (guard, idx) = self.provider.enter_leaf();
+        if let Some(i) = idx {
+            // SAFETY: as in `alloc_or`: index `i < MAX_CPUS` is ours while the guard lives (a leaf section).
+            let slot = unsafe { self.caches.get_unchecked(i) };
+            // SAFETY: as above.
+            let cache = unsafe { &mut *slot.cache.get() };
+            // SAFETY: `freed` is 0 or the block this free completed, which only we free.
+            if unsafe { cache.free_tiny_leaf(freed, &slot.shared) } {
+                return;
+            }
+            drop(guard);
+            self.free_tiny_block(freed);
+            return;
+        }
+        drop(guard);
+        self.tiny_free_rest(freed);
+    }
+
+    /// A tiny free whose masks were updated with no CPU index at hand: counts it and frees `freed` (a block
+    /// the free completed, or 0) in a section of its own.
+    #[cold]
+    fn tiny_free_rest(&self, freed: usize) {
+        self.with_cache(|cache, t, sh, g| {
+            sh.stats.tiny_nfree.bump();
+            if freed != 0 {
+                // SAFETY: the block this free completed, which only we free: a free tiny-class object.
+                unsafe { cache.free(t, TINY_CLASS, freed as *mut u8, sh, g) }
+            }
+        });
     }
 
     /// Every free the fast path does not finish. `checked`: the fast path already ran the `checks`.

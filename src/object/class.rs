@@ -178,6 +178,29 @@ pub(crate) unsafe fn tiny_check(addr: usize) -> Result<(), Reason> {
     Ok(())
 }
 
+/// A tiny free's masks (the tiny protocol's *free*, see `cpucache.rs`): refuses `addr` if no object of its
+/// block starts there ([`Reason::Interior`], nothing changed), or-s its bit into the block's done mask and
+/// refuses it if the bit was set already ([`Reason::DoubleFree`]: the `fetch_or` changed nothing). Returns
+/// the block if this free completed a retired block (its last live object: the caller frees the block),
+/// else 0. Any CPU, in or out of a section: it touches only the block's atomics.
+///
+/// # Safety
+/// `addr` lies in the blocks of a live tiny span (see [`in_tiny_blocks`]).
+#[inline(always)]
+pub(crate) unsafe fn tiny_release(addr: usize) -> Result<usize, Reason> {
+    let bit = tiny_bit(addr);
+    // SAFETY: the caller's contract.
+    let (starts, done) = unsafe { (tiny_starts(addr), tiny_done(addr)) };
+    if starts.load(Ordering::Relaxed) & bit == 0 {
+        return Err(Reason::Interior);
+    }
+    let old = done.fetch_or(bit, Ordering::AcqRel);
+    if old & bit != 0 {
+        return Err(Reason::DoubleFree);
+    }
+    Ok(if old | bit == TINY_DONE { addr & !(TINY_SIZE - 1) } else { 0 })
+}
+
 /// The key a CPU stock writes into the second word of every object it holds (glibc tcache's `key`): a free
 /// whose object already holds it may be a double free into this CPU's stock, and only then is the stock
 /// scanned. Objects leave a stock with the key cleared (allocation, flush), so user data holds it only if

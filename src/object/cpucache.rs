@@ -37,8 +37,9 @@
 //!
 //! *Adapted from Go: the bound.* Go packs every noscan request under 16 bytes ([`TINY_SIZE`]). goheap's
 //! explicit free of a tiny object is dearer than a small object's: it looks the span up and checks the
-//! block's masks, then performs a `fetch_or`, all on the general path (361 instructions per alloc+free pair
-//! of 8 bytes in callgrind, `goheap-bench callgrind-pair8`, against 77 for a 64-byte pair). Packing buys
+//! block's masks, then performs a `fetch_or` (when the tiny path ran on the general path: 361 instructions
+//! per alloc+free pair of 8 bytes in callgrind, `goheap-bench callgrind-pair8`, against 77 for a 64-byte
+//! pair; with the tiny fast paths below, 194). Packing buys
 //! nothing for a request of 9 to 15 bytes aligned to 8 (it fills a block alone, as the 16-byte class would
 //! hold it), so requests of 9 bytes and up take the size classes and their fast paths. Requests of 8 bytes
 //! and less stay tiny: several share a block, and the block's masks catch every double free at the free in
@@ -46,22 +47,31 @@
 //! stock key). What goheap gives up is packing a 9- to 15-byte object of alignment under 8 with a smaller
 //! one in the rest of its block.
 //!
+//! *The tiny fast paths* (`Malloc::alloc_tiny_or`, `Malloc::dealloc_tiny`, out of line so the size
+//! classes' inlined fast path stays as it was): `CpuCache::alloc_tiny_leaf` bumps the current block, or
+//! takes a new block off the tiny class's stock or cached span and retires the current one, in a leaf
+//! section; a free checks the pointer (arena, page map: a live tiny span, in its blocks, aligned), updates
+//! the block's masks with `tiny_release` outside any section (it touches only the block's atomics) and
+//! counts it in a leaf section, which also puts a block the free completed on the stock
+//! (`CpuCache::free_tiny_leaf`). A block that does not fit the stock is freed in a section of its own.
+//! Whatever needs a span, a lock or a report goes to the general path, which does all of it in one section.
+//!
 //! # The tiny protocol
 //!
-//! - **Take** a block (`alloc_tiny_block`, the owning CPU): the block came off the tiny class's stock or a
+//! - **Take** a block (`take_tiny_block`, the owning CPU): the block came off the tiny class's stock or a
 //!   span, so its previous life is over; store `A = 1`, `D = 0` (plain `Relaxed` stores: the block is not
 //!   handed out yet). Its first object is at offset 0.
 //! - **Allocate** at offset `i` (the owner; `i <= 14`: an object that would start at 15 takes a new block):
 //!   `tiny_starts |= 1 << i` in a private field, then a plain `Relaxed` store of it to `A`. No load of
 //!   shared state, no read-modify-write, no lock.
-//! - **Free** offset `i` (any CPU): load `A` (`Relaxed`); bit `i` clear ⇒ no object starts there (an interior
-//!   pointer, or one never handed out): report, change nothing. Else `old = D.fetch_or(1 << i, AcqRel)`:
-//!   bit `i` already in `old` ⇒ double free: report (the `fetch_or` changed nothing). Else if
-//!   `old | 1 << i == 0xffff` the block is retired and this was its last live object: this free frees the
-//!   block (into its own CPU's stock).
-//! - **Retire** (the owner, when it moves to another block or flushes): `old = D.fetch_or(!A, AcqRel)` with
-//!   its final `A`; if `old == A` every object was freed before the retirement (`D` becomes `0xffff`): the
-//!   owner frees the block.
+//! - **Free** offset `i` (any CPU, `tiny_release`): load `A` (`Relaxed`); bit `i` clear ⇒ no object
+//!   starts there (an interior pointer, or one never handed out): report, change nothing. Else
+//!   `old = D.fetch_or(1 << i, AcqRel)`: bit `i` already in `old` ⇒ double free: report (the `fetch_or`
+//!   changed nothing). Else if `old | 1 << i == 0xffff` the block is retired and this was its last live
+//!   object: this free frees the block (into its own CPU's stock).
+//! - **Retire** (the owner, when it moves to another block or flushes; `retire_tiny_masks`):
+//!   `old = D.fetch_or(!A, AcqRel)` with its final `A`; if `old == A` every object was freed before the
+//!   retirement (`D` becomes `0xffff`): the owner frees the block.
 //!
 //! Why it is exact. A legitimate free of offset `i` happens after the allocation that handed the object out
 //! (the user's hand-over of the pointer), so its load of `A` sees bit `i` (later stores of the block's life
@@ -105,8 +115,8 @@
 
 use super::central::{Central, Flushed};
 use super::class::{
-    class_shape, stock_key_slot, tiny_bit, tiny_done, tiny_starts, NUM_ALLOC_CLASSES, STOCK_KEY, STOCK_KEY_MIN_SIZE,
-    TINY_CLASS, TINY_DONE, TINY_MAX_START, TINY_SIZE,
+    class_shape, stock_key_slot, tiny_done, tiny_release, tiny_starts, NUM_ALLOC_CLASSES, STOCK_KEY,
+    STOCK_KEY_MIN_SIZE, TINY_CLASS, TINY_MAX_START, TINY_SIZE,
 };
 use crate::cpu::Guarded;
 use crate::page::heap::pagecache::PageCache;
@@ -665,6 +675,16 @@ impl CpuCache {
         sh: &CpuShared,
         g: Guarded<'_>,
     ) -> *mut u8 {
+        match self.bump_tiny(size, align, sh) {
+            Some(p) => p,
+            None => self.alloc_tiny_block(t, size, sh, g),
+        }
+    }
+
+    /// The object of `size` bytes aligned to `align` at the current tiny block's next offset, if one is
+    /// current and the object fits (a leaf step: no load of shared state, no read-modify-write).
+    #[inline(always)]
+    fn bump_tiny(&mut self, size: usize, align: usize, sh: &CpuShared) -> Option<*mut u8> {
         let off = (self.tiny_offset + align - 1) & !(align - 1);
         if self.tiny != 0 && off + size <= TINY_SIZE && off <= TINY_MAX_START {
             self.tiny_offset = off + size;
@@ -673,9 +693,31 @@ impl CpuCache {
             // only this CPU stores to it while the block is current (the tiny protocol: a plain store).
             unsafe { &*self.tiny_starts_at }.store(self.tiny_starts, Ordering::Relaxed);
             sh.stats.tiny_nmalloc.bump();
-            return (self.tiny + off) as *mut u8;
+            return Some((self.tiny + off) as *mut u8);
         }
-        self.alloc_tiny_block(t, size, sh, g)
+        None
+    }
+
+    /// The tiny path's leaf part (`Malloc`'s tiny fast path: it calls nothing out): the current block's next
+    /// offset, else a new block off the tiny class's stock or cached span, retiring the current one.
+    /// Returns the object (null if neither has room: the caller takes the general path, nothing changed)
+    /// and a block the retirement found all freed that did not fit the tiny class's stock (0 if none): the
+    /// caller frees it with [`CpuCache::free`] in a section of its own.
+    #[inline(always)]
+    pub(crate) fn alloc_tiny_leaf(&mut self, size: usize, align: usize, sh: &CpuShared) -> (*mut u8, usize) {
+        if let Some(p) = self.bump_tiny(size, align, sh) {
+            return (p, 0);
+        }
+        // SAFETY: the tiny class is an allocation class.
+        let Some(block) = (unsafe { self.alloc_fast::<false>(TINY_CLASS, sh) }) else {
+            return (ptr::null_mut(), 0);
+        };
+        let freed = self.take_tiny_block(block, size, sh);
+        // SAFETY: `freed` is a tiny block all of whose objects were freed: a free tiny-class object.
+        if freed != 0 && unsafe { self.free_fast(TINY_CLASS, freed as *mut u8, sh) } {
+            return (block, 0);
+        }
+        (block, freed)
     }
 
     #[inline(never)]
@@ -691,6 +733,19 @@ impl CpuCache {
         if block.is_null() {
             return block;
         }
+        let freed = self.take_tiny_block(block, size, sh);
+        if freed != 0 {
+            // SAFETY: every object of the retired block was freed; the block is a tiny-class object.
+            unsafe { self.free(t, TINY_CLASS, freed as *mut u8, sh, g) };
+        }
+        block
+    }
+
+    /// Takes `block`, fresh off the tiny class, for an object of `size` bytes at its offset 0 (the tiny
+    /// protocol's *take*), and makes it the current block unless the current one has more room left.
+    /// Returns the block the retirement of the current one found all freed (0 if none): the caller frees it.
+    #[inline(always)]
+    fn take_tiny_block(&mut self, block: *mut u8, size: usize, sh: &CpuShared) -> usize {
         sh.stats.tiny_nmalloc.bump();
         // SAFETY: a fresh 16-byte block: its second word is ours (it may hold the stock key).
         unsafe { *stock_key_slot(block) = 0 };
@@ -703,22 +758,34 @@ impl CpuCache {
             // As Go: keep whichever block has more room left. The current one does, so the new block holds
             // just this object and is retired at once (nobody else knows the block yet: a store of `!A`).
             done.store(!1, Ordering::Relaxed);
-            return block;
+            return 0;
         }
         done.store(0, Ordering::Relaxed);
-        self.retire_tiny(t, sh, g);
+        let freed = self.retire_tiny_masks();
         self.tiny = block as usize;
         self.tiny_offset = size;
         self.tiny_starts = 1;
         self.tiny_starts_at = starts;
-        block
+        freed
     }
 
     /// Retires the current tiny block: or-s the offsets that are not starts into its done mask, and frees
     /// the block if all of its objects were freed already (the tiny protocol in the module docs).
     fn retire_tiny<S: PageSource>(&mut self, t: &Tiers<S>, sh: &CpuShared, g: Guarded<'_>) {
+        let freed = self.retire_tiny_masks();
+        if freed != 0 {
+            // SAFETY: every object of the block was freed; the block is a tiny-class object.
+            unsafe { self.free(t, TINY_CLASS, freed as *mut u8, sh, g) };
+        }
+    }
+
+    /// The retirement's masks: leaves the current tiny block (if any), or-ing the offsets that are not
+    /// starts into its done mask. Returns the block if that found all of its objects freed (the caller
+    /// then frees it), else 0.
+    #[inline(always)]
+    fn retire_tiny_masks(&mut self) -> usize {
         if self.tiny == 0 {
-            return;
+            return 0;
         }
         let block = self.tiny;
         let starts = self.tiny_starts;
@@ -729,8 +796,9 @@ impl CpuCache {
         // SAFETY: `block` is a live tiny block.
         let done = unsafe { tiny_done(block) };
         if done.fetch_or(!starts, Ordering::AcqRel) == starts {
-            // SAFETY: every object of the block was freed; the block is a tiny-class object.
-            unsafe { self.free(t, TINY_CLASS, block as *mut u8, sh, g) };
+            block
+        } else {
+            0
         }
     }
 
@@ -743,22 +811,30 @@ impl CpuCache {
     #[inline]
     pub(crate) unsafe fn free_tiny<S: PageSource>(&mut self, t: &Tiers<S>, p: *mut u8, sh: &CpuShared, g: Guarded<'_>) {
         let addr = p as usize;
-        let bit = tiny_bit(addr);
         // SAFETY: the caller's contract.
-        let (starts, done) = unsafe { (tiny_starts(addr), tiny_done(addr)) };
-        if starts.load(Ordering::Relaxed) & bit == 0 {
-            crate::check::report_with(&t.heap, t.report_hook, addr, crate::check::Reason::Interior);
+        match unsafe { tiny_release(addr) } {
+            Err(reason) => crate::check::report_with(&t.heap, t.report_hook, addr, reason),
+            Ok(freed) => {
+                sh.stats.tiny_nfree.bump();
+                if freed != 0 {
+                    // SAFETY: the block was retired and all its objects are now free.
+                    unsafe { self.free(t, TINY_CLASS, freed as *mut u8, sh, g) };
+                }
+            }
         }
-        let old = done.fetch_or(bit, Ordering::AcqRel);
-        if old & bit != 0 {
-            crate::check::report_with(&t.heap, t.report_hook, addr, crate::check::Reason::DoubleFree);
-        }
+    }
+
+    /// The leaf part of a tiny free whose masks [`tiny_release`] already updated: counts it, and puts
+    /// `freed` (a block it completed, or 0) on the tiny class's stock if it fits. Returns false if `freed`
+    /// did not fit: the caller frees it with [`CpuCache::free`] in a section of its own.
+    ///
+    /// # Safety
+    /// `freed` is 0 or a tiny block all of whose objects were freed, which nothing else will free.
+    #[inline(always)]
+    pub(crate) unsafe fn free_tiny_leaf(&mut self, freed: usize, sh: &CpuShared) -> bool {
         sh.stats.tiny_nfree.bump();
-        if old | bit == TINY_DONE {
-            let block = addr & !(TINY_SIZE - 1);
-            // SAFETY: the block was retired (only the retirement adds bit 15) and all its objects are now free.
-            unsafe { self.free(t, TINY_CLASS, block as *mut u8, sh, g) };
-        }
+        // SAFETY: the caller's contract: a free tiny-class object.
+        freed == 0 || unsafe { self.free_fast(TINY_CLASS, freed as *mut u8, sh) }
     }
 
     /// Gives everything cached back: flushes every stock, retires the tiny block and returns every span to
