@@ -7,8 +7,8 @@
 //! 2. Runs every workload group for every allocator interleaved (rep 1: A B C, rep 2: B C A, ...), each run
 //!    a separate process printing JSON lines; a run over its time limit is killed and that allocator skips
 //!    the group in later repetitions.
-//! 3. Counts instructions per 64 B alloc+free pair with callgrind (two run lengths, the difference divided
-//!    by the extra pairs, so start-up does not count).
+//! 3. Counts instructions per 64 B and per 8 B (tiny) alloc+free pair with callgrind (two run lengths, the
+//!    difference divided by the extra pairs, so start-up does not count).
 //! 4. Writes the raw lines to `bench/results/latest.jsonl`, the ratio chart to `bench/results/ratios.svg`
 //!    and regenerates `BENCHMARKS.md` (medians and min–max over repetitions, goheap/peer ratios). A partial
 //!    run (`--quick`, `--only`, `--alloc`) writes the same three files to `target/bench/report/` instead.
@@ -519,13 +519,18 @@ fn run_one(bin: &Path, args: &[String], limit: Duration) -> RunOutcome {
     }
 }
 
-/// Instructions per 64 B pair under callgrind: (Ir(2n) - Ir(n)) / n.
-fn callgrind(bin: &Path, n: u64) -> Result<f64, String> {
+/// The pair sizes the instruction counts are taken at: 64 B (a size class's fast path) and 8 B (the tiny
+/// path, 8 B and less).
+const CALLGRIND_PAIR_BYTES: [u32; 2] = [64, 8];
+
+/// Instructions per alloc+free pair of `nbytes` (`goheap-bench callgrind-pairN`) under callgrind:
+/// (Ir(2n) - Ir(n)) / n.
+fn callgrind(bin: &Path, n: u64, nbytes: u32) -> Result<f64, String> {
     let ir = |pairs: u64| -> Result<u64, String> {
         let out = Command::new("valgrind")
             .args(["--tool=callgrind", "--callgrind-out-file=/dev/null"])
             .arg(bin)
-            .args(["callgrind-pair64", &pairs.to_string()])
+            .args([format!("callgrind-pair{nbytes}"), pairs.to_string()])
             .stdin(Stdio::null())
             .output()
             .map_err(|e| format!("cannot run valgrind: {e}"))?;
@@ -587,7 +592,7 @@ fn run(o: &Opts) -> Result<(), String> {
     for rep in 0..o.reps {
         if rep > 0 {
             let per_rep = t_runs.elapsed().as_secs_f64() / rep as f64;
-            let callgrind_left = if o.callgrind { 3.0 * nb as f64 } else { 0.0 };
+            let callgrind_left = if o.callgrind { 6.0 * nb as f64 } else { 0.0 };
             if t_all.elapsed().as_secs_f64() + per_rep + callgrind_left > o.budget {
                 say!(
                     "time budget ({:.0} s): stopping after {rep} of {} repetitions (one takes {per_rep:.0} s here now)",
@@ -647,16 +652,18 @@ fn run(o: &Opts) -> Result<(), String> {
             say!("valgrind not found: no instruction counts (apt-get install valgrind)");
         } else {
             for a in &built {
-                match callgrind(&bin_path(&root, a), o.callgrind_n) {
-                    Ok(ipp) => {
-                        say!("callgrind {a}: {ipp:.1} instructions per 64 B pair");
-                        let mut r = Record::new();
-                        r.insert("workload".into(), Val::Str("callgrind-pair-64".into()));
-                        r.insert("alloc".into(), Val::Str(a.clone()));
-                        r.insert("instr_per_pair".into(), Val::Num((ipp * 10.0).round() / 10.0));
-                        out.push(r);
+                for nbytes in CALLGRIND_PAIR_BYTES {
+                    match callgrind(&bin_path(&root, a), o.callgrind_n, nbytes) {
+                        Ok(ipp) => {
+                            say!("callgrind {a}: {ipp:.1} instructions per {nbytes} B pair");
+                            let mut r = Record::new();
+                            r.insert("workload".into(), Val::Str(format!("callgrind-pair-{nbytes}")));
+                            r.insert("alloc".into(), Val::Str(a.clone()));
+                            r.insert("instr_per_pair".into(), Val::Num((ipp * 10.0).round() / 10.0));
+                            out.push(r);
+                        }
+                        Err(e) => say!("callgrind {a} ({nbytes} B): {e}"),
                     }
-                    Err(e) => say!("callgrind {a}: {e}"),
                 }
             }
         }
@@ -1221,27 +1228,38 @@ impl<'a> Report<'a> {
         }
     }
 
-    /// The fast-path guard: instructions per 64 B pair under callgrind, if measured.
+    /// The fast-path guard: instructions per 64 B pair (and per 8 B pair, the tiny path, when measured)
+    /// under callgrind, if measured.
     fn callgrind(&self, md: &mut String) {
-        let cg: Vec<(&str, f64)> = self
-            .allocs
-            .iter()
-            .filter_map(|a| self.t.stat("callgrind-pair-64", a, "instr_per_pair").map(|s| (*a, s.med)))
-            .collect();
+        let of =
+            |a: &str, nbytes: u32| self.t.stat(&format!("callgrind-pair-{nbytes}"), a, "instr_per_pair").map(|s| s.med);
+        let cg: Vec<(&str, f64, Option<f64>)> =
+            self.allocs.iter().filter_map(|a| of(a, 64).map(|v| (*a, v, of(a, 8)))).collect();
         if cg.is_empty() {
             return;
         }
         let _ = writeln!(md, "\n## Fast-path guard: instructions per 64 B alloc+free pair (callgrind)\n");
         let _ = writeln!(
             md,
-            "`valgrind --tool=callgrind` on `goheap-bench callgrind-pair64 N` for N and 2N pairs; the \
-             difference over N, so start-up does not count. Deterministic: a change of the fast path shows \
-             here whatever the machine's load.\n"
+            "`valgrind --tool=callgrind` on `goheap-bench callgrind-pair64 N` (and `callgrind-pair8 N`) for N \
+             and 2N pairs; the difference over N, so start-up does not count. Deterministic: a change of the \
+             fast path shows here whatever the machine's load. The 8 B pair is goheap's tiny path (requests of \
+             8 bytes and less, packed into 16-byte blocks), where the peers use an 8 or 16-byte size class.\n"
         );
-        let _ = writeln!(md, "| allocator | instructions / pair | goheap / peer |\n|---|---:|---:|");
+        let _ = writeln!(
+            md,
+            "| allocator | instructions / 64 B pair | goheap / peer | instructions / 8 B pair | goheap / peer |\n\
+             |---|---:|---:|---:|---:|"
+        );
         let g = cg.iter().find(|c| c.0 == "goheap").map(|c| c.1).unwrap_or(f64::NAN);
-        for (a, v) in &cg {
-            let _ = writeln!(md, "| {a} | {v:.1} | {} |", fmt_ratio(g / v));
+        let g8 = cg.iter().find(|c| c.0 == "goheap").and_then(|c| c.2);
+        for (a, v, v8) in &cg {
+            let (c8, r8) = match (v8, g8) {
+                (Some(v8), Some(g8)) => (format!("{v8:.1}"), fmt_ratio(g8 / v8)),
+                (Some(v8), None) => (format!("{v8:.1}"), "—".to_string()),
+                _ => ("—".to_string(), "—".to_string()),
+            };
+            let _ = writeln!(md, "| {a} | {v:.1} | {} | {c8} | {r8} |", fmt_ratio(g / v));
         }
     }
 
