@@ -61,12 +61,9 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             let c = sizeclass::class_of(size);
             let (guard, idx) = self.provider.enter_leaf();
             if let Some(i) = idx {
-                debug_assert!(i < MAX_CPUS);
-                // SAFETY: the guard makes index `i < MAX_CPUS` exclusive to us while it lives (CpuProvider
-                // contract); the reference does not outlive it, and nothing below calls out (leaf section).
-                let slot = unsafe { self.caches.get_unchecked(i) };
-                // SAFETY: as above.
-                let cache = unsafe { &mut *slot.cache.get() };
+                // SAFETY: the leaf guard gave index `i`; the references do not outlive it, and nothing below
+                // calls out (leaf section).
+                let (cache, sh) = unsafe { self.cache_of(i) };
                 let left = cache.next_sample - size as isize;
                 if left >= 0 {
                     // Counted down before the attempt and given back if it fails (read again then, not kept):
@@ -74,7 +71,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                     // callee-saved registers even with a provider that keeps its saved flags in one.
                     cache.next_sample = left;
                     // SAFETY: `class_of` returns a size class, below `NUM_ALLOC_CLASSES`.
-                    if let Some(p) = unsafe { cache.alloc_fast::<ZERO>(c, &slot.shared) } {
+                    if let Some(p) = unsafe { cache.alloc_fast::<ZERO>(c, sh) } {
                         drop(guard);
                         if !ZERO {
                             // SAFETY: `p` is ours, of a class of at least 16 bytes (the fast path's: requests of
@@ -116,15 +113,12 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         let (size, align) = (layout.size(), layout.align());
         let (guard, idx) = self.provider.enter_leaf();
         if let Some(i) = idx {
-            debug_assert!(i < MAX_CPUS);
-            // SAFETY: as in `alloc_or`: index `i < MAX_CPUS` is ours while the guard lives (a leaf section).
-            let slot = unsafe { self.caches.get_unchecked(i) };
-            // SAFETY: as above.
-            let cache = unsafe { &mut *slot.cache.get() };
+            // SAFETY: the leaf guard gave index `i`; the references do not outlive it (a leaf section).
+            let (cache, sh) = unsafe { self.cache_of(i) };
             let left = cache.next_sample - size as isize;
             if left >= 0 {
                 cache.next_sample = left;
-                let (p, freed) = cache.alloc_tiny_leaf(size.max(1), align, &slot.shared);
+                let (p, freed) = cache.alloc_tiny_leaf(size.max(1), align, sh);
                 if !p.is_null() {
                     drop(guard);
                     if freed != 0 {

@@ -35,13 +35,11 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         if self.in_arena(ptr as usize) {
             let (guard, idx) = self.provider.enter_leaf();
             if let Some(i) = idx {
-                // SAFETY: as in `alloc_or`: index `i` is ours while the guard lives (a leaf section).
-                let slot = unsafe { self.caches.get_unchecked(i) };
-                // SAFETY: as above.
-                let cache = unsafe { &mut *slot.cache.get() };
+                // SAFETY: the leaf guard gave index `i`; the references do not outlive it (a leaf section).
+                let (cache, sh) = unsafe { self.cache_of(i) };
                 // SAFETY: forwarded contract: `ptr` is a class-`c` object of ours (at least 16 bytes: the fast
                 // path serves no smaller class); `c` is a size class.
-                if unsafe { cache.free_fast(c, ptr, &slot.shared) } {
+                if unsafe { cache.free_fast(c, ptr, sh) } {
                     drop(guard);
                     return;
                 }
@@ -96,12 +94,10 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         };
         let (guard, idx) = self.provider.enter_leaf();
         if let Some(i) = idx {
-            // SAFETY: as in `alloc_or`: index `i < MAX_CPUS` is ours while the guard lives (a leaf section).
-            let slot = unsafe { self.caches.get_unchecked(i) };
-            // SAFETY: as above.
-            let cache = unsafe { &mut *slot.cache.get() };
+            // SAFETY: the leaf guard gave index `i`; the references do not outlive it (a leaf section).
+            let (cache, sh) = unsafe { self.cache_of(i) };
             // SAFETY: `freed` is 0 or the block this free completed, which only we free.
-            if unsafe { cache.free_tiny_leaf(freed, &slot.shared) } {
+            if unsafe { cache.free_tiny_leaf(freed, sh) } {
                 return;
             }
             drop(guard);

@@ -385,13 +385,9 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         match self.provider.enter() {
             (guard, Some(i)) => {
                 debug_assert!(i < MAX_CPUS);
-                // SAFETY: the guard makes index `i` exclusive to us until it drops (CpuProvider contract),
-                // and `Entered` keeps the guard alive as long as the reference; `i < MAX_CPUS` by the same
-                // contract.
-                let slot = unsafe { self.caches.get_unchecked(i) };
-                // SAFETY: as above: the guard gives us slot `i`'s cache exclusively.
-                let cache = unsafe { &mut *slot.cache.get() };
-                let e = Entered { cache, sh: &slot.shared, held: Held::Cpu(guard) };
+                // SAFETY: the guard gave index `i`, and `Entered` keeps it alive as long as the references.
+                let (cache, sh) = unsafe { self.cache_of(i) };
+                let e = Entered { cache, sh, held: Held::Cpu(guard) };
                 if self.pacing.flush_due(i) {
                     self.honour_flush(e.cache, e.sh, e.held.guarded());
                 }
@@ -399,6 +395,22 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
             }
             (guard, None) => self.enter_shared(guard),
         }
+    }
+
+    /// Cache `i` and what other CPUs may read of it, for the holder of a guard of the provider (leaf or
+    /// full) that gave index `i`.
+    ///
+    /// # Safety
+    /// The caller holds a guard of `self.provider` that returned index `i` (which makes `i < MAX_CPUS` and the
+    /// index exclusive to it: the `CpuProvider` contract), and drops both references before the guard.
+    #[inline(always)]
+    #[allow(clippy::mut_from_ref)] // The exclusivity comes from the guard, not from `&self`.
+    unsafe fn cache_of(&self, i: usize) -> (&mut CpuCache, &CpuShared) {
+        debug_assert!(i < MAX_CPUS);
+        // SAFETY: `i < MAX_CPUS` (the caller's contract).
+        let slot = unsafe { self.caches.get_unchecked(i) };
+        // SAFETY: the caller's guard makes slot `i`'s cache exclusive to it while the guard lives.
+        (unsafe { &mut *slot.cache.get() }, &slot.shared)
     }
 
     #[cold]
