@@ -19,8 +19,12 @@
 //! were those under 16, and the models packed two 8-byte objects per block, reused by one 12-byte object
 //! (now a size class's).
 //!
-//! Explored (exhaustive: no preemption bound, release build): (a) 94 iterations, (b) 4; under a second
-//! together. The CPUs are primed (each has a current block with no room for a 7-byte object, and a cached
+//! In (a), when both frees come before CPU 0's next allocation, CPU 0 renews the block in place (its done
+//! mask equals its starts: no retirement, no trip through the stock) and reuses both objects' bytes at
+//! once; otherwise it retires the block as above.
+//!
+//! Explored (exhaustive: no preemption bound, release build): (a) 465 iterations (94 before the renewal
+//! existed), (b) 4; a few seconds together. The CPUs are primed (each has a current block with no room for a 7-byte object, and a cached
 //! tiny span) so the threads take blocks from their own stock or span: the central lists are
 //! `loom_remote_free`'s model. Since 2026-12-01 these allocations and frees run on the tiny fast paths
 //! (leaf sections: `Malloc::alloc_tiny_or`, `Malloc::dealloc_tiny`), and the models exercise them.
@@ -29,6 +33,8 @@
 //!   "Causality violation: Concurrent write accesses to `UnsafeCell`" on a shadow cell of the block;
 //! - `retire_tiny_masks`'s (`src/object/cpucache.rs`) `fetch_or(!starts, AcqRel)` → `Relaxed`: (a) fails
 //!   with the same causality violation (CPU 0 reuses the block without acquiring the frees of CPUs 1 and 2);
+//! - `renew_tiny`'s (`src/object/cpucache.rs`) `load(Acquire)` of the done mask → `Relaxed`: (a) fails with
+//!   the same causality violation (CPU 0 renews the block without acquiring the other CPUs' frees);
 //! - `tiny_release`'s completion check on `old` instead of `old | bit`: the last free never frees its block,
 //!   and (a) fails its "every tiny block came back once" assertion.
 #![cfg(loom)]
@@ -119,9 +125,9 @@ fn tiny_block_freed_from_two_cpus_while_retired() {
             })
         };
         let (t1, t2) = (cpu(1, a), cpu(2, b));
-        // CPU 0: the block has no room, so this allocation takes a new block and retires the old one (the
-        // 3-byte filler leaves the new one with no room either); the next ones take another block (the old
-        // one, if the retirement completed it).
+        // CPU 0: the block has no room, so this allocation renews it (if both frees came first) or takes a
+        // new block and retires the old one (the 3-byte filler leaves the block with no room either); the
+        // next ones take another block (the old one, if the retirement completed it).
         let (q, q3) = (m.alloc(l7()) as usize, m.alloc(l3()) as usize);
         assert!(q != 0 && q3 == q + 7);
         shadow.write(q, 30);

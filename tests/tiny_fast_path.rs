@@ -104,6 +104,51 @@ fn tiny_pairs_take_leaf_sections_only() {
     .unwrap();
 }
 
+/// A block whose objects were all freed is started over in place when the next object does not fit
+/// (the tiny protocol's *renew*): alloc+free churn of tiny objects then takes no block from the 16-byte class
+/// at all (before, every block that filled up went back to the stock and another came off it).
+#[test]
+fn a_freed_block_is_started_over_in_place() {
+    std::thread::spawn(|| {
+        let m = new_malloc();
+        let lay = l(8, 8);
+        let p0 = m.alloc(lay);
+        // SAFETY (test): allocated above with `lay`.
+        unsafe { m.dealloc(p0, lay) };
+        let class16 = goheap::object::sizeclass::class_of(16);
+        let blocks_before = m.mem_stats().by_size[class16].mallocs;
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            let p = m.alloc(lay);
+            assert!(!p.is_null());
+            seen.insert(p as usize & !15);
+            // SAFETY (test): allocated above with `lay`; freed once.
+            unsafe { m.dealloc(p, lay) };
+        }
+        let st = m.mem_stats();
+        assert_eq!(st.by_size[class16].mallocs, blocks_before, "the churn took blocks off the class");
+        assert_eq!(seen.len(), 1, "the churn moved between blocks: {seen:x?}");
+        assert_eq!(st.tiny_allocs, st.tiny_frees);
+        // With a live object left in the block, the next block is a new one, and the live object stays intact.
+        let keep = m.alloc(lay);
+        // SAFETY (test): a fresh 8-byte allocation.
+        unsafe { keep.cast::<u64>().write(0x1234_5678_9abc_def0) };
+        let other = m.alloc(lay);
+        let third = m.alloc(lay);
+        assert_ne!(third as usize & !15, keep as usize & !15, "a block with a live object was started over");
+        // SAFETY (test): `keep` is live and was written above.
+        assert_eq!(unsafe { keep.cast::<u64>().read() }, 0x1234_5678_9abc_def0);
+        for p in [keep, other, third] {
+            // SAFETY (test): allocated above with `lay`; freed once.
+            unsafe { m.dealloc(p, lay) };
+        }
+        #[cfg(feature = "validate")]
+        m.validate();
+    })
+    .join()
+    .unwrap();
+}
+
 #[test]
 fn tiny_batches_never_overlap_and_come_back() {
     std::thread::spawn(|| {

@@ -39,21 +39,22 @@
 //! explicit free of a tiny object is dearer than a small object's: it looks the span up and checks the
 //! block's masks, then performs a `fetch_or` (when the tiny path ran on the general path: 361 instructions
 //! per alloc+free pair of 8 bytes in callgrind, `goheap-bench callgrind-pair8`, against 77 for a 64-byte
-//! pair; with the tiny fast paths below, 194). Packing buys
-//! nothing for a request of 9 to 15 bytes aligned to 8 (it fills a block alone, as the 16-byte class would
-//! hold it), so requests of 9 bytes and up take the size classes and their fast paths. Requests of 8 bytes
-//! and less stay tiny: several share a block, and the block's masks catch every double free at the free in
-//! every build, which the 8-byte class could not do without `checks` (its objects have no room for the
-//! stock key). What goheap gives up is packing a 9- to 15-byte object of alignment under 8 with a smaller
-//! one in the rest of its block.
+//! pair; with the tiny fast paths below, 194, and 165 once a block whose objects were all freed is
+//! renewed). Packing buys nothing for a request of 9 to 15 bytes aligned to 8 (it fills a block alone, as
+//! the 16-byte class would hold it), so requests of 9 bytes and up take the size classes and their fast
+//! paths. Requests of 8 bytes and less stay tiny: several share a block, and the block's masks catch every
+//! double free at the free in every build, which the 8-byte class could not do without `checks` (its
+//! objects have no room for the stock key). What goheap gives up is packing a 9- to 15-byte object of
+//! alignment under 8 with a smaller one in the rest of its block.
 //!
 //! *The tiny fast paths* (`Malloc::alloc_tiny_or`, `Malloc::dealloc_tiny`, out of line so the size
-//! classes' inlined fast path stays as it was): `CpuCache::alloc_tiny_leaf` bumps the current block, or
-//! takes a new block off the tiny class's stock or cached span and retires the current one, in a leaf
-//! section; a free checks the pointer (arena, page map: a live tiny span, in its blocks, aligned), updates
-//! the block's masks with `tiny_release` outside any section (it touches only the block's atomics) and
-//! counts it in a leaf section, which also puts a block the free completed on the stock
-//! (`CpuCache::free_tiny_leaf`). A block that does not fit the stock is freed in a section of its own.
+//! classes' inlined fast path stays as it was): `CpuCache::alloc_tiny_leaf` bumps the current block,
+//! renews it if all its objects were freed, or takes a new block off the tiny class's stock or cached span
+//! and retires the current one, in a leaf section; a free checks the pointer (arena, page map: a live tiny
+//! span, in its blocks, aligned), updates the block's masks with `tiny_release` outside any section (it
+//! touches only the block's atomics) and counts it in a leaf section, which also puts a block the free
+//! completed on the stock (`CpuCache::free_tiny_leaf`). A block that does not fit the stock is freed in a
+//! section of its own.
 //! Whatever needs a span, a lock or a report goes to the general path, which does all of it in one section.
 //!
 //! # The tiny protocol
@@ -69,6 +70,11 @@
 //!   `old = D.fetch_or(1 << i, AcqRel)`: bit `i` already in `old` ⇒ double free: report (the `fetch_or`
 //!   changed nothing). Else if `old | 1 << i == 0xffff` the block is retired and this was its last live
 //!   object: this free frees the block (into its own CPU's stock).
+//! - **Renew** (the owner, when the next object does not fit its current block; `renew_tiny`): load `D`
+//!   (`Acquire`); if `D == A` every object handed out from the block was freed, and no free can change `D`
+//!   any more but a double free's (which finds its bit set and changes nothing): store `D = 0`, `A = 1` and
+//!   hand out offset 0 again. The block is never retired nor handed on: Go's block would go back through the
+//!   GC; here the same CPU starts it over, with no read-modify-write and no trip through the class's stock.
 //! - **Retire** (the owner, when it moves to another block or flushes; `retire_tiny_masks`):
 //!   `old = D.fetch_or(!A, AcqRel)` with its final `A`; if `old == A` every object was freed before the
 //!   retirement (`D` becomes `0xffff`): the owner frees the block.
@@ -83,9 +89,12 @@
 //! the block happen before that operation, which hands the block on. A second free of the same start finds
 //! its bit in `D`, and an interior pointer finds no bit in `A` (offsets inside an object never become a start:
 //! the owner's offset only grows), so neither changes `D`: a tiny double free or interior free is reported
-//! at the free, in every build, and never makes a block with a live object look free. What cannot be told
-//! apart is a stale free after the block was taken again (its masks were reset): a double free after the
-//! object was handed out again, which no allocator can detect (see `check.rs`).
+//! at the free, in every build, and never makes a block with a live object look free. A renewal needs no
+//! read-modify-write because it runs before the retirement: without bit 15 in `D` no free can complete the
+//! block, and once `D == A` no legitimate free is left to come (its `Acquire` load makes all of them happen
+//! before the reuse). What cannot be told apart is a stale free after the block was taken again or renewed
+//! (its masks were reset): a double free after the block was handed out again, which no allocator can
+//! detect (see `check.rs`).
 //!
 //! Costs: allocation is an `or` and a store more than Go's bump; a free is a load, one `fetch_or` (as the
 //! old per-block count's `fetch_sub` was) and a compare; four metadata bytes per block instead of a count
@@ -677,7 +686,10 @@ impl CpuCache {
     ) -> *mut u8 {
         match self.bump_tiny(size, align, sh) {
             Some(p) => p,
-            None => self.alloc_tiny_block(t, size, sh, g),
+            None => match self.renew_tiny(size, sh) {
+                Some(p) => p,
+                None => self.alloc_tiny_block(t, size, sh, g),
+            },
         }
     }
 
@@ -698,14 +710,41 @@ impl CpuCache {
         None
     }
 
+    /// Starts the current tiny block over for an object of `size` bytes at its offset 0, if every object
+    /// handed out from it was freed (its done mask equals its starts: the tiny protocol's *renew*). A leaf
+    /// step: a load and three stores, no read-modify-write, and the block stays this CPU's (no trip
+    /// through the tiny class's stock).
+    #[inline(always)]
+    fn renew_tiny(&mut self, size: usize, sh: &CpuShared) -> Option<*mut u8> {
+        if self.tiny == 0 {
+            return None;
+        }
+        // SAFETY: the current block is a block of a live tiny span (the invariant).
+        let done = unsafe { tiny_done(self.tiny) };
+        // Acquire: every free's `fetch_or` (AcqRel) is in the mask's release sequence, so the frees' uses
+        // of the block happen before its reuse.
+        if done.load(Ordering::Acquire) != self.tiny_starts {
+            return None;
+        }
+        done.store(0, Ordering::Relaxed);
+        self.tiny_starts = 1;
+        // SAFETY: `tiny_starts_at` is the current block's starts mask (the invariant); only this CPU stores
+        // to it.
+        unsafe { &*self.tiny_starts_at }.store(1, Ordering::Relaxed);
+        self.tiny_offset = size;
+        sh.stats.tiny_nmalloc.bump();
+        Some(self.tiny as *mut u8)
+    }
+
     /// The tiny path's leaf part (`Malloc`'s tiny fast path: it calls nothing out): the current block's next
-    /// offset, else a new block off the tiny class's stock or cached span, retiring the current one.
+    /// offset, else the current block started over if all its objects were freed, else a new block off the
+    /// tiny class's stock or cached span, retiring the current one.
     /// Returns the object (null if neither has room: the caller takes the general path, nothing changed)
     /// and a block the retirement found all freed that did not fit the tiny class's stock (0 if none): the
     /// caller frees it with [`CpuCache::free`] in a section of its own.
     #[inline(always)]
     pub(crate) fn alloc_tiny_leaf(&mut self, size: usize, align: usize, sh: &CpuShared) -> (*mut u8, usize) {
-        if let Some(p) = self.bump_tiny(size, align, sh) {
+        if let Some(p) = self.bump_tiny(size, align, sh).or_else(|| self.renew_tiny(size, sh)) {
             return (p, 0);
         }
         // SAFETY: the tiny class is an allocation class.
