@@ -33,7 +33,7 @@ mod table;
 use crate::page::heap::slice::COMMIT_SLICE_NPAGES;
 use table::{Special, TableState, Tables, REGION_BYTES, SLOT_BYTES};
 pub use table::{
-    MAX_STACK_DEPTH, PROFILE_BUCKETS, PROFILE_RESERVATION_BYTES, PROFILE_SPECIALS, REGION_SLOTS, WARM_SLOTS,
+    MAX_STACK_DEPTH, PROFILE_BUCKETS, PROFILE_RESERVATION_BYTES, PROFILE_SPECIALS, REGION_SLOTS, WARM_MIN_BYTES,
 };
 
 /// A stack-capture hook: fills `frames` with return addresses, innermost first, and returns how many it
@@ -224,7 +224,7 @@ pub(super) struct Profiler {
     in_hook: [crate::sync::atomic::AtomicBool; MAX_CPUS + 1],
     /// Bytes the profile holds committed: its tables, the pages of live region objects and the warm slots.
     committed: AtomicUsize,
-    /// Of `committed`, the warm slots' pages (see [`WARM_SLOTS`]).
+    /// Of `committed`, the warm slots' pages (see [`WARM_MIN_BYTES`]).
     warm_bytes: AtomicUsize,
     dropped_records: AtomicU64,
     dropped_untracked: AtomicU64,
@@ -339,8 +339,9 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     }
 
     /// Bytes of memory the heap profile holds committed from the page source, outside the heap: its tables
-    /// (once the first sample made them), the pages of live sampled small objects and of the at most
-    /// [`WARM_SLOTS`] freed slots kept for the next samples (Go counts its profile buckets in `BuckHashSys`).
+    /// (once the first sample made them), the pages of live sampled small objects and of the freed slots kept
+    /// for the next samples (at most [`WARM_MIN_BYTES`] or as many as the live ones; Go counts its profile
+    /// buckets in `BuckHashSys`).
     pub fn profile_sys_bytes(&self) -> usize {
         self.profiler.committed.load(Ordering::Relaxed)
     }
@@ -527,11 +528,24 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         if !Self::tables_ready(&t) {
             return ptr::null_mut();
         }
-        // A warm slot (freed, its pages still committed and counted) if one of this size waits.
-        let warm = t.take_warm(bytes);
+        // A warm slot (freed, its pages still committed and counted) if one waits: it commits the pages it
+        // lacks for this size and keeps any it has beyond them. Else a free slot, committed.
+        let warm = t.take_warm();
         let slot = match warm {
             Some(slot) => {
-                self.profiler.warm_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                let have = t.slot_npages[slot] as usize * PAGE_SIZE;
+                self.profiler.warm_bytes.fetch_sub(have, Ordering::Relaxed);
+                if have < bytes {
+                    let p = t.region + slot * SLOT_BYTES + have;
+                    // SAFETY: the slot's pages past its first `have` bytes are not committed.
+                    if !unsafe { src.commit(NonNull::new_unchecked(p as *mut u8), bytes - have) } {
+                        t.put_warm(slot);
+                        self.profiler.warm_bytes.fetch_add(have, Ordering::Relaxed);
+                        return ptr::null_mut();
+                    }
+                    t.slot_npages[slot] = (bytes / PAGE_SIZE) as u8;
+                    self.profiler.committed.fetch_add(bytes - have, Ordering::Relaxed);
+                }
                 slot
             }
             None => {
@@ -542,6 +556,8 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                     t.put_slot(slot);
                     return ptr::null_mut();
                 }
+                t.slot_npages[slot] = (bytes / PAGE_SIZE) as u8;
+                self.profiler.committed.fetch_add(bytes, Ordering::Relaxed);
                 slot
             }
         };
@@ -549,21 +565,13 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         // The record is filled in by `record_sample` (the bucket needs the stack, captured outside the lock);
         // until then an entry without a bucket marks the slot's object live.
         if !t.insert_special(Special { addr: p, size, bucket: u32::MAX, route: r as u32 }) {
-            if warm.is_some() {
-                // Still committed and counted: back to the warm set it came from.
-                t.put_warm(slot, bytes);
-                self.profiler.warm_bytes.fetch_add(bytes, Ordering::Relaxed);
-            } else {
-                // SAFETY: just committed, ours, unused.
-                unsafe { src.decommit(NonNull::new_unchecked(p as *mut u8), bytes) };
-                t.put_slot(slot);
-            }
+            // Committed and counted: the slot joins the warm set (over its budget for a moment at most; the
+            // next sampled free that finds it over gives pages back).
+            t.put_warm(slot);
+            self.profiler.warm_bytes.fetch_add(t.slot_npages[slot] as usize * PAGE_SIZE, Ordering::Relaxed);
             return ptr::null_mut();
         }
         drop(t);
-        if warm.is_none() {
-            self.profiler.committed.fetch_add(bytes, Ordering::Relaxed);
-        }
         count_sampled(sh, r, true);
         if zero && (warm.is_some() || !src.commit_zeroes()) {
             // SAFETY: freshly committed, ours.
@@ -672,17 +680,25 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 b.frees += 1;
                 b.free_bytes += s.size as u64;
             }
-            let elem = if r == TINY_CLASS { TINY_SIZE } else { sizeclass::CLASSES[r].size as usize };
-            let bytes = elem.next_multiple_of(PAGE_SIZE);
             let slot = (addr - t.region) / SLOT_BYTES;
-            // Kept committed for the next sample of this size if the warm set has room (see `WARM_SLOTS`).
-            if t.put_warm(slot, bytes) {
-                self.profiler.warm_bytes.fetch_add(bytes, Ordering::Relaxed);
-            } else {
-                // SAFETY: the slot's first pages were committed for this object, which the caller gives up.
-                unsafe { self.t.heap.src(g).decommit(NonNull::new_unchecked(ptr), bytes) };
-                t.put_slot(slot);
-                self.profiler.committed.fetch_sub(bytes, Ordering::Relaxed);
+            // Kept committed for the next sample (see `WARM_MIN_BYTES`); the warm set then gives back what
+            // exceeds its budget, the live samples' pages (this one's no longer among them): at most this
+            // slot and the few its own pages made room for, as the budget falls by one object's pages at a
+            // time.
+            let bytes = t.slot_npages[slot] as usize * PAGE_SIZE;
+            t.put_warm(slot);
+            self.profiler.warm_bytes.fetch_add(bytes, Ordering::Relaxed);
+            let budget = self.profile_region_bytes().max(WARM_MIN_BYTES);
+            while self.profiler.warm_bytes.load(Ordering::Relaxed) > budget {
+                let Some(cold) = t.take_warm() else { break };
+                let n = t.slot_npages[cold] as usize * PAGE_SIZE;
+                let at = t.region + cold * SLOT_BYTES;
+                // SAFETY: a warm slot: its first `n` bytes are committed, and nothing uses them.
+                unsafe { self.t.heap.src(g).decommit(NonNull::new_unchecked(at as *mut u8), n) };
+                t.slot_npages[cold] = 0;
+                t.put_slot(cold);
+                self.profiler.warm_bytes.fetch_sub(n, Ordering::Relaxed);
+                self.profiler.committed.fetch_sub(n, Ordering::Relaxed);
             }
             count_sampled(e.sh, r, false);
             None

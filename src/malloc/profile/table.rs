@@ -38,13 +38,21 @@ pub const PROFILE_SPECIALS: usize = 4096;
 pub const SLOT_BYTES: usize = MAX_SMALL_SIZE;
 /// Slots in the sampled-object region.
 pub const REGION_SLOTS: usize = 2048;
-/// Freed slots the region keeps committed for the next samples of the same page count: a sampled object's
-/// free then costs no page-source call, and the next sample no page fault. Without them every sampled free decommitted its pages (on a host an `madvise`, whose TLB shootdown
-/// interrupts every CPU the process runs on) and the next sample faulted fresh pages in: about 2 900 times in
-/// the 4 million allocations of the bench's `prodcons-8-2048`, a quarter of goheap's time there. At most
-/// `WARM_SLOTS` × 32 KiB stay committed (64 KiB for the usual one-page samples), counted as the profile's
-/// own memory (`buck_hash_sys`, with the tables, not heap in use); `release_all` leaves them.
-pub const WARM_SLOTS: usize = 8;
+/// Freed slots stay committed (*warm*) for the next samples while the warm slots' pages stay within
+/// `max(WARM_MIN_BYTES, the pages of the live sampled objects)`: a sampled object's free then costs no
+/// page-source call, and the next sample (of any size: a warm slot with fewer pages commits the rest, one
+/// with more keeps them) no page fault. Without warm slots every sampled free decommitted its pages (on a
+/// host an `madvise`, whose TLB shootdown interrupts every CPU the process runs on) and the next sample
+/// faulted fresh pages in: about 2 900 times in the 4 million allocations of the bench's
+/// `prodcons-8-2048`, a quarter of goheap's time there. With a fixed 8 warm slots matched by page count,
+/// the bench's `wset-2t` (sizes of 4 B to 32 KiB, about 50 live samples) still made 3 200 `madvise` calls
+/// in 2 million operations and ran at about 1.7× its time with sampling off; bounded by the live samples'
+/// pages instead, the warm set follows the profile's own size (about 2% of the heap at the default rate,
+/// so the warm pages add at most as much again) and goes back as the live samples do. Warm pages count as
+/// the profile's own memory (`buck_hash_sys`, with the tables, not heap in use); `release_all` leaves them.
+pub const WARM_MIN_BYTES: usize = 8 * PAGE_SIZE;
+// Slot indices fit the warm list's `u16`, a slot's pages the `u8` of `slot_npages`.
+const _: () = assert!(REGION_SLOTS <= 1 << 16 && SLOT_BYTES / PAGE_SIZE <= u8::MAX as usize);
 /// Address space of the sampled-object region: 64 MiB.
 pub const REGION_BYTES: usize = SLOT_BYTES * REGION_SLOTS;
 /// Bytes of the tables (buckets and specials), page-rounded.
@@ -103,9 +111,11 @@ pub(in crate::malloc) struct Tables {
     /// Slot `i` of the region is in use iff bit `i` is set (warm slots included).
     pub slots: [u64; REGION_SLOTS / 64],
     pub live_specials: usize,
-    /// Freed slots kept committed (`warm[..nwarm]`), each with the bytes committed at its start.
-    pub warm: [(u32, u32); WARM_SLOTS],
+    /// Freed slots kept committed (`warm[..nwarm]`, most recently freed last).
+    pub warm: [u16; REGION_SLOTS],
     pub nwarm: usize,
+    /// Pages committed at the start of each slot (0: none; a live or warm slot has at least one).
+    pub slot_npages: [u8; REGION_SLOTS],
 }
 
 // SAFETY: the pointers name memory of the profile's own reservation, used only under the profiler's lock.
@@ -120,8 +130,9 @@ impl Tables {
             region: 0,
             slots: [0; REGION_SLOTS / 64],
             live_specials: 0,
-            warm: [(0, 0); WARM_SLOTS],
+            warm: [0; REGION_SLOTS],
             nwarm: 0,
+            slot_npages: [0; REGION_SLOTS],
         }
     }
 
@@ -276,24 +287,18 @@ impl Tables {
         self.slots[i / 64] &= !(1 << (i % 64));
     }
 
-    /// Takes a warm slot whose first `bytes` are committed (most recently warmed first); its index.
-    pub fn take_warm(&mut self, bytes: usize) -> Option<usize> {
-        let k = self.warm[..self.nwarm].iter().rposition(|&(_, b)| b as usize == bytes)?;
-        let (slot, _) = self.warm[k];
-        self.nwarm -= 1;
-        self.warm[k] = self.warm[self.nwarm];
-        Some(slot as usize)
+    /// Takes the most recently freed warm slot; its index (its committed pages: `slot_npages`).
+    pub fn take_warm(&mut self) -> Option<usize> {
+        self.nwarm = self.nwarm.checked_sub(1)?;
+        Some(self.warm[self.nwarm] as usize)
     }
 
-    /// Keeps freed slot `i`, with its first `bytes` committed, for a later sample; `false` when the warm set
-    /// is full (the caller then decommits and frees the slot).
-    pub fn put_warm(&mut self, i: usize, bytes: usize) -> bool {
-        if self.nwarm == WARM_SLOTS {
-            return false;
-        }
-        self.warm[self.nwarm] = (i as u32, bytes as u32);
+    /// Keeps freed slot `i`, its `slot_npages` still committed, for a later sample (the caller checks the
+    /// warm budget; there is room for every slot).
+    pub fn put_warm(&mut self, i: usize) {
+        debug_assert!(self.nwarm < REGION_SLOTS && self.slot_npages[i] > 0);
+        self.warm[self.nwarm] = i as u16;
         self.nwarm += 1;
-        true
     }
 }
 
