@@ -67,8 +67,8 @@ use profile::Profiler;
 pub use profile::{
     exp_draw, sample_rng_next, sample_seed, wire_header, wire_rate, ProfileBucket, ProfileDropped, ProfileHook,
     ProfileRecord, ProfileSample, ScaledCounts, StackHook, DEFAULT_PROFILE_RATE, MAX_STACK_DEPTH, PROFILE_BUCKETS,
-    PROFILE_RESERVATION_BYTES, PROFILE_SPECIALS, REGION_SLOTS, SAMPLE_CHUNK_BYTES, WARM_MIN_BYTES, WIRE_MAGIC,
-    WIRE_RECORD_MAX,
+    PROFILE_MAX_BUCKETS, PROFILE_RESERVATION_BYTES, PROFILE_SPECIALS, REGION_SLOTS, SAMPLE_CHUNK_BYTES, WARM_MIN_BYTES,
+    WIRE_MAGIC, WIRE_RECORD_MAX,
 };
 pub use reclaim::{limit_reclaim_base_npages, IDLE_BUDGET_FACTOR};
 pub use report::CpuSummary;

@@ -33,7 +33,8 @@ mod table;
 use crate::page::heap::slice::COMMIT_SLICE_NPAGES;
 use table::{Special, TableState, Tables, REGION_BYTES, SLOT_BYTES};
 pub use table::{
-    MAX_STACK_DEPTH, PROFILE_BUCKETS, PROFILE_RESERVATION_BYTES, PROFILE_SPECIALS, REGION_SLOTS, WARM_MIN_BYTES,
+    MAX_STACK_DEPTH, PROFILE_BUCKETS, PROFILE_MAX_BUCKETS, PROFILE_RESERVATION_BYTES, PROFILE_SPECIALS, REGION_SLOTS,
+    WARM_MIN_BYTES,
 };
 
 /// A stack-capture hook: fills `frames` with return addresses, innermost first, and returns how many it
