@@ -107,7 +107,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
     /// tiny class's stock or cached span ([`CpuCache::alloc_tiny_leaf`]); else `general`. As the size
     /// classes' fast path, it counts the sampling countdown down and leaves an allocation that would end it to
     /// the general path. A block the change of blocks found all freed that does not fit the stock is freed
-    /// after the section, in one of its own.
+    /// after the section, in one of its own ([`Malloc::tiny_rest`]).
     #[inline(never)]
     fn alloc_tiny_or<const ZERO: bool>(&self, layout: Layout, general: impl FnOnce(Layout) -> *mut u8) -> *mut u8 {
         let (size, align) = (layout.size(), layout.align());
@@ -122,7 +122,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 if !p.is_null() {
                     drop(guard);
                     if freed != 0 {
-                        self.free_tiny_block(freed);
+                        self.tiny_rest(false, freed);
                     }
                     if ZERO {
                         // SAFETY: `p` is a fresh allocation of at least `size` bytes.
@@ -135,16 +135,6 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         }
         drop(guard);
         general(layout)
-    }
-
-    /// Frees tiny block `block`, all of whose objects were freed, in a section of its own: the tiny fast
-    /// paths' rest when the block did not fit the tiny class's stock.
-    #[cold]
-    pub(super) fn free_tiny_block(&self, block: usize) {
-        self.with_cache(|cache, t, sh, g| {
-            // SAFETY: a tiny block all of whose objects were freed, which only we free: a free tiny-class object.
-            unsafe { cache.free(t, TINY_CLASS, block as *mut u8, sh, g) }
-        });
     }
 
     /// Every allocation the fast path does not finish.

@@ -101,22 +101,26 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
                 return;
             }
             drop(guard);
-            self.free_tiny_block(freed);
-            return;
+            return self.tiny_rest(false, freed);
         }
         drop(guard);
-        self.tiny_free_rest(freed);
+        self.tiny_rest(true, freed);
     }
 
-    /// A tiny free whose masks were updated with no CPU index at hand: counts it and frees `freed` (a block
-    /// the free completed, or 0) in a section of its own.
+    /// What a tiny fast path could not finish in its leaf section, in a section of its own: counts a tiny
+    /// free if `count_free` (the leaf section got no CPU index), and frees `block` (0: none), a tiny block
+    /// all of whose objects were freed, which only the caller frees, when it did not fit the tiny class's
+    /// stock.
     #[cold]
-    fn tiny_free_rest(&self, freed: usize) {
+    pub(super) fn tiny_rest(&self, count_free: bool, block: usize) {
         self.with_cache(|cache, t, sh, g| {
-            sh.stats.tiny_nfree.bump();
-            if freed != 0 {
-                // SAFETY: the block this free completed, which only we free: a free tiny-class object.
-                unsafe { cache.free(t, TINY_CLASS, freed as *mut u8, sh, g) }
+            if count_free {
+                sh.stats.tiny_nfree.bump();
+            }
+            if block != 0 {
+                // SAFETY: a tiny block all of whose objects were freed, which only the caller frees: a free
+                // tiny-class object.
+                unsafe { cache.free(t, TINY_CLASS, block as *mut u8, sh, g) }
             }
         });
     }
