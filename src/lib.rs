@@ -81,8 +81,11 @@
 //!    nothing, so on a host the guard is one thread-local load; the general path marks the cache busy.
 //! 3. Small: pop the class's stock of freed objects; if empty, take the next free object of the cached span
 //!    from its `alloc_cache` (count trailing zeros, advance `freeindex`: Go's `nextFreeFast`).
-//! 4. If the span is used up: fold the frees other CPUs deferred to it (a local sweep); failing that, give
-//!    the span to its central list and take one with free objects, under the class's lock (Go's `refill`).
+//! 4. If the span is used up: fold the frees other CPUs deferred to it (a local sweep); failing that, put
+//!    it at the back of the class's *held* spans (it stays cached by this CPU, up to `HELD_BYTES` of them)
+//!    and take back the oldest held span if other CPUs have freed into it since (the same local sweep, no
+//!    lock); failing that, give the oldest held span to its central list if the cache holds too many, and
+//!    take one with free objects under the class's lock (Go's `refill`).
 //! 5. If the central list has none: the page heap allocates a span, from the CPU's page cache when small
 //!    (no heap lock), else from the radix-tree page allocator under the heap lock, growing the heap by
 //!    committing pages from the page source when needed.
@@ -131,7 +134,10 @@
 //!
 //! - **Explicit frees.** Go frees only by sweeping after a GC marks; goheap's `dealloc` is explicit, so the
 //!   sweep became "fold deferred frees" and "return empty spans" (`central.rs`), and tcmalloc-style per-CPU
-//!   stocks make a free as cheap as an allocation (`cpucache.rs`).
+//!   stocks make a free as cheap as an allocation (`cpucache.rs`). Go's `mcache` gives a used-up span back
+//!   to its `mcentral` at once (the GC will find its frees); goheap's CPU keeps holding it for a while, so
+//!   frees from other CPUs flow back to the allocating CPU without the central list (`cpucache.rs`, "Held
+//!   spans": what snmalloc and mimalloc get from slabs owned by their allocator).
 //! - **Tiny blocks** are reused when a block's done mask says all their objects were freed, not when the GC
 //!   finds the block dead (`cpucache.rs`).
 //! - **Allocate-black and assists** have no counterpart: there is no collector to pace.

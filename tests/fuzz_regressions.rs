@@ -32,16 +32,28 @@ fn corpus(target: &str) -> Vec<PathBuf> {
 }
 
 /// Replays each file through `run`, naming the file if it fails.
-fn replay(files: &[PathBuf], run: impl Fn(&[u8])) {
+fn replay(files: &[PathBuf], run: impl Fn(&[u8]) + Send + Sync) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    for f in files {
-        let data = std::fs::read(f).unwrap();
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&data)));
-        if let Err(e) = r {
-            eprintln!("fuzz input {} fails", f.display());
-            std::panic::resume_unwind(e);
-        }
-    }
+    // On a thread with the main thread's stack (8 MiB), as `cargo fuzz` runs the harness: an unoptimised
+    // build moves the harness's `Malloc` (about 300 KiB) through several temporaries on its way into its
+    // box, more than a test thread's 2 MiB holds.
+    std::thread::scope(|sc| {
+        std::thread::Builder::new()
+            .stack_size(8 << 20)
+            .spawn_scoped(sc, || {
+                for f in files {
+                    let data = std::fs::read(f).unwrap();
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&data)));
+                    if let Err(e) = r {
+                        eprintln!("fuzz input {} fails", f.display());
+                        std::panic::resume_unwind(e);
+                    }
+                }
+            })
+            .unwrap()
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    });
 }
 
 #[test]

@@ -2,9 +2,10 @@
 //! accounting: a producer thread allocates objects of classes with many objects per span (64 B, 128 per
 //! span) and with few (2048 B, 4 per span; 4096 B, 2 per span), fills each with a pattern and hands it to a
 //! consumer thread, which checks the pattern and frees it. The hand-off is a small bounded channel, so the
-//! consumer frees both into spans the producer still caches (deferred frees, folded by the producer's sweep
-//! or when its span runs out and is swapped for another under one hold of the class lock,
-//! `Central::swap_span`) and into spans it gave back (folded under the class lock at once).
+//! consumer frees both into spans the producer still caches — its current span and the used-up spans it
+//! holds (deferred frees, folded by the producer's sweep when it takes a held span back, or when a span is
+//! given back and another taken under one hold of the class lock, `Central::swap_span`) — and into spans it
+//! gave back (folded under the class lock at once).
 //!
 //! What it would catch: an object handed out twice while live (the shared set of live addresses refuses
 //! the second insert, and the first object's pattern breaks); an object lost on the way back to its span
@@ -111,7 +112,14 @@ fn pipeline_loses_and_duplicates_nothing() {
     assert_eq!((pstats.mallocs, pstats.frees), (OBJECTS, 0), "producer {pstats:?}");
     assert_eq!((cstats.mallocs, cstats.frees), (0, OBJECTS), "consumer {cstats:?}");
     assert!(cstats.remote_frees > 0, "no free reached a span the producer cached: {cstats:?}");
-    assert!(pstats.refills > OBJECTS / 128, "the producer's spans were not swapped as they ran out: {pstats:?}");
+    // A span the producer used up is held (still cached by it) and taken back once the consumer freed into
+    // it, or given back to the central list when the producer holds too many: either way the producer's
+    // spans were renewed as they ran out.
+    assert!(
+        pstats.refills + pstats.held_reuses > OBJECTS / 128,
+        "the producer's spans were not renewed as they ran out: {pstats:?}"
+    );
+    assert!(pstats.held_reuses > 0, "the producer never took back a span the consumer freed into: {pstats:?}");
 
     m.validate();
     let st = m.mem_stats();

@@ -100,6 +100,17 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         self.with_cache(|c, _, _, _| c.stock_bound(class))
     }
 
+    /// Used-up spans of allocation class `class` the calling CPU's cache still holds (see "Held spans" in
+    /// `cpucache.rs`): spans it allocated all objects of, kept so that frees from other CPUs come back to
+    /// it without the class lock's list work. For diagnostics and tests; 0 for class 0 and out-of-range
+    /// classes.
+    pub fn held_spans(&self, class: usize) -> u32 {
+        if class == 0 || class >= NUM_ALLOC_CLASSES {
+            return 0;
+        }
+        self.with_cache(|c, _, _, _| c.held_spans(class))
+    }
+
     /// Gives everything the calling CPU's cache holds back to the central lists and the page heap. A kernel
     /// calls it on every CPU before [`Malloc::release_all`] (other CPUs' caches are theirs alone).
     ///

@@ -17,6 +17,9 @@ pub struct CpuSummary {
     pub remote_frees: u64,
     /// Spans taken from the central lists.
     pub refills: u64,
+    /// Spans this CPU had used up, held, and took back once other CPUs had freed into them (no central
+    /// list involved; see [`Malloc::held_spans`]).
+    pub held_reuses: u64,
 }
 
 impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
@@ -34,6 +37,7 @@ impl<S: PageSource, P: CpuProvider> Malloc<S, P> {
         s.frees += stats.tiny_nfree.get() + stats.large_nfree.get();
         s.remote_frees = stats.remote_frees.get();
         s.refills = stats.refills.get();
+        s.held_reuses = stats.held_reuses.get();
         s
     }
 

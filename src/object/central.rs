@@ -26,7 +26,8 @@
 //! # Invariants (all under `lock`)
 //! - every span on a list has `cached_by == NOT_CACHED`, `freeindex == 0` (materialised) and
 //!   `list == classify(nalloc, nelems)` (Empty if `nalloc == 0`, Full if `nalloc == nelems`, else Partial);
-//! - a span with `cached_by == i` is on no list and its object-level fields belong to CPU cache `i`, except
+//! - a span with `cached_by == i` (CPU cache `i`'s current span for its class, or one of the used-up spans
+//!   it holds, see `cpucache.rs`) is on no list and its object-level fields belong to CPU cache `i`, except
 //!   `free_bits`, which a flusher holding this lock may set.
 //!
 //! The lock is a [`GuardedMutex`]: every method that takes it (or reaches the page heap) takes a [`Guarded`]

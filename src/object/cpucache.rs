@@ -29,6 +29,25 @@
 //! The background step (`CpuCache::sweep_cached_classes`) halves grown bounds back towards the base and flushes
 //! what no longer fits, and `flush_all` resets them, so an idle CPU does not keep a burst's worth of memory.
 //!
+//! **Held spans.** Go's `mcache` hands a used-up span back to its `mcentral` at once: the GC will find its
+//! frees. With explicit frees from other CPUs, that puts every cross-CPU free through the class lock's list
+//! work (fold the objects into the uncached span, move it between the central lists) and has the allocating
+//! CPU take back, under the same lock, the very span the freeing CPU is folding into, its objects' cache
+//! lines still being written on the other core. So a CPU *holds* the spans it used up: a span that runs out
+//! (and has no deferred frees) joins the back of its class's held queue, still cached by this CPU
+//! (`cached_by`), so frees from other CPUs reach it as deferred frees (`free_bits`, one `fetch_or` per
+//! bitmap word under the class lock, as for the current span). At each such refill the CPU looks at the
+//! queue's oldest span: if frees reached it, it sweeps it (no lock, the current span's sweep) and
+//! allocates from it again; else, if the cache holds more than [`HELD_BYTES`], the oldest goes back to the
+//! central list in the same hold of the class lock that takes a new span (`Central::swap_span`). A
+//! producer/consumer pair thus recycles its spans in the order it used them, each coming back after the
+//! consumer has freed it and moved on (snmalloc returns remote frees to the allocator that owns the slab
+//! for the same reason). Held spans are given back by `flush_all` (thread exit, reclaim, `release_all`) and,
+//! for a class that has not refilled since the previous background step, [`HELD_SLICE_SPANS`] per step.
+//! Only the oldest span is looked at, so a held span other CPUs freed into waits for its turn; what a cache
+//! holds back that way is bounded by [`HELD_BYTES`], of the order of what its stocks may grow by
+//! ([`STOCK_GROW_BYTES`]). Reclaim before an allocation fails flushes the caches, held spans included.
+//!
 //! The **tiny path** (Go's `mcache.tiny`): requests of at most 8 bytes (under
 //! [`TINY_REQUEST_LIMIT`](super::class::TINY_REQUEST_LIMIT)) with alignment at most 8 are packed into
 //! 16-byte blocks. Go can recycle a block when the GC finds all its objects dead; with explicit frees,
@@ -118,6 +137,9 @@
 //!   tcache's key: a free that finds it scans the stock for a double free); objects leave the stock with
 //!   it cleared (the allocation paths and `Central::flush` clear it);
 //! - `span` is null or a span of `class` with `cached_by == index`; its object fields are the owner's;
+//! - `held[class]` is a circular list of `nheld` spans of `class` with `cached_by == index`, other than
+//!   `span`, linked through `Span::next`; `held_bytes == Σ npages * PAGE_SIZE` over every class's held
+//!   spans, at most [`HELD_BYTES`] between calls;
 //! - `tiny != 0` ⇒ `tiny` is a block of a tiny span this CPU took and has not retired, `tiny_offset <= 16`,
 //!   `tiny_starts` has bit 0, not bit 15, and equals the block's starts mask; `tiny_starts_at` points at
 //!   that mask.
@@ -128,6 +150,7 @@ use super::class::{
     STOCK_KEY_MIN_SIZE, TINY_CLASS, TINY_MAX_START, TINY_SIZE,
 };
 use crate::cpu::Guarded;
+use crate::PAGE_SIZE;
 use crate::page::heap::pagecache::PageCache;
 use crate::page::heap::Heap;
 use crate::page::span::Span;
@@ -150,6 +173,15 @@ pub const STOCK_GROW_BYTES: usize = 2 << 20;
 /// its objects lie in different spans (`Central::flush`), so 64 stays well under the bound, where the 128
 /// of a full 64-byte stock's half measured 20 851 in the demo kernel (`-icount`).
 pub const FLUSH_SLICE_OBJS: usize = 64;
+/// Bytes of used-up spans one cache holds, all classes together (see "Held spans" in the module docs): a
+/// span that runs out goes to the back of its class's queue, and the queue's oldest span goes back to the
+/// central list once the cache holds more. 1 MiB is 128 spans of the 64-byte class: enough for a consumer
+/// a ring of 4 096 objects behind (the host's prodcons-64) to have freed a span before its owner comes
+/// back to it.
+pub const HELD_BYTES: usize = 1 << 20;
+/// Held spans a flush step or the background step gives back to the central lists per guarded section
+/// (interrupt latency, see `page/heap/slice.rs`): each is a class-lock hold and a sweep of its bitmap.
+pub const HELD_SLICE_SPANS: usize = 8;
 
 /// Stock bound of class `c`: `clamp(STOCK_BYTES / size, STOCK_MIN_OBJS, STOCK_MAX_OBJS)`.
 pub const fn stock_max(c: usize) -> u32 {
@@ -200,10 +232,92 @@ struct ClassCache {
     /// The class needed a span refill since its stock last grew: this CPU allocates the class faster than
     /// its stock supplies it, so a larger stock would be reused. Owner only.
     refilled: bool,
+    /// Spans on the class's held queue (`CpuCache::held`). Owner only.
+    nheld: u16,
+    /// The background step found the class holding spans and has not seen a refill of it since. Owner
+    /// only.
+    held_idle: bool,
+}
+
+/// A class's held spans: a FIFO kept as a circular list through `Span::next` (free while a span is cached:
+/// only the central lists use the links), known by its newest span, whose `next` is the oldest. Every span
+/// on it has `cached_by ==` this cache's index and had no free object left in its bitmap when it joined;
+/// other CPUs' frees reach it as deferred frees (`free_bits`). The length and the idle flag live in the
+/// class's `ClassCache` (in what would be its padding), so the queue costs 8 bytes per class.
+#[derive(Clone, Copy)]
+struct HeldSpans {
+    /// The newest held span, or null.
+    tail: *mut Span,
+}
+
+impl HeldSpans {
+    const EMPTY: HeldSpans = HeldSpans { tail: ptr::null_mut() };
+
+    /// The oldest held span, or null.
+    fn oldest(&self) -> *mut Span {
+        if self.tail.is_null() {
+            return ptr::null_mut();
+        }
+        // SAFETY: the tail is a span on the queue, whose link is the queue's.
+        unsafe { (*self.tail).next }
+    }
+
+    /// Appends `s`.
+    ///
+    /// # Safety
+    /// `s` is a span this cache caches, on no queue; the caller owns the cache.
+    unsafe fn push(&mut self, s: *mut Span) {
+        // SAFETY: per the contract, the links of `s` and of the tail (a span on the queue) are ours.
+        unsafe {
+            if self.tail.is_null() {
+                (*s).next = s;
+            } else {
+                (*s).next = (*self.tail).next;
+                (*self.tail).next = s;
+            }
+        }
+        self.tail = s;
+    }
+
+    /// Takes the oldest span off the queue.
+    fn pop(&mut self) -> Option<*mut Span> {
+        let s = self.oldest();
+        if s.is_null() {
+            return None;
+        }
+        // SAFETY: `s` and the tail are on the queue: spans this cache caches, whose links are the queue's.
+        unsafe {
+            if s == self.tail {
+                self.tail = ptr::null_mut();
+            } else {
+                (*self.tail).next = (*s).next;
+            }
+            (*s).next = ptr::null_mut();
+        }
+        Some(s)
+    }
+}
+
+/// What [`CpuCache::cycle_held`] decided.
+enum Cycled {
+    /// Allocate object `.1` from held span `.0`, which becomes the class's span.
+    Reuse(*mut Span, usize),
+    /// Give this span back to the central list and take another.
+    GiveBack(*mut Span),
+    /// Take another span; nothing to give back.
+    Keep,
 }
 
 const fn class_caches() -> [ClassCache; NUM_ALLOC_CLASSES] {
-    let mut arr = [const { ClassCache { span: ptr::null_mut(), stock: ptr::null_mut(), nstock: 0, max: 0, refilled: false } };
+    let mut arr = [const { ClassCache {
+        span: ptr::null_mut(),
+        stock: ptr::null_mut(),
+        nstock: 0,
+        max: 0,
+        refilled: false,
+        nheld: 0,
+        held_idle: false,
+    } };
         NUM_ALLOC_CLASSES];
     let mut c = 0;
     while c < NUM_ALLOC_CLASSES {
@@ -267,6 +381,8 @@ pub struct CpuStats {
     pub remote_frees: Counter,
     /// Spans taken from / returned to the central lists.
     pub refills: Counter,
+    /// Held spans taken back to allocate from (see "Held spans" in the module docs), no central list involved.
+    pub held_reuses: Counter,
     /// Set once the cache has been used.
     pub used: Counter,
 }
@@ -300,6 +416,7 @@ impl CpuStats {
             large_bytes_free: Counter::new(),
             remote_frees: Counter::new(),
             refills: Counter::new(),
+            held_reuses: Counter::new(),
             used: Counter::new(),
         }
     }
@@ -308,6 +425,11 @@ impl CpuStats {
 /// A per-CPU cache (Go's `mcache`).
 pub struct CpuCache {
     classes: [ClassCache; NUM_ALLOC_CLASSES],
+    /// Per class, the used-up spans this cache still caches, oldest first (apart from `classes`, so the
+    /// fast path's per-class entries stay small). Owner only.
+    held: [HeldSpans; NUM_ALLOC_CLASSES],
+    /// `Σ npages * PAGE_SIZE` over the held spans of all classes; at most [`HELD_BYTES`] between calls.
+    held_bytes: usize,
     /// `Σ (max - stock_max(class)) * size(class)` over the classes: how far the stocks have grown.
     grown_bytes: usize,
     /// Current tiny block (0 if none), next free offset in it, the offsets of the objects handed out from it
@@ -380,6 +502,8 @@ impl CpuCache {
     pub const fn new() -> Self {
         CpuCache {
             classes: class_caches(),
+            held: [HeldSpans::EMPTY; NUM_ALLOC_CLASSES],
+            held_bytes: 0,
             grown_bytes: 0,
             tiny: 0,
             tiny_offset: 0,
@@ -526,6 +650,7 @@ impl CpuCache {
     ) -> *mut u8 {
         sh.stats.used.set(1);
         self.classes[c].refilled = true;
+        self.classes[c].held_idle = false;
         let s = self.classes[c].span;
         let mut old = None;
         if !s.is_null() {
@@ -546,10 +671,20 @@ impl CpuCache {
                     }
                 }
                 self.classes[c].span = ptr::null_mut();
-                old = Some(NonNull::new_unchecked(s));
+                // Hold it, and take the oldest held span back if other CPUs freed into it since.
+                match self.cycle_held(t, c, s) {
+                    Cycled::Reuse(h, idx) => {
+                        sh.stats.held_reuses.bump();
+                        self.classes[c].span = h;
+                        sh.stats.nmalloc[c].bump();
+                        return Self::object::<ZERO>(h, idx);
+                    }
+                    Cycled::GiveBack(h) => old = Some(NonNull::new_unchecked(h)),
+                    Cycled::Keep => {}
+                }
             }
         }
-        // Give the used-up span back and take another under one hold of the class lock.
+        // Give the used-up span back (if any) and take another under one hold of the class lock.
         // SAFETY: we cached `old` (if any) and stop using it now.
         let (new, bad) = unsafe { t.centrals[c].swap_span(g, &t.heap, Some(&mut self.pcache), sh.index, old) };
         // The new span is recorded before a double free the sweep found is reported, and the object taken
@@ -569,6 +704,63 @@ impl CpuCache {
             sh.stats.nmalloc[c].bump();
             Self::object::<ZERO>(s, idx)
         }
+    }
+
+    /// Puts used-up span `s` (no free object, no deferred free) at the back of class `c`'s held queue, then
+    /// looks at the queue's oldest span: if other CPUs freed objects into it, they are folded and it becomes
+    /// the class's span again (`Reuse`, with the object to hand out); else, if the cache holds more than
+    /// [`HELD_BYTES`], the oldest goes back to the central list (`GiveBack`); else the caller takes a new
+    /// span (`Keep`).
+    ///
+    /// # Safety
+    /// `s` is a span of class `c` this cache caches, no longer its current span, on no queue.
+    unsafe fn cycle_held<S: PageSource>(&mut self, t: &Tiers<S>, c: usize, s: *mut Span) -> Cycled {
+        // SAFETY: per the contract; the span's page count is immutable while it is in use.
+        unsafe {
+            self.held_bytes += (*s).npages * PAGE_SIZE;
+            self.held[c].push(s);
+        }
+        self.classes[c].nheld += 1;
+        let h = self.held[c].oldest();
+        // SAFETY: `h` is on our queue: we cache it and own its object fields.
+        let reuse = unsafe { Span::has_deferred_frees(h) };
+        if !reuse && self.held_bytes <= HELD_BYTES {
+            return Cycled::Keep;
+        }
+        let h = self.held[c].pop().expect("the queue holds at least `s`");
+        self.classes[c].nheld -= 1;
+        // SAFETY: as above.
+        unsafe {
+            self.held_bytes -= (*h).npages * PAGE_SIZE;
+            if reuse {
+                let swept = Span::sweep(h);
+                report_bad_sweep(t, swept.bad);
+                if let Some(idx) = Span::next_free(h) {
+                    return Cycled::Reuse(h, idx);
+                }
+            }
+        }
+        Cycled::GiveBack(h)
+    }
+
+    /// Gives up to `max` of class `c`'s held spans, oldest first, back to the central list. Returns whether
+    /// the queue is now empty.
+    fn release_held<S: PageSource>(&mut self, t: &Tiers<S>, c: usize, max: usize, g: Guarded<'_>) -> bool {
+        for _ in 0..max {
+            let Some(h) = self.held[c].pop() else { return true };
+            self.classes[c].nheld -= 1;
+            // SAFETY: `h` was on our queue: a span of class `c` we cache; we stop using it now.
+            unsafe {
+                self.held_bytes -= (*h).npages * PAGE_SIZE;
+                report_bad_sweep(t, t.centrals[c].uncache_span(g, NonNull::new_unchecked(h)));
+            }
+        }
+        self.classes[c].nheld == 0
+    }
+
+    /// Spans class `c` holds (for tests and statistics).
+    pub(crate) fn held_spans(&self, c: usize) -> u32 {
+        u32::from(self.classes[c].nheld)
     }
 
     /// Frees object `p` of class `c` onto this CPU's stock; when the stock is full, first grows its bound
@@ -919,6 +1111,9 @@ impl CpuCache {
             }
             self.flush_stock(t, c, n, sh, g);
             self.set_stock_max(t, c, 0, sh, g);
+            if !self.release_held(t, c, HELD_SLICE_SPANS, g) {
+                return false;
+            }
             let s = self.classes[c].span;
             if !s.is_null() {
                 self.classes[c].span = ptr::null_mut();
@@ -951,6 +1146,14 @@ impl CpuCache {
             let max = self.classes[c].max;
             if self.grown_bytes != 0 && max > base {
                 self.set_stock_max(t, c, max / 2, sh, g);
+            }
+            // Held spans of a class that has not refilled since the previous step go back, a slice per step.
+            if self.classes[c].nheld != 0 {
+                if self.classes[c].held_idle {
+                    self.release_held(t, c, HELD_SLICE_SPANS, g);
+                } else {
+                    self.classes[c].held_idle = true;
+                }
             }
             let s = self.classes[c].span;
             // SAFETY: we own the cached spans' object fields.
