@@ -28,6 +28,34 @@ use loom_common::*;
 use std::alloc::Layout;
 use std::sync::Arc;
 
+/// CPU 1's part of both models: a last use of object `p`, its free, and a flush of CPU 1's cache (the
+/// Central flush that defers the free to the span's caching CPU).
+fn free_on_cpu1(m: &Arc<M>, shadow: &Arc<Shadow>, p: usize, l: Layout) -> loom::thread::JoinHandle<()> {
+    let (m1, s1) = (m.clone(), shadow.clone());
+    spawn(move || {
+        set_cpu(Some(1));
+        s1.write(p, 2);
+        // SAFETY: `p` is live and ours (handed over by the spawn).
+        unsafe { m1.dealloc(p as *mut u8, l) };
+        m1.flush_cpu_cache();
+    })
+}
+
+/// CPU 0's end of both models: frees its live objects `live` (`p` was freed by CPU 1, or is one of them),
+/// flushes its cache, and checks that every allocation was freed exactly once.
+fn free_all_and_check(m: &M, live: &[usize], l: Layout) {
+    for &x in live {
+        // SAFETY: live, allocated by `m` with `l`, freed once.
+        unsafe { m.dealloc(x as *mut u8, l) };
+    }
+    m.flush_cpu_cache();
+    let s = m.mem_stats();
+    assert_eq!(s.mallocs, s.frees, "every allocation freed exactly once");
+    assert_eq!(s.heap_objects, 0);
+    #[cfg(feature = "validate")]
+    m.validate();
+}
+
 #[test]
 fn remote_free_into_cached_span() {
     run("remote_free_into_cached_span", builder(None), || {
@@ -39,29 +67,12 @@ fn remote_free_into_cached_span() {
         assert!(p != 0 && q != 0 && p != q);
         let shadow = Arc::new(Shadow::new(&[p, q]));
         shadow.write(p, 1);
-        let (m1, s1) = (m.clone(), shadow.clone());
-        let t = spawn(move || {
-            set_cpu(Some(1));
-            s1.write(p, 2);
-            // SAFETY: `p` is live and ours (handed over by the spawn).
-            unsafe { m1.dealloc(p as *mut u8, l) };
-            m1.flush_cpu_cache();
-        });
+        let t = free_on_cpu1(&m, &shadow, p, l);
         let r = m.alloc(l) as usize;
         assert!(r != 0 && r != q, "object handed out twice");
         shadow.write(r, 3);
         t.join().unwrap();
-        // SAFETY: `q` and `r` are live and ours; `p` was freed by the other thread (or is `r`).
-        unsafe {
-            m.dealloc(q as *mut u8, l);
-            m.dealloc(r as *mut u8, l);
-        }
-        m.flush_cpu_cache();
-        let s = m.mem_stats();
-        assert_eq!(s.mallocs, s.frees, "every allocation freed exactly once");
-        assert_eq!(s.heap_objects, 0);
-        #[cfg(feature = "validate")]
-        m.validate();
+        free_all_and_check(&m, &[q, r], l);
     });
 }
 
@@ -82,32 +93,14 @@ fn remote_free_into_held_span() {
         assert_eq!(m.held_spans(44), 1, "the used-up first span is held");
         let shadow = Arc::new(Shadow::new(&[p, q, u]));
         shadow.write(p, 1);
-        let (m1, s1) = (m.clone(), shadow.clone());
-        let t = spawn(move || {
-            set_cpu(Some(1));
-            s1.write(p, 2);
-            // SAFETY: `p` is live and ours (handed over by the spawn).
-            unsafe { m1.dealloc(p as *mut u8, l) };
-            m1.flush_cpu_cache();
-        });
+        let t = free_on_cpu1(&m, &shadow, p, l);
         // The second span's other object, then one more: the second span is used up and held.
         let v = m.alloc(l) as usize;
         let r = m.alloc(l) as usize;
         assert!(v != 0 && r != 0 && r != q && r != u && r != v && v != q && v != u, "object handed out twice");
         shadow.write(r, 3);
         t.join().unwrap();
-        // SAFETY: all live and ours; `p` was freed by the other thread (or is `r`).
-        unsafe {
-            for x in [q, u, v, r] {
-                m.dealloc(x as *mut u8, l);
-            }
-        }
-        m.flush_cpu_cache();
+        free_all_and_check(&m, &[q, u, v, r], l);
         assert_eq!(m.held_spans(44), 0, "flush_cpu_cache gives the held spans back");
-        let s = m.mem_stats();
-        assert_eq!(s.mallocs, s.frees, "every allocation freed exactly once");
-        assert_eq!(s.heap_objects, 0);
-        #[cfg(feature = "validate")]
-        m.validate();
     });
 }
