@@ -150,12 +150,12 @@ use super::class::{
     STOCK_KEY_MIN_SIZE, TINY_CLASS, TINY_MAX_START, TINY_SIZE,
 };
 use crate::cpu::Guarded;
-use crate::PAGE_SIZE;
 use crate::page::heap::pagecache::PageCache;
 use crate::page::heap::Heap;
 use crate::page::span::Span;
 use crate::source::PageSource;
 use crate::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use crate::PAGE_SIZE;
 use core::ptr::{self, NonNull};
 
 /// Bytes a class's stock may hold before half of it is flushed (with a floor and a cap in objects).
@@ -309,16 +309,17 @@ enum Cycled {
 }
 
 const fn class_caches() -> [ClassCache; NUM_ALLOC_CLASSES] {
-    let mut arr = [const { ClassCache {
-        span: ptr::null_mut(),
-        stock: ptr::null_mut(),
-        nstock: 0,
-        max: 0,
-        refilled: false,
-        nheld: 0,
-        held_idle: false,
-    } };
-        NUM_ALLOC_CLASSES];
+    let mut arr = [const {
+        ClassCache {
+            span: ptr::null_mut(),
+            stock: ptr::null_mut(),
+            nstock: 0,
+            max: 0,
+            refilled: false,
+            nheld: 0,
+            held_idle: false,
+        }
+    }; NUM_ALLOC_CLASSES];
     let mut c = 0;
     while c < NUM_ALLOC_CLASSES {
         arr[c].max = STOCK_MAX[c];
