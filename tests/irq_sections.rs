@@ -416,6 +416,49 @@ fn a_grown_stock_flushes_in_slices() {
     );
 }
 
+/// The used-up spans a cache holds (up to `HELD_BYTES`: 128 spans of the 64-byte class) go back to the
+/// central list `HELD_SLICE_SPANS` per section when the cache is flushed, in sections apart from the
+/// stock's objects (each is a class-lock hold and a sweep).
+#[test]
+fn held_spans_go_back_in_slices() {
+    use goheap::object::cpucache::{HELD_BYTES, HELD_SLICE_SPANS};
+    use goheap::object::sizeclass::{class_of, CLASSES};
+    let m = new_malloc();
+    let layout = Layout::from_size_align(64, 8).unwrap();
+    let c = class_of(64);
+    let (nelems, span_bytes) = (CLASSES[c].nelems as usize, CLASSES[c].npages as usize * PAGE_SIZE);
+    let held = HELD_BYTES / span_bytes;
+    let v: Vec<*mut u8> = (0..(held + 1) * nelems + 1).map(|_| m.alloc(layout)).collect();
+    assert_eq!(m.held_spans(c) as usize, held);
+    // A few frees, so the class's step also has a stock to flush.
+    for &p in &v[..8] {
+        // SAFETY: allocated above with `layout`, freed once.
+        unsafe { m.dealloc(p, layout) };
+    }
+    reset();
+    m.flush_cpu_cache();
+    let (_, sections, unguarded) = figures();
+    assert_eq!(unguarded, 0);
+    assert_eq!(m.held_spans(c), 0);
+    reset();
+    m.flush_cpu_cache();
+    let (_, empty_sections, _) = figures();
+    // The class's step runs once in the empty flush too: here the stock takes a section of its own, then
+    // each slice of held spans one, the last with the cached span (where the empty flush's one was).
+    assert_eq!(
+        sections - empty_sections,
+        held / HELD_SLICE_SPANS,
+        "{held} held spans and a stock given back in {} extra sections (a slice is {HELD_SLICE_SPANS} spans)",
+        sections - empty_sections
+    );
+    for &p in &v[8..] {
+        // SAFETY: as above.
+        unsafe { m.dealloc(p, layout) };
+    }
+    m.flush_cpu_cache();
+    assert_eq!(m.mem_stats().heap_objects, 0);
+}
+
 /// A large allocation whose commits the source refuses (its frames ran out) releases free committed pages
 /// elsewhere in a section of its own and retries the slice in another: before, the failed commit, the
 /// release and the retry shared one section (24 pages of source work, the 28 146-instruction sections of

@@ -1096,10 +1096,12 @@ pub(crate) const FLUSH_STEPS: usize = NUM_ALLOC_CLASSES + 1;
 /// at a time, so that `Malloc` can run a few in each guarded section with interrupt windows between them.
 impl CpuCache {
     /// Step `i` (`< FLUSH_STEPS`) of a sliced flush: 0 retires the tiny block; `c` in
-    /// `1..NUM_ALLOC_CLASSES` flushes class `c`'s stock (and its grown bound) and gives its cached span back;
-    /// the last gives the page cache back. All of them, in order, each until it returns true, are
-    /// `flush_all`. Returns false, having flushed [`FLUSH_SLICE_OBJS`] objects, while a class's stock holds
-    /// more than that: the caller runs the same step again (in a section of its own, if it slices).
+    /// `1..NUM_ALLOC_CLASSES` flushes class `c`'s stock (and its grown bound), gives its held spans back and
+    /// then its cached span; the last gives the page cache back. All of them, in order, each until it
+    /// returns true, are `flush_all`. Returns false while the class has more to give back than one call
+    /// does: the caller runs the same step again (in a section of its own, if it slices). One call returns
+    /// at most [`FLUSH_SLICE_OBJS`] objects of the stock, or else at most [`HELD_SLICE_SPANS`] held spans
+    /// and the cached span, never both (a call that flushed objects leaves the held spans to the next).
     pub(crate) fn flush_step<S: PageSource>(&mut self, t: &Tiers<S>, i: usize, sh: &CpuShared, g: Guarded<'_>) -> bool {
         if i == 0 {
             self.retire_tiny(t, sh, g);
@@ -1112,7 +1114,7 @@ impl CpuCache {
             }
             self.flush_stock(t, c, n, sh, g);
             self.set_stock_max(t, c, 0, sh, g);
-            if !self.release_held(t, c, HELD_SLICE_SPANS, g) {
+            if self.classes[c].nheld != 0 && (n != 0 || !self.release_held(t, c, HELD_SLICE_SPANS, g)) {
                 return false;
             }
             let s = self.classes[c].span;
@@ -1144,14 +1146,17 @@ impl CpuCache {
     ) -> usize {
         let mut n = 0;
         for (c, &base) in STOCK_MAX.iter().enumerate().take(to).skip(from) {
-            let max = self.classes[c].max;
+            let (max, nstock) = (self.classes[c].max, self.classes[c].nstock);
             if self.grown_bytes != 0 && max > base {
                 self.set_stock_max(t, c, max / 2, sh, g);
             }
-            // Held spans of a class that has not refilled since the previous step go back, a slice per step.
+            // Held spans of a class that has not refilled since the previous step go back, a slice per step
+            // (in a step that flushed no objects, so a section does one or the other, as in `flush_step`).
             if self.classes[c].nheld != 0 {
                 if self.classes[c].held_idle {
-                    self.release_held(t, c, HELD_SLICE_SPANS, g);
+                    if self.classes[c].nstock == nstock {
+                        self.release_held(t, c, HELD_SLICE_SPANS, g);
+                    }
                 } else {
                     self.classes[c].held_idle = true;
                 }
