@@ -716,24 +716,17 @@ impl CpuCache {
     /// # Safety
     /// `s` is a span of class `c` this cache caches, no longer its current span, on no queue.
     unsafe fn cycle_held<S: PageSource>(&mut self, t: &Tiers<S>, c: usize, s: *mut Span) -> Cycled {
-        // SAFETY: per the contract; the span's page count is immutable while it is in use.
-        unsafe {
-            self.held_bytes += (*s).npages * PAGE_SIZE;
-            self.held[c].push(s);
-        }
-        self.classes[c].nheld += 1;
-        let h = self.held[c].oldest();
-        // SAFETY: `h` is on our queue: we cache it and own its object fields.
-        let reuse = unsafe { Span::has_deferred_frees(h) };
+        // SAFETY: forwarded contract.
+        unsafe { self.hold(c, s) };
+        // SAFETY: the oldest span is on our queue: we cache it and own its object fields.
+        let reuse = unsafe { Span::has_deferred_frees(self.held[c].oldest()) };
         if !reuse && self.held_bytes <= HELD_BYTES {
             return Cycled::Keep;
         }
-        let h = self.held[c].pop().expect("the queue holds at least `s`");
-        self.classes[c].nheld -= 1;
-        // SAFETY: as above.
-        unsafe {
-            self.held_bytes -= (*h).npages * PAGE_SIZE;
-            if reuse {
+        let h = self.unhold_oldest(c).expect("the queue holds at least `s`");
+        if reuse {
+            // SAFETY: as above; `h` is off the queue and still ours.
+            unsafe {
                 let swept = Span::sweep(h);
                 report_bad_sweep(t, swept.bad);
                 if let Some(idx) = Span::next_free(h) {
@@ -744,17 +737,36 @@ impl CpuCache {
         Cycled::GiveBack(h)
     }
 
+    /// Appends span `s` to class `c`'s held queue, counting it in `nheld` and `held_bytes`.
+    ///
+    /// # Safety
+    /// As for [`CpuCache::cycle_held`].
+    unsafe fn hold(&mut self, c: usize, s: *mut Span) {
+        // SAFETY: per the contract; the span's page count is immutable while it is in use.
+        unsafe {
+            self.held_bytes += (*s).npages * PAGE_SIZE;
+            self.held[c].push(s);
+        }
+        self.classes[c].nheld += 1;
+    }
+
+    /// Takes class `c`'s oldest held span off its queue (and out of `nheld` and `held_bytes`): still cached
+    /// by us, the caller's to reuse or give back.
+    fn unhold_oldest(&mut self, c: usize) -> Option<*mut Span> {
+        let h = self.held[c].pop()?;
+        self.classes[c].nheld -= 1;
+        // SAFETY: `h` was on our queue: a live span we cache; its page count is immutable while in use.
+        self.held_bytes -= unsafe { (*h).npages } * PAGE_SIZE;
+        Some(h)
+    }
+
     /// Gives up to `max` of class `c`'s held spans, oldest first, back to the central list. Returns whether
     /// the queue is now empty.
     fn release_held<S: PageSource>(&mut self, t: &Tiers<S>, c: usize, max: usize, g: Guarded<'_>) -> bool {
         for _ in 0..max {
-            let Some(h) = self.held[c].pop() else { return true };
-            self.classes[c].nheld -= 1;
-            // SAFETY: `h` was on our queue: a span of class `c` we cache; we stop using it now.
-            unsafe {
-                self.held_bytes -= (*h).npages * PAGE_SIZE;
-                report_bad_sweep(t, t.centrals[c].uncache_span(g, NonNull::new_unchecked(h)));
-            }
+            let Some(h) = self.unhold_oldest(c) else { return true };
+            // SAFETY: `h` came off our queue: a span of class `c` we cache; we stop using it now.
+            report_bad_sweep(t, unsafe { t.centrals[c].uncache_span(g, NonNull::new_unchecked(h)) });
         }
         self.classes[c].nheld == 0
     }
