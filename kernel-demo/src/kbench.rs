@@ -6,7 +6,10 @@
 //! Every workload runs on all `n` CPUs at once through the global allocator, which `heap.rs` routes to
 //! goheap or to the comparison heap the BSP set up with `heap::compare_begin` (a fresh peer heap over one
 //! goheap allocation of [`PEER_HEAP_BYTES`], given back after the run). The CPUs start together at a
-//! barrier; each times its own part with the TSC; a run's time is the slowest CPU's. The repetitions are
+//! barrier; each times its own part with the TSC; a run's time is the slowest CPU's. A CPU with nothing to
+//! do (at a barrier, or in `prodcons-64` with its ring full and its input empty) halts until another CPU
+//! pokes it with an IPI ([`park_until`]): under QEMU's TCG on a host with fewer cores than the bench has
+//! CPUs, a spinning CPU would take a host core from the CPU it waits for. The repetitions are
 //! interleaved: repetition `r` runs every workload on goheap, llalloc and talc in an order rotated by `r`
 //! (rep 0: goheap llalloc talc, rep 1: llalloc talc goheap, ...), so drift of the host's load spreads over
 //! all three. Each run has a time cap ([`CAP_MS`]): a CPU past it stops and the run is marked `capped`
@@ -40,12 +43,11 @@
 
 use core::alloc::Layout;
 use core::hint::black_box;
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use kernel_demo::args::Args;
 use kernel_demo::heap::{self, CompareKind, HEAP};
 use kernel_demo::irqlat::{self, Kind};
-use kernel_demo::smp::Barrier;
-use kernel_demo::{background, serial_println, time};
+use kernel_demo::{apic, background, serial_println, time};
 use testkit::Rng;
 
 /// Size of each peer heap (linked_list_allocator, talc): the same for both, carved out of goheap per run.
@@ -142,7 +144,87 @@ static CONTINUE: AtomicBool = AtomicBool::new(true);
 static GO: AtomicBool = AtomicBool::new(false);
 /// Next rank (0 = BSP).
 static NEXT_RANK: AtomicUsize = AtomicUsize::new(1);
-static BARRIER: Barrier = Barrier::new(1);
+static BARRIER: HaltBarrier = HaltBarrier::new();
+
+/// A CPU of the bench that has nothing to do halts (`sti; hlt`) instead of spinning, until another CPU
+/// pokes it with an IPI: at a barrier, and in `prodcons-64` when its ring is full and its input empty.
+/// Under QEMU's TCG every virtual CPU is a host thread and this machine may have fewer cores than the
+/// bench has CPUs: a spinning CPU would take a host core from the CPU it waits for (measured: the empty
+/// allocator's `prodcons-64` at 4 CPUs on this project's 2-core machine took 84 to 622 million TSC ticks
+/// across the repetitions of one boot when spinning, 32 to 74 million halting). A halted virtual CPU
+/// sleeps on the host. Harness only: every allocator runs through the same waits.
+struct Sleeper {
+    /// Set (`SeqCst`) before the CPU checks its condition a last time and halts; cleared once it wakes.
+    halted: AtomicBool,
+    /// The CPU's APIC ID (stored before it first halts).
+    apic_id: AtomicU32,
+}
+
+static SLEEPERS: [Sleeper; MAX_BENCH_CPUS] =
+    [const { Sleeper { halted: AtomicBool::new(false), apic_id: AtomicU32::new(0) } }; MAX_BENCH_CPUS];
+
+/// Halts CPU `me` until `ready()` holds. Interrupts stay as they were (off during the bench); a poke or
+/// any other interrupt wakes the CPU, which then checks again.
+fn park_until(me: usize, ready: impl Fn() -> bool) {
+    let s = &SLEEPERS[me];
+    while !ready() {
+        x86_64::instructions::interrupts::without_interrupts(|| {
+            // Announce, then check: a CPU that makes `ready()` true after our check sees `halted` (both
+            // sides order their store before their load, `SeqCst`) and its IPI stays pending until `sti`,
+            // whose one-instruction shadow makes `sti; hlt` wake on it.
+            s.halted.store(true, Ordering::SeqCst);
+            if !ready() {
+                x86_64::instructions::interrupts::enable_and_hlt();
+                x86_64::instructions::interrupts::disable();
+            }
+            s.halted.store(false, Ordering::Relaxed);
+        });
+    }
+}
+
+/// Wakes CPU `rank` if it halted in [`park_until`]: call after making its condition true.
+fn poke(rank: usize) {
+    fence(Ordering::SeqCst);
+    let s = &SLEEPERS[rank];
+    if s.halted.load(Ordering::Acquire) {
+        apic::send_fixed(s.apic_id.load(Ordering::Relaxed), apic::TEST_IPI_VECTOR);
+    }
+}
+
+/// A reusable barrier for the bench's CPUs whose waiters halt ([`park_until`]); the last to arrive pokes
+/// the others.
+struct HaltBarrier {
+    n: AtomicUsize,
+    count: AtomicUsize,
+    generation: AtomicUsize,
+}
+
+impl HaltBarrier {
+    const fn new() -> Self {
+        HaltBarrier { n: AtomicUsize::new(1), count: AtomicUsize::new(0), generation: AtomicUsize::new(0) }
+    }
+
+    /// Sets the number of parties (before anyone waits).
+    fn set_parties(&self, n: usize) {
+        self.n.store(n, Ordering::Release);
+    }
+
+    /// Waits, as CPU `me`, until every party arrived.
+    fn wait(&self, me: usize) {
+        let gen = self.generation.load(Ordering::Acquire);
+        let n = self.n.load(Ordering::Acquire);
+        if self.count.fetch_add(1, Ordering::AcqRel) + 1 == n {
+            // Reset before releasing: a fast CPU may arrive at the next barrier right after the bump.
+            self.count.store(0, Ordering::Relaxed);
+            self.generation.fetch_add(1, Ordering::SeqCst);
+            for r in (0..n).filter(|&r| r != me) {
+                poke(r);
+            }
+        } else {
+            park_until(me, || self.generation.load(Ordering::Acquire) != gen);
+        }
+    }
+}
 
 /// What one CPU did in the current run; written by it, read by the BSP after the end barrier.
 struct Slot {
@@ -200,6 +282,11 @@ impl Ring {
         self.slots[t % RING_SLOTS].store(v, Ordering::Relaxed);
         self.tail.0.store(t + 1, Ordering::Release);
         true
+    }
+
+    /// Consumer side: whether a pop would succeed now.
+    fn has_items(&self) -> bool {
+        self.head.0.load(Ordering::Relaxed) != self.tail.0.load(Ordering::Acquire)
     }
 
     /// Consumer side.
@@ -397,7 +484,9 @@ fn prodcons64(me: usize, n: usize, target: u64, deadline: u64) -> Part {
     let mut producing = true;
     let mut capped = false;
     let mut taken: usize = 0;
+    let succ = (me + 1) % n;
     loop {
+        let mut progress = false;
         if producing {
             // Up to 16 blocks, as long as the ring has room (only we fill it, so a push after the check
             // cannot fail).
@@ -412,13 +501,19 @@ fn prodcons64(me: usize, n: usize, target: u64, deadline: u64) -> Part {
                 let pushed = out.push(p as usize);
                 debug_assert!(pushed);
                 made += 1;
+                progress = true;
             }
             if made == target || time::rdtsc() > deadline {
                 capped = made < target;
                 producing = false;
                 out.total.0.store(made as usize, Ordering::Release);
+                progress = true;
+            }
+            if progress {
+                poke(succ);
             }
         }
+        let taken_before = taken;
         for _ in 0..32 {
             let Some(v) = inp.pop() else { break };
             let p = v as *mut u8;
@@ -431,11 +526,20 @@ fn prodcons64(me: usize, n: usize, target: u64, deadline: u64) -> Part {
             unsafe { free_block(p, l) };
             taken += 1;
         }
-        if !producing {
+        if taken != taken_before {
+            poke(pred);
+            progress = true;
+        }
+        let inp_done = |taken: usize| {
             let total = inp.total.0.load(Ordering::Acquire);
-            if total != usize::MAX && taken == total {
-                break;
-            }
+            total != usize::MAX && taken == total
+        };
+        if !producing && inp_done(taken) {
+            break;
+        }
+        if !progress {
+            // Nothing to make (ring full or done) and nothing to take: halt until a neighbour pokes.
+            park_until(me, || (producing && out.has_room()) || inp.has_items() || inp_done(taken));
         }
     }
     Part { ops: made, capped }
@@ -478,12 +582,13 @@ enum Step {
 }
 
 fn schedule(me: usize, n: usize, reps: usize, mut on_bsp: impl FnMut(Step) -> bool) {
+    SLEEPERS[me].apic_id.store(apic::id(), Ordering::Relaxed);
     let mut scratch = Scratch::new();
     for rep in 0..reps {
         if me == 0 {
             CONTINUE.store(on_bsp(Step::Rep(rep)), Ordering::Release);
         }
-        BARRIER.wait();
+        BARRIER.wait(me);
         if !CONTINUE.load(Ordering::Acquire) {
             break;
         }
@@ -497,9 +602,9 @@ fn schedule(me: usize, n: usize, reps: usize, mut on_bsp: impl FnMut(Step) -> bo
                 if me == 0 {
                     on_bsp(Step::Before(w, a));
                 }
-                BARRIER.wait();
+                BARRIER.wait(me);
                 run_part(w, me, n, &mut scratch);
-                BARRIER.wait();
+                BARRIER.wait(me);
                 if me == 0 {
                     on_bsp(Step::After(rep, w, a));
                 }
@@ -508,7 +613,7 @@ fn schedule(me: usize, n: usize, reps: usize, mut on_bsp: impl FnMut(Step) -> bo
     }
     // Scratch goes back to goheap (the BSP restored it after the last run) before the end barrier.
     drop(scratch);
-    BARRIER.wait();
+    BARRIER.wait(me);
 }
 
 /// An AP's part: waits for the BSP's go, follows the schedule, then idles.

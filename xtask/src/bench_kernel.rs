@@ -786,7 +786,7 @@ fn section_from(recs: &[Record], raw: &str) -> String {
                 md,
                 "- At {top} CPU{}, the harness alone (the empty allocator through the same loop) takes: {}. No \
                  allocator can be more times faster than llalloc than the ceiling (llalloc's time over the \
-                 harness's); the goal below is judged net of the harness where the ceiling is under 10×.",
+                 harness's), so the goal below is judged net of the harness.",
                 if top == 1 { "" } else { "s" },
                 v.join(", ")
             );

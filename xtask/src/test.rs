@@ -363,6 +363,16 @@ fn qemu_kernels(tools: &Tools, sum: &mut Summary) {
                 };
                 boot_one(tools, &kb, &tool, sum, "kernel-demo", &elf, &opts, &[]);
             }
+            // The kernel bench's smoke run (`cargo xtask bench --kernel --quick`, one repetition) on 4 CPUs:
+            // every workload on every allocator through the bench's barriers and halting waits, which must
+            // not hang, and the peer heaps' leak checks after each run.
+            let opts = QemuOptions {
+                mem: "512M".into(),
+                timeout: std::time::Duration::from_secs(300),
+                ..QemuOptions::default()
+            };
+            let args = ["--bench".to_string(), "--bench-quick".into(), "--bench-reps=1".into()];
+            boot_one(tools, &kb, &tool, sum, "kernel-demo-bench", &elf, &opts, &args);
         }
         Err(e) => sum.add("QEMU kernel-demo", 0, 1, e),
     }
