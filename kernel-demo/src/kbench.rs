@@ -67,8 +67,10 @@ const MAX_BENCH_CPUS: usize = 16;
 const BATCH: usize = 1000;
 /// Working-set slots per CPU (`wset`).
 pub const WSET_SLOTS: usize = 1024;
-/// Slots of each producer/consumer ring (`prodcons-64`).
-const RING_SLOTS: usize = 1024;
+/// Slots of each producer/consumer ring (`prodcons-64`): the host benchmark's ring (`bench/src/main.rs`). With
+/// 1 024 slots the empty allocator's own run at 4 CPUs under TCG ranged over 1.6k to 4k TSC ticks per
+/// operation in one boot (a 2-core host: the CPUs' turns were short), with 4 096 over 1.4k to 1.7k.
+const RING_SLOTS: usize = 4096;
 /// goheap's largest small object (larger ones are large objects: whole pages from the page heap).
 const MAX_SMALL: usize = 32 << 10;
 
@@ -724,7 +726,7 @@ pub fn run_bsp(ncpus: usize, args: &Args) -> ! {
                 Alloc::Peer(kind) => heap::compare_begin(kind, PEER_HEAP_BYTES),
                 // SAFETY: until `compare_end` (Step::After) only the workloads allocate, on the bench's CPUs
                 // (interrupt handlers do not allocate); they write their blocks and read back only the
-                // prodcons token, of blocks still in a ring: at most RING_SLOTS × 64 B = 64 KiB per CPU
+                // prodcons token, of blocks still in a ring: at most RING_SLOTS × 64 B = 256 KiB per CPU
                 // allocated since, far below the empty allocator's wrap-around (PEER_HEAP_BYTES / 16).
                 Alloc::Empty => unsafe { heap::compare_begin_empty(PEER_HEAP_BYTES) },
             };

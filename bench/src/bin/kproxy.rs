@@ -40,7 +40,7 @@ use testkit::Rng;
 const AREA_BYTES: usize = 64 << 20;
 const BATCH: usize = 1000;
 const WSET_SLOTS: usize = 1024;
-const RING_SLOTS: usize = 1024;
+const RING_SLOTS: usize = 4096;
 const MAX_THREADS: usize = 16;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
