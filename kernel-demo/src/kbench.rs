@@ -68,7 +68,7 @@ const BATCH: usize = 1000;
 /// Working-set slots per CPU (`wset`).
 pub const WSET_SLOTS: usize = 1024;
 /// Slots of each producer/consumer ring (`prodcons-64`): the host benchmark's ring (`bench/src/main.rs`). With
-/// 1 024 slots the empty allocator's own run at 4 CPUs under TCG ranged over 1.6k to 4k TSC ticks per
+/// 1 024 slots the empty allocator's own run at 4 CPUs under TCG ranged over 1.6k to 3.7k TSC ticks per
 /// operation in one boot (a 2-core host: the CPUs' turns were short), with 4 096 over 1.4k to 1.7k.
 const RING_SLOTS: usize = 4096;
 /// goheap's largest small object (larger ones are large objects: whole pages from the page heap).

@@ -77,8 +77,8 @@ const WORKLOADS: &[(&str, &str)] = &[
     ),
     (
         "prodcons-64",
-        "CPU k allocates 64 B blocks and passes them through a ring to CPU k+1, which checks and frees them \
-         (every free remote; 2 CPUs or more)",
+        "CPU k allocates 64 B blocks and passes them through a ring of 4096 slots to CPU k+1, which checks and \
+         frees them (every free remote; 2 CPUs or more)",
     ),
 ];
 
@@ -674,9 +674,12 @@ fn section_from(recs: &[Record], raw: &str) -> String {
          kernel's global allocator routed to goheap (the kernel heap), to a linked_list_allocator heap or to a \
          talc heap, the two peer heaps {heap_mib} MiB each, set up fresh for each run in one allocation from \
          goheap. Repetitions are interleaved (repetition 1: goheap, llalloc, talc; repetition 2: llalloc, \
-         talc, goheap; …). A run's time is the TSC of its slowest CPU from the common start; under QEMU's \
-         TCG the TSC follows the host clock, and the virtual CPUs are host threads sharing this machine's {} \
-         cores with its other load, so only **ratios of medians from the same boot** are reported.\n",
+         talc, goheap; …). A run's time is the longest of its CPUs' TSC times (each CPU times its own part, \
+         between barriers); under QEMU's TCG the TSC follows the host clock, and the virtual CPUs are host \
+         threads sharing this machine's {} cores with its other load, so only **ratios of medians from the \
+         same boot** are reported. A CPU with nothing to do (at a barrier, or in prodcons-64 with its ring \
+         full and nothing to take) halts until another CPU pokes it with an IPI, so waiting CPUs leave the \
+         host's cores to the working ones.\n",
         text(m, "args").unwrap_or("bench --kernel"),
         mtext("machine nproc"),
     );
